@@ -1,0 +1,121 @@
+"""Backend registry and selection.
+
+Every backend is one module with the same four functions:
+
+* ``is_available(device) -> bool``: can it run on this device at all (extension built, triton
+  importable, interpreter on for CPU tensors ...);
+* ``unsupported_reason(x) -> str | None``: ``None`` when it can take this (validated) input, else a
+  sentence saying why not (dtype, size);
+* ``hadamard_transform(x, scale: float) -> Tensor`` and ``hadamard_patch(x, scale: Tensor) -> Tensor``:
+  the kernels. ``x`` has been validated by ``linearpatch_kernels.ops`` (float dtype, supported last
+  dim, any strides, possibly zero rows); ``scale`` is a contiguous 1-D fp32 tensor of length ``d`` on
+  ``x``'s device (fp64 when ``x`` is fp64). They return a new tensor of ``x``'s shape and dtype.
+
+The automatic choice takes the first backend of ``AUTO_ORDER[device type]`` that is available and
+supports the input. ``LINEARPATCH_BACKEND`` or ``use_backend(name)`` force one backend; a forced
+backend that cannot run the input is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from types import ModuleType
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
+DEFAULT_ORDER = ("torch",)
+ENV_VAR = "LINEARPATCH_BACKEND"
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("linearpatch_backend", default=None)
+_modules: dict[str, ModuleType] = {}
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown linearpatch backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend(name: str) -> ModuleType:
+    """The backend module called ``name`` (imported on first use)."""
+    _check_name(name)
+    if name not in _modules:
+        _modules[name] = importlib.import_module(f"linearpatch_kernels.backends.{name}_backend")
+    return _modules[name]
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` or ``LINEARPATCH_BACKEND``, if any (context first)."""
+    name = _forced.get()
+    if name is None:
+        name = os.environ.get(ENV_VAR) or None
+        if name is not None:
+            try:
+                _check_name(name)
+            except ValueError as e:
+                raise ValueError(f"{ENV_VAR}={name!r}: {e}") from None
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force one backend (``"torch"``, ``"triton"`` or ``"cuda"``) inside a ``with`` block.
+
+    ``use_backend(None)`` restores the automatic choice (ignoring ``LINEARPATCH_BACKEND``
+    would be surprising, so it only clears an outer ``use_backend``).
+    """
+    if name is not None:
+        _check_name(name)
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device``, in automatic-choice order."""
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, DEFAULT_ORDER)
+    names = [n for n in order if _available(n, device)]
+    # Backends outside the automatic order that can still be forced (e.g. triton's CPU interpreter).
+    names += [n for n in BACKENDS if n not in names and _available(n, device)]
+    return names
+
+
+def _available(name: str, device: torch.device) -> bool:
+    try:
+        return bool(get_backend(name).is_available(device))
+    except ImportError:
+        return False
+
+
+def select_backend(x: torch.Tensor) -> ModuleType:
+    """The backend that runs the ops on ``x`` (validated input)."""
+    name = forced_backend()
+    if name is not None:
+        try:
+            backend = get_backend(name)
+        except ImportError as e:
+            raise RuntimeError(f"linearpatch backend {name!r} was requested but cannot be imported: {e}") from e
+        if not backend.is_available(x.device):
+            raise RuntimeError(
+                f"linearpatch backend {name!r} was requested but is not available for {x.device.type} tensors; "
+                f"available here: {', '.join(available_backends(x.device))}"
+            )
+        reason = backend.unsupported_reason(x)
+        if reason is not None:
+            raise ValueError(f"linearpatch backend {name!r} cannot run this input: {reason}")
+        return backend
+    for candidate in AUTO_ORDER.get(x.device.type, DEFAULT_ORDER):
+        if _available(candidate, x.device):
+            backend = get_backend(candidate)
+            if backend.unsupported_reason(x) is None:
+                return backend
+    return get_backend("torch")
