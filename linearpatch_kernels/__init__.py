@@ -3,10 +3,36 @@
 from .backends import available_backends, use_backend
 from .hadamard import hadamard_matrix, is_supported_size
 from .ops import hadamard_patch, hadamard_transform
+from .model import (
+    LinearPatch,
+    PatchedDecoderLayer,
+    block_similarities,
+    estimate_scales,
+    get_patch,
+    load_pruned,
+    patch_disabled,
+    prune_and_patch,
+    save_pruned,
+    select_block,
+    set_patch,
+    set_patch_enabled,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearPatch",
+    "PatchedDecoderLayer",
+    "block_similarities",
+    "estimate_scales",
+    "get_patch",
+    "load_pruned",
+    "patch_disabled",
+    "prune_and_patch",
+    "save_pruned",
+    "select_block",
+    "set_patch",
+    "set_patch_enabled",
     "available_backends",
     "hadamard_matrix",
     "hadamard_patch",

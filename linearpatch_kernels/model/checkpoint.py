@@ -1,0 +1,221 @@
+"""Save and load a pruned + patched model as an ordinary Hugging Face checkpoint plus the patch.
+
+A directory written by ``save_pruned`` holds:
+
+* what ``model.save_pretrained`` writes for the pruned model with the patch wrapper taken out, so the
+  weight names are the plain Hugging Face ones (``model.layers.3.self_attn.q_proj.weight``) and
+  ``AutoModelForCausalLM.from_pretrained(directory)`` loads the pruned model *without* the patch;
+  ``config.json`` carries the ``linearpatch`` record of the pruning;
+* ``linearpatch.safetensors``: the patch parameter in fp32, ``scale`` ``[d]`` (rotate/diag) or
+  ``weight`` ``[d, d]`` (dense);
+* ``linearpatch.json``: the metadata, e.g.
+  ``{"format": "linearpatch", "format_version": 1, "start": 10, "end": 15, "mode": "rotate",
+  "num_layers_original": 30, "num_layers": 25, "hidden_size": 576, "model_family": "llama",
+  "hadamard": {"construction": "paley1(q=...)", "k": 36, "n": 16}, "package_version": "0.1.0"}``;
+* the tokenizer, when one is passed.
+
+``load_pruned`` checks all of it before building anything (files present, safetensors files complete,
+metadata consistent with the config and the patch tensor, same Hadamard construction) and raises
+``FileNotFoundError`` / ``ValueError`` naming the path and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..hadamard import hadamard_factors
+from .patch import PATCH_MODES, LinearPatch
+from .surgery import SUPPORTED_MODEL_TYPES, _patch_wrapper, attach_patch, decoder_layers, pruning_record
+
+__all__ = ["PATCH_FILE", "METADATA_FILE", "load_pruned", "save_pruned"]
+
+PATCH_FILE = "linearpatch.safetensors"
+METADATA_FILE = "linearpatch.json"
+FORMAT_VERSION = 1
+
+
+def _package_version() -> str:
+    from .. import __version__  # the package root imports this module, so import lazily
+
+    return __version__
+
+
+def _hadamard_record(d: int) -> dict:
+    f = hadamard_factors(d)
+    return {"construction": f.construction, "k": f.k, "n": f.n}
+
+
+def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Write ``model`` (returned by ``prune_and_patch`` or ``load_pruned``) to ``directory``; returns the path."""
+    wrapper = _patch_wrapper(model)
+    record = getattr(model.config, "linearpatch", None)
+    if not isinstance(record, dict):
+        raise ValueError("save_pruned: model.config.linearpatch is missing; prune the model with prune_and_patch first")
+    patch = wrapper.patch
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    layers = decoder_layers(model)
+    index = next(i for i, layer in enumerate(layers) if layer is wrapper)
+    layers[index] = wrapper.layer  # plain Hugging Face weight names while saving
+    try:
+        model.save_pretrained(directory)
+    finally:
+        layers[index] = wrapper
+
+    from safetensors.torch import save_file
+
+    name = "weight" if patch.mode == "dense" else "scale"
+    tensor = getattr(patch, name).detach().to(device="cpu", dtype=torch.float32).contiguous()
+    save_file({name: tensor}, str(directory / PATCH_FILE), metadata={"format": "pt"})
+    d = int(model.config.hidden_size)
+    metadata = {
+        "format": "linearpatch",
+        "format_version": FORMAT_VERSION,
+        "start": int(record["start"]),
+        "end": int(record["end"]),
+        "mode": patch.mode,
+        "num_layers_original": int(record["num_layers_original"]),
+        "num_layers": len(layers),
+        "hidden_size": d,
+        "model_family": model.config.model_type,
+        "hadamard": _hadamard_record(d),
+        "package_version": _package_version(),
+    }
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """A safetensors file is an 8-byte little-endian header length, a JSON header whose ``data_offsets``
+    give each tensor's byte range, then the data; a truncated or garbled file fails one of these."""
+    size = path.stat().st_size
+    what = "a complete safetensors file (8-byte header length, JSON header, tensor data)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {size} bytes, too short to be {what}")
+        header_len = int.from_bytes(head, "little")
+        if 8 + header_len > size:
+            raise ValueError(f"{path}: header of {header_len} bytes does not fit in the {size}-byte file; "
+                             f"truncated or not {what}")
+        try:
+            header = json.loads(f.read(header_len))
+            data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise ValueError(f"{path}: unreadable safetensors header ({e}); expected {what}") from None
+    if 8 + header_len + data_end != size:
+        raise ValueError(f"{path}: the header describes {8 + header_len + data_end} bytes but the file has {size}; "
+                         f"truncated or corrupt, expected {what}")
+
+
+def _read_metadata(directory: Path) -> dict:
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a LinearPatch checkpoint written by save_pruned "
+                                f"(expected {METADATA_FILE}, {PATCH_FILE} and the model's config and weights)")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected the metadata written by save_pruned") from None
+    if not isinstance(meta, dict) or meta.get("format") != "linearpatch":
+        raise ValueError(f"{path}: expected a JSON object with \"format\": \"linearpatch\"")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}; this package reads {FORMAT_VERSION}")
+    for key in ("start", "end", "num_layers_original", "num_layers", "hidden_size"):
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{path}: field {key!r} is {v!r}; expected a non-negative int")
+    if meta.get("mode") not in PATCH_MODES:
+        raise ValueError(f"{path}: field 'mode' is {meta.get('mode')!r}; accepted: {', '.join(PATCH_MODES)}")
+    start, end, total = meta["start"], meta["end"], meta["num_layers_original"]
+    if not 0 <= start < end <= total or meta["num_layers"] != total - (end - start) or meta["num_layers"] < 1:
+        raise ValueError(f"{path}: inconsistent block: start={start}, end={end}, num_layers_original={total}, "
+                         f"num_layers={meta['num_layers']}; expected 0 <= start < end <= num_layers_original and "
+                         "num_layers = num_layers_original - (end - start) >= 1")
+    return meta
+
+
+def _check_config(directory: Path, meta: dict):
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'config.json'} not found; expected the model config written by save_pruned")
+    config = AutoConfig.from_pretrained(directory)
+    where = directory / METADATA_FILE
+    if config.model_type not in SUPPORTED_MODEL_TYPES or config.model_type != meta.get("model_family"):
+        raise ValueError(f"{where}: model_family {meta.get('model_family')!r} but config.json has model_type "
+                         f"{config.model_type!r}; expected the same supported family ({', '.join(SUPPORTED_MODEL_TYPES)})")
+    if config.hidden_size != meta["hidden_size"]:
+        raise ValueError(f"{where}: hidden_size {meta['hidden_size']} but config.json has hidden_size "
+                         f"{config.hidden_size}; the patch does not belong to this model")
+    if config.num_hidden_layers != meta["num_layers"]:
+        raise ValueError(f"{where}: num_layers {meta['num_layers']} but config.json has num_hidden_layers "
+                         f"{config.num_hidden_layers}")
+    if meta["mode"] == "rotate":
+        try:
+            expected = _hadamard_record(meta["hidden_size"])
+        except ValueError as e:
+            raise ValueError(f"{where}: mode 'rotate' with hidden_size {meta['hidden_size']}: {e}") from None
+        if meta.get("hadamard") != expected:
+            raise ValueError(f"{where}: the patch was calibrated with Hadamard matrix {meta.get('hadamard')!r}; this "
+                             f"package builds {expected!r} for d={meta['hidden_size']}, so the scales do not apply")
+    return config
+
+
+def _load_patch(directory: Path, meta: dict) -> LinearPatch:
+    from safetensors.torch import load_file
+
+    path = directory / PATCH_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; expected the patch tensor written by save_pruned")
+    _check_safetensors_file(path)
+    tensors = load_file(str(path))
+    d, mode = meta["hidden_size"], meta["mode"]
+    name, shape = ("weight", (d, d)) if mode == "dense" else ("scale", (d,))
+    if set(tensors) != {name}:
+        raise ValueError(f"{path}: holds tensors {sorted(tensors)}; expected exactly {name!r} for mode {mode!r}")
+    t = tensors[name]
+    if tuple(t.shape) != shape or t.dtype != torch.float32:
+        raise ValueError(f"{path}: {name!r} is {t.dtype} of shape {tuple(t.shape)}; expected float32 of shape {shape} "
+                         f"(hidden_size {d} in {METADATA_FILE})")
+    return LinearPatch(d, mode=mode, **{name: t})
+
+
+def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a checkpoint written by ``save_pruned``: the pruned ``*ForCausalLM`` with its patch in place,
+    on ``device``, weights in ``dtype`` (``None``: as saved); the patch stays fp32."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint directory written by save_pruned")
+    meta = _read_metadata(directory)
+    config = _check_config(directory, meta)
+    weight_files = sorted(directory.glob("*.safetensors"))
+    model_files = [p for p in weight_files if p.name != PATCH_FILE]
+    if not model_files:
+        raise FileNotFoundError(f"{directory}: no model weights (*.safetensors besides {PATCH_FILE}); expected the "
+                                "weights written by save_pretrained")
+    for p in model_files:
+        _check_safetensors_file(p)
+    patch = _load_patch(directory, meta)
+
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(directory, config=config, **kwargs)
+    if len(decoder_layers(model)) != meta["num_layers"]:
+        raise ValueError(f"{directory}: the loaded model has {len(decoder_layers(model))} layers; "
+                         f"{METADATA_FILE} says {meta['num_layers']}")
+    model.config.linearpatch = pruning_record(meta["start"], meta["end"], meta["mode"], meta["num_layers_original"],
+                                              meta["hidden_size"])
+    model.to(device)
+    attach_patch(model, meta["start"], patch)
+    return model.eval()

@@ -1,0 +1,82 @@
+"""Tiny random Hugging Face causal LMs (Llama, Mistral, Qwen2, Qwen3) for fast model-level tests.
+
+``tiny_model(family, num_layers, hidden_size, dtype, seed)`` builds a ``*ForCausalLM`` from a config
+with a small vocabulary and a few heads; the hidden size must be a size this package has a Hadamard
+matrix for (64 = 2**6 and 48 = 12 * 4, a Paley size, are the usual choices). The weights are random
+with a larger spread than Hugging Face's default (``initializer_range=0.2`` instead of 0.02) so that
+each layer changes the residual stream visibly: block similarities and scales then differ from layer
+to layer, and a wrong index or a missing patch shows in the logits.
+
+Qwen2 and Qwen3 models are built with sliding-window attention on their upper layers, so their
+``config.layer_types`` mixes "full_attention" and "sliding_attention" and pruning has to keep it in
+step with the layers; Mistral gets a short sliding window.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+VOCAB_SIZE = 96
+
+
+def tiny_config(family: str = "llama", num_layers: int = 6, hidden_size: int = 64, vocab_size: int = VOCAB_SIZE):
+    """The config of a tiny model of ``family`` (4 query heads, 2 KV heads, MLP width 2 * hidden)."""
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=12)
+    # Upper half of the layers sliding, lower half full attention.
+    sliding = dict(use_sliding_window=True, sliding_window=12, max_window_layers=num_layers // 2)
+    if family == "qwen2":
+        return Qwen2Config(**common, **sliding)
+    if family == "qwen3":
+        return Qwen3Config(**common, **sliding, head_dim=hidden_size // 4)
+    raise ValueError(f"unknown family {family!r}; accepted: {', '.join(FAMILIES)}")
+
+
+_CLASSES = {
+    "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+}
+
+
+def tiny_model(family: str = "llama", num_layers: int = 6, hidden_size: int = 64, dtype: torch.dtype = torch.float32,
+               seed: int = 0, vocab_size: int = VOCAB_SIZE):
+    """A random tiny ``*ForCausalLM`` in eval mode, deterministic for a given ``seed``."""
+    config = tiny_config(family, num_layers, hidden_size, vocab_size)
+    torch.manual_seed(seed)
+    model = _CLASSES[family](config)
+    return model.to(dtype).eval()
+
+
+def random_batches(num_batches: int = 3, seqlen: int = 16, vocab_size: int = VOCAB_SIZE, seed: int = 1):
+    """Calibration-style inputs: a list of ``[1, seqlen]`` LongTensors of random token ids."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (1, seqlen), generator=g) for _ in range(num_batches)]
