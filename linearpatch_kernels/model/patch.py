@@ -3,7 +3,7 @@
 Three forms of ``P`` (``d`` the hidden size, ``h`` one token's hidden vector):
 
 * ``"rotate"``: ``P = H diag(s) H^T`` with ``H`` the orthonormal Hadamard matrix of
-  ``linearpatch_kernels.hadamard_matrix(d)``; applied by the fused ``hadamard_patch`` op in
+  ``linearpatch_kernels.hadamard_matrix(d)``; applied by the fused ``linearpatch::hadamard_patch`` op in
   ``O(d log d)`` per token, never as a dense matmul.
 * ``"diag"``: ``P = diag(s)``, a per-channel scale of the raw residual channels.
 * ``"dense"``: a free ``d x d`` matrix ``W`` (the paper's distilled patch), ``y = h . W``.
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..hadamard import hadamard_matrix, is_supported_size
-from ..ops import hadamard_patch
+from ..hadamard import hadamard_factors, hadamard_matrix
+from .. import ops as _ops  # noqa: F401  (registers torch.ops.linearpatch.*)
 
 __all__ = ["PATCH_MODES", "LinearPatch"]
 
@@ -31,10 +31,12 @@ PATCH_MODES = ("rotate", "diag", "dense")
 def _check_hidden_size(hidden_size, mode: str) -> int:
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
         raise TypeError(f"LinearPatch: hidden_size must be a positive int, got {hidden_size!r}")
-    if mode == "rotate" and not is_supported_size(hidden_size):
-        # hadamard_matrix raises the ValueError that names the nearest supported sizes.
+    if mode == "rotate":
+        # Builds (and caches) the Hadamard factors now, in eager mode: the op's fake kernel looks them up
+        # while torch.compile traces, where building them from fake tensors would fail. The ValueError
+        # names the nearest supported sizes.
         try:
-            hadamard_matrix(hidden_size)
+            hadamard_factors(hidden_size)
         except ValueError as e:
             raise ValueError(f"LinearPatch(mode='rotate'): hidden_size {hidden_size} has no Hadamard matrix: {e}") from None
     return hidden_size
@@ -95,7 +97,9 @@ class LinearPatch(nn.Module):
         if h.shape[-1] != self.hidden_size:
             raise ValueError(f"LinearPatch: input has last dim {h.shape[-1]}; expected hidden size {self.hidden_size}")
         if self.mode == "rotate":
-            return hadamard_patch(h, self.scale)
+            # The op itself, not the Python wrapper: the op validates inside (eagerly and in its fake
+            # kernel), so torch.compile sees one opaque call and no Python checks to trace.
+            return torch.ops.linearpatch.hadamard_patch(h, self.scale)
         if self.mode == "diag":
             return (h.float() * self.scale).to(h.dtype)
         return (h.float() @ self.weight).to(h.dtype)
