@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "hadamard_matrix",
     "is_supported_size",
     "supported_sizes_near",
+    "unsupported_size_message",
 ]
 
 
@@ -161,6 +163,14 @@ def supported_sizes_near(d: int, count: int = 2) -> list[int]:
     return sorted(below) + above
 
 
+def unsupported_size_message(d: int) -> str:
+    near = ", ".join(str(c) for c in supported_sizes_near(d)) if d > 0 else "1, 2, 4, ..."
+    return (
+        f"no Hadamard matrix of size {d} in this package: supported sizes are K * 2**m with K = 1 "
+        f"or a Paley order <= {MAX_K} (12, 20, 28, 36, 44, 60, 84, 108, ...); nearest supported: {near}"
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def hadamard_factors(d: int) -> HadamardFactors:
     """The Kronecker factors of ``H_d``; raises ``ValueError`` for an unsupported ``d``."""
@@ -168,11 +178,7 @@ def hadamard_factors(d: int) -> HadamardFactors:
         raise TypeError(f"Hadamard size must be an int, got {type(d).__name__}")
     split = _split(d)
     if split is None:
-        near = ", ".join(str(c) for c in supported_sizes_near(d)) if d > 0 else "1, 2, 4, ..."
-        raise ValueError(
-            f"no Hadamard matrix of size {d} in this package: supported sizes are K * 2**m with K = 1 "
-            f"or a Paley order <= {MAX_K} (12, 20, 28, 36, 44, 60, 84, 108, ...); nearest supported: {near}"
-        )
+        raise ValueError(unsupported_size_message(d))
     k, n = split
     if k == 1:
         rows, construction = [[1]], "sylvester"
@@ -180,11 +186,13 @@ def hadamard_factors(d: int) -> HadamardFactors:
         kind, q = _paley_kind(k)  # type: ignore[misc]
         rows = _paley1(q) if kind == "paley1" else _paley2(q)
         construction = f"{kind}(q={q})"
-    h_k = torch.tensor(rows, dtype=torch.int64)
-    # Verify once, exactly, in integers: symmetric and H H^T = K I.
-    if not torch.equal(h_k, h_k.T) or not torch.equal(h_k @ h_k.T, k * torch.eye(k, dtype=torch.int64)):
+    # Verify once, exactly, in integers (numpy, so that this never runs as traced tensor code):
+    # symmetric and H H^T = K I.
+    h = np.array(rows, dtype=np.int64)
+    if not (h == h.T).all() or not (h @ h.T == k * np.eye(k, dtype=np.int64)).all():
         raise AssertionError(f"internal error: {construction} construction of order {k} is not a symmetric Hadamard matrix")
-    return HadamardFactors(d=d, k=k, n=n, log2_n=n.bit_length() - 1, construction=construction, h_k=h_k.double())
+    return HadamardFactors(d=d, k=k, n=n, log2_n=n.bit_length() - 1, construction=construction,
+                           h_k=torch.from_numpy(h.astype(np.float64)))
 
 
 def _sylvester(n: int) -> torch.Tensor:

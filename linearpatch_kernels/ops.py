@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .backends import select_backend
-from .hadamard import hadamard_factors
+from .hadamard import is_supported_size, unsupported_size_message
 
 __all__ = ["hadamard_transform", "hadamard_patch"]
 
@@ -39,10 +39,8 @@ def _check_x(x: torch.Tensor, op: str) -> int:
     d = x.shape[-1]
     if d == 0:
         raise ValueError(f"{op}: the last dim of x (the hidden size) is 0; it must be a supported Hadamard size >= 1")
-    try:
-        hadamard_factors(int(d))
-    except ValueError as e:
-        raise ValueError(f"{op}: last dim of x is {d}: {e}") from None
+    if not is_supported_size(int(d)):
+        raise ValueError(f"{op}: last dim of x is {d}: {unsupported_size_message(int(d))}")
     return int(d)
 
 
@@ -130,9 +128,12 @@ def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     For powers of two this equals ``scipy.linalg.hadamard(d) @ row * scale`` for each row;
     ``scale = d ** -0.5`` makes it orthonormal.
     """
-    return torch.ops.linearpatch.hadamard_transform(x, scale)
+    _check_x(x, "hadamard_transform")
+    return torch.ops.linearpatch.hadamard_transform(x, float(scale))
 
 
 def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LinearPatch: ``x . H diag(scale) H^T`` along the last dim, ``H`` the orthonormal Hadamard matrix."""
+    # Checked here too so that a non-tensor argument gets this message, not the dispatcher's.
+    _check_scale(x, scale, _check_x(x, "hadamard_patch"), "hadamard_patch")
     return torch.ops.linearpatch.hadamard_patch(x, scale)
