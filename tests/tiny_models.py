@@ -72,8 +72,10 @@ def tiny_model(family: str = "llama", num_layers: int = 6, hidden_size: int = 64
     """A random tiny ``*ForCausalLM`` in eval mode, deterministic for a given ``seed``."""
     config = tiny_config(family, num_layers, hidden_size, vocab_size)
     torch.manual_seed(seed)
-    model = _CLASSES[family](config)
-    return model.to(dtype).eval()
+    # Built in ``dtype`` the way from_pretrained builds it, so the rotary inverse frequencies stay
+    # fp32 (``model.to(torch.bfloat16)`` would round them too, unlike a loaded checkpoint).
+    model = _CLASSES[family]._from_config(config, dtype=dtype)
+    return model.eval()
 
 
 def random_batches(num_batches: int = 3, seqlen: int = 16, vocab_size: int = VOCAB_SIZE, seed: int = 1):
