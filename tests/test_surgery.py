@@ -271,3 +271,39 @@ def test_unsupported_architecture():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96, n_positions=32))
     with pytest.raises(ValueError, match="unsupported model: model_type 'gpt2'.*llama, mistral, qwen2, qwen3"):
         prune_and_patch(gpt2, 0, 1)
+
+
+def test_patched_model_compiles_without_graph_breaks():
+    model = tiny_model("llama", num_layers=4, hidden_size=64, seed=9)
+    ids = random_batches(1, seqlen=12, seed=9)[0]
+    prune_and_patch(model, 1, 2, random_scales(64, seed=9))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) <= 1e-6
+
+
+def test_scale_gradient_through_the_model_matches_fp64():
+    """Distillation trains the patch inside the frozen model: d loss / d s equals the reference's."""
+    model = tiny_model("qwen2", num_layers=5, hidden_size=48, seed=10)
+    unpruned = copy.deepcopy(model)
+    ids = random_batches(1, seqlen=10, seed=10)[0]
+    s = random_scales(48, seed=10)
+    prune_and_patch(model, 2, 4, s)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    patch = get_patch(model)
+    patch.scale.requires_grad_(True)
+    weights = torch.randn(1, 10, 96, generator=torch.Generator().manual_seed(0))
+    (model(ids).logits * weights).sum().backward()
+
+    s64 = s.double().requires_grad_()
+    h = hadamard_matrix(48, dtype=torch.float64)
+    layers = unpruned.model.layers
+    hooks = [layers[j].register_forward_hook(lambda m, args, kwargs, out: args[0], with_kwargs=True) for j in (2, 3)]
+    hooks.append(layers[1].register_forward_hook(lambda m, args, out: (out.double() @ h @ torch.diag(s64) @ h.T).float()))
+    try:
+        (unpruned(ids, use_cache=False).logits * weights).sum().backward()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    assert rel_err(patch.scale.grad, s64.grad) <= 1e-4
