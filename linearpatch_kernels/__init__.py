@@ -2,7 +2,7 @@
 
 from .backends import available_backends, use_backend
 from .hadamard import hadamard_matrix, is_supported_size
-from .ops import hadamard_patch, hadamard_transform
+from .ops import hadamard_patch, hadamard_transform, patch_add_rmsnorm
 from .model import (
     LinearPatch,
     PatchedDecoderLayer,
@@ -38,5 +38,6 @@ __all__ = [
     "hadamard_patch",
     "hadamard_transform",
     "is_supported_size",
+    "patch_add_rmsnorm",
     "use_backend",
 ]

@@ -6,6 +6,10 @@
   ``hadamard_transform``).
 * ``linearpatch::hadamard_patch(Tensor x, Tensor scale) -> Tensor``:
   ``y = x . H diag(s) H^T`` with ``H = H_u / sqrt(d)`` orthonormal, i.e. LinearPatch's ``P``.
+* ``linearpatch::patch_add_rmsnorm(Tensor residual, Tensor update, Tensor scale, Tensor norm_weight,
+  float eps) -> (Tensor, Tensor)``: the interface epilogue at the cut, in one pass:
+  ``h = (residual + update) . P`` and ``n = h / sqrt(mean(h^2) + eps) * norm_weight``, i.e. the last
+  residual add before the cut, the patch, and the next layer's RMSNorm. Returns ``(h, n)``.
 
 Both take any leading shape and strides, fp32/fp16/bf16 (fp64 on the torch backend) and return the
 input's dtype, computing in fp32. The kernels live in ``linearpatch_kernels.backends``; the op
@@ -23,7 +27,7 @@ import torch
 from .backends import select_backend
 from .hadamard import is_supported_size, unsupported_size_message
 
-__all__ = ["hadamard_transform", "hadamard_patch"]
+__all__ = ["hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ACCEPTED = "float32, float16 or bfloat16 (float64 on the torch backend)"
@@ -63,7 +67,7 @@ def _hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     _check_x(x, "hadamard_transform")
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return select_backend(x).hadamard_transform(x, float(scale))
+    return select_backend(x, "hadamard_transform").hadamard_transform(x, float(scale))
 
 
 @_hadamard_transform.register_fake
@@ -89,7 +93,7 @@ def _hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     _check_scale(x, scale, d, "hadamard_patch")
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return select_backend(x).hadamard_patch(x, scale.contiguous())
+    return select_backend(x, "hadamard_patch").hadamard_patch(x, scale.contiguous())
 
 
 @_hadamard_patch.register_fake
@@ -120,6 +124,95 @@ def _patch_backward(ctx, grad_y):
 
 
 _hadamard_patch.register_autograd(_patch_backward, setup_context=_patch_setup)
+
+
+def _check_epilogue(residual, update, scale, norm_weight, eps) -> None:
+    op = "patch_add_rmsnorm"
+    d = _check_x(residual, op)
+    if not isinstance(update, torch.Tensor):
+        raise TypeError(f"{op}: update must be a torch.Tensor, got {type(update).__name__}")
+    if update.shape != residual.shape or update.dtype != residual.dtype or update.device != residual.device:
+        raise ValueError(
+            f"{op}: update ({tuple(update.shape)}, {update.dtype}, {update.device}) must match residual "
+            f"({tuple(residual.shape)}, {residual.dtype}, {residual.device}) in shape, dtype and device"
+        )
+    _check_scale(residual, scale, d, op)
+    if not isinstance(norm_weight, torch.Tensor):
+        raise TypeError(f"{op}: norm_weight must be a torch.Tensor of shape ({d},), got {type(norm_weight).__name__}")
+    if norm_weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: norm_weight has dtype {norm_weight.dtype}; accepted: {_ACCEPTED}")
+    if norm_weight.dim() != 1 or norm_weight.shape[0] != d:
+        raise ValueError(f"{op}: norm_weight has shape {tuple(norm_weight.shape)}; expected ({d},)")
+    if norm_weight.device != residual.device:
+        raise ValueError(f"{op}: norm_weight is on {norm_weight.device} but residual is on {residual.device}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
+
+
+@torch.library.custom_op("linearpatch::patch_add_rmsnorm", mutates_args=())
+def _patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
+                       norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_epilogue(residual, update, scale, norm_weight, eps)
+    if residual.numel() == 0:
+        empty = torch.empty_like(residual, memory_format=torch.contiguous_format)
+        return empty, empty.clone()
+    backend = select_backend(residual, "patch_add_rmsnorm")
+    return backend.patch_add_rmsnorm(residual, update, scale.contiguous(), norm_weight.contiguous(), float(eps))
+
+
+@_patch_add_rmsnorm.register_fake
+def _patch_add_rmsnorm_fake(residual, update, scale, norm_weight, eps):
+    _check_epilogue(residual, update, scale, norm_weight, eps)
+    return (torch.empty_like(residual, memory_format=torch.contiguous_format),
+            torch.empty_like(residual, memory_format=torch.contiguous_format))
+
+
+def _epilogue_setup(ctx, inputs, output) -> None:
+    residual, update, scale, norm_weight, eps = inputs
+    h, _ = output
+    ctx.eps = eps
+    ctx.save_for_backward(residual, update, scale, norm_weight, h)
+
+
+def _epilogue_backward(ctx, grad_h, grad_n):
+    # h = (r + u) P, n = w * h * rstd with rstd = (mean(h^2) + eps)^-1/2, computed in fp32 from h.
+    residual, update, scale, norm_weight, h = ctx.saved_tensors
+    d = h.shape[-1]
+    wide = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hf = h.to(wide)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+    xhat = hf * rstd
+    g_total = torch.zeros_like(hf) if grad_h is None else grad_h.to(wide)
+    grad_w = None
+    if grad_n is not None:
+        gn = grad_n.to(wide)
+        g_xhat = gn * norm_weight.to(wide)
+        g_total = g_total + rstd * (g_xhat - xhat * (g_xhat * xhat).mean(-1, keepdim=True))
+        if ctx.needs_input_grad[3]:
+            grad_w = (gn * xhat).reshape(-1, d).sum(0).to(norm_weight.dtype)
+    grad_sum = grad_s = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        # P is symmetric: the gradient of (r + u) is grad_h' P.
+        grad_sum = torch.ops.linearpatch.hadamard_patch(g_total.to(h.dtype), scale)
+    if ctx.needs_input_grad[2]:
+        x = residual.to(wide) + update.to(wide)
+        xh = torch.ops.linearpatch.hadamard_transform(x.to(h.dtype), d**-0.5).to(wide)
+        gh = torch.ops.linearpatch.hadamard_transform(g_total.to(h.dtype), d**-0.5).to(wide)
+        grad_s = (xh * gh).reshape(-1, d).sum(0).to(scale.dtype)
+    grad_r = grad_sum if ctx.needs_input_grad[0] else None
+    grad_u = grad_sum if ctx.needs_input_grad[1] else None
+    return grad_r, grad_u, grad_s, grad_w, None
+
+
+_patch_add_rmsnorm.register_autograd(_epilogue_backward, setup_context=_epilogue_setup)
+
+
+def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
+                      norm_weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interface epilogue in one pass: ``h = (residual + update) . H diag(scale) H^T`` and
+    ``RMSNorm(h) * norm_weight``; returns ``(h, normed)`` in ``residual``'s dtype (fp32 math)."""
+    _check_epilogue(residual, update, scale, norm_weight, eps)
+    return torch.ops.linearpatch.patch_add_rmsnorm(residual, update, scale, norm_weight, float(eps))
 
 
 def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

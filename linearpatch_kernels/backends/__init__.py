@@ -7,7 +7,9 @@ Every backend is one module with the same four functions:
 * ``unsupported_reason(x) -> str | None``: ``None`` when it can take this (validated) input, else a
   sentence saying why not (dtype, size);
 * ``hadamard_transform(x, scale: float) -> Tensor`` and ``hadamard_patch(x, scale: Tensor) -> Tensor``:
-  the kernels. ``x`` has been validated by ``linearpatch_kernels.ops`` (float dtype, supported last
+  the kernels; optionally ``patch_add_rmsnorm(residual, update, scale, norm_weight, eps)`` (the fused
+  interface epilogue, see ``linearpatch_kernels.ops``). A backend without a function for an op is
+  skipped for that op by the automatic choice. ``x`` has been validated by ``linearpatch_kernels.ops`` (float dtype, supported last
   dim, any strides, possibly zero rows); ``scale`` is a contiguous 1-D fp32 tensor of length ``d`` on
   ``x``'s device (fp64 when ``x`` is fp64). They return a new tensor of ``x``'s shape and dtype.
 
@@ -96,8 +98,8 @@ def _available(name: str, device: torch.device) -> bool:
         return False
 
 
-def select_backend(x: torch.Tensor) -> ModuleType:
-    """The backend that runs the ops on ``x`` (validated input)."""
+def select_backend(x: torch.Tensor, op: str = "hadamard_patch") -> ModuleType:
+    """The backend that runs ``op`` on ``x`` (validated input)."""
     name = forced_backend()
     if name is not None:
         try:
@@ -110,12 +112,14 @@ def select_backend(x: torch.Tensor) -> ModuleType:
                 f"available here: {', '.join(available_backends(x.device))}"
             )
         reason = backend.unsupported_reason(x)
+        if reason is None and not hasattr(backend, op):
+            reason = f"it has no {op} kernel"
         if reason is not None:
             raise ValueError(f"linearpatch backend {name!r} cannot run this input: {reason}")
         return backend
     for candidate in AUTO_ORDER.get(x.device.type, DEFAULT_ORDER):
         if _available(candidate, x.device):
             backend = get_backend(candidate)
-            if backend.unsupported_reason(x) is None:
+            if hasattr(backend, op) and backend.unsupported_reason(x) is None:
                 return backend
     return get_backend("torch")

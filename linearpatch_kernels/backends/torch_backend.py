@@ -101,3 +101,22 @@ def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # P = H diag(s) H^T with orthonormal H = H_u / sqrt(d): fold both 1/sqrt(d) into the scale.
     s = scale.to(device=x.device, dtype=_compute_dtype(x.dtype)) / d
     return _run(x, lambda block, plan: _transform_block(_transform_block(block, plan).mul_(s), plan))
+
+
+def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
+                      norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    d = residual.shape[-1]
+    cdt = _compute_dtype(residual.dtype)
+    s = scale.to(device=residual.device, dtype=cdt) / d
+    w = norm_weight.to(cdt)
+    r2, u2 = residual.reshape(-1, d), update.reshape(-1, d)
+    h_out = torch.empty(r2.shape, dtype=residual.dtype, device=residual.device)
+    n_out = torch.empty_like(h_out)
+    plan = _plan(d, cdt, residual.device)
+    step = _rows_per_block(d)
+    for r0 in range(0, r2.shape[0], step):
+        block = r2[r0:r0 + step].to(cdt) + u2[r0:r0 + step].to(cdt)
+        h = _transform_block(_transform_block(block, plan).mul_(s), plan)
+        h_out[r0:r0 + step] = h
+        n_out[r0:r0 + step] = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
+    return h_out.view(residual.shape), n_out.view(residual.shape)

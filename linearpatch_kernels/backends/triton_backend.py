@@ -108,19 +108,51 @@ def _hadamard_kernel(x_ptr, y_ptr, h_k_ptr, s_ptr, rows, x_row_stride, out_scale
     tl.store(y_ptr + row[:, None, None] * (K * N) + col[None, :, :], x.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _patch_add_rmsnorm_kernel(r_ptr, u_ptr, h_ptr, n_ptr, h_k_ptr, s_ptr, w_ptr, rows, r_row_stride,
+                              u_row_stride, inv_d, eps,
+                              BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                              N: tl.constexpr, LOG2_N: tl.constexpr):
+    """h = (r + u) H diag(s / d) H, n = h * rsqrt(mean(h^2) + eps) * w: two reads, two writes per row."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    kk = tl.arange(0, K_PAD)
+    nn = tl.arange(0, N)
+    col = kk[:, None] * N + nn[None, :]
+    col_ok = (kk < K)[:, None] & (nn < N)[None, :]
+    mask = (row < rows)[:, None, None] & col_ok[None, :, :]
+    x = tl.load(r_ptr + row[:, None, None] * r_row_stride + col[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(u_ptr + row[:, None, None] * u_row_stride + col[None, :, :], mask=mask, other=0.0).to(tl.float32)
+
+    h_k = tl.zeros((1, 1), dtype=tl.float32)
+    if K > 1:
+        hk_mask = (kk < K)[:, None] & (kk < K)[None, :]
+        h_k = tl.load(h_k_ptr + kk[:, None] * K + kk[None, :], mask=hk_mask, other=0.0)
+    s = tl.load(s_ptr + col, mask=col_ok, other=0.0)
+    x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
+    x = x * (s * inv_d)[None, :, :]
+    x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N)   # padding rows stay exactly zero
+    out = row[:, None, None] * (K * N) + col[None, :, :]
+    tl.store(h_ptr + out, x.to(h_ptr.dtype.element_ty), mask=mask)
+
+    mean_sq = tl.sum(tl.sum(x * x, axis=2), axis=1) * inv_d
+    rstd = 1.0 / tl.sqrt(mean_sq + eps)
+    w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(n_ptr + out, (x * rstd[:, None, None] * w[None, :, :]).to(n_ptr.dtype.element_ty), mask=mask)
+
+
 @functools.lru_cache(maxsize=64)
 def _h_k(d: int, device: torch.device) -> torch.Tensor:
     return hadamard_factors(d).h_k.to(device=device, dtype=torch.float32).contiguous()
 
 
-def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> torch.Tensor:
-    d = x.shape[-1]
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a (rows, d) matrix with unit stride along d (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _launch_config(rows: int, d: int) -> dict:
     f = hadamard_factors(d)
-    x2 = x.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
     k_pad = _padded_k(f.k)
     padded = k_pad * f.n
     # Rows per program: a few thousand fp32 values in registers on a GPU; the interpreter runs each
@@ -130,14 +162,19 @@ def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> to
     if f.k > 1 and block_m * f.n < 16:  # tl.dot's M dimension must be >= 16
         block_m = triton.next_power_of_2(-(-16 // f.n))
     num_warps = 4 if block_m * padded <= 4096 else 8 if block_m * padded <= 8192 else 16
+    return dict(BLOCK_M=block_m, K=f.k, K_PAD=k_pad, N=f.n, LOG2_N=f.log2_n, num_warps=num_warps)
+
+
+def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> torch.Tensor:
+    d = x.shape[-1]
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
+    config = _launch_config(rows, d)
     h_k = _h_k(d, x.device)
     s = scale if scale is not None else h_k  # unused when PATCH is False; any valid pointer
-    grid = (triton.cdiv(rows, block_m),)
-    _hadamard_kernel[grid](
-        x2, y, h_k, s, rows, x2.stride(0), out_scale,
-        PATCH=scale is not None, BLOCK_M=block_m, K=f.k, K_PAD=k_pad, N=f.n, LOG2_N=f.log2_n,
-        num_warps=num_warps,
-    )
+    grid = (triton.cdiv(rows, config["BLOCK_M"]),)
+    _hadamard_kernel[grid](x2, y, h_k, s, rows, x2.stride(0), out_scale, PATCH=scale is not None, **config)
     return y.view(x.shape)
 
 
@@ -147,3 +184,19 @@ def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _launch(x, scale.to(torch.float32), 1.0 / x.shape[-1])
+
+
+def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
+                      norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    d = residual.shape[-1]
+    r2, u2 = _rows(residual), _rows(update)
+    rows = r2.shape[0]
+    h = torch.empty((rows, d), dtype=residual.dtype, device=residual.device)
+    n = torch.empty_like(h)
+    config = _launch_config(rows, d)
+    grid = (triton.cdiv(rows, config["BLOCK_M"]),)
+    _patch_add_rmsnorm_kernel[grid](
+        r2, u2, h, n, _h_k(d, residual.device), scale.to(torch.float32), norm_weight, rows,
+        r2.stride(0), u2.stride(0), 1.0 / d, float(eps), **config,
+    )
+    return h.view(residual.shape), n.view(residual.shape)
