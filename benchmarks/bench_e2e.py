@@ -1,0 +1,468 @@
+"""End-to-end benchmark: what the patch costs inside a pruned model, against the paper's hook.
+
+A Llama model with random weights is built from a config (no download): by default LLaMA-3-8B's
+shape on CUDA (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256, bf16, built
+directly on the GPU) and SmolLM2-135M's on the CPU (hidden 576 = 36 x 16, a Paley size, 30 layers,
+fp32). ``--small`` is a tiny model for smoke runs. Embeddings are untied in every preset. A block of
+``--prune`` layers is removed, by default ``[L - n - L//10, L - L//10)`` (for LLaMA-3-8B ``[24, 29)``,
+a block in the upper layers like the ones similarity-based selection picks; the timing does not
+depend on which block). Four variants share the same weight tensors:
+
+    dense         the full model
+    pruned        the block deleted, nothing at the cut
+    pruned+paper  the paper's baseline: a forward hook on the layer before the cut doing
+                  (h.float() @ P).to(h.dtype) with P = H diag(s) H^T as a dense fp32 d x d matrix
+    pruned+ours   prune_and_patch: a LinearPatch module at the cut (the hadamard_patch op, automatic
+                  backend: cuda > triton > torch on a GPU, torch on the CPU)
+
+Workloads:
+
+    prefill BxS   one forward pass over B sequences of S tokens, no cache, logits of the last position
+                  only (as generation computes them)
+    decode B      a prompt of --prompt-len tokens prefilled into a static KV cache (one per variant),
+                  then greedy decoding of --new-tokens tokens by a manual loop (no eos: every variant
+                  produces exactly the same number of tokens, which is checked); the time of one decode
+                  step (forward + argmax) is the sample
+
+The variants are interleaved at the finest grain: each prefill round runs all four back to back, and
+decode steps alternate between the variants' four caches, the order rotated every time, so that drift
+of the machine hits all variants alike. Every time is wall-clock with the device synchronized before
+and after (what a user waits for, Python and launches included). The overhead of a variant is the
+median over rounds (prefill) or steps (decode) of its time divided by the pruned model's time in the
+same round or step, minus one; the interquartile range of that ratio is reported beside it.
+
+    python benchmarks/bench_e2e.py                                  # cuda: LLaMA-3-8B shape, all workloads
+    python benchmarks/bench_e2e.py --device cpu --out-dir results/cpu
+    python benchmarks/bench_e2e.py --small --device cpu             # smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+
+import linearpatch_kernels as lp
+from linearpatch_kernels.backends import select_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_patch import environment  # noqa: E402  (a sibling script, not a package)
+
+PRESETS = {
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=128256, prune=5,
+                      prefill=["1x2048", "8x2048"], decode_batch=[1, 16, 64], prompt_len=512, new_tokens=128,
+                      repeats=10, decode_repeats=2),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, prune=5,
+                         prefill=["1x128", "4x128"], decode_batch=[1, 8], prompt_len=64, new_tokens=32,
+                         repeats=10, decode_repeats=2),
+    "tiny": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=512, vocab_size=512, prune=2,
+                 prefill=["1x32", "2x32"], decode_batch=[1, 2], prompt_len=16, new_tokens=8,
+                 repeats=3, decode_repeats=1),
+}
+VARIANTS = ("dense", "pruned", "pruned+paper", "pruned+ours")
+DECODE_WARMUP_STEPS = 2  # first steps of every repeat, not counted (first-call allocations, heuristics)
+PREFILL_WARMUP = 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+
+
+def build_config(preset: dict, max_positions: int) -> LlamaConfig:
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "vocab_size")
+    return LlamaConfig(**{k: preset[k] for k in keys}, max_position_embeddings=max_positions,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def build_dense(config: LlamaConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """Random weights (Hugging Face's initializer), created on ``device`` directly, in ``dtype``."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def weight_sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose modules and config are new objects but whose parameters and buffers
+    are the same tensors: pruning the copy (deleting layers, renumbering ``layer_idx``, changing
+    ``config.num_hidden_layers``) leaves ``model`` intact and costs no memory."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def build_variants(dense: LlamaForCausalLM, start: int, end: int, scale: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """``({variant: model}, P)`` with P the dense fp32 patch matrix of the paper's hook."""
+    ours = lp.prune_and_patch(weight_sharing_copy(dense), start, end, scales=scale)
+    p = lp.get_patch(ours).dense_matrix()  # H diag(s) H^T from the fp64 H, fp32, on the patch's device
+
+    def plain_pruned() -> torch.nn.Module:
+        # The same surgery, then the patch wrapper taken out again: nothing at the cut.
+        model = lp.prune_and_patch(weight_sharing_copy(dense), start, end)
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            if isinstance(layer, lp.PatchedDecoderLayer):
+                layers[i] = layer.layer
+        return model
+
+    pruned, paper = plain_pruned(), plain_pruned()
+    paper.model.layers[start - 1].register_forward_hook(paper_hook(p))
+    return {"dense": dense, "pruned": pruned, "pruned+paper": paper, "pruned+ours": ours}, p
+
+
+def paper_hook(p: torch.Tensor):
+    """The paper's patch: a forward hook on the layer before the cut, ``(h.float() @ P).to(h.dtype)``."""
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor):  # transformers >= 5: the hidden states alone
+            return (output.float() @ p).to(output.dtype)
+        return ((output[0].float() @ p).to(output[0].dtype), *output[1:])
+    return hook
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model: torch.nn.Module, max_len: int, kind: str):
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return DynamicCache(config=model.config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def rotated(names: list[str], k: int) -> list[str]:
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
+def prefill_samples(variants: dict, ids: torch.Tensor, rounds: int, device: torch.device) -> dict[str, list[float]]:
+    def forward(model):
+        return lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+    names = list(variants)
+    for _ in range(PREFILL_WARMUP):
+        for name in names:
+            timed(forward(variants[name]), device)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for name in rotated(names, r):
+            samples[name].append(timed(forward(variants[name]), device)[1])
+    return samples
+
+
+def decode_samples(variants: dict, batch: int, prompt_len: int, new_tokens: int, repeats: int, cache_kind: str,
+                   device: torch.device, vocab: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict]:
+    """``(step samples, prompt-prefill samples, tokens generated per sequence)`` per variant."""
+    names = list(variants)
+    keyword = {name: cache_keyword(m) for name, m in variants.items()}
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(3, vocab, (batch, prompt_len), generator=gen).to(device)
+    steps = {name: [] for name in names}
+    prompts = {name: [] for name in names}
+    generated = {}
+    for rep in range(repeats):
+        state = {}
+        for name in rotated(names, rep):
+            model = variants[name]
+            cache = new_cache(model, prompt_len + new_tokens, cache_kind)
+            token, t = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                           **{keyword[name]: cache}).logits[:, -1].argmax(-1, keepdim=True), device)
+            prompts[name].append(t)
+            state[name] = (cache, [token])
+        # The first token came from the prompt's logits; new_tokens - 1 decode steps make the rest.
+        for step in range(new_tokens - 1):
+            for name in rotated(names, step + rep):
+                model, (cache, tokens) = variants[name], state[name]
+                token, t = timed(lambda: model(input_ids=tokens[-1], use_cache=True, logits_to_keep=1,
+                                               **{keyword[name]: cache}).logits[:, -1].argmax(-1, keepdim=True),
+                                 device)
+                tokens.append(token)
+                if step >= DECODE_WARMUP_STEPS:
+                    steps[name].append(t)
+        for name in names:
+            generated[name] = torch.cat(state[name][1], dim=1).shape[1]
+        del state
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return steps, prompts, generated
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics and rows
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return q1, statistics.median(values), q3
+
+
+def summarize(samples: dict[str, list[float]], items_per_sample: int, base: dict) -> list[dict]:
+    """One row per variant: median time, items/s, and the paired overhead over "pruned"."""
+    pruned = samples["pruned"]
+    rows = []
+    for name, times in samples.items():
+        q1, median, q3 = _quartiles(times)
+        ratios = [100 * (t / p - 1) for t, p in zip(times, pruned)]
+        o1, overhead, o3 = _quartiles(ratios)
+        rows.append(dict(base, variant=name, median_ms=median * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3,
+                         samples=len(times), tokens_per_s=items_per_sample / median,
+                         overhead_pct=overhead, overhead_q1_pct=o1, overhead_q3_pct=o3,
+                         overhead_of_medians_pct=100 * (median / statistics.median(pruned) - 1)))
+    return rows
+
+
+def check_outputs(variants: dict, vocab: int, device: torch.device, seq: int) -> dict:
+    """Relative differences of last-position logits on one short input: the paper's hook and our patch
+    apply the same P (they must agree), and the patch must change the pruned model's output."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    ids = torch.randint(3, vocab, (1, seq), generator=gen).to(device)
+    logits = {name: m(input_ids=ids, use_cache=False, logits_to_keep=1).logits.double() for name, m in variants.items()}
+
+    def rel(a, b):
+        return float((logits[a] - logits[b]).norm() / logits[b].norm())
+
+    return {"ours_vs_paper": rel("pruned+ours", "pruned+paper"), "ours_vs_pruned": rel("pruned+ours", "pruned"),
+            "pruned_vs_dense": rel("pruned", "dense"), "tokens": seq}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'workload':<16}{'variant':<14}{'median ms':>11}{'tokens/s':>11}   {'vs pruned: paired median [IQR]':<30}"
+    lines = [head, "-" * len(head)]
+    previous = None
+    for r in rows:
+        if previous is not None and r["workload"] != previous:
+            lines.append("")
+        first = r["workload"] != previous
+        previous = r["workload"]
+        if "error" in r:
+            lines.append(f"{r['workload']:<16}ERROR {r['error']}")
+            continue
+        overhead = ("(baseline)" if r["variant"] == "pruned" else
+                    f"{r['overhead_pct']:+7.2f} % [{r['overhead_q1_pct']:+.2f}, {r['overhead_q3_pct']:+.2f}]")
+        lines.append(f"{r['workload'] if first else '':<16}{r['variant']:<14}{r['median_ms']:>11.2f}"
+                     f"{r['tokens_per_s']:>11.1f}   {overhead}")
+    return "\n".join(lines)
+
+
+def headline(rows: list[dict]) -> str:
+    """One line per workload: our overhead and the paper's, % of the pruned model's time."""
+    lines = []
+    for workload in dict.fromkeys(r["workload"] for r in rows if "error" not in r):
+        by = {r["variant"]: r for r in rows if r["workload"] == workload and "error" not in r}
+        if "pruned+ours" in by and "pruned+paper" in by:
+            ours, paper = by["pruned+ours"], by["pruned+paper"]
+            verdict = "within" if ours["overhead_pct"] <= 1.0 else "ABOVE"
+            lines.append(f"{workload:<16} ours {ours['overhead_pct']:+6.2f} % [IQR {ours['overhead_q1_pct']:+.2f}, "
+                         f"{ours['overhead_q3_pct']:+.2f}] ({verdict} the 1 % target)   paper's hook "
+                         f"{paper['overhead_pct']:+6.2f} % [IQR {paper['overhead_q1_pct']:+.2f}, "
+                         f"{paper['overhead_q3_pct']:+.2f}]")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=list(PRESETS), help="default: cuda llama3-8b, cpu smollm2-135m")
+    parser.add_argument("--small", action="store_true", help="the tiny preset (smoke runs)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: cuda bf16, cpu fp32")
+    parser.add_argument("--prune", type=int, help="number of layers removed (preset default)")
+    parser.add_argument("--prune-start", type=int, help="first removed layer (default L - n - L//10)")
+    parser.add_argument("--prefill", nargs="*", help="prefill workloads BxS, e.g. 1x2048 8x2048 (none: skip)")
+    parser.add_argument("--decode-batch", type=int, nargs="*", help="decode batch sizes (none: skip decode)")
+    parser.add_argument("--prompt-len", type=int, help="decode prompt length")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per sequence in decode")
+    parser.add_argument("--repeats", type=int, help="prefill rounds")
+    parser.add_argument("--decode-repeats", type=int, help="decode generations per variant")
+    parser.add_argument("--cache", choices=["static", "dynamic"], default="static", help="decode KV cache")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--max-seconds", type=float, help="start no new workload after this long")
+    parser.add_argument("--out-dir", help="write <name>.json, <name>.txt and <name>.png here")
+    parser.add_argument("--name", default="bench_e2e")
+    parser.add_argument("--json", help="write the JSON here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch here")
+    if args.small:
+        if args.preset not in (None, "tiny"):
+            parser.error("--small is the tiny preset; do not combine it with --preset")
+        args.preset = "tiny"
+    args.preset = args.preset or ("llama3-8b" if args.device == "cuda" else "smollm2-135m")
+    preset = PRESETS[args.preset]
+    for key in ("prune", "prefill", "decode_batch", "prompt_len", "new_tokens", "repeats", "decode_repeats"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    layers = preset["num_hidden_layers"]
+    if args.prune_start is None:
+        args.prune_start = layers - args.prune - max(1, layers // 10)
+    if not 1 <= args.prune_start < args.prune_start + args.prune <= layers:
+        parser.error(f"--prune {args.prune} from --prune-start {args.prune_start}: need 1 <= start and "
+                     f"start + prune <= {layers} (the paper's hook needs a layer before the cut)")
+    try:
+        args.prefill_shapes = [tuple(int(v) for v in w.lower().split("x")) for w in args.prefill]
+        assert all(len(s) == 2 and min(s) >= 1 for s in args.prefill_shapes)
+    except (ValueError, AssertionError):
+        parser.error(f"--prefill takes BxS pairs like 8x2048, got {args.prefill}")
+    if args.new_tokens < DECODE_WARMUP_STEPS + 2 or args.prompt_len < 1 or args.repeats < 1 or args.decode_repeats < 1:
+        parser.error(f"--new-tokens must be >= {DECODE_WARMUP_STEPS + 2}; --prompt-len, --repeats and "
+                     "--decode-repeats >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    preset = PRESETS[args.preset]
+    env = environment(device)
+    started = time.monotonic()
+    max_positions = max([s for _, s in args.prefill_shapes] + [args.prompt_len + args.new_tokens, 64])
+    config = build_config(preset, max_positions)
+    start, end = args.prune_start, args.prune_start + args.prune
+
+    # Built outside inference mode: the patch's scale is an nn.Parameter.
+    with torch.no_grad():
+        dense, build_s = timed(lambda: build_dense(config, dtype, device), device)
+        torch.manual_seed(0)
+        scale = 0.5 + torch.rand(config.hidden_size, device=device)
+        variants, _ = build_variants(dense, start, end, scale)
+    sample = torch.zeros(1, config.hidden_size, dtype=dtype, device=device)
+    backend = select_backend(sample).__name__.rsplit(".", 1)[-1].removesuffix("_backend")
+    with torch.inference_mode():
+        model_info = {"name": args.preset, "pruned_block": [start, end], "dtype": args.dtype,
+                      "layers": config.num_hidden_layers, "layers_after_pruning": config.num_hidden_layers - args.prune,
+                      "parameters": sum(p.numel() for p in dense.parameters()), "patch_backend": backend,
+                      "build_s": round(build_s, 2), "cache": args.cache,
+                      "config": {k: preset[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                        "num_key_value_heads", "intermediate_size", "vocab_size")}}
+        check = check_outputs(variants, config.vocab_size, device, min(64, max_positions))
+        result = {"benchmark": "bench_e2e", "env": env, "args": {k: v for k, v in vars(args).items()},
+                  "model": model_info, "check": check, "rows": [], "truncated": []}
+        title = (f"End-to-end: {args.preset}-shaped Llama ({model_info['parameters'] / 1e9:.2f} B parameters, "
+                 f"{args.dtype}, random weights), layers [{start}, {end}) pruned, patch backend {backend!r}, "
+                 f"{args.cache} KV cache\n"
+                 f"{env.get('gpu') or env['cpu'] + ', ' + str(env['torch_threads']) + ' threads'}; "
+                 f"torch {env['torch']}, transformers {env['transformers']}; {env['date_utc']}; "
+                 f"load average at start {', '.join(f'{v:.2f}' for v in env['loadavg_start'])}\n"
+                 f"check (last-position logits, rel. diff.): ours vs paper's hook {check['ours_vs_paper']:.1e}, "
+                 f"ours vs pruned {check['ours_vs_pruned']:.1e}")
+        print(title, flush=True)
+
+        workloads = [("prefill", b, s) for b, s in args.prefill_shapes] + [("decode", b, None) for b in args.decode_batch]
+        for kind, batch, seq in workloads:
+            label = f"prefill {batch}x{seq}" if kind == "prefill" else f"decode b={batch}"
+            if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
+                result["truncated"].append(label)
+                continue
+            base = {"workload": label, "kind": kind, "batch": batch}
+            try:
+                if kind == "prefill":
+                    gen = torch.Generator(device="cpu").manual_seed(0)
+                    ids = torch.randint(3, config.vocab_size, (batch, seq), generator=gen).to(device)
+                    samples = prefill_samples(variants, ids, args.repeats, device)
+                    rows = summarize(samples, batch * seq, dict(base, seq=seq))
+                else:
+                    steps, prompts, generated = decode_samples(variants, batch, args.prompt_len, args.new_tokens,
+                                                               args.decode_repeats, args.cache, device,
+                                                               config.vocab_size)
+                    if len(set(generated.values())) != 1 or generated["pruned"] != args.new_tokens:
+                        raise RuntimeError(f"variants generated different numbers of tokens: {generated}")
+                    rows = summarize(steps, batch, dict(base, prompt_len=args.prompt_len, new_tokens=args.new_tokens))
+                    for row in rows:
+                        row["tokens_generated"] = generated[row["variant"]]
+                        row["prompt_prefill_ms"] = statistics.median(prompts[row["variant"]]) * 1e3
+            except torch.cuda.OutOfMemoryError as e:
+                rows = [dict(base, variant="all", error=f"out of memory: {e}")]
+                torch.cuda.empty_cache()
+            result["rows"].extend(rows)
+            for r in rows:
+                if "error" in r:
+                    print(f"  {label}: ERROR {r['error']}", flush=True)
+                else:
+                    print(f"  {label} {r['variant']}: {r['median_ms']:.3f} ms, overhead {r['overhead_pct']:+.2f} %",
+                          flush=True)
+            env["loadavg_end"] = list(os.getloadavg())
+            env["elapsed_s"] = round(time.monotonic() - started, 1)
+            write_outputs(result, args, title)  # partial results survive a kill
+
+    paths = write_outputs(result, args, title)
+    print()
+    print(render_text(result, title))
+    if paths.get("png"):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib not installed: no plot (render later with benchmarks/plot.py on the JSON)")
+        else:
+            import plot
+
+            plot.plot_e2e(result, paths["png"])
+            print(f"plot: {paths['png']}")
+    return result
+
+
+def render_text(result: dict, title: str) -> str:
+    text = title + "\n\n" + format_table(result["rows"])
+    summary = headline(result["rows"])
+    if summary:
+        text += "\n\noverhead over the pruned model (paired median):\n" + summary
+    if result["truncated"]:
+        text += f"\n\nnot run (--max-seconds): {', '.join(result['truncated'])}"
+    return text
+
+
+def write_outputs(result: dict, args, title: str) -> dict:
+    paths = {"json": args.json}
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": args.json or out / f"{args.name}.json", "txt": out / f"{args.name}.txt",
+                 "png": out / f"{args.name}.png"}
+    if paths.get("json"):
+        Path(paths["json"]).write_text(json.dumps(result, indent=1) + "\n")
+    if paths.get("txt"):
+        Path(paths["txt"]).write_text(render_text(result, title) + "\n")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Plots of the benchmarks' JSON results (matplotlib, the optional ``bench`` extra).
+
+* ``plot_op_bench(result, path)``: time per call vs tokens, one line per provider, log-log; one panel
+  per (dtype, d), the copy (memory-bandwidth bound) drawn dashed.
+* ``plot_e2e(result, path)``: overhead over the pruned model (% of its time) of the paper's hook and of
+  our patch, per workload, with the interquartile range of the paired ratios as error bars.
+
+The benchmarks call these when matplotlib is importable; where it is not (a GPU machine without
+it), render the PNG later from the JSON:
+
+    python benchmarks/plot.py results/<gpu>-<date>/bench_patch.json [-o out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+PROVIDER_STYLE = {
+    "ours-cuda": dict(color="tab:red", marker="o"),
+    "ours-triton": dict(color="tab:orange", marker="s"),
+    "ours-torch": dict(color="tab:brown", marker="^"),
+    "fht-twice": dict(color="tab:purple", marker="v"),
+    "paper-fp32": dict(color="tab:blue", marker="D"),
+    "dense-bf16": dict(color="tab:cyan", marker="x"),
+    "dense-fp16": dict(color="tab:cyan", marker="x"),
+    "dense-fp32": dict(color="tab:cyan", marker="x"),
+    "copy": dict(color="black", marker=".", linestyle="--"),
+}
+
+
+def _subtitle(env: dict) -> str:
+    where = env.get("gpu") or f"CPU ({env.get('cpu', '?')}, {env.get('torch_threads', '?')} threads)"
+    return f"{where}; torch {env.get('torch')}; {env.get('date_utc', '')[:10]}"
+
+
+def plot_op_bench(result: dict, path) -> None:
+    rows = [r for r in result["rows"] if "median_us" in r]
+    panels = sorted({(r["dtype"], r["d"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    if not panels:
+        return
+    cols = min(len(panels), 5)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (dtype, d) in zip(axes.flat, panels):
+        mine = [r for r in rows if r["dtype"] == dtype and r["d"] == d]
+        for provider in dict.fromkeys(r["provider"] for r in mine):
+            pts = sorted((r["tokens"], r["median_us"]) for r in mine if r["provider"] == provider)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=provider,
+                    **PROVIDER_STYLE.get(provider, {}))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{dtype}, d={d}", fontsize=10)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("time per call (us)")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    for ax in list(axes.flat)[1:len(panels)]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=9)
+    mode = rows[0].get("mode", "eager")
+    fig.suptitle(f"LinearPatch op vs dense matmul and copy ({mode})\n{_subtitle(result['env'])}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.93))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_e2e(result: dict, path) -> None:
+    rows = [r for r in result["rows"] if "overhead_pct" in r and r["variant"] in ("pruned+paper", "pruned+ours")]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    if not workloads:
+        return
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(workloads) + 2), 3.8))
+    width = 0.38
+    for i, (variant, color) in enumerate((("pruned+paper", "tab:blue"), ("pruned+ours", "tab:red"))):
+        xs, ys, lo, hi = [], [], [], []
+        for j, w in enumerate(workloads):
+            match = [r for r in rows if r["workload"] == w and r["variant"] == variant]
+            if match:
+                r = match[0]
+                xs.append(j + (i - 0.5) * width)
+                ys.append(r["overhead_pct"])
+                lo.append(r["overhead_pct"] - r["overhead_q1_pct"])
+                hi.append(r["overhead_q3_pct"] - r["overhead_pct"])
+        label = "paper's hook (dense fp32 P)" if variant == "pruned+paper" else "ours (hadamard_patch)"
+        ax.bar(xs, ys, width, yerr=[lo, hi], color=color, label=label, capsize=3)
+    ax.axhline(1.0, color="gray", linestyle=":", label="1 % target")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels(workloads, fontsize=9)
+    ax.set_ylabel("overhead over pruned model (%)")
+    model = result.get("model", {})
+    ax.set_title(f"{model.get('name', 'model')}-shaped Llama, layers {model.get('pruned_block')} pruned\n"
+                 f"{_subtitle(result['env'])}", fontsize=10)
+    ax.legend(fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", help="a bench_patch or bench_e2e JSON result")
+    parser.add_argument("-o", "--output", help="PNG path (default: the JSON's path with .png)")
+    args = parser.parse_args(argv)
+    result = json.loads(Path(args.json).read_text())
+    out = args.output or str(Path(args.json).with_suffix(".png"))
+    kinds = {"bench_patch": plot_op_bench, "bench_e2e": plot_e2e}
+    kind = result.get("benchmark")
+    if kind not in kinds:
+        raise SystemExit(f"{args.json}: 'benchmark' is {kind!r}; expected one of {', '.join(kinds)}")
+    kinds[kind](result, out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
