@@ -1,0 +1,516 @@
+"""Offline distillation of the patch: train only ``P`` so the pruned model matches the dense teacher.
+
+The teacher's top-k next-token log-probs are cached on disk first (``teacher_cache``); the student is
+the pruned + patched model with every weight frozen but the patch's. Two things can be trained:
+
+* ``train="s"``: the Hadamard-domain scales ``s`` of a "rotate" patch (or the channel scales of a
+  "diag" patch), ``d`` numbers; the gradient flows through ``linearpatch::hadamard_patch``'s autograd,
+  and the result is still a fast structured patch.
+* ``train="dense"``: a free ``d x d`` matrix ``P`` (the paper's distilled patch), initialised from the
+  current patch's ``H diag(s) H^T`` (``LinearPatch.dense_matrix()``), i.e. a ``LinearPatch`` in
+  mode "dense".
+
+Loss, per token, with ``a_1..a_k`` the teacher's cached log-probs of its top-k tokens ``v_1..v_k`` and
+``z_v`` the student's logits:
+
+    q_i     = exp(a_i) / sum_j exp(a_j)                 (teacher, renormalised over its k tokens)
+    log r_i = z_{v_i} - log sum_j exp(z_{v_j})          (student log-softmax restricted to the same k
+                                                         tokens; the full-vocabulary normaliser cancels)
+    KL_t    = sum_i q_i (log q_i - log r_i)
+
+and the loss is the mean of ``KL_t`` over all tokens of the batch (every position of every sample).
+Since only ``z`` at the k cached tokens enters, the student's LM head is evaluated on those k rows
+alone (``h_t . W[v_i]``), not on the whole vocabulary: on a CPU that is most of the head's cost saved.
+
+Training: AdamW (no weight decay: it would pull the scales and ``P`` towards 0, not towards the
+identity), linear warm-up over the first 5 % of the steps then a cosine decay to 0, bf16 autocast on
+a GPU (fp16 with loss scaling where bf16 is unsupported), plain fp32 on the CPU. The validation loss
+(the same KL on the last ``val_samples`` cached samples, never trained on) is measured before training
+and after every epoch (or every ``eval_every`` steps); training stops early after ``patience``
+validations without improvement, and the patch with the lowest validation loss is kept.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import load_pruned, save_pruned
+from .patch import LinearPatch
+from .surgery import get_patch, module_execution_device, set_patch
+from .teacher_cache import MANIFEST_FILE, TeacherCache, build_teacher_cache, model_identity
+
+__all__ = [
+    "DEFAULT_LR",
+    "TRAIN_MODES",
+    "DistillResult",
+    "add_distill_subcommand",
+    "distill_patch",
+    "run_distill_command",
+    "student_support_logits",
+    "support_kl_loss",
+    "topk_kl_loss",
+    "train_patch",
+]
+
+TRAIN_MODES = ("s", "dense")
+# Adam moves every parameter by about lr per step. The scales are O(1) numbers, one per channel; the
+# dense P has d^2 entries whose changes add up over d channels in every output, so it needs a much
+# smaller step (both tuned on SmolLM2-135M, see benchmarks/distill_smollm2.py).
+DEFAULT_LR = {"s": 2e-3, "dense": 5e-5}
+WARMUP_FRACTION = 0.05
+RESULT_FILE = "distill.json"
+
+
+# --- the loss -----------------------------------------------------------------------------------
+
+
+def support_kl_loss(student_support_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``KL(q || r)`` on the teacher's top-k support (formula in the module docstring).
+
+    ``student_support_logits``: ``[..., k]`` the student's logits at the teacher's k tokens;
+    ``teacher_logprobs``: ``[..., k]`` the teacher's log-probs of those tokens. Computed in fp32.
+    """
+    if student_support_logits.shape != teacher_logprobs.shape:
+        raise ValueError(f"support_kl_loss: student logits {tuple(student_support_logits.shape)} and teacher "
+                         f"log-probs {tuple(teacher_logprobs.shape)} must have the same shape [..., k]")
+    log_q = torch.log_softmax(teacher_logprobs.float(), dim=-1)
+    log_r = torch.log_softmax(student_support_logits.float(), dim=-1)
+    return (log_q.exp() * (log_q - log_r)).sum(-1).mean()
+
+
+def topk_kl_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """``support_kl_loss`` from the student's full logits ``[..., V]`` and the teacher's ``topk_ids [..., k]``."""
+    if topk_ids.shape != teacher_logprobs.shape or topk_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"topk_kl_loss: shapes student_logits {tuple(student_logits.shape)}, topk_ids "
+                         f"{tuple(topk_ids.shape)}, teacher_logprobs {tuple(teacher_logprobs.shape)} do not line up; "
+                         "expected [..., V], [..., k], [..., k]")
+    if topk_ids.shape[-1] > student_logits.shape[-1]:
+        raise ValueError(f"topk_kl_loss: top-{topk_ids.shape[-1]} is more than the student's {student_logits.shape[-1]} "
+                         "vocabulary entries")
+    return support_kl_loss(student_logits.gather(-1, topk_ids.to(student_logits.device)), teacher_logprobs)
+
+
+def student_support_logits(model: nn.Module, input_ids: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The student's logits at ``topk_ids`` (``[b, T, k]``): the last hidden state times the k rows of the
+    LM head, without the ``[b, T, V]`` logits. Models whose logits are not a plain linear head of the
+    last hidden state (soft-capped or scaled logits) go through the full logits instead."""
+    head = model.get_output_embeddings()
+    config = model.config
+    plain_head = (isinstance(head, nn.Linear) and getattr(config, "final_logit_softcapping", None) is None
+                  and getattr(config, "logit_scale", None) is None)
+    if not plain_head:
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        return logits.gather(-1, topk_ids.to(logits.device))
+    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    ids = topk_ids.to(head.weight.device)
+    rows = head.weight[ids]  # [b, T, k, d], frozen
+    logits = torch.einsum("btd,btkd->btk", hidden.to(rows.device), rows.to(hidden.dtype))
+    if head.bias is not None:
+        logits = logits + head.bias[ids]
+    return logits
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillResult:
+    """What ``train_patch`` did: settings, the validation loss before and at the kept patch, history."""
+
+    train: str
+    lr: float
+    epochs: int
+    batch_size: int
+    train_samples: int
+    val_samples: int
+    steps: int
+    initial_val_loss: float
+    best_val_loss: float
+    best_step: int
+    stopped_early: bool
+    seconds: float
+    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_cache_matches(cache: TeacherCache, model: nn.Module, log=print) -> None:
+    """A clear error when the cache's teacher cannot be this student's teacher (vocabulary, hidden size,
+    family); a warning when the input embeddings differ (the student is not a pruned copy of it)."""
+    config = model.config
+    head = model.get_output_embeddings()
+    student_vocab = int(getattr(head, "out_features", None) or config.vocab_size)
+    if student_vocab != cache.vocab_size or int(config.vocab_size) != cache.vocab_size:
+        raise ValueError(f"teacher cache {cache.directory} has a vocabulary of {cache.vocab_size} tokens but the student "
+                         f"has {student_vocab} (config.vocab_size {config.vocab_size}); the teacher must be the dense "
+                         "model the student was pruned from")
+    teacher = cache.model
+    if teacher.get("hidden_size") != int(config.hidden_size) or teacher.get("model_type") != config.model_type:
+        raise ValueError(f"teacher cache {cache.directory} comes from a {teacher.get('model_type')} model with hidden size "
+                         f"{teacher.get('hidden_size')}; the student is a {config.model_type} model with hidden size "
+                         f"{config.hidden_size}; the teacher must be the dense model the student was pruned from")
+    student_fp = model_identity(model)["embedding_sha256_bf16"]
+    if None not in (student_fp, teacher.get("embedding_sha256_bf16")) and student_fp != teacher["embedding_sha256_bf16"]:
+        log(f"warning: the student's input embedding differs from the teacher's in {cache.directory} "
+            f"({teacher.get('name_or_path') or 'unnamed teacher'}); was the student pruned from another model?")
+
+
+def _check_positive_int(name: str, value, caller: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def _autocast_dtype(device: torch.device):
+    if device.type != "cuda":
+        return None  # fp32 on the CPU: bf16 matmuls there are slow and the patch is tiny
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _prepare_patch(model: nn.Module, train: str) -> LinearPatch:
+    patch = get_patch(model)
+    if train == "s":
+        if patch.mode == "dense":
+            raise ValueError("train_patch: train='s' trains the scales of a 'rotate' or 'diag' patch, but this model's "
+                             "patch is 'dense'; use train='dense' or start from a rotate/diag patch")
+        return patch
+    if patch.mode != "dense":
+        dense = LinearPatch(patch.hidden_size, mode="dense", weight=patch.dense_matrix())
+        dense.enabled = patch.enabled
+        set_patch(model, dense)
+        patch = get_patch(model)
+    return patch
+
+
+def _cosine_with_warmup(total_steps: int):
+    warmup = max(1, math.ceil(WARMUP_FRACTION * total_steps))
+
+    def factor(step: int) -> float:  # step = number of optimizer steps already taken
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batch_loss(model, cache: TeacherCache, indices, device, autocast_dtype) -> torch.Tensor:
+    batch = cache.batch(indices)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = student_support_logits(model, batch.input_ids.to(device), batch.topk_ids)
+    return support_kl_loss(logits, batch.topk_logprobs.to(logits.device))
+
+
+@torch.no_grad()
+def _validation_loss(model, cache, indices, batch_size, device, autocast_dtype) -> float:
+    # Every sample has the same number of tokens, so the mean of the batch means is the token mean
+    # when the batches are equal; weight by batch length for the last, shorter one.
+    total, count = 0.0, 0
+    for b in range(0, len(indices), batch_size):
+        part = indices[b:b + batch_size]
+        total += float(_batch_loss(model, cache, part, device, autocast_dtype)) * len(part)
+        count += len(part)
+    return total / count
+
+
+def train_patch(model: nn.Module, cache: TeacherCache, *, train: str = "s", lr: float | None = None,
+                epochs: int = 1, batch_size: int = 1, val_samples: int = 16, patience: int = 2,
+                eval_every: int | None = None, max_train_samples: int | None = None, seed: int = 0,
+                progress: bool = True, log=print) -> DistillResult:
+    """Distil the patch of the pruned ``model`` (in place) against ``cache`` (see the module docstring).
+
+    The last ``val_samples`` samples of the cache are held out for validation; the others are the
+    training set (``max_train_samples`` takes only the first ones). ``train="dense"`` replaces a
+    rotate/diag patch by a dense one initialised from it. The model keeps the patch with the lowest
+    validation loss (the starting patch if training never improved on it).
+    """
+    caller = "train_patch"
+    if train not in TRAIN_MODES:
+        raise ValueError(f"{caller}: unknown train={train!r}; accepted: {', '.join(TRAIN_MODES)}")
+    if not isinstance(cache, TeacherCache):
+        raise TypeError(f"{caller}: cache must be a TeacherCache, got {type(cache).__name__}")
+    epochs = _check_positive_int("epochs", epochs, caller)
+    batch_size = _check_positive_int("batch_size", batch_size, caller)
+    val_samples = _check_positive_int("val_samples", val_samples, caller)
+    patience = _check_positive_int("patience", patience, caller)
+    if eval_every is not None:
+        _check_positive_int("eval_every", eval_every, caller)
+    lr = DEFAULT_LR[train] if lr is None else lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"{caller}: lr must be a positive number, got {lr!r}")
+    if val_samples >= cache.num_samples:
+        raise ValueError(f"{caller}: val_samples={val_samples} leaves no training samples in a cache of "
+                         f"{cache.num_samples}; accepted: 1 .. {cache.num_samples - 1}")
+    check_cache_matches(cache, model, log)
+    num_train = cache.num_samples - val_samples
+    if max_train_samples is not None:
+        num_train = min(num_train, _check_positive_int("max_train_samples", max_train_samples, caller))
+    train_indices = list(range(num_train))
+    val_indices = list(range(cache.num_samples - val_samples, cache.num_samples))
+
+    patch = _prepare_patch(model, train)
+    param = patch.scale if train == "s" else patch.weight
+    device = module_execution_device(model.get_input_embeddings())
+    autocast_dtype = _autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    param.requires_grad_(True)
+    model.eval()  # no dropout: the student must compute what it will compute at inference
+
+    steps_per_epoch = math.ceil(num_train / batch_size)
+    total_steps = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW([param], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(total_steps))
+    generator = torch.Generator().manual_seed(seed)
+    start_time = time.perf_counter()
+    history = []
+    step = 0
+    stopped_early = False
+    try:
+        initial = _validation_loss(model, cache, val_indices, batch_size, device, autocast_dtype)
+        best, best_step, best_state, bad = initial, 0, param.detach().clone(), 0
+        history.append({"step": 0, "epoch": 0, "train_loss": None, "val_loss": initial, "lr": 0.0})
+        log(f"distill ({train}): {num_train} training and {val_samples} validation samples of {cache.seqlen} tokens, "
+            f"{total_steps} steps of {batch_size}, lr {lr:g}; validation loss before training {initial:.5f}")
+        bar = tqdm(total=total_steps, desc=f"distill {train}", unit="step", disable=not progress)
+        running, running_count = 0.0, 0
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(num_train, generator=generator).tolist()
+            for b in range(0, num_train, batch_size):
+                indices = [train_indices[i] for i in order[b:b + batch_size]]
+                loss = _batch_loss(model, cache, indices, device, autocast_dtype)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                schedule.step()
+                step += 1
+                running += float(loss.detach())
+                running_count += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / running_count:.4f}", best_val=f"{best:.4f}")
+                end_of_epoch = b + batch_size >= num_train
+                if not (end_of_epoch or (eval_every is not None and step % eval_every == 0)):
+                    continue
+                val = _validation_loss(model, cache, val_indices, batch_size, device, autocast_dtype)
+                history.append({"step": step, "epoch": epoch, "train_loss": running / running_count, "val_loss": val,
+                                "lr": optimizer.param_groups[0]["lr"]})
+                running, running_count = 0.0, 0
+                if val < best:
+                    best, best_step, best_state, bad = val, step, param.detach().clone(), 0
+                else:
+                    bad += 1
+                bar.set_postfix(val=f"{val:.4f}", best_val=f"{best:.4f}")
+                if bad >= patience:
+                    stopped_early = True
+                    break
+            if stopped_early:
+                log(f"distill ({train}): stopped early at step {step}: {patience} validations without improvement")
+                break
+        bar.close()
+        with torch.no_grad():
+            param.copy_(best_state)
+    finally:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    result = DistillResult(train=train, lr=float(lr), epochs=epochs, batch_size=batch_size, train_samples=num_train,
+                           val_samples=val_samples, steps=step, initial_val_loss=initial, best_val_loss=best,
+                           best_step=best_step, stopped_early=stopped_early,
+                           seconds=time.perf_counter() - start_time, history=history)
+    log(f"distill ({train}): validation loss {initial:.5f} -> {best:.5f} (kept the patch of step {best_step})")
+    return result
+
+
+# --- the whole flow -----------------------------------------------------------------------------
+
+
+def _is_cache_dir(path: Path) -> bool:
+    return (path / MANIFEST_FILE).is_file() and not (path / "config.json").is_file()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def distill_patch(student, teacher, out_dir: str | os.PathLike | None = None, *, input_ids=None,
+                  cache_dir: str | os.PathLike | None = None, topk: int = 50, chunk_size: int = 64,
+                  teacher_batch_size: int = 1, train: str = "s", lr: float | None = None, epochs: int = 1,
+                  val_samples: int = 16, batch_size: int = 1, patience: int = 2, eval_every: int | None = None,
+                  device: str | torch.device | None = None, dtype: torch.dtype | None = None, tokenizer=None,
+                  seed: int = 0, progress: bool = True, log=print):
+    """Distil the patch of a pruned model against its dense teacher; returns ``(model, DistillResult)``.
+
+    ``student``: a checkpoint directory written by ``save_pruned`` (loaded with ``load_pruned``) or a
+    pruned model in memory. ``teacher``: a finished ``TeacherCache`` or its directory, or the dense
+    model's directory; then its top-``topk`` cache is built in ``cache_dir`` (default
+    ``out_dir/teacher-cache``) from ``input_ids`` (``[N, T]`` or a list of ``[1, T]``; the last
+    ``val_samples`` are the validation set), resuming a partial one. The teacher is loaded, cached and
+    freed before the student is loaded, so the two are never in memory together; for that reason a
+    student passed as a model needs a teacher cache, not a teacher model.
+
+    ``device``/``dtype`` apply to the models loaded here (default: CUDA when available, fp32 on the CPU
+    and bf16 on a GPU). With ``out_dir`` the distilled model is saved there with ``save_pruned`` (plus
+    ``tokenizer`` if given) and the run is described in ``distill.json``.
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    load_dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if train not in TRAIN_MODES:
+        raise ValueError(f"distill_patch: unknown train={train!r}; accepted: {', '.join(TRAIN_MODES)}")
+    if not isinstance(student, nn.Module):
+        student_dir = Path(student)
+        if not student_dir.is_dir():
+            raise FileNotFoundError(f"distill_patch: student {student_dir} is not a directory; pass a pruned checkpoint "
+                                    "written by save_pruned (linearpatch prune) or a pruned model")
+
+    if isinstance(teacher, TeacherCache):
+        cache = teacher
+    elif isinstance(teacher, (str, os.PathLike)):
+        teacher_path = Path(teacher)
+        if not teacher_path.is_dir():
+            raise FileNotFoundError(f"distill_patch: teacher {teacher_path} is not a directory; pass the dense model's "
+                                    "directory or a teacher cache directory")
+        if _is_cache_dir(teacher_path):
+            cache = TeacherCache(teacher_path)
+        else:
+            if isinstance(student, nn.Module):
+                raise ValueError("distill_patch: the student is already in memory, so the teacher model cannot be loaded "
+                                 "next to it; build the teacher cache first (build_teacher_cache) and pass it, or pass "
+                                 "the student as a checkpoint directory")
+            if input_ids is None:
+                raise ValueError("distill_patch: building the teacher cache needs input_ids (the token windows to "
+                                 "distil on, [N, T]); none were given")
+            if not (teacher_path / "config.json").is_file():
+                raise FileNotFoundError(f"distill_patch: {teacher_path} holds neither a model (config.json) nor a "
+                                        f"teacher cache ({MANIFEST_FILE})")
+            if cache_dir is None:
+                if out_dir is None:
+                    raise ValueError("distill_patch: give cache_dir or out_dir (the cache goes to out_dir/teacher-cache)")
+                cache_dir = Path(out_dir) / "teacher-cache"
+            from transformers import AutoModelForCausalLM
+
+            log(f"loading the teacher from {teacher_path}")
+            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=load_dtype).to(device).eval()
+            cache = build_teacher_cache(teacher_model, input_ids, cache_dir, topk=topk, chunk_size=chunk_size,
+                                        batch_size=teacher_batch_size, progress=progress, log=log)
+            del teacher_model
+            _free_memory()
+    else:
+        raise TypeError(f"distill_patch: teacher must be a TeacherCache or a directory, got {type(teacher).__name__}")
+
+    if isinstance(student, nn.Module):
+        model = student
+    else:
+        log(f"loading the pruned student from {student_dir}")
+        model = load_pruned(student_dir, device=device, dtype=load_dtype)
+    result = train_patch(model, cache, train=train, lr=lr, epochs=epochs, batch_size=batch_size, val_samples=val_samples,
+                         patience=patience, eval_every=eval_every, seed=seed, progress=progress, log=log)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        save_pruned(model, out_dir, tokenizer=tokenizer)
+        record = {"result": result.to_dict(), "teacher": cache.model, "teacher_cache": str(cache.directory),
+                  "topk": cache.topk, "seqlen": cache.seqlen, "cache_samples": cache.num_samples}
+        (out_dir / RESULT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        log(f"saved the distilled model to {out_dir}")
+    return model, result
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def add_distill_subcommand(subparsers) -> None:
+    """Register ``linearpatch distill`` on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "distill",
+        help="train the patch of a pruned model against its dense teacher's top-k log-probs",
+        description="Distil the patch of a pruned model (written by `linearpatch prune`): cache the dense teacher's "
+                    "top-k next-token log-probs on disk (resumable), free the teacher, then train only the patch "
+                    "(its Hadamard-domain scales s, or a free dense d x d matrix) with KL on the top-k support. "
+                    "The samples are consecutive windows of the calibration text; the last --val-samples of the "
+                    "cached windows are held out for validation and early stopping.",
+    )
+    p.add_argument("--model", required=True, help="pruned checkpoint directory (from `linearpatch prune`)")
+    p.add_argument("--teacher", required=True,
+                   help="the dense model's directory, or a teacher cache directory built before")
+    p.add_argument("--out", required=True, help="output directory for the distilled checkpoint")
+    p.add_argument("--samples", type=int, default=5000, help="training windows (default 5000, as in the paper)")
+    p.add_argument("--val-samples", type=int, default=16, help="held-out validation windows (default 16)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--topk", type=int, default=50, help="teacher tokens kept per position (default 50)")
+    p.add_argument("--train", choices=TRAIN_MODES, default="s",
+                   help="s: the Hadamard-domain scales (keeps the fast patch); dense: a free d x d matrix")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default {DEFAULT_LR['s']:g} for s, {DEFAULT_LR['dense']:g} for dense)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training windows (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step (default 1)")
+    p.add_argument("--patience", type=int, default=2, help="validations without improvement before stopping (default 2)")
+    p.add_argument("--eval-every", type=int, default=None, help="also validate every N steps (default: once per epoch)")
+    p.add_argument("--cache", default=None, help="teacher cache directory (default OUT/teacher-cache); a partial one is resumed")
+    p.add_argument("--chunk-size", type=int, default=64, help="windows per cache file (default 64)")
+    p.add_argument("--text", nargs="+", default=None,
+                   help="UTF-8 text files to cut the windows from (default: the package's calibration corpus)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model weights' dtype (default float32 on the CPU, bfloat16 on a GPU); the patch stays fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_distill_command)
+
+
+def _load_tokenizer(*directories):
+    from transformers import AutoTokenizer
+
+    for directory in directories:
+        if directory is not None and (Path(directory) / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(directory)
+    return None
+
+
+def run_distill_command(args) -> int:
+    """The ``linearpatch distill`` handler: windows from the corpus, then ``distill_patch``."""
+    teacher = Path(args.teacher)
+    if not teacher.is_dir():
+        raise FileNotFoundError(f"--teacher {teacher} is not a directory; pass the dense model's directory or a "
+                                "teacher cache directory")
+    for name in ("samples", "val_samples", "seqlen", "topk", "epochs", "batch_size", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    tokenizer = _load_tokenizer(args.model, None if _is_cache_dir(teacher) else teacher)
+    input_ids = None
+    if not _is_cache_dir(teacher):
+        from ..corpus import calibration_text, read_text_files, token_windows
+
+        if tokenizer is None:
+            raise FileNotFoundError(f"no tokenizer in {args.model} or {teacher}; one is needed to cut the text into windows")
+        text = read_text_files(args.text) if args.text else calibration_text()
+        what = "text in " + ", ".join(args.text) if args.text else "calibration corpus"
+        input_ids = token_windows(tokenizer, text, args.seqlen, args.samples + args.val_samples, what=what)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    _, result = distill_patch(args.model, teacher, args.out, input_ids=input_ids, cache_dir=args.cache,
+                              topk=args.topk, chunk_size=args.chunk_size, train=args.train, lr=args.lr,
+                              epochs=args.epochs, val_samples=args.val_samples, batch_size=args.batch_size,
+                              patience=args.patience, eval_every=args.eval_every, device=args.device, dtype=dtype,
+                              tokenizer=tokenizer, seed=args.seed)
+    print(f"validation KL on the top-{args.topk} support: {result.initial_val_loss:.5f} before, "
+          f"{result.best_val_loss:.5f} after ({result.steps} steps, {result.seconds:.0f} s)")
+    return 0
