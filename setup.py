@@ -1,5 +1,190 @@
-"""Build script. The pure-Python package needs nothing compiled; the CUDA extension is optional."""
+"""Build script: the pure-Python package, plus the optional CUDA extension ``linearpatch_kernels._C``.
+
+The extension (``csrc/``) uses only the libtorch stable ABI and the CPython limited API, so one
+wheel per CUDA major version loads under every torch >= 2.10 and Python >= 3.10. It is built
+against the installed torch, so install with ``--no-build-isolation``:
+
+    pip install . --no-build-isolation                      # extension if possible, else pure Python
+    LINEARPATCH_BUILD_CUDA=1 pip install . --no-build-isolation   # extension or a build error
+    LINEARPATCH_BUILD_CUDA=0 pip install .                   # pure Python (CUDA via JIT at first use)
+
+``LINEARPATCH_BUILD_CUDA`` unset builds the extension when torch is a CUDA build, a CUDA toolkit
+is found (``CUDA_HOME`` or ``nvcc`` on ``PATH``) and there is something to build for: a visible
+GPU or an explicit ``TORCH_CUDA_ARCH_LIST``. ``TORCH_CUDA_ARCH_LIST`` defaults to
+``DEFAULT_ARCH_LIST``. A wheel with the extension gets the local version tag ``+cu<XY>``
+(``torch.version.cuda``), e.g. ``linearpatch_kernels-0.1.0+cu130-cp310-abi3-linux_x86_64.whl``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
 
-setup()
+ROOT = Path(__file__).resolve().parent
+CSRC = "csrc"
+# The kernels need sm_80+ (bf16 conversions); PTX of the newest arch runs on later GPUs.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# libtorch stable ABI level the extension is compiled against: [major][minor][patch][abi tag 5 bytes].
+TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
+PY_LIMITED_API = "cp310"
+ENV_FLAG = "LINEARPATCH_BUILD_CUDA"
+
+
+def cuda_sources() -> list[str]:
+    """The extension's sources, relative to the project root (setuptools wants relative paths)."""
+    src = ROOT / CSRC
+    return [f"{CSRC}/{p.name}" for p in sorted(src.glob("*.cpp")) + sorted(src.glob("*.cu"))]
+
+
+def toolkit_from_nvcc(nvcc: str) -> str | None:
+    """The CUDA toolkit folder of ``nvcc``, even when ``nvcc`` is a wrapper script.
+
+    ``nvcc --dryrun`` prints ``TOP=<toolkit>/bin/..`` from the real compiler, wherever it lives.
+    """
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, flags=re.MULTILINE)
+    if match is None:
+        return None
+    top = os.path.realpath(match.group(1).strip())
+    return top if os.path.isfile(os.path.join(top, "bin", "nvcc")) else None
+
+
+def find_cuda_home() -> str | None:
+    """``CUDA_HOME``/``CUDA_PATH`` when set, else the toolkit of the ``nvcc`` on ``PATH``."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    return toolkit_from_nvcc(nvcc) if nvcc else None
+
+
+def cuda_build_decision(flag: str | None, torch_cuda: str | None, cuda_home: str | None,
+                        has_target: bool) -> tuple[bool, str]:
+    """Whether to build the extension, and why (the reason is printed).
+
+    ``flag``: the value of ``LINEARPATCH_BUILD_CUDA`` (None when unset); ``torch_cuda``:
+    ``torch.version.cuda`` (None without torch or for a CPU build); ``cuda_home``: the toolkit
+    folder or None; ``has_target``: a GPU is visible or ``TORCH_CUDA_ARCH_LIST`` is set.
+    Raises ``RuntimeError`` when ``flag == "1"`` and the build cannot happen.
+    """
+    flag = None if flag is None or flag.strip() == "" else flag.strip()
+    if flag not in (None, "0", "1"):
+        raise RuntimeError(f"{ENV_FLAG}={flag!r}: use 1 (build the CUDA extension), 0 (skip it) or leave it unset (auto)")
+    if flag == "0":
+        return False, f"{ENV_FLAG}=0"
+    missing = []
+    if torch_cuda is None:
+        missing.append("a CUDA build of torch importable at build time (use --no-build-isolation)")
+    if cuda_home is None:
+        missing.append("a CUDA toolkit (set CUDA_HOME or put nvcc on PATH)")
+    if flag == "1":
+        if missing:
+            raise RuntimeError(f"{ENV_FLAG}=1 but the CUDA extension cannot be built: missing {' and '.join(missing)}")
+        return True, f"{ENV_FLAG}=1"
+    if missing:
+        return False, f"missing {' and '.join(missing)}"
+    if not has_target:
+        return False, f"no GPU visible and TORCH_CUDA_ARCH_LIST unset (set {ENV_FLAG}=1 to build for {DEFAULT_ARCH_LIST})"
+    return True, f"torch {torch_cuda} and the toolkit in {cuda_home}"
+
+
+def local_version(torch_cuda: str) -> str:
+    """``"13.0" -> "cu130"``: the wheel's local version tag."""
+    major, minor = torch_cuda.split(".")[:2]
+    return f"cu{major}{minor}"
+
+
+def _torch_cuda_version() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.version.cuda
+
+
+def _gpu_visible() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # a broken driver must not break a pure-Python install
+        return False
+
+
+def cuda_extensions() -> tuple[list, dict, dict, str | None]:
+    """``(ext_modules, cmdclass, options, local version tag)`` for ``setup()``."""
+    flag = os.environ.get(ENV_FLAG)
+    if flag is not None and flag.strip() == "0":  # skip the probing too (no torch import, no nvcc call)
+        cuda_home = torch_cuda = None
+        has_target = False
+    else:
+        cuda_home = find_cuda_home()
+        torch_cuda = _torch_cuda_version()
+        has_target = bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or (torch_cuda is not None and _gpu_visible())
+    build, why = cuda_build_decision(flag, torch_cuda, cuda_home, has_target)
+    if not build:
+        print(f"linearpatch-kernels: not building the CUDA extension ({why}); CUDA tensors use a JIT build "
+              f"at first use, or triton")
+        return [], {}, {}, None
+    print(f"linearpatch-kernels: building the CUDA extension ({why})")
+    # torch.utils.cpp_extension reads CUDA_HOME once, at import.
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    defines = ["-DUSE_CUDA", f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
+    ext = CUDAExtension(
+        name="linearpatch_kernels._C",
+        sources=cuda_sources(),
+        py_limited_api=True,
+        extra_compile_args={
+            "cxx": ["-O3", *defines],
+            "nvcc": ["-O3", "-lineinfo", *defines],
+        },
+    )
+    options = {"bdist_wheel": {"py_limited_api": PY_LIMITED_API}}
+    return [ext], {"build_ext": BuildExtension}, options, local_version(torch_cuda)
+
+
+class BuildPyWithSources(build_py):
+    """Also ship csrc/ as ``linearpatch_kernels/_csrc`` so that the JIT fallback can compile it."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "linearpatch_kernels" / "_csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in (ROOT / CSRC).iterdir():
+            if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
+                shutil.copy2(path, target / path.name)
+
+
+class DistributionWithLocalVersion(Distribution):
+    """Appends ``+cu<XY>`` to the version that pyproject.toml reads from the package."""
+
+    local_tag: str | None = None
+
+    def parse_config_files(self, *args, **kwargs):
+        super().parse_config_files(*args, **kwargs)
+        if self.local_tag and "+" not in str(self.metadata.version):
+            self.metadata.version = f"{self.metadata.version}+{self.local_tag}"
+
+
+if __name__ == "__main__":
+    ext_modules, cmdclass, options, tag = cuda_extensions()
+    DistributionWithLocalVersion.local_tag = tag
+    setup(
+        ext_modules=ext_modules,
+        cmdclass={"build_py": BuildPyWithSources, **cmdclass},
+        options=options,
+        distclass=DistributionWithLocalVersion,
+    )

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# GPU verification of the CUDA backend in one go, for a machine with a CUDA GPU, python3 with torch
+# (>= 2.10, a CUDA build), triton, pytest, nvcc and ninja, and no network (nothing is downloaded).
+#
+#   OUT=<results folder> benchmarks/gpu_check.sh [WHEEL]        (from anywhere; OUT is required)
+#
+# WHEEL defaults to the newest dist/linearpatch_kernels-*+cu*.whl (bring it along, e.g. built here
+# with scripts/build_wheel.sh: that also checks that a wheel built against another torch loads).
+# Without a wheel, or if it does not load, the extension is built from csrc/ on this machine for its
+# GPU only. Steps, each logged to stdout and $OUT/gpu_check.log:
+#   1. environment; 2. install (unpack the wheel into a scratch folder on PYTHONPATH);
+#   3. tests/test_cuda_backend.py (every backend vs fp64, all dtypes, rows 1/7/4096, non-contiguous
+#      input, > 2**31 elements; junit XML in $OUT); 4. the JIT fallback (a source tree without the
+#      compiled library compiles csrc/ at first use); 5. compute-sanitizer memcheck, racecheck and
+#      synccheck on small cases of every kernel family; 6. timings at d=4096 x 16384 rows, bf16 (CUDA
+#      events, median): cuda and triton patch and transform, the dense bf16 matmul, the paper's fp32
+#      matmul, a device-to-device copy; plus decode sizes. JSON and a table in $OUT.
+# Exit status: 0 when every step passed, else the number of failed steps.
+set -uo pipefail
+OUT=${OUT:?set OUT to the folder for the results}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+root=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python3}
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/linearpatch-gpu-check.XXXXXX")
+site="$scratch/site"
+failed=0
+step() { echo; echo "=== $(date +%H:%M:%S) $* ==="; }
+fail() { echo "FAILED: $*"; failed=$((failed + 1)); }
+
+step "1. environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+"$python" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name(0), 'sm_%d%d' % torch.cuda.get_device_capability(0), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+nvcc --version | tail -n 2
+
+step "2. install"
+load_check() {
+    (cd "$scratch" && PYTHONPATH="$site" "$python" -c "
+import sys
+from linearpatch_kernels.backends import cuda_backend as c
+ok = c.load_extension(allow_jit=False)
+print('loaded:', c.loaded_from() if ok else None)
+sys.exit(0 if ok else 1)")
+}
+unpack() { rm -rf "$site" && mkdir -p "$site" && "$python" -m zipfile -e "$1" "$site"; }
+wheel=${1:-$(ls -t "$root"/dist/linearpatch_kernels-*+cu*.whl 2>/dev/null | head -n 1)}
+if [ -n "$wheel" ] && unpack "$wheel" && load_check; then
+    echo "using the prebuilt wheel $(basename "$wheel") under torch $("$python" -c 'import torch; print(torch.__version__)')"
+else
+    [ -n "$wheel" ] && fail "the wheel $wheel does not load here; building from source"
+    arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+    (cd "$root" && LINEARPATCH_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$(nproc) \
+        "$python" -m pip wheel . --no-build-isolation --no-deps --no-index -w "$scratch/dist") \
+        && unpack "$(ls "$scratch"/dist/linearpatch_kernels-*.whl)" && load_check \
+        || { fail "build from source"; echo "gpu_check: nothing to test"; exit "$failed"; }
+fi
+export PYTHONPATH="$site"
+cd "$scratch"  # never import the package from the source tree below
+
+step "3. tests/test_cuda_backend.py"
+"$python" -m pytest -q -p no:cacheprovider -rs --durations=10 --junitxml="$OUT/test_cuda_backend.xml" \
+    "$root/tests/test_cuda_backend.py" || fail "tests/test_cuda_backend.py"
+
+step "4. JIT fallback (source tree without the compiled library)"
+(PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) timeout 600 "$python" - <<'PY'
+import time
+import torch
+from linearpatch_kernels.backends import cuda_backend as c
+import linearpatch_kernels as lp
+assert c.prebuilt_library() is None, c.prebuilt_library()
+t = time.time()
+assert c.is_available(torch.device("cuda")), c._load_error
+print(f"JIT: {c.loaded_from()} in {time.time() - t:.0f} s")
+x = torch.randn(7, 5120, device="cuda", dtype=torch.bfloat16)
+s = 0.5 + torch.rand(5120, device="cuda")
+with lp.use_backend("cuda"):
+    y = lp.hadamard_patch(x, s)
+with lp.use_backend("torch"):
+    ref = lp.hadamard_patch(x.double(), s.double())
+err = float((y.double() - ref).norm() / ref.norm())
+print(f"JIT-built patch, d=5120 bf16: rel. error {err:.1e}")
+assert err < 1e-2
+PY
+) || fail "JIT fallback"
+
+step "5. compute-sanitizer"
+cat > "$scratch/small_cases.py" <<'PY'
+# Every kernel family on small inputs: pow2 (registers; the warp stage at 16384 and 32768), kron
+# (K > 1: several rows per block at 576, one at 5120, several tile rounds at 24576), 3 rows (a partial
+# block), all dtypes. fp64 references on the CPU, so that the only GPU work is ours and the copies.
+import torch
+import linearpatch_kernels as lp
+from linearpatch_kernels.hadamard import hadamard_factors
+
+
+def transform64(x):
+    f = hadamard_factors(x.shape[-1])
+    y = x.double().reshape(-1, f.k, f.n)
+    h = 1
+    while h < f.n:
+        y = y.reshape(y.shape[0], f.k, f.n // (2 * h), 2, h)
+        y = torch.stack((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=3)
+        h *= 2
+    return torch.einsum("kj,rjn->rkn", f.h_k, y.reshape(-1, f.k, f.n)).reshape(x.shape)
+
+
+worst = 0.0
+for d in (64, 576, 4096, 5120, 16384, 32768, 24576):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(3, d).to(dtype)
+        s = 0.5 + torch.rand(d)
+        with lp.use_backend("cuda"):
+            y = lp.hadamard_patch(x.cuda(), s.cuda()).cpu().double()
+            t = lp.hadamard_transform(x.cuda(), 0.5).cpu().double()
+        ref = transform64(transform64(x) * s.double()) / d
+        ref_t = transform64(x) * 0.5
+        worst = max(worst, float((y - ref).norm() / ref.norm()), float((t - ref_t).norm() / ref_t.norm()))
+print(f"small cases: worst rel. error {worst:.1e}")
+assert worst < 1e-2
+PY
+if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck synccheck; do
+        # One cudaMalloc per tensor, so that memcheck sees every out-of-bounds access.
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+            "$python" "$scratch/small_cases.py" 2>&1 | tail -n 5
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "compute-sanitizer --tool $tool"
+    done
+else
+    fail "compute-sanitizer not found"
+fi
+
+step "6. timings"
+"$python" - "$OUT" <<'PY' || fail "timings"
+import json
+import statistics
+import sys
+
+import torch
+
+import linearpatch_kernels as lp
+from linearpatch_kernels.hadamard import hadamard_matrix
+
+out = sys.argv[1]
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def median_ms(fn, reps=50, warmup=5):
+    """Median of per-call CUDA event times; a 256 MB write between calls evicts the L2 (60 MB)."""
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+from linearpatch_kernels.backends import cuda_backend, triton_backend
+
+results = []
+for d, rows_list in ((4096, (16384, 4096, 64, 1)), (5120, (16384,))):
+    s = 0.5 + torch.rand(d, device="cuda")
+    h = hadamard_matrix(d, device="cuda")
+    p_fp32 = ((h * s.double()) @ h.T).float()  # the dense patch H diag(s) H^T
+    p_bf16 = p_fp32.to(torch.bfloat16)
+    del h
+    for rows in rows_list:
+        x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty_like(x)
+        assert cuda_backend.is_available(x.device), cuda_backend._load_error
+        cases = {
+            "copy": lambda: y.copy_(x),
+            "cuda patch": lambda: cuda_backend.hadamard_patch(x, s),
+            "triton patch": lambda: triton_backend.hadamard_patch(x, s),
+            "cuda transform": lambda: cuda_backend.hadamard_transform(x, d ** -0.5),
+            "triton transform": lambda: triton_backend.hadamard_transform(x, d ** -0.5),
+            "public op, auto backend": lambda: lp.hadamard_patch(x, s),
+            "dense bf16 matmul": lambda: x @ p_bf16,
+            "paper: fp32 matmul + casts": lambda: (x.float() @ p_fp32).to(torch.bfloat16),
+        }
+        copy_ms = median_ms(cases["copy"])
+        for name, fn in cases.items():
+            ms = copy_ms if name == "copy" else median_ms(fn)
+            gbps = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+            results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
+                                gb_per_s_read_plus_write=gbps, ratio_to_copy=ms / copy_ms))
+
+lines = [f"{'d':>5} {'rows':>6}  {'case':<28} {'median ms':>10} {'GB/s (r+w)':>11} {'x copy':>7}"]
+for r in results:
+    lines.append(f"{r['d']:>5} {r['rows']:>6}  {r['case']:<28} {r['median_ms']:>10.4f} "
+                 f"{r['gb_per_s_read_plus_write']:>11.0f} {r['ratio_to_copy']:>7.2f}")
+table = "\n".join(lines)
+print(table)
+meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
+            method="median of 50 CUDA-event timings per call, 5 warm-ups, L2 flushed between calls")
+with open(f"{out}/gpu_timings.json", "w") as f:
+    json.dump(dict(meta=meta, results=results), f, indent=1)
+with open(f"{out}/gpu_timings.txt", "w") as f:
+    f.write(table + "\n")
+PY
+
+step "done: $failed failed step(s)"
+rm -rf "$scratch"
+exit "$failed"

@@ -1,0 +1,8 @@
+// The __half kernels (one file per dtype so that they compile in parallel).
+#include "hadamard_kernels.cuh"
+
+namespace linearpatch_cuda {
+
+std::string launch_hadamard_f16(const HadamardArgs& args) { return launch_typed<__half>(args); }
+
+}  // namespace linearpatch_cuda

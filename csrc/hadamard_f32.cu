@@ -1,0 +1,8 @@
+// The float kernels (one file per dtype so that they compile in parallel).
+#include "hadamard_kernels.cuh"
+
+namespace linearpatch_cuda {
+
+std::string launch_hadamard_f32(const HadamardArgs& args) { return launch_typed<float>(args); }
+
+}  // namespace linearpatch_cuda

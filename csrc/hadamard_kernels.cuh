@@ -1,0 +1,543 @@
+// Fast Hadamard transform and LinearPatch kernels.
+//
+// A row x of length d = K * N (N = 2**m) is viewed row-major as a K x N matrix X; then
+//     x . H_d = vec(H_K X H_N)        (H_d = H_K (x) H_N, every factor symmetric)
+// H_N (Sylvester) is a fast Walsh-Hadamard transform: one butterfly (a, b) -> (a + b, a - b) per
+// bit of the column index n. H_K (a +-1 Paley matrix, K a multiple of 4, K <= 256) is a small
+// dense multiply over the row index k. The patch is y = x . H_d diag(s) H_d / d.
+//
+// Column index layout of one K-row ("segment", N contiguous elements) across the threads of a
+// group of G lanes (x W warps); each thread holds R 16-byte vectors of V elements:
+//     n = V * (r * G * W + w * G + g) + i
+//         i: element in the vector   -> butterflies in registers
+//         g: lane in the group       -> butterflies with warp shuffles
+//         w: warp                    -> butterflies through shared memory
+//         r: vector of the thread    -> butterflies in registers
+// Consecutive lanes read consecutive 16-byte vectors, so every load and store is coalesced.
+// Everything is computed in fp32; x and y are fp32, fp16 or bf16.
+//
+// Two kernels:
+//  * pow2_kernel (K == 1): each group of G * W threads owns one row; the row never leaves the
+//    registers except for the warp stage (N > 4096 in 16-bit, N > 4096 in fp32).
+//  * kron_kernel (K > 1): a block owns `rows_per_block` rows in shared memory (fp32). H_N runs
+//    per segment in registers as above; H_K runs as 4 x 4 output tiles read from shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "hadamard_launch.h"
+
+namespace linearpatch_cuda {
+
+// ---------------------------------------------------------------------------------------------
+// 16-byte vectors <-> fp32 registers
+
+template <typename T>
+struct VecTraits {
+  static constexpr int kLog = sizeof(T) == 4 ? 2 : 3;  // 4 fp32 or 8 fp16/bf16 per 16 bytes
+  static constexpr int kSize = 1 << kLog;
+};
+
+__device__ __forceinline__ void load_vec(const float* p, float (&v)[4]) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+}
+
+__device__ __forceinline__ void load_vec(const __half* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(h[j]);
+    v[2 * j] = f.x; v[2 * j + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(h[j]);
+    v[2 * j] = f.x; v[2 * j + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ void store_vec(float* p, const float (&v)[4], float c) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0] * c, v[1] * c, v[2] * c, v[3] * c);
+}
+
+__device__ __forceinline__ void store_vec(__half* p, const float (&v)[8], float c) {
+  uint4 raw;
+  __half2* h = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(v[2 * j] * c, v[2 * j + 1] * c);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+__device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[8], float c) {
+  uint4 raw;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(v[2 * j] * c, v[2 * j + 1] * c);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// fp32 data (shared memory, the patch scales) in the vector layout of the I/O dtype.
+template <int V>
+__device__ __forceinline__ void load_f32(const float* p, float (&v)[V]) {
+#pragma unroll
+  for (int j = 0; j < V / 4; ++j) {
+    const float4 a = reinterpret_cast<const float4*>(p)[j];
+    v[4 * j] = a.x; v[4 * j + 1] = a.y; v[4 * j + 2] = a.z; v[4 * j + 3] = a.w;
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void store_f32(float* p, const float (&v)[V]) {
+#pragma unroll
+  for (int j = 0; j < V / 4; ++j)
+    reinterpret_cast<float4*>(p)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+}
+
+// 4-element groups of the output tiles of the H_K multiply (8 or 16 bytes).
+__device__ __forceinline__ void store4(float* p, float4 a, float c) {
+  *reinterpret_cast<float4*>(p) = make_float4(a.x * c, a.y * c, a.z * c, a.w * c);
+}
+
+__device__ __forceinline__ void store4(__half* p, float4 a, float c) {
+  uint2 raw;
+  reinterpret_cast<__half2*>(&raw)[0] = __floats2half2_rn(a.x * c, a.y * c);
+  reinterpret_cast<__half2*>(&raw)[1] = __floats2half2_rn(a.z * c, a.w * c);
+  *reinterpret_cast<uint2*>(p) = raw;
+}
+
+__device__ __forceinline__ void store4(__nv_bfloat16* p, float4 a, float c) {
+  uint2 raw;
+  reinterpret_cast<__nv_bfloat162*>(&raw)[0] = __floats2bfloat162_rn(a.x * c, a.y * c);
+  reinterpret_cast<__nv_bfloat162*>(&raw)[1] = __floats2bfloat162_rn(a.z * c, a.w * c);
+  *reinterpret_cast<uint2*>(p) = raw;
+}
+
+// ---------------------------------------------------------------------------------------------
+// How a segment of N = 2**kLogN elements is spread over a thread group (see the header comment).
+// Lanes of a group cover at least 8 consecutive 16-byte vectors (128 contiguous bytes) when the
+// segment is that long; each thread then takes up to 128 values; lanes grow to a full warp next,
+// and only then warps. Fewer lanes means fewer shuffle stages.
+
+__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
+
+template <typename T, int kLogN>
+struct Layout {
+  static constexpr int kLogV = VecTraits<T>::kLog;
+  static constexpr int V = 1 << kLogV;
+  static constexpr int kBits = kLogN - kLogV;            // bits of the vector index in a segment
+  static_assert(kBits >= 0, "segments shorter than one 16-byte vector are not supported");
+  static constexpr int kLogG0 = cmin(kBits, 3);
+  static constexpr int kLogR = cmin(7 - kLogV, kBits - kLogG0);
+  static constexpr int kLogG = kLogG0 + cmin(5 - kLogG0, kBits - kLogG0 - kLogR);
+  static constexpr int kLogW = kBits - kLogR - kLogG;
+  static constexpr int N = 1 << kLogN, R = 1 << kLogR, G = 1 << kLogG, W = 1 << kLogW;
+  static_assert(kLogW <= 3, "at most 8 warps per segment");
+  // Offset of vector r of the thread at position `pos` (= w * G + g) inside its segment.
+  static __device__ __forceinline__ int offset(int r, int pos) { return V * (r * G * W + pos); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Butterflies
+
+template <int R, int V>
+__device__ __forceinline__ void butterflies_in_registers(float (&v)[R][V]) {
+#pragma unroll
+  for (int h = 1; h < V; h <<= 1) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        if (i & h) continue;
+        const float a = v[r][i], b = v[r][i + h];
+        v[r][i] = a + b;
+        v[r][i + h] = a - b;
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 1; h < R; h <<= 1) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r & h) continue;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float a = v[r][i], b = v[r + h][i];
+        v[r][i] = a + b;
+        v[r + h][i] = a - b;
+      }
+    }
+  }
+}
+
+// Lanes g and g ^ h exchange values: the lower one keeps a + b, the upper one a - b, i.e.
+// new = other + sign * mine with sign = -1 on the upper lane. Groups are aligned runs of G lanes.
+template <int G, int R, int V>
+__device__ __forceinline__ void butterflies_across_lanes(float (&v)[R][V], int lane) {
+#pragma unroll
+  for (int h = 1; h < G; h <<= 1) {
+    const float sign = (lane & h) ? -1.f : 1.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float other = __shfl_xor_sync(0xffffffffu, v[r][i], h);
+        v[r][i] = fmaf(sign, v[r][i], other);
+      }
+    }
+  }
+}
+
+// Butterflies over the warp bits (W > 1, one segment per block of 32 W threads). Shared memory
+// holds the segment as float4 "planes": plane p = (r, quarter q of the vector) is an array over
+// the block's threads, so every access below is a conflict-free run of consecutive float4.
+// Warp w' then owns planes [w' P/W, (w'+1) P/W): for each, lane g gathers the W values that differ
+// only in the warp bits, transforms them, and puts them back.
+template <int W, int R, int V>
+__device__ __forceinline__ void butterflies_across_warps(float (&v)[R][V], float4* buf) {
+  constexpr int kQ = V / 4, kPlanes = R * kQ, kThreads = 32 * W, kOwn = kPlanes / W;
+  static_assert(kPlanes % W == 0, "planes must split evenly over the warps");
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int q = 0; q < kQ; ++q)
+      buf[(r * kQ + q) * kThreads + tid] =
+          make_float4(v[r][4 * q], v[r][4 * q + 1], v[r][4 * q + 2], v[r][4 * q + 3]);
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kOwn; ++j) {
+    float4* plane = buf + (warp * kOwn + j) * kThreads + lane;
+    float4 t[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) t[w] = plane[32 * w];
+#pragma unroll
+    for (int h = 1; h < W; h <<= 1) {
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        if (w & h) continue;
+        const float4 a = t[w], b = t[w + h];
+        t[w] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+        t[w + h] = make_float4(a.x - b.x, a.y - b.y, a.z - b.z, a.w - b.w);
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < W; ++w) plane[32 * w] = t[w];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int q = 0; q < kQ; ++q) {
+      const float4 a = buf[(r * kQ + q) * kThreads + tid];
+      v[r][4 * q] = a.x; v[r][4 * q + 1] = a.y; v[r][4 * q + 2] = a.z; v[r][4 * q + 3] = a.w;
+    }
+  }
+  // No barrier needed before the next write: each thread rewrites only the slots it just read.
+}
+
+// Unnormalized H_N of one segment held as v (butterfly order does not matter: the bits commute).
+template <class L>
+__device__ __forceinline__ void fwht_segment(float (&v)[L::R][L::V], int lane, float4* buf) {
+  butterflies_in_registers(v);
+  butterflies_across_lanes<L::G>(v, lane);
+  if constexpr (L::W > 1) butterflies_across_warps<L::W>(v, buf);
+}
+
+// ---------------------------------------------------------------------------------------------
+// K == 1: one row per group, registers only (plus the warp stage).
+
+template <class L>
+__host__ __device__ constexpr int pow2_block_threads() { return L::W > 1 ? 32 * L::W : 128; }
+
+template <typename T, int kLogN, bool kPatch>
+__global__ void __launch_bounds__(pow2_block_threads<Layout<T, kLogN>>())
+pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s,
+            int64_t rows, float out_scale) {
+  using L = Layout<T, kLogN>;
+  extern __shared__ float4 warp_buf[];  // only for L::W > 1
+  const int lane = threadIdx.x & 31;
+  int64_t row;
+  int pos;
+  if constexpr (L::W > 1) {
+    row = blockIdx.x;
+    pos = threadIdx.x;
+  } else {
+    row = int64_t(blockIdx.x) * (blockDim.x / L::G) + threadIdx.x / L::G;
+    pos = threadIdx.x % L::G;
+  }
+  // Idle groups of the last block still take part in the (full-warp) shuffles, on zeros.
+  const bool active = row < rows;
+  const T* xr = x + row * L::N;
+  T* yr = y + row * L::N;
+
+  float v[L::R][L::V];
+#pragma unroll
+  for (int r = 0; r < L::R; ++r) {
+    if (active) {
+      load_vec(xr + L::offset(r, pos), v[r]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < L::V; ++i) v[r][i] = 0.f;
+    }
+  }
+  fwht_segment<L>(v, lane, warp_buf);
+  if constexpr (kPatch) {
+#pragma unroll
+    for (int r = 0; r < L::R; ++r) {
+      float sv[L::V];
+      load_f32(s + L::offset(r, pos), sv);
+#pragma unroll
+      for (int i = 0; i < L::V; ++i) v[r][i] *= sv[i];
+    }
+    fwht_segment<L>(v, lane, warp_buf);
+  }
+  if (active) {
+#pragma unroll
+    for (int r = 0; r < L::R; ++r) store_vec(yr + L::offset(r, pos), v[r], out_scale);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// K > 1: rows in shared memory.
+
+constexpr int kKronThreads = 256;
+constexpr int kKronTilesPerThread = 4;  // output tiles a thread holds while a tile round is in flight
+
+// H_N of every segment of the block's rows: `src` -> registers -> shared memory `z`.
+// All groups run the same number of iterations so that the shuffles always see full warps.
+template <class L, typename Src>
+__device__ __forceinline__ void fwht_segments(const Src* src, float* z, int nseg) {
+  static_assert(L::W == 1, "segments of the K > 1 kernel fit in one warp");
+  const int lane = threadIdx.x & 31, pos = threadIdx.x % L::G;
+  const int group = threadIdx.x / L::G, groups = blockDim.x / L::G;
+  for (int base = 0; base < nseg; base += groups) {
+    const int seg = base + group;
+    const bool active = seg < nseg;
+    float v[L::R][L::V];
+#pragma unroll
+    for (int r = 0; r < L::R; ++r) {
+      if (active) {
+        if constexpr (sizeof(Src) == 4) load_f32(src + seg * L::N + L::offset(r, pos), v[r]);
+        else load_vec(src + seg * L::N + L::offset(r, pos), v[r]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < L::V; ++i) v[r][i] = 0.f;
+      }
+    }
+    fwht_segment<L>(v, lane, nullptr);
+    if (active) {
+#pragma unroll
+      for (int r = 0; r < L::R; ++r) store_f32(z + seg * L::N + L::offset(r, pos), v[r]);
+    }
+  }
+}
+
+// One 4 x 4 tile of H_K Z for a row Z (K x N, row-major, in shared memory):
+//   acc[b] = sum_j H_K[kb4 + b][j] * Z[j][n4 .. n4+3] = sum_j H_K[j][kb4 + b] * Z[j][...]
+// using the symmetry of H_K, so that the four coefficients are one contiguous float4 of row j.
+__device__ __forceinline__ void kron_tile(const float* z, const float* __restrict__ h_k, int k,
+                                          int n, int kb4, int n4, float4 (&acc)[4]) {
+#pragma unroll
+  for (int b = 0; b < 4; ++b) acc[b] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int j = 0; j < k; ++j) {
+    const float4 zj = *reinterpret_cast<const float4*>(z + j * n + n4);
+    const float4 h = __ldg(reinterpret_cast<const float4*>(h_k + j * k + kb4));
+    const float hb[4] = {h.x, h.y, h.z, h.w};
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      acc[b].x = fmaf(hb[b], zj.x, acc[b].x);
+      acc[b].y = fmaf(hb[b], zj.y, acc[b].y);
+      acc[b].z = fmaf(hb[b], zj.z, acc[b].z);
+      acc[b].w = fmaf(hb[b], zj.w, acc[b].w);
+    }
+  }
+}
+
+struct Tile {
+  int row, kb4, n4;
+};
+
+// Tile t of a block with `nq` column quads and `kq` row quads per row; column quads fastest, so
+// that consecutive threads read consecutive float4 of shared memory.
+__device__ __forceinline__ Tile tile_at(int t, int kq, int nq, int q0) {
+  const int q = t % nq, rest = t / nq;
+  return Tile{rest / kq, 4 * (rest % kq), 4 * (q0 + q)};
+}
+
+template <typename T, int kLogN, bool kPatch>
+__global__ void __launch_bounds__(kKronThreads)
+kron_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ h_k,
+            const float* __restrict__ s, int64_t rows, int k, int rows_per_block, float out_scale) {
+  using L = Layout<T, kLogN>;
+  extern __shared__ float4 smem4[];
+  float* z = reinterpret_cast<float*>(smem4);
+  const int d = k * L::N;
+  const int64_t row0 = int64_t(blockIdx.x) * rows_per_block;
+  const int nrows = int(rows - row0 < rows_per_block ? rows - row0 : rows_per_block);
+  const int kq = k / 4, nq = L::N / 4;
+
+  // Z = X H_N, segment by segment.
+  fwht_segments<L>(x + row0 * d, z, nrows * k);
+  __syncthreads();
+
+  if constexpr (kPatch) {
+    // Z <- (H_K Z) * s, in place. A tile reads whole columns of Z and writes 4 rows of them, so
+    // the columns are done in rounds: every thread computes its tiles of the round into
+    // registers, then (barrier) all write. Rounds touch disjoint columns.
+    const int tiles_per_round = kKronTilesPerThread * blockDim.x;
+    const int quads_per_round = cmin(nq, tiles_per_round / (nrows * kq));  // >= 1, see launcher
+    for (int q0 = 0; q0 < nq; q0 += quads_per_round) {
+      const int qn = cmin(quads_per_round, nq - q0);
+      const int round_tiles = nrows * kq * qn;
+      float4 acc[kKronTilesPerThread][4];
+#pragma unroll
+      for (int m = 0; m < kKronTilesPerThread; ++m) {
+        const int t = threadIdx.x + m * blockDim.x;
+        if (t >= round_tiles) continue;
+        const Tile tl = tile_at(t, kq, qn, q0);
+        kron_tile(z + tl.row * d, h_k, k, L::N, tl.kb4, tl.n4, acc[m]);
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const float4 sv = __ldg(reinterpret_cast<const float4*>(s + (tl.kb4 + b) * L::N + tl.n4));
+          acc[m][b] = make_float4(acc[m][b].x * sv.x, acc[m][b].y * sv.y, acc[m][b].z * sv.z,
+                                  acc[m][b].w * sv.w);
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int m = 0; m < kKronTilesPerThread; ++m) {
+        const int t = threadIdx.x + m * blockDim.x;
+        if (t >= round_tiles) continue;
+        const Tile tl = tile_at(t, kq, qn, q0);
+#pragma unroll
+        for (int b = 0; b < 4; ++b)
+          *reinterpret_cast<float4*>(z + tl.row * d + (tl.kb4 + b) * L::N + tl.n4) = acc[m][b];
+      }
+    }
+    __syncthreads();
+    // Z <- Z H_N again.
+    fwht_segments<L>(z, z, nrows * k);
+    __syncthreads();
+  }
+
+  // y = (H_K Z) * out_scale, straight from the tiles to global memory.
+  T* yb = y + row0 * d;
+  const int tiles = nrows * kq * nq;
+  for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+    const Tile tl = tile_at(t, kq, nq, 0);
+    float4 acc[4];
+    kron_tile(z + tl.row * d, h_k, k, L::N, tl.kb4, tl.n4, acc);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) store4(yb + tl.row * d + (tl.kb4 + b) * L::N + tl.n4, acc[b], out_scale);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+inline std::string cuda_error(const char* what, cudaError_t err) {
+  return std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+}
+
+// Shared memory beyond 48 KiB must be opted into per kernel.
+template <typename Kernel>
+std::string allow_shared_memory(Kernel kernel, size_t bytes, int device) {
+  if (bytes <= 48 * 1024) return {};
+  int limit = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", err);
+  if (bytes > size_t(limit)) {
+    return "needs " + std::to_string(bytes) + " bytes of shared memory per block, the device allows " +
+           std::to_string(limit);
+  }
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  return err == cudaSuccess ? std::string() : cuda_error("cudaFuncSetAttribute", err);
+}
+
+template <typename T, int kLogN, bool kPatch>
+std::string launch_pow2(const HadamardArgs& a) {
+  using L = Layout<T, kLogN>;
+  constexpr int threads = pow2_block_threads<L>();
+  constexpr int rows_per_block = L::W > 1 ? 1 : threads / L::G;
+  const int64_t blocks = (a.rows + rows_per_block - 1) / rows_per_block;
+  if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
+  const size_t smem = L::W > 1 ? sizeof(float) * L::N : 0;
+  auto kernel = pow2_kernel<T, kLogN, kPatch>;
+  std::string err = allow_shared_memory(kernel, smem, a.device);
+  if (!err.empty()) return err;
+  kernel<<<unsigned(blocks), threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
+      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : cuda_error("hadamard pow2_kernel launch", e);
+}
+
+template <typename T, int kLogN, bool kPatch>
+std::string launch_kron(const HadamardArgs& a) {
+  using L = Layout<T, kLogN>;
+  const int d = a.k * L::N;
+  // About 32 KiB of rows per block (at least one row), never more rows than there are.
+  int64_t rows_per_block = 8192 / d > 1 ? 8192 / d : 1;
+  if (rows_per_block > a.rows) rows_per_block = a.rows;
+  // A patch tile round must hold all K/4 row quads of at least one column quad of every row.
+  if (rows_per_block * (a.k / 4) > int64_t(kKronTilesPerThread) * kKronThreads) {
+    return "K too large for the tile rounds";
+  }
+  const int64_t blocks = (a.rows + rows_per_block - 1) / rows_per_block;
+  if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
+  const size_t smem = sizeof(float) * size_t(rows_per_block) * size_t(d);
+  auto kernel = kron_kernel<T, kLogN, kPatch>;
+  std::string err = allow_shared_memory(kernel, smem, a.device);
+  if (!err.empty()) return err;
+  kernel<<<unsigned(blocks), kKronThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(
+      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.h_k, a.scale, a.rows, a.k,
+      int(rows_per_block), a.out_scale);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : cuda_error("hadamard kron_kernel launch", e);
+}
+
+template <typename T, int kLogN>
+std::string launch_for_size(const HadamardArgs& a) {
+  const bool patch = a.scale != nullptr;
+  if (a.k == 1) return patch ? launch_pow2<T, kLogN, true>(a) : launch_pow2<T, kLogN, false>(a);
+  if constexpr (kLogN <= 11) {  // K >= 12 and d <= 32768 leave N <= 2048
+    return patch ? launch_kron<T, kLogN, true>(a) : launch_kron<T, kLogN, false>(a);
+  }
+  return "K > 1 with N > 2048 exceeds the largest supported size";
+}
+
+template <typename T>
+std::string launch_typed(const HadamardArgs& a) {
+  if (a.rows == 0) return {};
+  if (a.k < 1 || (a.k > 1 && a.k % 4 != 0) || a.k > 256) return "K must be 1 or a multiple of 4 up to 256";
+  if (int64_t(a.k) << a.log2_n > kMaxD) return "d > " + std::to_string(kMaxD) + " is not compiled";
+  switch (a.log2_n) {
+    case 3: return launch_for_size<T, 3>(a);
+    case 4: return launch_for_size<T, 4>(a);
+    case 5: return launch_for_size<T, 5>(a);
+    case 6: return launch_for_size<T, 6>(a);
+    case 7: return launch_for_size<T, 7>(a);
+    case 8: return launch_for_size<T, 8>(a);
+    case 9: return launch_for_size<T, 9>(a);
+    case 10: return launch_for_size<T, 10>(a);
+    case 11: return launch_for_size<T, 11>(a);
+    case 12: return launch_for_size<T, 12>(a);
+    case 13: return launch_for_size<T, 13>(a);
+    case 14: return launch_for_size<T, 14>(a);
+    case 15: return launch_for_size<T, 15>(a);
+    default: return "the power-of-two factor N = 2**" + std::to_string(a.log2_n) + " must be in [8, 32768]";
+  }
+}
+
+}  // namespace linearpatch_cuda

@@ -1,0 +1,248 @@
+"""CUDA backend: the C++/CUDA kernels of ``csrc/``, registered as ``torch.ops.linearpatch_cuda.*``.
+
+The compiled library registers two low-level operators for the CUDA dispatch key only:
+
+* ``linearpatch_cuda::hadamard_transform(Tensor x, Tensor h_k, float scale) -> Tensor``
+* ``linearpatch_cuda::hadamard_patch(Tensor x, Tensor h_k, Tensor scale) -> Tensor``
+
+``h_k`` is the symmetric +-1 factor ``H_K`` of ``H_d = H_K (x) H_N`` as a float32 ``(K, K)`` tensor
+on the input's device (``[[1.]]`` for powers of two), cached here per size and device. The public
+``linearpatch::*`` ops (``ops.py``) validate, handle autograd and fake tensors, and call this module.
+
+Where the library comes from, first that works:
+
+1. the prebuilt extension ``linearpatch_kernels/_C*.so`` of a wheel built with a CUDA toolkit
+   (``torch.ops.load_library``; it uses only the libtorch stable ABI, so it loads under torch >= 2.10);
+2. a JIT build of the same sources with ``torch.utils.cpp_extension.load`` (ninja, the CUDA
+   toolkit of ``CUDA_HOME`` or of the ``nvcc`` on ``PATH``), once, into ``LINEARPATCH_CUDA_CACHE``
+   (default ``~/.cache/linearpatch_kernels``); ``LINEARPATCH_CUDA_JIT=0`` turns this off;
+3. otherwise the backend is unavailable (one warning) and CUDA tensors go to triton.
+
+Coverage: ``d = K * 2**m <= 32768`` with ``2**m >= 8`` (a 16-byte vector never straddles two rows
+of the ``K x 2**m`` view), fp32/fp16/bf16, GPUs of compute capability 8.0 or newer (at most 128 KiB
+of shared memory per block, within every such GPU's limit).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..hadamard import hadamard_factors
+
+NAME = "cuda"
+MAX_D = 32768
+MIN_POW2_FACTOR = 8
+MIN_CAPABILITY = (8, 0)
+IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# libtorch stable ABI level of the sources (the same value as in setup.py).
+TORCH_TARGET_VERSION = "0x020a000000000000"
+JIT_ENV = "LINEARPATCH_CUDA_JIT"
+CACHE_ENV = "LINEARPATCH_CUDA_CACHE"
+_SOURCE_SUFFIXES = (".cpp", ".cu")
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_loaded_from: str | None = None  # "prebuilt <path>" or "jit <folder>" once loaded
+_load_error: str | None = None  # why it cannot be loaded, once that is known
+
+
+# ------------------------------------------------------------------------------------------------
+# Coverage
+
+
+def unsupported_reason_for(dtype: torch.dtype, d: int) -> str | None:
+    """Why the CUDA kernels cannot take rows of ``d`` elements of ``dtype`` (None if they can)."""
+    if dtype not in IO_DTYPES:
+        return f"it takes float32, float16 or bfloat16 (fp32 math inside), not {dtype}; use the torch backend for float64"
+    if d > MAX_D:
+        return f"hidden size {d} is larger than the {MAX_D} the CUDA kernels are compiled for"
+    f = hadamard_factors(d)
+    if f.n < MIN_POW2_FACTOR:
+        return (f"hidden size {d} = {f.k} x {f.n}: the CUDA kernels need the power-of-two factor to be at least "
+                f"{MIN_POW2_FACTOR} (16-byte vectors along each row of the {f.k} x 2**m view)")
+    return None
+
+
+def unsupported_reason(x: torch.Tensor) -> str | None:
+    if x.device.type != "cuda":
+        return f"it runs on CUDA tensors only, not {x.device.type}"
+    return unsupported_reason_for(x.dtype, int(x.shape[-1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding and loading the library
+
+
+def toolkit_from_nvcc(nvcc: str) -> str | None:
+    """The CUDA toolkit folder of ``nvcc``, also when ``nvcc`` is a wrapper script.
+
+    ``nvcc --dryrun`` prints ``TOP=<toolkit>/bin/..`` from the real compiler, wherever it lives.
+    """
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, flags=re.MULTILINE)
+    if match is None:
+        return None
+    top = os.path.realpath(match.group(1).strip())
+    return top if os.path.isfile(os.path.join(top, "bin", "nvcc")) else None
+
+
+def find_cuda_home() -> str | None:
+    """``CUDA_HOME``/``CUDA_PATH`` when set, else the toolkit of the ``nvcc`` on ``PATH``."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    return toolkit_from_nvcc(nvcc) if nvcc else None
+
+
+def prebuilt_library() -> str | None:
+    """Path of the compiled extension installed with the package, if any."""
+    try:
+        spec = importlib.util.find_spec("linearpatch_kernels._C")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin and os.path.isfile(spec.origin) else None
+
+
+def source_dir() -> Path | None:
+    """The kernel sources: ``csrc/`` of a source checkout, else the copy shipped in the wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parents[1] / "csrc", here.parent / "_csrc"):
+        if (candidate / "hadamard_ops.cpp").is_file():
+            return candidate
+    return None
+
+
+def _jit_cache_dir() -> Path:
+    base = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "linearpatch_kernels")
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}"
+    return Path(base) / tag
+
+
+def _jit_build() -> str:
+    """Compile ``csrc/`` for the visible GPU with torch's JIT loader; returns the build folder."""
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("the kernel sources (csrc/) are not installed with the package")
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise RuntimeError("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    os.environ.setdefault("CUDA_HOME", cuda_home)
+    from torch.utils import cpp_extension
+
+    # The module reads CUDA_HOME once, at import, possibly before we set it.
+    cpp_extension.CUDA_HOME = cuda_home
+    build_dir = _jit_cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    logger.warning("linearpatch_kernels: compiling the CUDA kernels for this GPU into %s (once, about a minute)",
+                   build_dir)
+    defines = ["-DUSE_CUDA", f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
+    cpp_extension.load(
+        name="linearpatch_cuda_jit",
+        sources=[str(p) for p in sorted(src.iterdir()) if p.suffix in _SOURCE_SUFFIXES],
+        extra_cflags=["-O3", *defines],
+        extra_cuda_cflags=["-O3", "-lineinfo", *defines],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    return str(build_dir)
+
+
+def _ops_registered() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("linearpatch_cuda::hadamard_patch", "CUDA")
+
+
+def load_extension(allow_jit: bool = True) -> bool:
+    """Load the kernels (prebuilt, else JIT when ``allow_jit``); True when the ops are registered.
+
+    Works without a GPU for the prebuilt library (registration only); the JIT build needs one.
+    A failure is remembered and warned about once; later calls return False at once.
+    """
+    global _loaded_from, _load_error
+    with _lock:
+        if _loaded_from is not None:
+            return True
+        if _load_error is not None:
+            return False
+        errors = []
+        path = prebuilt_library()
+        if path is not None:
+            try:
+                torch.ops.load_library(path)
+                _loaded_from = f"prebuilt {path}"
+            except OSError as e:  # e.g. a torch older than 2.10, or another CUDA major version
+                errors.append(f"the prebuilt extension {path} does not load: {e}")
+        if _loaded_from is None and allow_jit:
+            if os.environ.get(JIT_ENV, "1") == "0":
+                errors.append(f"the JIT build is off ({JIT_ENV}=0)")
+            else:
+                try:
+                    _loaded_from = f"jit {_jit_build()}"
+                except Exception as e:  # no toolkit, no ninja, a compiler error ...
+                    errors.append(f"the JIT build failed: {type(e).__name__}: {e}")
+        if _loaded_from is None:
+            if not allow_jit:
+                return False  # a later call may still build it
+            _load_error = "; ".join(errors) or "no compiled extension is installed"
+            warnings.warn(f"linearpatch_kernels: the CUDA backend is unavailable ({_load_error}); "
+                          f"CUDA tensors use the triton backend", RuntimeWarning, stacklevel=3)
+            return False
+        if not _ops_registered():
+            _load_error = f"{_loaded_from} loaded but did not register linearpatch_cuda::hadamard_patch for CUDA"
+            _loaded_from = None
+            warnings.warn(f"linearpatch_kernels: {_load_error}", RuntimeWarning, stacklevel=3)
+            return False
+        return True
+
+
+def loaded_from() -> str | None:
+    """``"prebuilt <path>"`` or ``"jit <folder>"`` once the library is loaded, else None."""
+    return _loaded_from
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
+
+
+def is_available(device: torch.device) -> bool:
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.cuda is None or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capable(index) and load_extension()
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops
+
+
+@functools.lru_cache(maxsize=None)
+def _h_k(d: int, device: torch.device) -> torch.Tensor:
+    return hadamard_factors(d).h_k.to(device=device, dtype=torch.float32)
+
+
+def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.ops.linearpatch_cuda.hadamard_transform(x, _h_k(int(x.shape[-1]), x.device), float(scale))
+
+
+def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.ops.linearpatch_cuda.hadamard_patch(x, _h_k(int(x.shape[-1]), x.device), scale)

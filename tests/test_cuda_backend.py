@@ -1,0 +1,354 @@
+"""The CUDA backend: coverage rules, build logic and registration (on any machine), kernels vs fp64
+references (on a CUDA GPU only)."""
+
+import importlib.util
+import os
+import stat
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import linearpatch_kernels as lp
+from linearpatch_kernels.backends import cuda_backend, select_backend
+from linearpatch_kernels.hadamard import hadamard_factors, is_supported_size
+from reference import llm_like, positive_scales, reference_patch, reference_transform, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False on this machine"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+
+
+def load_setup_script():
+    """setup.py as a module (its ``setup()`` call only runs as ``__main__``)."""
+    spec = importlib.util.spec_from_file_location("linearpatch_setup_script", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def factored_reference(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``x . H_d * scale`` in fp64 from the Kronecker form, for sizes too big for a dense matrix:
+    butterflies over the N axis of the (rows, K, N) view, then H_K over the K axis."""
+    d = x.shape[-1]
+    f = hadamard_factors(d)
+    y = x.double().reshape(-1, f.k, f.n)
+    h = 1
+    while h < f.n:
+        y = y.reshape(y.shape[0], f.k, f.n // (2 * h), 2, h)
+        y = torch.stack((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=3)
+        h *= 2
+    y = torch.einsum("kj,rjn->rkn", f.h_k.to(y.device), y.reshape(-1, f.k, f.n))
+    return (y * scale).reshape(x.shape)
+
+
+def factored_patch_reference(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    return factored_reference(factored_reference(x) * s.double()) / d
+
+
+# ------------------------------------------------------------------------------------------------
+# Any machine
+
+
+def test_factored_reference_matches_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    for d in (8, 24, 576, 1024, 5120):
+        x = torch.randn(3, d, generator=g, dtype=torch.float64)
+        s = positive_scales(d)
+        assert rel_err(factored_reference(x, 0.5), reference_transform(x, 0.5)) < 1e-12
+        assert rel_err(factored_patch_reference(x, s), reference_patch(x, s)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_covers_io_dtypes_and_model_sizes(dtype):
+    for d in (8, 64, 576, 896, 960, 1536, 2048, 3072, 3584, 4096, 5120, 5376, 8192, 16384, 32768):
+        assert cuda_backend.unsupported_reason_for(dtype, d) is None, d
+
+
+def test_float64_goes_elsewhere_with_a_reason():
+    reason = cuda_backend.unsupported_reason_for(torch.float64, 4096)
+    assert reason is not None and "float64" in reason and "torch backend" in reason
+
+
+def test_every_supported_size_is_covered_or_explained():
+    """Every d <= 32768 that hadamard_matrix supports: kernels iff the power-of-two factor is >= 8."""
+    uncovered = []
+    for d in range(1, cuda_backend.MAX_D + 1):
+        if not is_supported_size(d):
+            continue
+        reason = cuda_backend.unsupported_reason_for(torch.bfloat16, d)
+        f = hadamard_factors(d)
+        if f.n >= 8:
+            assert reason is None, (d, reason)
+        else:
+            assert reason is not None and f"{f.k} x {f.n}" in reason and "at least 8" in reason, (d, reason)
+            uncovered.append(d)
+    # Only small sizes fall outside (1..4 and K * {1, 2, 4}, K <= 256).
+    assert uncovered and max(uncovered) <= 4 * 256
+    assert 12 in uncovered and 576 not in uncovered
+
+
+def test_sizes_beyond_the_compiled_range_are_explained():
+    assert is_supported_size(65536)
+    reason = cuda_backend.unsupported_reason_for(torch.float32, 65536)
+    assert reason is not None and "32768" in reason
+
+
+def test_cpu_tensors_are_refused_and_never_chosen():
+    x = llm_like(4, 64)
+    assert not cuda_backend.is_available("cpu")
+    assert "CUDA tensors only" in cuda_backend.unsupported_reason(x)
+    assert select_backend(x).NAME != "cuda"
+
+
+def test_cuda_unavailable_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: availability is checked by the GPU tests")
+    assert not cuda_backend.is_available("cuda")
+    assert "cuda" not in lp.available_backends("cuda")
+
+
+def test_cpu_calls_of_the_public_ops_stay_correct():
+    x = llm_like(5, 576)
+    s = positive_scales(576)
+    assert rel_err(lp.hadamard_patch(x, s), reference_patch(x, s)) < 1e-5
+    assert rel_err(lp.hadamard_transform(x, 0.25), reference_transform(x, 0.25)) < 1e-5
+
+
+def test_sources_are_found_for_the_build_and_the_jit():
+    setup_script = load_setup_script()
+    sources = setup_script.cuda_sources()
+    assert "csrc/hadamard_ops.cpp" in sources
+    assert {"csrc/hadamard_f32.cu", "csrc/hadamard_f16.cu", "csrc/hadamard_bf16.cu"} <= set(sources)
+    src = cuda_backend.source_dir()
+    assert src is not None and (src / "hadamard_kernels.cuh").is_file()
+
+
+def test_build_flag_logic():
+    decide = load_setup_script().cuda_build_decision
+    ok = dict(torch_cuda="13.0", cuda_home="/opt/cuda", has_target=True)
+    assert decide(None, **ok)[0] is True
+    assert decide("", **ok)[0] is True
+    assert decide("0", **ok) == (False, "LINEARPATCH_BUILD_CUDA=0")
+    assert decide("1", **ok)[0] is True
+    # Auto: anything missing means a pure-Python package, with the reason.
+    build, why = decide(None, torch_cuda=None, cuda_home="/opt/cuda", has_target=True)
+    assert not build and "CUDA build of torch" in why
+    build, why = decide(None, torch_cuda="13.0", cuda_home=None, has_target=True)
+    assert not build and "toolkit" in why
+    build, why = decide(None, torch_cuda="13.0", cuda_home="/opt/cuda", has_target=False)
+    assert not build and "TORCH_CUDA_ARCH_LIST" in why
+    # Forced: building for the default arch list needs no GPU, but a toolkit and a CUDA torch.
+    assert decide("1", torch_cuda="13.0", cuda_home="/opt/cuda", has_target=False)[0] is True
+    with pytest.raises(RuntimeError, match="toolkit"):
+        decide("1", torch_cuda="13.0", cuda_home=None, has_target=True)
+    with pytest.raises(RuntimeError, match="CUDA build of torch"):
+        decide("1", torch_cuda=None, cuda_home="/opt/cuda", has_target=True)
+    with pytest.raises(RuntimeError, match="use 1"):
+        decide("yes", **ok)
+
+
+def test_local_version_tag():
+    local_version = load_setup_script().local_version
+    assert local_version("13.0") == "cu130"
+    assert local_version("12.8") == "cu128"
+
+
+def test_toolkit_is_found_through_an_nvcc_wrapper(tmp_path, monkeypatch):
+    toolkit = tmp_path / "cuda-99.9"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("")
+    wrapper = tmp_path / "wrapper" / "nvcc"
+    wrapper.parent.mkdir()
+    # What `nvcc --dryrun` of a real toolkit prints, then nothing is compiled.
+    wrapper.write_text(f"#!/bin/sh\necho '#$ _NVVM_BRANCH_=nvvm' >&2\necho '#$ TOP={toolkit}/bin/..' >&2\n")
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    setup_script = load_setup_script()
+    for module in (setup_script, cuda_backend):
+        assert module.toolkit_from_nvcc(str(wrapper)) == os.path.realpath(toolkit)
+        monkeypatch.delenv("CUDA_HOME", raising=False)
+        monkeypatch.delenv("CUDA_PATH", raising=False)
+        monkeypatch.setenv("PATH", str(wrapper.parent))
+        assert module.find_cuda_home() == os.path.realpath(toolkit)
+        monkeypatch.setenv("CUDA_HOME", "/somewhere/else")
+        assert module.find_cuda_home() == "/somewhere/else"
+    assert setup_script.TORCH_TARGET_VERSION == cuda_backend.TORCH_TARGET_VERSION
+
+
+def test_no_toolkit_found_from_a_broken_nvcc(tmp_path):
+    broken = tmp_path / "nvcc"
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    assert cuda_backend.toolkit_from_nvcc(str(broken)) is None
+    assert cuda_backend.toolkit_from_nvcc(str(tmp_path / "missing")) is None
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """The loader as if nothing had been loaded yet, with no prebuilt library (restored afterwards)."""
+    monkeypatch.setattr(cuda_backend, "_loaded_from", None)
+    monkeypatch.setattr(cuda_backend, "_load_error", None)
+    monkeypatch.setattr(cuda_backend, "prebuilt_library", lambda: None)
+    monkeypatch.delenv(cuda_backend.JIT_ENV, raising=False)
+    return monkeypatch
+
+
+def test_without_a_toolkit_the_jit_warns_once_and_gives_way(fresh_loader):
+    fresh_loader.setattr(cuda_backend, "find_cuda_home", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no CUDA toolkit found.*triton backend"):
+        assert not cuda_backend.load_extension()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call stays quiet
+        assert not cuda_backend.load_extension()
+    assert cuda_backend.loaded_from() is None
+
+
+def test_jit_can_be_turned_off(fresh_loader):
+    fresh_loader.setenv(cuda_backend.JIT_ENV, "0")
+    fresh_loader.setattr(cuda_backend, "_jit_build", lambda: pytest.fail("the JIT build ran although it is off"))
+    with pytest.warns(RuntimeWarning, match="JIT build is off"):
+        assert not cuda_backend.load_extension()
+
+
+def test_without_jit_nothing_is_remembered(fresh_loader):
+    assert not cuda_backend.load_extension(allow_jit=False)
+    assert cuda_backend._load_error is None  # a later call may still build
+
+
+@pytest.mark.skipif(cuda_backend.prebuilt_library() is None,
+                    reason="the compiled extension is not installed here (pip install . with a CUDA toolkit; "
+                           ".ci/cuda_check.sh builds a wheel and runs this test against it)")
+def test_prebuilt_extension_registers_cuda_kernels_only():
+    assert cuda_backend.load_extension(allow_jit=False)
+    assert cuda_backend.loaded_from().startswith("prebuilt ")
+    for op in ("hadamard_transform", "hadamard_patch"):
+        name = f"linearpatch_cuda::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    schema = str(torch.ops.linearpatch_cuda.hadamard_patch.default._schema)
+    assert schema == "linearpatch_cuda::hadamard_patch(Tensor x, Tensor h_k, Tensor scale) -> Tensor"
+    schema = str(torch.ops.linearpatch_cuda.hadamard_transform.default._schema)
+    assert schema == "linearpatch_cuda::hadamard_transform(Tensor x, Tensor h_k, float scale) -> Tensor"
+    with pytest.raises(NotImplementedError):
+        torch.ops.linearpatch_cuda.hadamard_patch(torch.zeros(2, 8), torch.ones(1, 1), torch.ones(8))
+    # The public op on CPU tensors still goes to the torch backend.
+    x, s = llm_like(3, 4096), positive_scales(4096)
+    assert select_backend(x).NAME == "torch"
+    assert rel_err(lp.hadamard_patch(x, s), reference_patch(x, s)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only
+
+GPU_SIZES = (576, 2048, 4096, 5120, 8192)
+GPU_BACKENDS = ("cuda", "triton", "torch")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def gpu_inputs():
+    """Inputs and fp64 references per (d, rows), shared by every backend and dtype."""
+    cache = {}
+
+    def get(d, rows, dtype):
+        key = (d, rows, dtype)
+        if key not in cache:
+            x = llm_like(rows, d, dtype=dtype, device="cuda")
+            s = positive_scales(d, device="cuda")
+            # References from the rounded input, so only the kernel's own error is measured.
+            cache[key] = (x, s, reference_transform(x, 0.5), reference_patch(x, s))
+        return cache[key]
+
+    return get
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("d", GPU_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", (1, 7, 4096))
+def test_gpu_backend_vs_fp64(backend, d, dtype, rows, gpu_inputs):
+    assert backend in lp.available_backends("cuda"), f"{backend} is not available on this GPU"
+    x, s, ref_t, ref_p = gpu_inputs(d, rows, dtype)
+    with lp.use_backend(backend):
+        y_t = lp.hadamard_transform(x, 0.5)
+        y_p = lp.hadamard_patch(x, s)
+    assert y_t.dtype == dtype and y_t.shape == x.shape and y_p.dtype == dtype and y_p.shape == x.shape
+    assert rel_err(y_t, ref_t) <= TOLERANCE[dtype]
+    assert rel_err(y_p, ref_p) <= TOLERANCE[dtype]
+
+
+@needs_gpu
+def test_gpu_cuda_is_the_automatic_choice():
+    x = llm_like(4, 4096, dtype=torch.bfloat16, device="cuda")
+    assert cuda_backend.is_available(x.device), cuda_backend._load_error
+    assert select_backend(x).NAME == "cuda"
+    odd = llm_like(4, 24, dtype=torch.bfloat16, device="cuda")  # 12 x 2: not covered by the CUDA kernels
+    assert select_backend(odd).NAME != "cuda"
+    with lp.use_backend("cuda"), pytest.raises(ValueError, match="power-of-two factor"):
+        lp.hadamard_patch(odd, positive_scales(24, device="cuda"))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_every_covered_size(dtype):
+    """Every covered d up to 32768 (each power of two, each K with its smallest and largest N)."""
+    by_k = {}
+    for d in range(8, cuda_backend.MAX_D + 1):
+        if is_supported_size(d) and cuda_backend.unsupported_reason_for(dtype, d) is None:
+            by_k.setdefault(hadamard_factors(d).k, []).append(d)
+    sizes = sorted(set(by_k.pop(1)) | {ds[0] for ds in by_k.values()} | {ds[-1] for ds in by_k.values()})
+    with lp.use_backend("cuda"):
+        for d in sizes:
+            x = llm_like(3, d, dtype=dtype, device="cuda")
+            s = positive_scales(d, device="cuda")
+            assert rel_err(lp.hadamard_transform(x, 0.5), factored_reference(x, 0.5)) <= TOLERANCE[dtype], d
+            assert rel_err(lp.hadamard_patch(x, s), factored_patch_reference(x, s)) <= TOLERANCE[dtype], d
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", (4096, 5120))
+def test_gpu_non_contiguous_and_misaligned_inputs(d):
+    s = positive_scales(d, device="cuda")
+    base = llm_like(2 * d, 6, dtype=torch.bfloat16, device="cuda")
+    transposed = base.t()[:, ::2]  # (6, d) with strides (1, 12)
+    flat = llm_like(1, 6 * d + 1, dtype=torch.bfloat16, device="cuda").reshape(-1)
+    misaligned = flat[1:].view(6, d)  # contiguous, 2 bytes off a 16-byte boundary
+    with lp.use_backend("cuda"):
+        every_other_row = llm_like(6, 2 * d, dtype=torch.bfloat16, device="cuda").view(6, 2, d)[:, 1]
+        for x in (transposed, misaligned, every_other_row):
+            assert not x.is_contiguous() or x.data_ptr() % 16 != 0
+            assert rel_err(lp.hadamard_patch(x, s), reference_patch(x, s)) <= 1e-2
+            assert rel_err(lp.hadamard_transform(x, 0.5), reference_transform(x, 0.5)) <= 1e-2
+
+
+@needs_gpu
+def test_gpu_runs_on_the_current_stream():
+    x = llm_like(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    s = positive_scales(4096, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with lp.use_backend("cuda"), torch.cuda.stream(stream):
+        y = lp.hadamard_patch(x, s)
+    stream.synchronize()
+    assert rel_err(y, reference_patch(x, s)) <= 1e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", (4096, 5120))
+def test_gpu_more_than_2_31_elements(d):
+    rows = (1 << 31) // d + 3
+    x = torch.empty(rows, d, dtype=torch.bfloat16, device="cuda")
+    x.normal_()
+    s = positive_scales(d, device="cuda")
+    with lp.use_backend("cuda"):
+        y = lp.hadamard_patch(x, s)
+    check = torch.tensor([0, 1, rows // 2, rows - 2, rows - 1], device="cuda")
+    assert rel_err(y[check], factored_patch_reference(x[check], s)) <= 1e-2
+    del y
+    with lp.use_backend("cuda"):
+        y = lp.hadamard_transform(x, 0.5)
+    assert rel_err(y[check], factored_reference(x[check], 0.5)) <= 1e-2
