@@ -1,0 +1,511 @@
+"""``linearpatch``: prune a model and patch the cut, evaluate it, or run the demo on SmolLM2.
+
+    linearpatch prune --model PATH --num-prune N --out DIR   select, calibrate, prune, patch, save
+    linearpatch eval  --model PATH [--tasks arc_easy,...]    perplexity (and lm-eval accuracy)
+    linearpatch demo                                         the whole job on the embedded SmolLM2
+
+``--model`` is a local Hugging Face model folder, a checkpoint written by ``linearpatch prune``
+(recognised by its ``linearpatch.json``), or ``default`` for the embedded SmolLM2-135M-Instruct.
+Nothing is downloaded: the Hugging Face Hub is switched to offline mode before transformers loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_ALIASES = ("default", "smollm2", "SmolLM2-135M-Instruct")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# The demo's sizes, chosen so that the whole demo (two prunings, seven perplexity runs, save,
+# reload, generation) finishes in under five minutes on two CPU cores once the model is cached.
+DEMO_NUM_PRUNE = (5, 7)
+DEMO_CALIB_SAMPLES = 8
+DEMO_EVAL_SAMPLES = 8
+DEMO_SEQLEN = 512
+DEMO_PROMPT = "It was a fine morning in the village, and"
+
+
+class CliError(Exception):
+    """A usage problem reported as one line on stderr (exit status 2), never as a traceback."""
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    name: str          # what the user passed, or the default model's name
+    path: Path
+    record: dict | None  # ``config.linearpatch`` of a pruned checkpoint, else None
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    def describe(self) -> str:
+        config = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        device = next(self.model.parameters()).device
+        what = f"{config.model_type}, {self.num_layers} layers, d={config.hidden_size}, {str(dtype).removeprefix('torch.')} on {device}"
+        if self.record:
+            r = self.record
+            what += (f"; pruned: layers [{r['start']}, {r['end']}) of {r['num_layers_original']} removed, "
+                     f"patch mode {r['mode']}")
+        return f"{self.name} ({what})"
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise CliError(f"unknown --dtype {name!r}; accepted: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        return device
+    raise CliError(f"unknown --device {device!r}; accepted: cpu, cuda, cuda:N")
+
+
+def resolve_model_path(spec: str | None) -> tuple[str, Path]:
+    """``(display name, folder)`` for a ``--model`` value, converting the default model if needed."""
+    from .default_model import DEFAULT_MODEL_NAME, default_model_dir
+
+    if spec is None or spec in DEFAULT_MODEL_ALIASES:
+        return DEFAULT_MODEL_NAME, default_model_dir(log=lambda msg: print(msg, file=sys.stderr))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CliError(f"--model {spec}: the folder has no config.json; expected a Hugging Face model folder "
+                           "(config.json, *.safetensors, tokenizer files) or a checkpoint written by "
+                           "'linearpatch prune'")
+        return spec, path
+    if path.exists():
+        raise CliError(f"--model {spec}: is a file; expected a model folder (config.json, weights, tokenizer)")
+    hint = ""
+    if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        hint = (" It looks like a Hugging Face Hub id: this tool works offline and does not download models;"
+                " download the model to a folder first and pass that folder.")
+    raise CliError(f"--model {spec}: no such folder.{hint} Accepted: a local model folder, a checkpoint written "
+                   f"by 'linearpatch prune', or 'default' for the embedded {DEFAULT_MODEL_NAME}")
+
+
+def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load ``--model``: a pruned checkpoint (``linearpatch.json``) with its patch, or a plain model."""
+    torch_dtype = _torch_dtype(dtype)
+    device = _check_device(device)
+    name, path = resolve_model_path(spec)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import load_pruned
+    from .model.checkpoint import METADATA_FILE
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CliError(f"--model {spec}: no usable tokenizer in {path} ({e}); the folder must hold the tokenizer "
+                       "files (tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
+    if (path / METADATA_FILE).is_file():
+        model = load_pruned(path, device=device, dtype=torch_dtype)
+        record = dict(model.config.linearpatch)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        model = model.to(device).eval()
+        record = None
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path, record=record)
+
+
+def _parse_samples(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {value!r}")
+    return n
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}")
+    return n
+
+
+def _windows(tokenizer, text_files, seqlen: int, samples: int | None, *, calibration: bool):
+    from . import corpus
+
+    if text_files:
+        text = corpus.read_text_files(text_files)
+        what = "text in " + ", ".join(str(p) for p in text_files)
+    elif calibration:
+        text = corpus.calibration_text()
+        what = "calibration corpus (Emma, Mansfield Park)"
+    else:
+        text = corpus.evaluation_text()
+        what = "evaluation corpus (Pride and Prejudice, Persuasion)"
+    windows = corpus.token_windows(tokenizer, text, seqlen, samples, what=what)
+    return windows, f"{len(windows)} windows x {seqlen} tokens of the {what}"
+
+
+def _check_out_dir(out: str) -> Path:
+    path = Path(out).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CliError(f"--out {out}: exists and is not an empty folder; choose a new folder (nothing is overwritten)")
+    return path
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def _seconds(t0: float) -> str:
+    return f"{time.perf_counter() - t0:.1f} s"
+
+
+# --- prune -------------------------------------------------------------------------------------
+
+
+def _choose_block(model, windows, num_prune: int, method: str) -> tuple[int, int, float]:
+    """``(start, end, score)``: the block ``select_block`` would pick, with its score, from one pass.
+
+    Same rule as ``select_block``: the largest cosine similarity, or the smallest summed Block
+    Influence, ties to the earliest block.
+    """
+    import torch
+
+    from .model import block_similarities
+
+    scores = block_similarities(model, windows, num_prune, method)
+    start = int(torch.argmax(scores)) if method == "cosine" else int(torch.argmin(scores))
+    return start, start + num_prune, float(scores[start])
+
+
+def _score_label(method: str) -> str:
+    return "cosine similarity" if method == "cosine" else "summed Block Influence"
+
+
+def _scale_summary(scales) -> str:
+    return f"min {float(scales.min()):.3f}, mean {float(scales.mean()):.3f}, max {float(scales.max()):.3f}"
+
+
+def cmd_prune(args) -> int:
+    from .model import estimate_scales, prune_and_patch, save_pruned
+
+    out = _check_out_dir(args.out)
+    t_total = time.perf_counter()
+    loaded = load_model(args.model, args.device, args.dtype)
+    if loaded.record is not None:
+        raise CliError(f"--model {args.model} is already a pruned checkpoint; prune the original model instead")
+    print(f"model: {loaded.describe()}")
+    num_layers = loaded.num_layers
+    n = args.num_prune
+    if not 1 <= n < num_layers:
+        raise CliError(f"--num-prune {n}: the model has {num_layers} layers; accepted 1 .. {num_layers - 1}")
+    if args.start is not None and not 0 <= args.start <= num_layers - n:
+        raise CliError(f"--start {args.start} with --num-prune {n}: the block must lie inside the model's "
+                       f"{num_layers} layers; accepted starts 0 .. {num_layers - n}")
+    windows, described = _windows(loaded.tokenizer, args.calib_text, args.seqlen, args.samples, calibration=True)
+    print(f"calibration: {described}")
+
+    t0 = time.perf_counter()
+    if args.start is not None:
+        start, end = args.start, args.start + n
+        print(f"block: layers [{start}, {end}) of {num_layers} (given by --start; no selection pass)")
+    else:
+        start, end, score = _choose_block(loaded.model, windows, n, args.selection)
+        print(f"block: layers [{start}, {end}) of {num_layers}, {_score_label(args.selection)} {score:.4f} "
+              f"(selection: {args.selection}, {_seconds(t0)})")
+
+    t0 = time.perf_counter()
+    scales = estimate_scales(loaded.model, windows, start, end, args.mode)
+    print(f"scales ({args.mode}): {_scale_summary(scales)} ({_seconds(t0)})")
+
+    prune_and_patch(loaded.model, start, end, scales, mode=args.mode)
+    t0 = time.perf_counter()
+    save_pruned(loaded.model, out, tokenizer=loaded.tokenizer)
+    print(f"saved: {out} ({num_layers - n} layers, patch {args.mode}; {_seconds(t0)})")
+    print(f"total time: {_seconds(t_total)}")
+    return 0
+
+
+# --- eval --------------------------------------------------------------------------------------
+
+
+def _pruned_label(record: dict, patched: bool) -> str:
+    block = f"pruned [{record['start']}, {record['end']})"
+    return f"{block} + patch ({record['mode']})" if patched else f"{block}, no patch"
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import perplexity, require_lm_eval, retained_performance, run_lm_eval
+    from .model import patch_disabled
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    if tasks:
+        require_lm_eval()  # fail before loading anything
+    t_total = time.perf_counter()
+    loaded = load_model(args.model, args.device, args.dtype)
+    dense = load_model(args.dense_model, args.device, args.dtype) if args.dense_model else None
+    if dense is not None and dense.record is not None:
+        raise CliError(f"--dense-model {args.dense_model} is a pruned checkpoint; pass the original (dense) model")
+    print(f"model: {loaded.describe()}")
+    if dense is not None:
+        print(f"dense model: {dense.describe()}")
+    windows, described = _windows(loaded.tokenizer, args.text, args.seqlen, args.samples, calibration=False)
+    print(f"perplexity on {described}")
+
+    # (label, loaded model, patch enabled?)
+    variants = []
+    if dense is not None:
+        variants.append(("dense", dense, True))
+    if loaded.record is not None:
+        variants.append((_pruned_label(loaded.record, True), loaded, True))
+        variants.append((_pruned_label(loaded.record, False), loaded, False))
+    else:
+        variants.append(("model", loaded, True))
+
+    def run(variant, fn):
+        label, which, patched = variant
+        if patched:
+            return fn(which)
+        with patch_disabled(which.model):
+            return fn(which)
+
+    rows = []
+    for variant in variants:
+        t0 = time.perf_counter()
+        ppl = run(variant, lambda m: perplexity(m.model, windows, desc=f"perplexity: {variant[0]}"))
+        rows.append([variant[0], str(variant[1].num_layers), f"{ppl:.3f}", _seconds(t0)])
+    print()
+    print(format_table(["model", "layers", "perplexity", "time"], rows))
+
+    if tasks:
+        results = {}
+        for variant in variants:
+            print(f"lm-eval {', '.join(tasks)}: {variant[0]}", file=sys.stderr)
+            results[variant[0]] = run(variant, lambda m: run_lm_eval(
+                m.model, m.tokenizer, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                batch_size=args.batch_size, limit=args.limit))
+        labels = [v[0] for v in variants]
+        rows = []
+        for task in tasks:
+            for metric in ("acc", "acc_norm"):
+                if any(metric in results[label][task] for label in labels):
+                    mark = " *" if metric == _paper_metric(task) else ""
+                    rows.append([f"{task} {metric}{mark}"] +
+                                [f"{results[label][task][metric]:.4f}" if metric in results[label][task] else "-"
+                                 for label in labels])
+        if dense is not None:
+            retained = [retained_performance(results[label], results["dense"])[0] for label in labels]
+            rows.append(["retained (mean of * ratios)"] + [f"{100 * r:.2f} %" for r in retained])
+        print()
+        print(format_table(["task metric (* = paper metric)"] + labels, rows))
+    print(f"\ntotal time: {_seconds(t_total)}")
+    return 0
+
+
+def _paper_metric(task: str) -> str:
+    from .evaluation import paper_metric
+
+    return paper_metric(task)
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from .default_model import DEFAULT_MODEL_NAME
+    from .evaluation import perplexity
+    from .model import (LinearPatch, estimate_scales, get_patch, load_pruned, patch_disabled, prune_and_patch,
+                        save_pruned, set_patch)
+
+    t_total = time.perf_counter()
+    out = _check_out_dir(args.out) if args.out else None
+    loaded = load_model("default", args.device, "float32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    num_layers = loaded.num_layers
+    print(f"model: {loaded.describe()}  [load {_seconds(t_total)}]")
+    calib, calib_what = _windows(tokenizer, None, args.seqlen, args.calib_samples, calibration=True)
+    evals, eval_what = _windows(tokenizer, None, args.seqlen, args.eval_samples, calibration=False)
+    print(f"calibration: {calib_what}")
+    print(f"evaluation:  {eval_what}")
+
+    t0 = time.perf_counter()
+    rows = [["dense", str(num_layers), "-", f"{perplexity(model, evals, desc='perplexity: dense'):.2f}", _seconds(t0)]]
+    keep = None
+    for n in args.num_prune:
+        t0 = time.perf_counter()
+        start, end, score = _choose_block(model, calib, n, "cosine")
+        scales = {mode: estimate_scales(model, calib, start, end, mode) for mode in ("rotate", "diag")}
+        print(f"prune {n}: block [{start}, {end}), cosine similarity {score:.4f}; scales rotate "
+              f"({_scale_summary(scales['rotate'])}), diag ({_scale_summary(scales['diag'])})  [{_seconds(t0)}]")
+        pruned = prune_and_patch(copy.deepcopy(model), start, end, scales["rotate"], mode="rotate")
+        block = f"[{start}, {end})"
+        t0 = time.perf_counter()
+        with patch_disabled(pruned):
+            ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n}")
+        rows.append([f"pruned {n}, no patch", str(num_layers - n), block, f"{ppl:.2f}", _seconds(t0)])
+        t0 = time.perf_counter()
+        ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} + rotate")
+        rows.append([f"pruned {n} + patch (rotate)", str(num_layers - n), block, f"{ppl:.2f}", _seconds(t0)])
+        rotate_patch = get_patch(pruned)
+        set_patch(pruned, LinearPatch(int(model.config.hidden_size), mode="diag", scale=scales["diag"]))
+        t0 = time.perf_counter()
+        ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} + diag")
+        rows.append([f"pruned {n} + patch (diag)", str(num_layers - n), block, f"{ppl:.2f}", _seconds(t0)])
+        set_patch(pruned, rotate_patch)
+        keep = (n, pruned)
+        del pruned
+
+    print()
+    print(f"{DEFAULT_MODEL_NAME}: perplexity on {eval_what}")
+    print(format_table(["model", "layers", "block", "perplexity", "time"], rows))
+    print()
+
+    # Save the last pruned + rotate-patched model, load it back, compare logits, generate.
+    n, pruned = keep
+    with tempfile.TemporaryDirectory(prefix="linearpatch-demo-") as scratch:
+        target = out if out is not None else Path(scratch) / f"smollm2-pruned{n}-rotate"
+        t0 = time.perf_counter()
+        save_pruned(pruned, target, tokenizer=tokenizer)
+        reloaded = load_pruned(target, device=args.device)
+        ids = evals[0].to(args.device)
+        with torch.no_grad():
+            before = pruned(input_ids=ids, use_cache=False).logits
+            after = reloaded(input_ids=ids, use_cache=False).logits
+        diff = float((before - after).abs().max())
+        if not torch.allclose(before, after, rtol=1e-5, atol=1e-5):
+            raise RuntimeError(f"the reloaded model's logits differ from the saved model's (max |diff| {diff:.3g})")
+        state = "identical" if torch.equal(before, after) else f"equal within 1e-5 (max |diff| {diff:.3g})"
+        where = str(target) if out is not None else "a temporary folder"
+        print(f"saved pruned {n} + rotate patch to {where}, reloaded: logits {state}  [{_seconds(t0)}]")
+
+        t0 = time.perf_counter()
+        prompt = tokenizer(DEMO_PROMPT, return_tensors="pt").input_ids.to(args.device)
+        with torch.no_grad():
+            generated = reloaded.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                          pad_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)
+        print(f"sample from the reloaded model (greedy, {args.max_new_tokens} tokens, {_seconds(t0)}):")
+        print(f"  {DEMO_PROMPT}{text}")
+    print(f"\ntotal time: {_seconds(t_total)}")
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linearpatch",
+        description="Prune a block of decoder layers from a Llama-family model and repair the cut with a "
+                    "LinearPatch (P = H diag(s) H^T) on the residual stream.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_model_options(p, default_model="default"):
+        p.add_argument("--model", default=default_model,
+                       help="local Hugging Face model folder, a checkpoint written by 'linearpatch prune', or "
+                            "'default' for the embedded SmolLM2-135M-Instruct (default: %(default)s)")
+        p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default: %(default)s)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+
+    p = sub.add_parser("prune", help="select a block, calibrate the patch, prune, patch and save")
+    add_model_options(p)
+    p.add_argument("--num-prune", type=_positive_int, required=True, help="number of consecutive layers to remove")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--selection", choices=("cosine", "block_influence"), default="cosine",
+                       help="how to choose the block (default: %(default)s)")
+    which.add_argument("--start", type=int, help="remove layers [START, START + N) instead of selecting")
+    p.add_argument("--mode", choices=("rotate", "diag"), default="rotate",
+                   help="rotate: P = H diag(s) H^T; diag: P = diag(s) (default: %(default)s)")
+    p.add_argument("--calib-text", nargs="+", metavar="FILE",
+                   help="UTF-8 text files for calibration (default: the shipped calibration corpus)")
+    p.add_argument("--samples", type=_positive_int, default=128, help="calibration windows (default: %(default)s)")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: %(default)s)")
+    p.add_argument("--out", required=True, help="new folder for the pruned checkpoint")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity (with and without the patch), optionally lm-eval accuracy")
+    add_model_options(p)
+    p.add_argument("--text", nargs="+", metavar="FILE",
+                   help="UTF-8 text files to score (default: the shipped evaluation corpus)")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: %(default)s)")
+    p.add_argument("--samples", type=_parse_samples, default=32,
+                   help="windows to score, or 'all' (default: %(default)s)")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag (needs the 'eval' extra)")
+    p.add_argument("--dense-model", help="the unpruned model, for retained performance (same forms as --model)")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAML files")
+    p.add_argument("--limit", type=_positive_int, help="at most this many examples per lm-eval task")
+    p.add_argument("--num-fewshot", type=int, default=0, help="lm-eval few-shot examples (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="lm-eval batch size (default: %(default)s)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="prune 5 and 7 of SmolLM2-135M's 30 layers, compare perplexities, "
+                                    "save, reload, generate")
+    p.add_argument("--num-prune", type=_positive_int, nargs="+", default=list(DEMO_NUM_PRUNE),
+                   help="block sizes to prune (default: %(default)s)")
+    p.add_argument("--calib-samples", type=_positive_int, default=DEMO_CALIB_SAMPLES,
+                   help="calibration windows (default: %(default)s)")
+    p.add_argument("--eval-samples", type=_positive_int, default=DEMO_EVAL_SAMPLES,
+                   help="evaluation windows (default: %(default)s)")
+    p.add_argument("--seqlen", type=_positive_int, default=DEMO_SEQLEN, help="tokens per window (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--out", help="new folder to keep the last pruned checkpoint in (default: a temporary folder)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Offline by design: a name that is not a local folder must fail fast with a clear message,
+    # not wait on network timeouts to the Hugging Face Hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    # Results go to stdout, progress bars to stderr; flush each result line so that the two
+    # interleave in order when both are piped to one log.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    from .default_model import DefaultModelUnavailable
+    from .evaluation import LmEvalUnavailable
+
+    try:
+        return args.func(args)
+    except (CliError, DefaultModelUnavailable, LmEvalUnavailable, FileNotFoundError, ValueError) as e:
+        print(f"linearpatch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
