@@ -127,19 +127,21 @@ __device__ __forceinline__ void store4(__nv_bfloat16* p, float4 a, float c) {
 // ---------------------------------------------------------------------------------------------
 // How a segment of N = 2**kLogN elements is spread over a thread group (see the header comment).
 // Lanes of a group cover at least 8 consecutive 16-byte vectors (128 contiguous bytes) when the
-// segment is that long; each thread then takes up to 128 values; lanes grow to a full warp next,
-// and only then warps. Fewer lanes means fewer shuffle stages.
+// segment is that long; each thread then takes up to 2**kLogMaxValues values; lanes grow to a full
+// warp next, and only then warps. Fewer lanes means fewer shuffle stages.
+// pow2_kernel holds up to 128 values per thread; kron_kernel 64 (it also holds H_K tiles and
+// keeps whole rows in shared memory, so registers are what limits its blocks per multiprocessor).
 
 __host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
 
-template <typename T, int kLogN>
+template <typename T, int kLogN, int kLogMaxValues = 7>
 struct Layout {
   static constexpr int kLogV = VecTraits<T>::kLog;
   static constexpr int V = 1 << kLogV;
   static constexpr int kBits = kLogN - kLogV;            // bits of the vector index in a segment
   static_assert(kBits >= 0, "segments shorter than one 16-byte vector are not supported");
   static constexpr int kLogG0 = cmin(kBits, 3);
-  static constexpr int kLogR = cmin(7 - kLogV, kBits - kLogG0);
+  static constexpr int kLogR = cmin(kLogMaxValues - kLogV, kBits - kLogG0);
   static constexpr int kLogG = kLogG0 + cmin(5 - kLogG0, kBits - kLogG0 - kLogR);
   static constexpr int kLogW = kBits - kLogR - kLogG;
   static constexpr int N = 1 << kLogN, R = 1 << kLogR, G = 1 << kLogG, W = 1 << kLogW;
@@ -260,9 +262,13 @@ __device__ __forceinline__ void fwht_segment(float (&v)[L::R][L::V], int lane, f
 
 template <class L>
 __host__ __device__ constexpr int pow2_block_threads() { return L::W > 1 ? 32 * L::W : 128; }
+// At least 3 blocks (12 warps) per multiprocessor: caps registers at 170, which 128 values fit in;
+// without it the compiler hoists the 128 patch scales of a thread into registers too (255).
+template <class L>
+__host__ __device__ constexpr int pow2_min_blocks() { return L::W > 1 ? 1 : 3; }
 
 template <typename T, int kLogN, bool kPatch>
-__global__ void __launch_bounds__(pow2_block_threads<Layout<T, kLogN>>())
+__global__ void __launch_bounds__(pow2_block_threads<Layout<T, kLogN>>(), pow2_min_blocks<Layout<T, kLogN>>())
 pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s,
             int64_t rows, float out_scale) {
   using L = Layout<T, kLogN>;
@@ -313,7 +319,8 @@ pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
 // K > 1: rows in shared memory.
 
 constexpr int kKronThreads = 256;
-constexpr int kKronTilesPerThread = 4;  // output tiles a thread holds while a tile round is in flight
+constexpr int kKronTilesPerThread = 2;  // output tiles a thread holds while a tile round is in flight
+constexpr int kKronLogMaxValues = 6;
 
 // H_N of every segment of the block's rows: `src` -> registers -> shared memory `z`.
 // All groups run the same number of iterations so that the shuffles always see full warps.
@@ -380,7 +387,7 @@ template <typename T, int kLogN, bool kPatch>
 __global__ void __launch_bounds__(kKronThreads)
 kron_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ h_k,
             const float* __restrict__ s, int64_t rows, int k, int rows_per_block, float out_scale) {
-  using L = Layout<T, kLogN>;
+  using L = Layout<T, kLogN, kKronLogMaxValues>;
   extern __shared__ float4 smem4[];
   float* z = reinterpret_cast<float*>(smem4);
   const int d = k * L::N;
@@ -485,7 +492,7 @@ std::string launch_pow2(const HadamardArgs& a) {
 
 template <typename T, int kLogN, bool kPatch>
 std::string launch_kron(const HadamardArgs& a) {
-  using L = Layout<T, kLogN>;
+  using L = Layout<T, kLogN, kKronLogMaxValues>;
   const int d = a.k * L::N;
   // About 32 KiB of rows per block (at least one row), never more rows than there are.
   int64_t rows_per_block = 8192 / d > 1 ? 8192 / d : 1;
