@@ -73,15 +73,21 @@ MAX_BLOCK_CALLS = 256
 # Environment
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    """HEAD, with "+modified" when the package or the benchmarks differ from it (no git: None)."""
+    head = _git("rev-parse", "HEAD")
+    if head and _git("status", "--porcelain", "--", ":/linearpatch_kernels", ":/csrc", ":/benchmarks/*.py"):
+        head += "+modified"
+    return head or None
 
 
 def _cpu_model() -> str:

@@ -3,7 +3,8 @@
 * ``plot_op_bench(result, path)``: time per call vs tokens, one line per provider, log-log; one panel
   per (dtype, d), the copy (memory-bandwidth bound) drawn dashed.
 * ``plot_e2e(result, path)``: overhead over the pruned model (% of its time) of the paper's hook and of
-  our patch, per workload, with the interquartile range of the paired ratios as error bars.
+  our patch, end to end and as the op alone, per workload, with the interquartile range of the paired
+  ratios as error bars.
 
 The benchmarks call these when matplotlib is importable; where it is not (a GPU machine without
 it), render the PNG later from the JSON:
@@ -77,33 +78,38 @@ def plot_op_bench(result: dict, path) -> None:
 
 
 def plot_e2e(result: dict, path) -> None:
-    rows = [r for r in result["rows"] if "overhead_pct" in r and r["variant"] in ("pruned+paper", "pruned+ours")]
+    series = (("pruned+paper", "tab:blue", "", "paper's hook (dense fp32 P), end to end"),
+              ("pruned+ours", "tab:red", "", "ours (hadamard_patch), end to end"),
+              ("op:paper", "tab:blue", "//", "paper's matmul alone"),
+              ("op:ours", "tab:red", "//", "our op alone"))
+    names = [s[0] for s in series]
+    rows = [r for r in result["rows"] if "overhead_pct" in r and r["variant"] in names]
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     if not workloads:
         return
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(workloads) + 2), 3.8))
-    width = 0.38
-    for i, (variant, color) in enumerate((("pruned+paper", "tab:blue"), ("pruned+ours", "tab:red"))):
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(workloads) + 2), 4.2))
+    width = 0.2
+    for i, (variant, color, hatch, label) in enumerate(series):
         xs, ys, lo, hi = [], [], [], []
         for j, w in enumerate(workloads):
             match = [r for r in rows if r["workload"] == w and r["variant"] == variant]
             if match:
                 r = match[0]
-                xs.append(j + (i - 0.5) * width)
+                xs.append(j + (i - 1.5) * width)
                 ys.append(r["overhead_pct"])
-                lo.append(r["overhead_pct"] - r["overhead_q1_pct"])
-                hi.append(r["overhead_q3_pct"] - r["overhead_pct"])
-        label = "paper's hook (dense fp32 P)" if variant == "pruned+paper" else "ours (hadamard_patch)"
-        ax.bar(xs, ys, width, yerr=[lo, hi], color=color, label=label, capsize=3)
+                lo.append(max(0.0, r["overhead_pct"] - r["overhead_q1_pct"]))
+                hi.append(max(0.0, r["overhead_q3_pct"] - r["overhead_pct"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], color=color if not hatch else "white", edgecolor=color, hatch=hatch,
+               label=label, capsize=3)
     ax.axhline(1.0, color="gray", linestyle=":", label="1 % target")
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(workloads)))
     ax.set_xticklabels(workloads, fontsize=9)
-    ax.set_ylabel("overhead over pruned model (%)")
+    ax.set_ylabel("% of the pruned model's time")
     model = result.get("model", {})
-    ax.set_title(f"{model.get('name', 'model')}-shaped Llama, layers {model.get('pruned_block')} pruned\n"
-                 f"{_subtitle(result['env'])}", fontsize=10)
-    ax.legend(fontsize=9)
+    ax.set_title(f"Patch overhead: {model.get('name', 'model')}-shaped Llama, layers {model.get('pruned_block')} "
+                 f"pruned\n{_subtitle(result['env'])} (bars: paired median, whiskers: IQR)", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -99,13 +99,15 @@ def test_bench_e2e_small_cpu_smoke(tmp_path):
     result = json.loads((tmp_path / "bench_e2e.json").read_text())
     variants = {"dense", "pruned", "pruned+paper", "pruned+ours"}
     by = {(r["workload"], r["variant"]): r for r in result["rows"]}
-    assert set(by) == {(w, v) for w in ("prefill 1x16", "decode b=2") for v in variants}
+    assert set(by) == {(w, v) for w in ("prefill 1x16", "decode b=2") for v in variants | {"op:ours", "op:paper"}}
     # Every variant generated the same number of tokens; decode samples = steps after warm-up.
     assert {by[("decode b=2", v)]["tokens_generated"] for v in variants} == {5}
     assert all(by[("decode b=2", v)]["samples"] == 5 - 1 - 2 for v in variants)
     for w in ("prefill 1x16", "decode b=2"):
         assert by[(w, "pruned")]["overhead_pct"] == 0.0
         assert all(by[(w, v)]["median_ms"] > 0 for v in variants)
+        # The ops alone: a share of the pruned model's time (positive, and not a difference).
+        assert all(0 < by[(w, op)]["overhead_pct"] for op in ("op:ours", "op:paper"))
     # The paper's hook (dense fp32 P) and our op apply the same map: same logits in fp32; and the
     # patch does change the pruned model's output.
     assert result["check"]["ours_vs_paper"] <= 1e-4
