@@ -4,17 +4,20 @@
 #
 #   OUT=<results folder> benchmarks/gpu_check.sh [WHEEL]        (from anywhere; OUT is required)
 #
-# WHEEL defaults to the newest dist/linearpatch_kernels-*+cu*.whl (bring it along, e.g. built here
+# WHEEL defaults to the newest dist/linearpatch_kernels-*+cu*.whl (e.g. built elsewhere
 # with scripts/build_wheel.sh: that also checks that a wheel built against another torch loads).
 # Without a wheel, or if it does not load, the extension is built from csrc/ on this machine for its
-# GPU only. Steps, each logged to stdout and $OUT/gpu_check.log:
+# GPU only (dist/ is not tracked: bring the wheel along). Steps, logged to stdout and
+# $OUT/gpu_check.log, most important first:
 #   1. environment; 2. install (unpack the wheel into a scratch folder on PYTHONPATH);
 #   3. tests/test_cuda_backend.py (every backend vs fp64, all dtypes, rows 1/7/4096, non-contiguous
-#      input, > 2**31 elements; junit XML in $OUT); 4. the JIT fallback (a source tree without the
-#      compiled library compiles csrc/ at first use); 5. compute-sanitizer memcheck, racecheck and
-#      synccheck on small cases of every kernel family; 6. timings at d=4096 x 16384 rows, bf16 (CUDA
+#      input, > 2**31 elements; junit XML in $OUT); 4. timings at d=4096 x 16384 rows, bf16 (CUDA
 #      events, median): cuda and triton patch and transform, the dense bf16 matmul, the paper's fp32
-#      matmul, a device-to-device copy; plus decode sizes. JSON and a table in $OUT.
+#      matmul, a device-to-device copy; also decode sizes and d=5120 (JSON and a table in $OUT);
+#   5. compute-sanitizer memcheck, racecheck and synccheck on small cases of every kernel family;
+#   6. the JIT fallback (a source tree without the compiled library compiles csrc/ at first use).
+# STEPS="tests timings sanitizer jit" (the default) picks steps 3-6, e.g. STEPS=timings for a rerun;
+# each step has its own time limit (5, 3, 3 x 2.5 and 4 minutes).
 # Exit status: 0 when every step passed, else the number of failed steps.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the results}
@@ -25,6 +28,8 @@ python=${PYTHON:-python3}
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/linearpatch-gpu-check.XXXXXX")
 site="$scratch/site"
 failed=0
+steps=" ${STEPS:-tests timings sanitizer jit} "
+wants() { [[ "$steps" == *" $1 "* ]]; }
 step() { echo; echo "=== $(date +%H:%M:%S) $* ==="; }
 fail() { echo "FAILED: $*"; failed=$((failed + 1)); }
 
@@ -57,80 +62,15 @@ fi
 export PYTHONPATH="$site"
 cd "$scratch"  # never import the package from the source tree below
 
+if wants tests; then
 step "3. tests/test_cuda_backend.py"
-"$python" -m pytest -q -p no:cacheprovider -rs --durations=10 --junitxml="$OUT/test_cuda_backend.xml" \
+timeout 300 "$python" -m pytest -q -p no:cacheprovider -rs --durations=10 --junitxml="$OUT/test_cuda_backend.xml" \
     "$root/tests/test_cuda_backend.py" || fail "tests/test_cuda_backend.py"
-
-step "4. JIT fallback (source tree without the compiled library)"
-(PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) timeout 600 "$python" - <<'PY'
-import time
-import torch
-from linearpatch_kernels.backends import cuda_backend as c
-import linearpatch_kernels as lp
-assert c.prebuilt_library() is None, c.prebuilt_library()
-t = time.time()
-assert c.is_available(torch.device("cuda")), c._load_error
-print(f"JIT: {c.loaded_from()} in {time.time() - t:.0f} s")
-x = torch.randn(7, 5120, device="cuda", dtype=torch.bfloat16)
-s = 0.5 + torch.rand(5120, device="cuda")
-with lp.use_backend("cuda"):
-    y = lp.hadamard_patch(x, s)
-with lp.use_backend("torch"):
-    ref = lp.hadamard_patch(x.double(), s.double())
-err = float((y.double() - ref).norm() / ref.norm())
-print(f"JIT-built patch, d=5120 bf16: rel. error {err:.1e}")
-assert err < 1e-2
-PY
-) || fail "JIT fallback"
-
-step "5. compute-sanitizer"
-cat > "$scratch/small_cases.py" <<'PY'
-# Every kernel family on small inputs: pow2 (registers; the warp stage at 16384 and 32768), kron
-# (K > 1: several rows per block at 576, one at 5120, several tile rounds at 24576), 3 rows (a partial
-# block), all dtypes. fp64 references on the CPU, so that the only GPU work is ours and the copies.
-import torch
-import linearpatch_kernels as lp
-from linearpatch_kernels.hadamard import hadamard_factors
-
-
-def transform64(x):
-    f = hadamard_factors(x.shape[-1])
-    y = x.double().reshape(-1, f.k, f.n)
-    h = 1
-    while h < f.n:
-        y = y.reshape(y.shape[0], f.k, f.n // (2 * h), 2, h)
-        y = torch.stack((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=3)
-        h *= 2
-    return torch.einsum("kj,rjn->rkn", f.h_k, y.reshape(-1, f.k, f.n)).reshape(x.shape)
-
-
-worst = 0.0
-for d in (64, 576, 4096, 5120, 16384, 32768, 24576):
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = torch.randn(3, d).to(dtype)
-        s = 0.5 + torch.rand(d)
-        with lp.use_backend("cuda"):
-            y = lp.hadamard_patch(x.cuda(), s.cuda()).cpu().double()
-            t = lp.hadamard_transform(x.cuda(), 0.5).cpu().double()
-        ref = transform64(transform64(x) * s.double()) / d
-        ref_t = transform64(x) * 0.5
-        worst = max(worst, float((y - ref).norm() / ref.norm()), float((t - ref_t).norm() / ref_t.norm()))
-print(f"small cases: worst rel. error {worst:.1e}")
-assert worst < 1e-2
-PY
-if command -v compute-sanitizer >/dev/null; then
-    for tool in memcheck racecheck synccheck; do
-        # One cudaMalloc per tensor, so that memcheck sees every out-of-bounds access.
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-            "$python" "$scratch/small_cases.py" 2>&1 | tail -n 5
-        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "compute-sanitizer --tool $tool"
-    done
-else
-    fail "compute-sanitizer not found"
 fi
 
-step "6. timings"
-"$python" - "$OUT" <<'PY' || fail "timings"
+if wants timings; then
+step "4. timings"
+timeout 180 "$python" - "$OUT" <<'PY' || fail "timings"
 import json
 import statistics
 import sys
@@ -204,6 +144,79 @@ with open(f"{out}/gpu_timings.json", "w") as f:
 with open(f"{out}/gpu_timings.txt", "w") as f:
     f.write(table + "\n")
 PY
+fi
+
+if wants sanitizer; then
+step "5. compute-sanitizer"
+cat > "$scratch/small_cases.py" <<'PY'
+# Every kernel family on small inputs: pow2 (registers; the warp stage at 16384 and 32768), kron
+# (K > 1: several rows per block at 576, one at 5120, several tile rounds at 24576), 3 rows (a partial
+# block), all dtypes. fp64 references on the CPU, so that the only GPU work is ours and the copies.
+import torch
+import linearpatch_kernels as lp
+from linearpatch_kernels.hadamard import hadamard_factors
+
+
+def transform64(x):
+    f = hadamard_factors(x.shape[-1])
+    y = x.double().reshape(-1, f.k, f.n)
+    h = 1
+    while h < f.n:
+        y = y.reshape(y.shape[0], f.k, f.n // (2 * h), 2, h)
+        y = torch.stack((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=3)
+        h *= 2
+    return torch.einsum("kj,rjn->rkn", f.h_k, y.reshape(-1, f.k, f.n)).reshape(x.shape)
+
+
+worst = 0.0
+for d in (64, 576, 4096, 5120, 16384, 32768, 24576):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(3, d).to(dtype)
+        s = 0.5 + torch.rand(d)
+        with lp.use_backend("cuda"):
+            y = lp.hadamard_patch(x.cuda(), s.cuda()).cpu().double()
+            t = lp.hadamard_transform(x.cuda(), 0.5).cpu().double()
+        ref = transform64(transform64(x) * s.double()) / d
+        ref_t = transform64(x) * 0.5
+        worst = max(worst, float((y - ref).norm() / ref.norm()), float((t - ref_t).norm() / ref_t.norm()))
+print(f"small cases: worst rel. error {worst:.1e}")
+assert worst < 1e-2
+PY
+if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck synccheck; do
+        # One cudaMalloc per tensor, so that memcheck sees every out-of-bounds access.
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+            "$python" "$scratch/small_cases.py" 2>&1 | tail -n 5
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "compute-sanitizer --tool $tool"
+    done
+else
+    fail "compute-sanitizer not found"
+fi
+fi
+
+if wants jit; then
+step "6. JIT fallback (source tree without the compiled library)"
+(PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) timeout 240 "$python" - <<'PY'
+import time
+import torch
+from linearpatch_kernels.backends import cuda_backend as c
+import linearpatch_kernels as lp
+assert c.prebuilt_library() is None, c.prebuilt_library()
+t = time.time()
+assert c.is_available(torch.device("cuda")), c._load_error
+print(f"JIT: {c.loaded_from()} in {time.time() - t:.0f} s")
+x = torch.randn(7, 5120, device="cuda", dtype=torch.bfloat16)
+s = 0.5 + torch.rand(5120, device="cuda")
+with lp.use_backend("cuda"):
+    y = lp.hadamard_patch(x, s)
+with lp.use_backend("torch"):
+    ref = lp.hadamard_patch(x.double(), s.double())
+err = float((y.double() - ref).norm() / ref.norm())
+print(f"JIT-built patch, d=5120 bf16: rel. error {err:.1e}")
+assert err < 1e-2
+PY
+) || fail "JIT fallback"
+fi
 
 step "done: $failed failed step(s)"
 rm -rf "$scratch"
