@@ -177,6 +177,8 @@ def load_extension(allow_jit: bool = True) -> bool:
     A failure is remembered and warned about once; later calls return False at once.
     """
     global _loaded_from, _load_error
+    if _loaded_from is not None:  # the common case, on every op call: no lock
+        return True
     with _lock:
         if _loaded_from is not None:
             return True
