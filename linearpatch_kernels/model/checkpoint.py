@@ -2,7 +2,7 @@
 
 A directory written by ``save_pruned`` holds:
 
-* what ``model.save_pretrained`` writes for the pruned model with the patch wrapper taken out, so the
+* what ``model.save_pretrained`` writes for the pruned model with the wrappers taken out, so the
   weight names are the plain Hugging Face ones (``model.layers.3.self_attn.q_proj.weight``) and
   ``AutoModelForCausalLM.from_pretrained(directory)`` loads the pruned model *without* the patch;
   ``config.json`` carries the ``linearpatch`` record of the pruning;
@@ -30,7 +30,7 @@ from torch import nn
 
 from ..hadamard import hadamard_factors
 from .patch import PATCH_MODES, LinearPatch
-from .surgery import SUPPORTED_MODEL_TYPES, _patch_wrapper, attach_patch, decoder_layers, pruning_record
+from .surgery import SUPPORTED_MODEL_TYPES, _patch_wrapper, attach_patch, decoder_layers, plain_layers, pruning_record
 
 __all__ = ["PATCH_FILE", "METADATA_FILE", "load_pruned", "save_pruned"]
 
@@ -61,12 +61,8 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None) 
     directory.mkdir(parents=True, exist_ok=True)
 
     layers = decoder_layers(model)
-    index = next(i for i, layer in enumerate(layers) if layer is wrapper)
-    layers[index] = wrapper.layer  # plain Hugging Face weight names while saving
-    try:
+    with plain_layers(model):  # plain Hugging Face weight names while saving, fused cut or not
         model.save_pretrained(directory)
-    finally:
-        layers[index] = wrapper
 
     from safetensors.torch import save_file
 
@@ -190,9 +186,13 @@ def _load_patch(directory: Path, meta: dict) -> LinearPatch:
 
 
 def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None) -> nn.Module:
+                dtype: torch.dtype | None = None, fuse: bool = True) -> nn.Module:
     """Load a checkpoint written by ``save_pruned``: the pruned ``*ForCausalLM`` with its patch in place,
-    on ``device``, weights in ``dtype`` (``None``: as saved); the patch stays fp32."""
+    on ``device``, weights in ``dtype`` (``None``: as saved); the patch stays fp32. ``fuse`` applies
+    the fused cut where possible, as ``prune_and_patch`` does (the checkpoint itself is the same
+    either way: fusion is a way of running the model, not part of its weights)."""
+    if not isinstance(fuse, bool):
+        raise TypeError(f"load_pruned: fuse must be a bool, got {fuse!r}")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint directory written by save_pruned")
@@ -217,5 +217,5 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
     model.config.linearpatch = pruning_record(meta["start"], meta["end"], meta["mode"], meta["num_layers_original"],
                                               meta["hidden_size"])
     model.to(device)
-    attach_patch(model, meta["start"], patch)
+    attach_patch(model, meta["start"], patch, fuse=fuse)
     return model.eval()

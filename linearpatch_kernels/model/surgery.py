@@ -17,14 +17,68 @@ remain: every submodule's ``layer_idx``, ``config.num_hidden_layers``, ``config.
 ``model.hf_device_map``. What was done is recorded in ``config.linearpatch`` (a dict, written to
 ``config.json`` by ``save_pretrained``), which the checkpoint code reads back.
 
-``output_hidden_states`` (which Hugging Face records from each decoder layer's own output) reports
-the residual stream before the patch at the cut; the next layer receives the patched one.
+The fused cut (``fuse=True``, the default)
+------------------------------------------
+
+At the cut a pre-norm stack computes, per token, ``h = r + u`` (the last residual add of layer A =
+``layers[start - 1]``, ``u`` its MLP output), ``h' = h . P`` (the patch) and ``n = RMSNorm_B(h')``
+(the ``input_layernorm`` of the next layer B = ``layers[start]``). Unfused, that is three passes over
+the residual stream; ``linearpatch::patch_add_rmsnorm`` does all three in one and returns ``(h', n)``.
+Using it needs A's forward to stop before its last add and B's forward to start after its norm, and
+``n`` to get from A to B. How:
+
+* Slot ``start - 1`` stays a ``PatchedDecoderLayer`` (so ``get_patch``/``set_patch``, the state-dict
+  names and ``print(model)`` are as before), now with ``fused=True``: it runs A's body from A's own
+  submodules (``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``, in the
+  order of transformers' ``LlamaDecoderLayer.forward``, shared by Mistral, Qwen2 and Qwen3), then
+  the fused op, and returns a ``CutHandoff(hidden_states=h', normed=n)`` named tuple.
+* Slot ``start`` holds B in a ``FusedCutNextLayer``: given a ``CutHandoff`` it runs B's body after
+  its ``input_layernorm`` (attention on ``n``, residual ``h'``); given a plain tensor it calls B.
+
+The hand-off travels in the decoder loop's own ``hidden_states`` variable, from one layer call to the
+next, so nothing is stored on a module between calls and nothing is recognised by tensor identity:
+torch.compile traces it as an ordinary tuple (no graph break), a CUDA graph captures it, and each
+slot still gets its own arguments from the model's loop -- its attention mask (Qwen2/3 choose it by
+``config.layer_types[i]``, so a full-attention A may be followed by a sliding-window B) and its
+attention's own ``layer_idx`` into the KV cache. The alternative, one module in slot ``start - 1``
+running both A and B with an identity in slot ``start``, would give B the mask of A's slot and need
+A and B of the same attention type; a custom decoder-stack forward would copy transformers' model
+forward (masks, cache, rotary embeddings) per family and version.
+
+The fused layers read B's ``input_layernorm`` weight and ``variance_epsilon`` at call time
+(``config.rms_norm_eps`` is what every supported family builds it from), so moving or casting the
+model needs no refit. ``set_patch_enabled(model, False)`` keeps the structure and passes
+``h = r + u`` through B's own norm module: the plain pruned model. The fused op applies only a
+"rotate" patch; ``set_patch`` with a "diag" or "dense" patch undoes the fusion, and a later "rotate"
+patch fuses again when the model asked for fusion.
+
+Fusion is applied only where it computes exactly what the unfused layers compute; otherwise the cut
+silently stays unfused (``PatchedDecoderLayer`` without the fused op). The reason is kept in
+``fusion_status(model)`` and shown by ``print(model)``. Fusion needs: a layer on each side of the cut
+(not ``start == 0``, not ``end == num_layers``), a "rotate" patch, transformers >= 5, A and B of a
+supported decoder-layer class with the known submodules and forward arguments, B's
+``input_layernorm`` a supported RMSNorm, and A, B and the patch on one device without accelerate
+hooks (offloaded weights are only loaded by those hooks when a module itself is called).
+
+``output_hidden_states`` (which Hugging Face records with forward hooks on each decoder layer) gives
+the same tuple, of the same length, fused or not, except for one entry: ``hidden_states[start]``
+(the output of layer ``start - 1``). Unfused it is the residual stream before the patch, since the
+hook sits on A inside the wrapper; fused, the stream before the patch is never materialised (that is
+the memory pass saved), and the entry is the patched stream ``h'`` -- the input of the next layer, as
+everywhere else in the tuple. The fused layers run the forward hooks registered on A and B
+themselves (with ``args = (layer input,)`` and the layer's output), which is how transformers'
+capture sees them; a hook that returns a replacement output, or a forward pre-hook registered on A
+or B themselves, cannot be honoured inside the fused computation and raises a ``RuntimeError`` (hooks
+on the slots ``model.model.layers[i]`` run as usual; the one on slot ``start`` is handed the
+``CutHandoff``). Under gradient checkpointing the two fused layers are not checkpointed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,11 +87,17 @@ from .patch import PATCH_MODES, LinearPatch
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "CutHandoff",
+    "FusedCutNextLayer",
+    "FusionStatus",
     "PatchedDecoderLayer",
     "decoder_layers",
+    "fusion_status",
     "get_patch",
     "patch_disabled",
+    "plain_layers",
     "prune_and_patch",
+    "set_fused",
     "set_patch",
     "set_patch_enabled",
 ]
@@ -86,12 +146,92 @@ def module_execution_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# Decoder layers whose transformers-5 forward is exactly
+#     r = x; x = input_layernorm(x); x = self_attn(hidden_states=x, <every other argument>)[0]; x = r + x
+#     r = x; x = mlp(post_attention_layernorm(x)); return r + x
+# and RMSNorms computing ``weight * (x / sqrt(mean(x^2) + variance_epsilon))``: what the fused cut
+# recomputes from their submodules. Matched by class name within transformers' own model modules.
+_FUSABLE_LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+_FUSABLE_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+_LAYER_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# The forward arguments those layers pass on to ``self_attn`` (names across transformers 5.x).
+_KNOWN_LAYER_ARGUMENTS = frozenset({
+    "attention_mask", "position_ids", "cache", "past_key_values", "past_key_value", "use_cache",
+    "cache_position", "position_embeddings",
+})
+
+
+class CutHandoff(NamedTuple):
+    """What a fused cut passes from layer ``start - 1`` to layer ``start`` through the decoder loop:
+    the patched residual stream ``h' = (r + u) . P`` and ``RMSNorm_next(h')``."""
+
+    hidden_states: torch.Tensor
+    normed: torch.Tensor
+
+
+class FusionStatus(NamedTuple):
+    """``fused``: whether the cut runs the fused epilogue; ``reason``: why not (``None`` when fused)."""
+
+    fused: bool
+    reason: str | None
+
+
+class _LayerCall:
+    """How to call a decoder layer's body without its ``forward``: the names and defaults of its
+    forward arguments after ``hidden_states``, all of which the layer hands on to ``self_attn``."""
+
+    def __init__(self, layer: nn.Module):
+        params = list(inspect.signature(type(layer).forward).parameters.values())[2:]  # skip self, hidden_states
+        named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        self.names = tuple(p.name for p in named if p.kind != p.KEYWORD_ONLY)
+        self.defaults = {p.name: p.default for p in named if p.default is not p.empty}
+
+    def attention_kwargs(self, args: tuple, kwargs: dict) -> dict:
+        if len(args) > len(self.names):
+            raise TypeError(f"fused decoder layer: {len(args)} positional arguments after hidden_states; "
+                            f"the layer takes at most {len(self.names)} ({', '.join(self.names)})")
+        merged = dict(self.defaults)
+        merged.update(zip(self.names, args))
+        merged.update(kwargs)
+        return merged
+
+
+def _run_layer_hooks(layer: nn.Module, hidden_in: torch.Tensor, output, where: str) -> None:
+    """Run the forward hooks registered on ``layer`` itself, as ``layer(hidden_in)`` returning
+    ``output`` would (the fused cut computes the layer from its submodules, so ``nn.Module.__call__``
+    does not). That is how transformers' ``output_hidden_states`` capture sees the fused layers."""
+    for hook_id, hook in layer._forward_hooks.items():
+        if hook_id in layer._forward_hooks_with_kwargs:
+            result = hook(layer, (hidden_in,), {}, output)
+        else:
+            result = hook(layer, (hidden_in,), output)
+        if result is not None:
+            raise RuntimeError(
+                f"a forward hook on {where} returned a replacement output, which the fused cut cannot apply "
+                "(the next layer's norm is already computed); use fuse=False or set_fused(model, False)"
+            )
+
+
+def _check_no_pre_hooks(layer: nn.Module, where: str) -> None:
+    if layer._forward_pre_hooks:
+        raise RuntimeError(
+            f"{where} has forward pre-hooks of its own, which the fused cut does not run (it computes the "
+            "layer from its submodules); register them on model.model.layers[i] instead, or use fuse=False "
+            "or set_fused(model, False)"
+        )
+
+
 class PatchedDecoderLayer(nn.Module):
     """A decoder layer with a ``LinearPatch`` on its output (``position="output"``) or its input
     hidden states (``position="input"``, used only when the cut is before the first layer).
 
-    Calls pass straight through to the wrapped layer; attribute reads the wrapper lacks fall back to
-    it (``attention_type`` and the like), so model code that inspects layers keeps working.
+    Unfused, calls pass straight through to the wrapped layer and the patch is applied to its result.
+    Fused (``fused`` is True; see the module docstring), it computes the layer from its submodules,
+    ends with ``linearpatch::patch_add_rmsnorm`` and the next layer's ``input_layernorm``, and returns
+    a ``CutHandoff`` for the ``FusedCutNextLayer`` in the next slot. ``fuse_requested`` records what
+    was asked for, ``fusion_fallback`` why a cut is not fused (``None`` when it is). Attribute reads
+    the wrapper lacks fall back to the wrapped layer (``attention_type`` and the like), so model code
+    that inspects layers keeps working.
     """
 
     def __init__(self, layer: nn.Module, patch: LinearPatch, position: str = "output"):
@@ -101,6 +241,13 @@ class PatchedDecoderLayer(nn.Module):
         self.layer = layer
         self.patch = patch
         self.position = position
+        self.fuse_requested = False
+        self.fused = False
+        self.fusion_fallback: str | None = "fuse=False"
+        # Plain attributes, not submodules: the next layer's norm is registered (and saved) in the
+        # next slot only; this holds a second reference to the same module.
+        self._next_norm: tuple[nn.Module, ...] = ()
+        self._call: _LayerCall | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -111,6 +258,8 @@ class PatchedDecoderLayer(nn.Module):
             return getattr(super().__getattr__("layer"), name)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.fused:
+            return self._fused_forward(hidden_states, args, kwargs)
         if self.position == "input":
             # The input may still be on the previous module's device (accelerate moves it inside the
             # wrapped layer's own hook), so bring it to the patch first.
@@ -122,12 +271,189 @@ class PatchedDecoderLayer(nn.Module):
         # transformers 4.x: (hidden_states, attention weights?, cache?)
         return (self.patch(out[0].to(self.patch_device())), *out[1:])
 
+    def _fused_forward(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> CutHandoff:
+        layer = self.layer
+        _check_no_pre_hooks(layer, "the layer before the fused cut")
+        attention_kwargs = self._call.attention_kwargs(args, kwargs)
+        # The wrapped layer's own forward, up to its MLP.
+        residual = hidden_states
+        x = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **attention_kwargs)[0]
+        residual = residual + x
+        update = layer.mlp(layer.post_attention_layernorm(residual))
+        out = self._epilogue(residual, update)
+        _run_layer_hooks(layer, hidden_states, out, "the layer before the fused cut")
+        return out
+
+    def _epilogue(self, residual: torch.Tensor, update: torch.Tensor) -> CutHandoff:
+        """``h' = (residual + update) . P`` and the next layer's ``input_layernorm(h')``, in one op."""
+        norm = self._next_norm[0]
+        if update.dtype != residual.dtype:
+            # ``residual + update`` in eager PyTorch promotes (an fp32 stream plus a bf16 MLP output
+            # under autocast gives fp32); the op takes one dtype, so promote first.
+            dtype = torch.promote_types(residual.dtype, update.dtype)
+            residual, update = residual.to(dtype), update.to(dtype)
+        if not self.patch.enabled:
+            h = residual + update
+            return CutHandoff(h, norm(h))
+        h, normed = torch.ops.linearpatch.patch_add_rmsnorm(residual, update, self.patch.scale, norm.weight,
+                                                             float(norm.variance_epsilon))
+        if norm.weight.dtype != h.dtype:
+            # The norm module returns ``weight * x.to(input dtype)``: the promoted dtype of the two.
+            normed = normed.to(torch.promote_types(norm.weight.dtype, h.dtype))
+        return CutHandoff(h, normed)
+
     def patch_device(self) -> torch.device:
         p = self.patch.scale if self.patch.mode != "dense" else self.patch.weight
         return p.device
 
     def extra_repr(self) -> str:
-        return f"position={self.position}"
+        if self.position == "input":
+            return "position=input"
+        if self.fused:
+            return "position=output, fused=True (patch_add_rmsnorm with the next layer's input_layernorm)"
+        return f"position=output, fused=False ({self.fusion_fallback})"
+
+
+class FusedCutNextLayer(nn.Module):
+    """The decoder layer right after a fused cut (``layers[start]``).
+
+    Given the ``CutHandoff`` of the ``PatchedDecoderLayer`` before it, it runs the wrapped layer's
+    body after its ``input_layernorm``: attention on the already normed stream, residual the patched
+    stream. Given a plain tensor it is the wrapped layer. Attribute reads fall back to the wrapped
+    layer (``attention_type``, ``self_attn``, ...).
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self._call = _LayerCall(layer)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer":
+                raise
+            return getattr(super().__getattr__("layer"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not isinstance(hidden_states, CutHandoff):
+            return self.layer(hidden_states, *args, **kwargs)
+        layer = self.layer
+        _check_no_pre_hooks(layer, "the layer after the fused cut")
+        attention_kwargs = self._call.attention_kwargs(args, kwargs)
+        h, normed = hidden_states
+        # The wrapped layer's own forward, after its input_layernorm.
+        x = layer.self_attn(hidden_states=normed, **attention_kwargs)[0]
+        residual = h + x
+        out = residual + layer.mlp(layer.post_attention_layernorm(residual))
+        _run_layer_hooks(layer, h, out, "the layer after the fused cut")
+        return out
+
+    def extra_repr(self) -> str:
+        return "input: CutHandoff from the fused cut before it"
+
+
+def _is_transformers_class(module: nn.Module, names: tuple[str, ...]) -> bool:
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
+
+
+def _layer_fusion_blocker(layer: nn.Module, which: str) -> str | None:
+    if not _is_transformers_class(layer, _FUSABLE_LAYER_CLASSES):
+        return f"{which} is a {type(layer).__name__}, not one of {', '.join(_FUSABLE_LAYER_CLASSES)}"
+    missing = [name for name in _LAYER_SUBMODULES if not isinstance(getattr(layer, name, None), nn.Module)]
+    if missing:
+        return f"{which} has no {', '.join(missing)}"
+    unknown = sorted(set(_LayerCall(layer).names) - _KNOWN_LAYER_ARGUMENTS)
+    if unknown:
+        return f"{which}'s forward takes arguments the fused body does not know to pass on: {', '.join(unknown)}"
+    return None
+
+
+def _single_device(modules: list[nn.Module]) -> torch.device | str:
+    """The one device all parameters and buffers of ``modules`` are on, or a reason string."""
+    devices = set()
+    for module in modules:
+        for m in module.modules():
+            if getattr(m, "_hf_hook", None) is not None:
+                return "accelerate hooks (device_map dispatch or offload) on the layers at the cut"
+        devices.update(t.device for t in list(module.parameters()) + list(module.buffers()))
+    if any(d.type == "meta" for d in devices):
+        return "weights on the meta device (offloaded) at the cut"
+    if len(devices) != 1:
+        return f"the layers and the patch at the cut are on several devices ({', '.join(sorted(map(str, devices)))})"
+    return devices.pop()
+
+
+def _fusion_blocker(layers: nn.ModuleList, index: int, patch: LinearPatch) -> str | None:
+    """``None`` when the cut after ``layers[index]`` can run the fused epilogue, else why not."""
+    if index + 1 >= len(layers):
+        return "no layer after the cut (the patched stream goes to the final norm)"
+    if patch.mode != "rotate":
+        return f"the patch is mode {patch.mode!r}; the fused op applies a 'rotate' patch"
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return f"transformers {transformers.__version__}: the fused cut needs transformers >= 5"
+    before, after = layers[index], layers[index + 1]
+    if isinstance(before, PatchedDecoderLayer):
+        before = before.layer
+    if isinstance(after, FusedCutNextLayer):
+        after = after.layer
+    for layer, which in ((before, "the layer before the cut"), (after, "the layer after the cut")):
+        reason = _layer_fusion_blocker(layer, which)
+        if reason is not None:
+            return reason
+    norm = after.input_layernorm
+    if not _is_transformers_class(norm, _FUSABLE_NORM_CLASSES):
+        return (f"the next layer's input_layernorm is a {type(norm).__name__}, "
+                f"not one of {', '.join(_FUSABLE_NORM_CLASSES)}")
+    eps, weight = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        return f"the next layer's input_layernorm has variance_epsilon {eps!r}, not a non-negative float"
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (patch.hidden_size,):
+        return f"the next layer's input_layernorm weight is not of shape ({patch.hidden_size},)"
+    device = _single_device([before, after, patch])
+    if isinstance(device, str):
+        return device
+    return None
+
+
+def _tail_index(layers: nn.ModuleList, wrapper: PatchedDecoderLayer) -> int:
+    return next(i for i, layer in enumerate(layers) if layer is wrapper)
+
+
+def _unfuse(layers: nn.ModuleList, index: int, reason: str) -> None:
+    wrapper = layers[index]
+    if wrapper.fused and isinstance(layers[index + 1], FusedCutNextLayer):
+        layers[index + 1] = layers[index + 1].layer
+    wrapper.fused = False
+    wrapper.fusion_fallback = reason
+    wrapper._next_norm = ()
+    wrapper._call = None
+
+
+def _plan_fusion(model: nn.Module, wrapper: PatchedDecoderLayer, fuse: bool) -> FusionStatus:
+    """Fuse the cut at ``wrapper`` when ``fuse`` and the model allow it, else make it unfused."""
+    layers = decoder_layers(model)
+    index = _tail_index(layers, wrapper)
+    wrapper.fuse_requested = fuse
+    if wrapper.position == "input":
+        reason = "no layer before the cut (start == 0: the patch is on the first layer's input)"
+    elif not fuse:
+        reason = "fuse=False"
+    else:
+        reason = _fusion_blocker(layers, index, wrapper.patch)
+    _unfuse(layers, index, reason)
+    if reason is not None:
+        return FusionStatus(False, reason)
+    after = FusedCutNextLayer(layers[index + 1])
+    layers[index + 1] = after
+    wrapper._next_norm = (after.layer.input_layernorm,)
+    wrapper._call = _LayerCall(wrapper.layer)
+    wrapper.fused = True
+    return FusionStatus(True, None)
 
 
 def _check_block(start, end, num_layers: int) -> tuple[int, int]:
@@ -174,9 +500,10 @@ def _renumber_layers(model: nn.Module, layers: nn.ModuleList, kept: list[int]) -
         model.hf_device_map = new_map
 
 
-def attach_patch(model: nn.Module, start: int, patch: LinearPatch) -> None:
+def attach_patch(model: nn.Module, start: int, patch: LinearPatch, fuse: bool = True) -> FusionStatus:
     """Put ``patch`` at the cut of an already pruned stack: on the output of layer ``start - 1``, or on
-    the input of layer 0 when ``start == 0``. The patch is moved to that layer's execution device."""
+    the input of layer 0 when ``start == 0``. The patch is moved to that layer's execution device.
+    With ``fuse`` the cut runs the fused epilogue where it can (see the module docstring)."""
     layers = decoder_layers(model)
     if start == 0:
         index, position = 0, "input"
@@ -184,7 +511,9 @@ def attach_patch(model: nn.Module, start: int, patch: LinearPatch) -> None:
         index, position = start - 1, "output"
     layer = layers[index]
     patch.to(module_execution_device(layer))
-    layers[index] = PatchedDecoderLayer(layer, patch, position)
+    wrapper = PatchedDecoderLayer(layer, patch, position)
+    layers[index] = wrapper
+    return _plan_fusion(model, wrapper, fuse)
 
 
 def pruning_record(start: int, end: int, mode: str, num_layers_original: int, hidden_size: int) -> dict:
@@ -194,13 +523,18 @@ def pruning_record(start: int, end: int, mode: str, num_layers_original: int, hi
 
 
 def prune_and_patch(model: nn.Module, start: int, end: int, scales: torch.Tensor | None = None,
-                    mode: str = "rotate", weight: torch.Tensor | None = None) -> nn.Module:
+                    mode: str = "rotate", weight: torch.Tensor | None = None, fuse: bool = True) -> nn.Module:
     """Delete decoder layers ``[start, end)`` of ``model`` in place and insert a ``LinearPatch`` at the cut.
 
     ``mode`` is "rotate" (``P = H diag(scales) H^T``), "diag" (``P = diag(scales)``) or "dense"
     (``P = weight``, ``d x d``). ``scales=None`` / ``weight=None`` mean the identity, i.e. plain
-    pruning with a patch that can be calibrated or trained later. Returns ``model``.
+    pruning with a patch that can be calibrated or trained later. ``fuse`` (default True) runs the
+    last residual add before the cut, the patch and the next layer's RMSNorm as one fused op where
+    the model and the cut allow it, and otherwise leaves the cut unfused (``fusion_status(model)``
+    says which and why). Returns ``model``.
     """
+    if not isinstance(fuse, bool):
+        raise TypeError(f"prune_and_patch: fuse must be a bool, got {fuse!r}")
     layers = decoder_layers(model)
     config = model.config
     if _patched_layers(layers) or getattr(config, "linearpatch", None) is not None:
@@ -223,7 +557,7 @@ def prune_and_patch(model: nn.Module, start: int, end: int, scales: torch.Tensor
     kept = list(range(start)) + list(range(end, num_layers))
     del layers[start:end]
     _renumber_layers(model, layers, kept)
-    attach_patch(model, start, patch)
+    attach_patch(model, start, patch, fuse=fuse)
     config.linearpatch = pruning_record(start, end, mode, num_layers, hidden_size)
     return model
 
@@ -246,7 +580,10 @@ def get_patch(model: nn.Module) -> LinearPatch:
 
 def set_patch(model: nn.Module, patch: LinearPatch) -> None:
     """Replace the patch of a pruned model (e.g. by a dense one for distillation); it is moved to
-    the device of the layer it is attached to and ``config.linearpatch["mode"]`` follows it."""
+    the device of the layer it is attached to and ``config.linearpatch["mode"]`` follows it.
+
+    A fused cut stays fused only with a "rotate" patch: a "diag" or "dense" one turns the fusion off
+    (``fusion_status`` says so), and a later "rotate" patch turns it back on."""
     if not isinstance(patch, LinearPatch):
         raise TypeError(f"set_patch: patch must be a LinearPatch, got {type(patch).__name__}")
     wrapper = _patch_wrapper(model)
@@ -254,6 +591,37 @@ def set_patch(model: nn.Module, patch: LinearPatch) -> None:
         raise ValueError(f"set_patch: patch hidden_size {patch.hidden_size} != model hidden_size {model.config.hidden_size}")
     wrapper.patch = patch.to(module_execution_device(wrapper.layer))
     model.config.linearpatch = {**model.config.linearpatch, "mode": patch.mode}
+    _plan_fusion(model, wrapper, wrapper.fuse_requested)
+
+
+def set_fused(model: nn.Module, fuse: bool) -> FusionStatus:
+    """Turn the fused cut of a pruned model on (where possible) or off; returns the resulting status.
+    The logits are the same either way (up to rounding); only ``output_hidden_states[start]`` differs."""
+    if not isinstance(fuse, bool):
+        raise TypeError(f"set_fused: fuse must be a bool, got {fuse!r}")
+    return _plan_fusion(model, _patch_wrapper(model), fuse)
+
+
+def fusion_status(model: nn.Module) -> FusionStatus:
+    """``FusionStatus(fused, reason)`` of a pruned model's cut; ``reason`` says why it is not fused."""
+    wrapper = _patch_wrapper(model)
+    return FusionStatus(wrapper.fused, None if wrapper.fused else wrapper.fusion_fallback)
+
+
+@contextlib.contextmanager
+def plain_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """``with plain_layers(model): ...`` puts the unwrapped Hugging Face layers back into
+    ``model.model.layers`` (no patch, no fused cut: the plain pruned model, with Hugging Face's weight
+    names, e.g. for ``save_pretrained``), then restores the wrappers."""
+    layers = decoder_layers(model)
+    saved = {i: layer for i, layer in enumerate(layers) if isinstance(layer, (PatchedDecoderLayer, FusedCutNextLayer))}
+    for i, layer in saved.items():
+        layers[i] = layer.layer
+    try:
+        yield model
+    finally:
+        for i, layer in saved.items():
+            layers[i] = layer
 
 
 def set_patch_enabled(model: nn.Module, enabled: bool) -> None:
