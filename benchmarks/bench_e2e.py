@@ -93,6 +93,8 @@ def build_dense(config: LlamaConfig, dtype: torch.dtype, device: torch.device) -
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if next(model.parameters()).device.type != device.type:  # a transformers that ignores the device context
+        model.to(device)
     return model.eval()
 
 
@@ -447,9 +449,10 @@ def main(argv=None) -> dict:
                         if row["variant"] in generated:
                             row["tokens_generated"] = generated[row["variant"]]
                             row["prompt_prefill_ms"] = statistics.median(prompts[row["variant"]]) * 1e3
-            except torch.cuda.OutOfMemoryError as e:
-                rows = [dict(base, variant="all", error=f"out of memory: {e}")]
-                torch.cuda.empty_cache()
+            except Exception as e:  # out of memory, a failing kernel ...: an error row, then the next workload
+                rows = [dict(base, variant="all", error=f"{type(e).__name__}: {e}")]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             result["rows"].extend(rows)
             for r in rows:
                 if "error" in r:
