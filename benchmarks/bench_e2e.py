@@ -72,7 +72,6 @@ PRESETS = {
                  prefill=["1x32", "2x32"], decode_batch=[1, 2], prompt_len=16, new_tokens=8,
                  repeats=3, decode_repeats=1),
 }
-VARIANTS = ("dense", "pruned", "pruned+paper", "pruned+ours")
 DECODE_WARMUP_STEPS = 2  # first steps of every repeat, not counted (first-call allocations, heuristics)
 PREFILL_WARMUP = 2
 
