@@ -2,6 +2,7 @@
 
     linearpatch prune --model PATH --num-prune N --out DIR   select, calibrate, prune, patch, save
     linearpatch eval  --model PATH [--tasks arc_easy,...]    perplexity (and lm-eval accuracy)
+    linearpatch distill --model DIR --teacher PATH --out DIR train the patch against the dense model
     linearpatch demo                                         the whole job on the embedded SmolLM2
 
 ``--model`` is a local Hugging Face model folder, a checkpoint written by ``linearpatch prune``
@@ -29,7 +30,8 @@ DEMO_NUM_PRUNE = (5, 7)
 DEMO_CALIB_SAMPLES = 8
 DEMO_EVAL_SAMPLES = 8
 DEMO_SEQLEN = 512
-DEMO_PROMPT = "It was a fine morning in the village, and"
+DEMO_PROMPT = "Mr. Darcy looked at Elizabeth and said,"
+DEMO_REPETITION_PENALTY = 1.3
 
 
 class CliError(Exception):
@@ -345,14 +347,15 @@ def _paper_metric(task: str) -> str:
 def cmd_demo(args) -> int:
     import torch
 
-    from .default_model import DEFAULT_MODEL_NAME
     from .evaluation import perplexity
     from .model import (LinearPatch, estimate_scales, get_patch, load_pruned, patch_disabled, prune_and_patch,
                         save_pruned, set_patch)
 
     t_total = time.perf_counter()
     out = _check_out_dir(args.out) if args.out else None
-    loaded = load_model("default", args.device, "float32")
+    loaded = load_model(args.model, args.device, args.dtype)
+    if loaded.record is not None:
+        raise CliError(f"--model {args.model} is already a pruned checkpoint; the demo starts from a dense model")
     model, tokenizer = loaded.model, loaded.tokenizer
     num_layers = loaded.num_layers
     print(f"model: {loaded.describe()}  [load {_seconds(t_total)}]")
@@ -361,64 +364,69 @@ def cmd_demo(args) -> int:
     print(f"calibration: {calib_what}")
     print(f"evaluation:  {eval_what}")
 
-    t0 = time.perf_counter()
-    rows = [["dense", str(num_layers), "-", f"{perplexity(model, evals, desc='perplexity: dense'):.2f}", _seconds(t0)]]
-    keep = None
-    for n in args.num_prune:
-        t0 = time.perf_counter()
-        start, end, score = _choose_block(model, calib, n, "cosine")
-        scales = {mode: estimate_scales(model, calib, start, end, mode) for mode in ("rotate", "diag")}
-        print(f"prune {n}: block [{start}, {end}), cosine similarity {score:.4f}; scales rotate "
-              f"({_scale_summary(scales['rotate'])}), diag ({_scale_summary(scales['diag'])})  [{_seconds(t0)}]")
-        pruned = prune_and_patch(copy.deepcopy(model), start, end, scales["rotate"], mode="rotate")
-        block = f"[{start}, {end})"
-        t0 = time.perf_counter()
-        with patch_disabled(pruned):
-            ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n}")
-        rows.append([f"pruned {n}, no patch", str(num_layers - n), block, f"{ppl:.2f}", _seconds(t0)])
-        t0 = time.perf_counter()
-        ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} + rotate")
-        rows.append([f"pruned {n} + patch (rotate)", str(num_layers - n), block, f"{ppl:.2f}", _seconds(t0)])
-        rotate_patch = get_patch(pruned)
-        set_patch(pruned, LinearPatch(int(model.config.hidden_size), mode="diag", scale=scales["diag"]))
-        t0 = time.perf_counter()
-        ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} + diag")
-        rows.append([f"pruned {n} + patch (diag)", str(num_layers - n), block, f"{ppl:.2f}", _seconds(t0)])
-        set_patch(pruned, rotate_patch)
-        keep = (n, pruned)
-        del pruned
-
-    print()
-    print(f"{DEFAULT_MODEL_NAME}: perplexity on {eval_what}")
-    print(format_table(["model", "layers", "block", "perplexity", "time"], rows))
-    print()
-
-    # Save the last pruned + rotate-patched model, load it back, compare logits, generate.
-    n, pruned = keep
     with tempfile.TemporaryDirectory(prefix="linearpatch-demo-") as scratch:
-        target = out if out is not None else Path(scratch) / f"smollm2-pruned{n}-rotate"
         t0 = time.perf_counter()
-        save_pruned(pruned, target, tokenizer=tokenizer)
-        reloaded = load_pruned(target, device=args.device)
-        ids = evals[0].to(args.device)
+        dense_ppl = perplexity(model, evals, desc="perplexity: dense")
+        rows = [["dense", str(num_layers), "-", f"{dense_ppl:.2f}", _seconds(t0)]]
+        saved = None  # (n, folder, logits before saving) of the first pruned + rotate-patched model
+        for n in args.num_prune:
+            t0 = time.perf_counter()
+            start, end, score = _choose_block(model, calib, n, "cosine")
+            scales = {mode: estimate_scales(model, calib, start, end, mode) for mode in ("rotate", "diag")}
+            print(f"prune {n}: block [{start}, {end}), cosine similarity {score:.4f}; scales rotate "
+                  f"({_scale_summary(scales['rotate'])}), diag ({_scale_summary(scales['diag'])})  [{_seconds(t0)}]")
+            # The dense model stays intact for the next block size: prune a copy.
+            pruned = prune_and_patch(copy.deepcopy(model), start, end, scales["rotate"], mode="rotate")
+            block, layers = f"[{start}, {end})", str(num_layers - n)
+            t0 = time.perf_counter()
+            with patch_disabled(pruned):
+                ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n}")
+            rows.append([f"pruned {n}, no patch", layers, block, f"{ppl:.2f}", _seconds(t0)])
+            t0 = time.perf_counter()
+            ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} + rotate")
+            rows.append([f"pruned {n} + patch (rotate)", layers, block, f"{ppl:.2f}", _seconds(t0)])
+            rotate_patch = get_patch(pruned)
+            set_patch(pruned, LinearPatch(int(model.config.hidden_size), mode="diag", scale=scales["diag"]))
+            t0 = time.perf_counter()
+            ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} + diag")
+            rows.append([f"pruned {n} + patch (diag)", layers, block, f"{ppl:.2f}", _seconds(t0)])
+            if saved is None:
+                set_patch(pruned, rotate_patch)
+                folder = out if out is not None else Path(scratch) / f"pruned{n}-rotate"
+                save_pruned(pruned, folder, tokenizer=tokenizer)
+                with torch.no_grad():
+                    logits = pruned(input_ids=evals[0].to(args.device), use_cache=False).logits
+                saved = (n, folder, logits)
+            del pruned
+
+        print()
+        print(f"{loaded.name}: perplexity on {eval_what}")
+        print(format_table(["model", "layers", "block", "perplexity", "time"], rows))
+        print()
+
+        # The saved checkpoint must give back the very same model: same logits on the same input.
+        n, folder, before = saved
+        t0 = time.perf_counter()
+        reloaded = load_pruned(folder, device=args.device, dtype=_torch_dtype(args.dtype))
         with torch.no_grad():
-            before = pruned(input_ids=ids, use_cache=False).logits
-            after = reloaded(input_ids=ids, use_cache=False).logits
+            after = reloaded(input_ids=evals[0].to(args.device), use_cache=False).logits
         diff = float((before - after).abs().max())
         if not torch.allclose(before, after, rtol=1e-5, atol=1e-5):
             raise RuntimeError(f"the reloaded model's logits differ from the saved model's (max |diff| {diff:.3g})")
         state = "identical" if torch.equal(before, after) else f"equal within 1e-5 (max |diff| {diff:.3g})"
-        where = str(target) if out is not None else "a temporary folder"
-        print(f"saved pruned {n} + rotate patch to {where}, reloaded: logits {state}  [{_seconds(t0)}]")
+        where = str(folder) if out is not None else "a temporary folder"
+        print(f"saved pruned {n} + rotate patch to {where}; reloaded: logits {state}  [{_seconds(t0)}]")
 
-        t0 = time.perf_counter()
         prompt = tokenizer(DEMO_PROMPT, return_tensors="pt").input_ids.to(args.device)
-        with torch.no_grad():
-            generated = reloaded.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                          pad_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)
-        print(f"sample from the reloaded model (greedy, {args.max_new_tokens} tokens, {_seconds(t0)}):")
-        print(f"  {DEMO_PROMPT}{text}")
+        print(f"greedy samples, {args.max_new_tokens} new tokens, repetition penalty {DEMO_REPETITION_PENALTY}:")
+        for label, m in (("dense", model), (f"pruned {n} + rotate (reloaded)", reloaded)):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                generated = m.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                       repetition_penalty=DEMO_REPETITION_PENALTY,
+                                       pad_token_id=tokenizer.eos_token_id)
+            text = tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)
+            print(f"  [{label}, {_seconds(t0)}] {DEMO_PROMPT}{text}")
     print(f"\ntotal time: {_seconds(t_total)}")
     return 0
 
@@ -471,8 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=1, help="lm-eval batch size (default: %(default)s)")
     p.set_defaults(func=cmd_eval)
 
+    from .model.distill import add_distill_subcommand
+
+    add_distill_subcommand(sub)
+
     p = sub.add_parser("demo", help="prune 5 and 7 of SmolLM2-135M's 30 layers, compare perplexities, "
                                     "save, reload, generate")
+    add_model_options(p)
     p.add_argument("--num-prune", type=_positive_int, nargs="+", default=list(DEMO_NUM_PRUNE),
                    help="block sizes to prune (default: %(default)s)")
     p.add_argument("--calib-samples", type=_positive_int, default=DEMO_CALIB_SAMPLES,
@@ -481,8 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation windows (default: %(default)s)")
     p.add_argument("--seqlen", type=_positive_int, default=DEMO_SEQLEN, help="tokens per window (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--out", help="new folder to keep the last pruned checkpoint in (default: a temporary folder)")
+    p.add_argument("--out", help="new folder to keep the first pruned checkpoint in (default: a temporary folder)")
     p.set_defaults(func=cmd_demo)
     return parser
 

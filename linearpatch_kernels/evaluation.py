@@ -14,6 +14,7 @@ HellaSwag and PIQA and ``acc`` for every other task.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -94,6 +95,22 @@ def require_lm_eval():
     return lm_eval
 
 
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, tasks: tuple[str, ...]):
+    """An lm-eval TaskManager that knows ``tasks``, reused within the process.
+
+    Indexing lm-eval's thousands of built-in task files takes seconds; when every task asked
+    for is one of the local ones in ``include_path``, the built-in index is not built at all.
+    """
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    return TaskManager(include_path=include_path)
+
+
 def run_lm_eval(model: nn.Module, tokenizer, tasks, *, include_path: str | os.PathLike | None = None,
                 num_fewshot: int = 0, batch_size: int = 1, limit: int | None = None) -> dict[str, dict[str, float]]:
     """Zero-shot (by default) accuracy of an in-memory model on lm-eval ``tasks``.
@@ -105,14 +122,12 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks, *, include_path: str | os.Pa
     """
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
         raise ValueError("run_lm_eval: no tasks given; pass lm-eval task names such as arc_easy, hellaswag")
     if include_path is not None and not Path(include_path).is_dir():
         raise FileNotFoundError(f"lm-eval include path {include_path} is not a directory of task YAML files")
-    task_manager = TaskManager(include_path=str(include_path) if include_path else None)
+    task_manager = _task_manager(str(include_path) if include_path else None, tuple(tasks))
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; examples of known tasks: arc_easy, "

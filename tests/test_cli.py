@@ -168,7 +168,7 @@ def test_tasks_without_lm_eval_names_the_pip_command(tiny_folder, monkeypatch, c
 def test_eval_tasks_report_retained_performance(tiny_folder, tmp_path, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-    docs = write_mc_task(tmp_path)
+    docs = write_mc_task(tmp_path)[:4]  # --limit 4: lm-eval scores the first four documents
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(tiny_folder), "--num-prune", "2", "--start", "2",
                  "--calib-text", str(tiny_folder / "text.txt"), "--samples", "2", "--seqlen", "32",
@@ -176,7 +176,7 @@ def test_eval_tasks_report_retained_performance(tiny_folder, tmp_path, monkeypat
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--dense-model", str(tiny_folder), "--text",
                  str(tiny_folder / "text.txt"), "--seqlen", "48", "--samples", "2",
-                 "--tasks", "tiny_mc", "--include-path", str(tmp_path)]) == 0
+                 "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--limit", "4"]) == 0
     stdout = capsys.readouterr().out
     dense = tiny_char_model(num_layers=NUM_LAYERS, seed=11)
     pruned = load_pruned(out)
@@ -191,3 +191,35 @@ def test_eval_tasks_report_retained_performance(tiny_folder, tmp_path, monkeypat
     assert retained, stdout
     assert float(retained.group(1)) == pytest.approx(100.0)
     assert float(retained.group(2)) == pytest.approx(100 * want["patched"]["acc"] / want["dense"]["acc"], abs=0.01)
+
+
+def test_demo_on_a_tiny_model(tiny_folder, tmp_path, capsys):
+    import copy
+
+    from linearpatch_kernels import corpus
+
+    out = tmp_path / "demo-out"
+    assert main(["demo", "--model", str(tiny_folder), "--num-prune", "1", "2", "--calib-samples", "2",
+                 "--eval-samples", "2", "--seqlen", "32", "--max-new-tokens", "6", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "reloaded: logits identical" in stdout
+    assert load_pruned(out).config.linearpatch["mode"] == "rotate"
+
+    model = tiny_char_model(num_layers=NUM_LAYERS, seed=11)
+    ids = torch.tensor([char_tokenizer()(corpus.evaluation_text()[:200]).input_ids])
+    windows = [ids[:, :32], ids[:, 32:64]]
+    dense = re.search(r"^dense\s+6\s+-\s+([\d.]+)", stdout, re.M)
+    assert dense, stdout
+    assert float(dense.group(1)) == pytest.approx(direct_perplexity(model, windows), abs=0.006)
+    for n in (1, 2):
+        row = re.search(rf"^pruned {n}, no patch\s+{NUM_LAYERS - n}\s+\[(\d+), (\d+)\)\s+([\d.]+)", stdout, re.M)
+        assert row, stdout
+        start, end = int(row.group(1)), int(row.group(2))
+        assert end - start == n
+        for mode in ("rotate", "diag"):
+            assert re.search(rf"^pruned {n} \+ patch \({mode}\)\s+{NUM_LAYERS - n}\s+\[{start}, {end}\)\s+[\d.]+",
+                             stdout, re.M), stdout
+        # Plain pruning written out: the same model with its layers [start, end) deleted.
+        plain = copy.deepcopy(model)
+        del plain.model.layers[start:end]
+        assert float(row.group(3)) == pytest.approx(direct_perplexity(plain, windows), abs=0.006)
