@@ -359,6 +359,14 @@ def test_distill_patch_end_to_end_saves_a_loadable_patch(tiny_setup, tmp_path):
     cli_record = json.loads((tmp_path / "cli" / "distill.json").read_text())["result"]
     assert cli_record["best_val_loss"] < cli_record["initial_val_loss"]
 
+    for model_arg, teacher_arg, match in [(student_dir, tmp_path / "nowhere", "--teacher .*no such folder"),
+                                          (student_dir, tmp_path, "neither a model"),
+                                          (teacher_dir, out / "teacher-cache", "not a pruned checkpoint")]:
+        bad = parser.parse_args(["distill", "--model", str(model_arg), "--teacher", str(teacher_arg), "--out",
+                                 str(tmp_path / "bad")])
+        with pytest.raises(FileNotFoundError, match=match):
+            bad.func(bad)
+
 
 # --- bad inputs ---------------------------------------------------------------------------------
 

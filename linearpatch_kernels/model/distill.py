@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_pruned, save_pruned
+from .checkpoint import METADATA_FILE, load_pruned, save_pruned
 from .patch import LinearPatch
 from .surgery import get_patch, module_execution_device, set_patch
 from .teacher_cache import MANIFEST_FILE, TeacherCache, build_teacher_cache, model_identity
@@ -496,28 +496,41 @@ def run_distill_command(args) -> int:
     """The ``linearpatch distill`` handler: windows from the corpus, then ``distill_patch``."""
     # Command-line code that lives here by the CLI's choice; the CLI module is imported only now, when
     # the command runs, so the model layer does not depend on it otherwise.
-    from ..cli import _check_device, resolve_model_path
+    from ..cli import DEFAULT_MODEL_ALIASES, _check_device
 
-    teacher = Path(args.teacher).expanduser()
-    if not _is_cache_dir(teacher):
-        teacher = resolve_model_path(args.teacher)[1]  # a model folder, or "default" for the embedded SmolLM2
+    if args.teacher in DEFAULT_MODEL_ALIASES:
+        from ..default_model import default_model_dir
+
+        teacher = default_model_dir()
+    else:
+        teacher = Path(args.teacher).expanduser()
+        if not teacher.is_dir():
+            raise FileNotFoundError(f"--teacher {args.teacher}: no such folder; accepted: the dense model's folder, "
+                                    "'default' for the embedded SmolLM2-135M-Instruct, or a teacher cache folder")
+    if not _is_cache_dir(teacher) and not (teacher / "config.json").is_file():
+        raise FileNotFoundError(f"--teacher {args.teacher}: {teacher} holds neither a model (config.json) nor a "
+                                f"teacher cache ({MANIFEST_FILE})")
+    student = Path(args.model).expanduser()
+    if not (student / METADATA_FILE).is_file():
+        raise FileNotFoundError(f"--model {args.model}: not a pruned checkpoint ({student / METADATA_FILE} not found); "
+                                "create one with `linearpatch prune`")
     if args.device is not None:
         _check_device(args.device)
     for name in ("samples", "val_samples", "seqlen", "topk", "epochs", "batch_size", "chunk_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    tokenizer = _load_tokenizer(args.model, None if _is_cache_dir(teacher) else teacher)
+    tokenizer = _load_tokenizer(student, None if _is_cache_dir(teacher) else teacher)
     input_ids = None
     if not _is_cache_dir(teacher):
         from ..corpus import calibration_text, read_text_files, token_windows
 
         if tokenizer is None:
-            raise FileNotFoundError(f"no tokenizer in {args.model} or {teacher}; one is needed to cut the text into windows")
+            raise FileNotFoundError(f"no tokenizer in {student} or {teacher}; one is needed to cut the text into windows")
         text = read_text_files(args.text) if args.text else calibration_text()
         what = "text in " + ", ".join(args.text) if args.text else "calibration corpus"
         input_ids = token_windows(tokenizer, text, args.seqlen, args.samples + args.val_samples, what=what)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    _, result = distill_patch(args.model, teacher, args.out, input_ids=input_ids, cache_dir=args.cache,
+    _, result = distill_patch(student, teacher, args.out, input_ids=input_ids, cache_dir=args.cache,
                               topk=args.topk, chunk_size=args.chunk_size, train=args.train, lr=args.lr,
                               epochs=args.epochs, val_samples=args.val_samples, batch_size=args.batch_size,
                               patience=args.patience, eval_every=args.eval_every, device=args.device, dtype=dtype,

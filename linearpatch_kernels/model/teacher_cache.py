@@ -55,6 +55,7 @@ CACHE_FORMAT = "linearpatch-teacher-cache"
 CACHE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSOR_DTYPES = {"input_ids": torch.int32, "topk_ids": torch.int32, "topk_logprobs": torch.float16}
+_SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float16: "F16"}  # as a safetensors header names them
 _FP16_MIN = float(torch.finfo(torch.float16).min)
 
 
@@ -189,7 +190,7 @@ def _chunk_problem(directory: Path, entry: dict, manifest: dict, checksum: bool)
                 piece = f.get_slice(name)
                 got = tuple(piece.get_shape())
                 dtype = piece.get_dtype()
-                want_dtype = {"int32": "I32", "float16": "F16"}[str(TENSOR_DTYPES[name]).removeprefix("torch.")]
+                want_dtype = _SAFETENSORS_DTYPES[TENSOR_DTYPES[name]]
                 if got != shape or dtype != want_dtype:
                     return f"{path}: {name} is {dtype} {got}; expected {want_dtype} {shape}"
     except Exception as e:  # a garbled header
