@@ -112,6 +112,32 @@ def test_fused_logits_match_unfused_and_reference(family, dtype):
     assert rel_err(logits, reference_logits(unpruned, ids, 2, 4, rotate_p64(s))) <= TOL[dtype]
 
 
+def test_next_norm_eps_and_autocast():
+    """The fused op takes eps from the next layer's input_layernorm; under bf16 autocast (fp32 stream,
+    bf16 MLP output) the residual add promotes to fp32 as in eager PyTorch."""
+    s = random_scales(64, seed=6)
+    model = tiny_model("llama", num_layers=5, hidden_size=64, seed=6)
+    model.model.layers[3].input_layernorm.variance_epsilon = 0.5  # large enough to change the logits
+    ids = random_batches(1, seqlen=12, seed=6)[0]
+    fused = prune_and_patch(copy.deepcopy(model), 1, 3, s)
+    unfused = prune_and_patch(copy.deepcopy(model), 1, 3, s, fuse=False)
+    assert fusion_status(fused).fused
+    expected = reference_logits(model, ids, 1, 3, rotate_p64(s))
+    with torch.no_grad():
+        assert rel_err(fused(ids).logits, expected) <= 1e-5
+        default_eps = copy.deepcopy(fused)  # slot 1 is old layer 3, after the cut
+        default_eps.model.layers[1].layer.input_layernorm.variance_epsilon = 1e-6
+        assert rel_err(default_eps(ids).logits, expected) > 1e-3  # so the eps used above was 0.5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with OpRecorder() as rec:
+                a = fused(ids).logits
+            b = unfused(ids).logits
+    assert rec.count("linearpatch.patch_add_rmsnorm") == 1
+    # bf16 tolerance: the matmuls run in bf16 under autocast, and so (on the CPU, torch backend) do the
+    # Kronecker factors inside the ops, which the fused op's norm then reads in bf16 too.
+    assert rel_err(a, b) <= 2e-2 and rel_err(a, expected) <= 5e-2
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_kv_cache_matches_without(family):
     _, fused, _ = pruned_pair(family, 2, 5, random_scales(64, seed=3), seed=5)
@@ -277,7 +303,7 @@ def test_hooks_that_fusion_cannot_honour_raise():
     assert seen == [CutHandoff]
 
 
-def test_deepcopy_and_device_moves_keep_the_norm_link():
+def test_deepcopy_and_dtype_moves_keep_the_norm_link():
     _, fused, unfused = pruned_pair("qwen3", 2, 4, random_scales(64, seed=11), seed=11)
     twin = copy.deepcopy(fused)
     wrapper, after = twin.model.layers[1], twin.model.layers[2]
@@ -287,6 +313,10 @@ def test_deepcopy_and_device_moves_keep_the_norm_link():
         after.layer.input_layernorm.weight.mul_(1.5)  # the fused epilogue reads the live weight
         unfused.model.layers[2].input_layernorm.weight.mul_(1.5)
         assert rel_err(twin(ids).logits, unfused(ids).logits) <= 1e-5
+        twin.to(torch.bfloat16)
+        unfused.to(torch.bfloat16)
+        assert get_patch(twin).scale.dtype == torch.float32
+        assert rel_err(twin(ids).logits, unfused(ids).logits) <= 1e-2
     assert "model.layers.1.patch.scale" in twin.state_dict()
     assert not any("_next_norm" in k for k in twin.state_dict())
 
