@@ -22,6 +22,8 @@ Autograd (``H`` symmetric, so ``P`` is symmetric):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .backends import select_backend
@@ -62,12 +64,21 @@ def _check_scale(x: torch.Tensor, scale: torch.Tensor, d: int, op: str) -> None:
         raise ValueError(f"{op}: scale is on {scale.device} but x is on {x.device}; put both on the same device")
 
 
+def _fp32_inside(x: torch.Tensor):
+    """Autocast off inside the kernels: the torch backend's matmuls must stay fp32 even when the
+    caller runs under ``torch.autocast`` (the ops' contract is fp32 math whatever the context)."""
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @torch.library.custom_op("linearpatch::hadamard_transform", mutates_args=())
 def _hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     _check_x(x, "hadamard_transform")
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return select_backend(x, "hadamard_transform").hadamard_transform(x, float(scale))
+    with _fp32_inside(x):
+        return select_backend(x, "hadamard_transform").hadamard_transform(x, float(scale))
 
 
 @_hadamard_transform.register_fake
@@ -93,7 +104,8 @@ def _hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     _check_scale(x, scale, d, "hadamard_patch")
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return select_backend(x, "hadamard_patch").hadamard_patch(x, scale.contiguous())
+    with _fp32_inside(x):
+        return select_backend(x, "hadamard_patch").hadamard_patch(x, scale.contiguous())
 
 
 @_hadamard_patch.register_fake
@@ -157,7 +169,8 @@ def _patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torc
         empty = torch.empty_like(residual, memory_format=torch.contiguous_format)
         return empty, empty.clone()
     backend = select_backend(residual, "patch_add_rmsnorm")
-    return backend.patch_add_rmsnorm(residual, update, scale.contiguous(), norm_weight.contiguous(), float(eps))
+    with _fp32_inside(residual):
+        return backend.patch_add_rmsnorm(residual, update, scale.contiguous(), norm_weight.contiguous(), float(eps))
 
 
 @_patch_add_rmsnorm.register_fake

@@ -260,3 +260,18 @@ def test_scale_argument_math_matches_definition():
     s = positive_scales(d)
     two_step = lp.hadamard_transform(lp.hadamard_transform(x, 1 / math.sqrt(d)) * s, 1 / math.sqrt(d))
     assert rel_err(lp.hadamard_patch(x, s), two_step.double()) <= 1e-5
+
+
+def test_fp32_math_under_autocast(backend):
+    # Autocast must not turn the kernels' internal matmuls into bf16 ones.
+    d = 576
+    x = llm_like(16, d)
+    s = positive_scales(d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lp.hadamard_patch(x, s)
+        t = lp.hadamard_transform(x, d**-0.5)
+        h, n = lp.patch_add_rmsnorm(x, x, s, torch.ones(d))
+    assert y.dtype == torch.float32
+    assert rel_err(y, reference_patch(x, s)) <= 1e-5
+    assert rel_err(t, reference_transform(x, d**-0.5)) <= 1e-5
+    assert rel_err(h, reference_patch(2 * x.double(), s)) <= 1e-5
