@@ -5,6 +5,9 @@ from .hadamard import hadamard_matrix, is_supported_size
 from .ops import hadamard_patch, hadamard_transform, patch_add_rmsnorm
 from .model import (
     LinearPatch,
+    distill_patch,
+    fusion_status,
+    set_fused,
     PatchedDecoderLayer,
     block_similarities,
     estimate_scales,
@@ -22,6 +25,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LinearPatch",
+    "distill_patch",
+    "fusion_status",
+    "set_fused",
     "PatchedDecoderLayer",
     "block_similarities",
     "estimate_scales",

@@ -2,23 +2,43 @@
 
 from .calibration import BLOCK_METHODS, block_similarities, estimate_scales, select_block
 from .checkpoint import load_pruned, save_pruned
+from .distill import DistillResult, distill_patch, topk_kl_loss, train_patch
 from .patch import PATCH_MODES, LinearPatch
 from .surgery import (
     SUPPORTED_MODEL_TYPES,
+    CutHandoff,
+    FusedCutNextLayer,
+    FusionStatus,
     PatchedDecoderLayer,
+    fusion_status,
     get_patch,
     patch_disabled,
+    plain_layers,
     prune_and_patch,
+    set_fused,
     set_patch,
     set_patch_enabled,
 )
+from .teacher_cache import TeacherCache, build_teacher_cache
 
 __all__ = [
     "BLOCK_METHODS",
     "PATCH_MODES",
     "SUPPORTED_MODEL_TYPES",
+    "CutHandoff",
+    "DistillResult",
+    "FusedCutNextLayer",
+    "FusionStatus",
     "LinearPatch",
     "PatchedDecoderLayer",
+    "TeacherCache",
+    "build_teacher_cache",
+    "distill_patch",
+    "fusion_status",
+    "plain_layers",
+    "set_fused",
+    "topk_kl_loss",
+    "train_patch",
     "block_similarities",
     "estimate_scales",
     "get_patch",
