@@ -54,7 +54,8 @@ class LoadedModel:
         config = self.model.config
         dtype = next(self.model.parameters()).dtype
         device = next(self.model.parameters()).device
-        what = f"{config.model_type}, {self.num_layers} layers, d={config.hidden_size}, {str(dtype).removeprefix('torch.')} on {device}"
+        dtype_name = str(dtype).removeprefix("torch.")
+        what = f"{config.model_type}, {self.num_layers} layers, d={config.hidden_size}, {dtype_name} on {device}"
         if self.record:
             r = self.record
             what += (f"; pruned: layers [{r['start']}, {r['end']}) of {r['num_layers_original']} removed, "
@@ -85,7 +86,7 @@ def _check_device(device: str) -> str:
     raise CliError(f"unknown --device {device!r}; accepted: cpu, cuda, cuda:N")
 
 
-def resolve_model_path(spec: str | None) -> tuple[str, Path]:
+def resolve_model_path(spec: str | None, option: str = "--model") -> tuple[str, Path]:
     """``(display name, folder)`` for a ``--model`` value, converting the default model if needed."""
     from .default_model import DEFAULT_MODEL_NAME, default_model_dir
 
@@ -94,25 +95,25 @@ def resolve_model_path(spec: str | None) -> tuple[str, Path]:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CliError(f"--model {spec}: the folder has no config.json; expected a Hugging Face model folder "
+            raise CliError(f"{option} {spec}: the folder has no config.json; expected a Hugging Face model folder "
                            "(config.json, *.safetensors, tokenizer files) or a checkpoint written by "
                            "'linearpatch prune'")
         return spec, path
     if path.exists():
-        raise CliError(f"--model {spec}: is a file; expected a model folder (config.json, weights, tokenizer)")
+        raise CliError(f"{option} {spec}: is a file; expected a model folder (config.json, weights, tokenizer)")
     hint = ""
     if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
         hint = (" It looks like a Hugging Face Hub id: this tool works offline and does not download models;"
                 " download the model to a folder first and pass that folder.")
-    raise CliError(f"--model {spec}: no such folder.{hint} Accepted: a local model folder, a checkpoint written "
+    raise CliError(f"{option} {spec}: no such folder.{hint} Accepted: a local model folder, a checkpoint written "
                    f"by 'linearpatch prune', or 'default' for the embedded {DEFAULT_MODEL_NAME}")
 
 
-def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32", option: str = "--model") -> LoadedModel:
     """Load ``--model``: a pruned checkpoint (``linearpatch.json``) with its patch, or a plain model."""
     torch_dtype = _torch_dtype(dtype)
     device = _check_device(device)
-    name, path = resolve_model_path(spec)
+    name, path = resolve_model_path(spec, option)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,7 +123,7 @@ def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32") ->
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CliError(f"--model {spec}: no usable tokenizer in {path} ({e}); the folder must hold the tokenizer "
+        raise CliError(f"{option} {spec}: no usable tokenizer in {path} ({e}); the folder must hold the tokenizer "
                        "files (tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
     if (path / METADATA_FILE).is_file():
         model = load_pruned(path, device=device, dtype=torch_dtype)
@@ -164,10 +165,10 @@ def _windows(tokenizer, text_files, seqlen: int, samples: int | None, *, calibra
         what = "text in " + ", ".join(str(p) for p in text_files)
     elif calibration:
         text = corpus.calibration_text()
-        what = "calibration corpus (Emma, Mansfield Park)"
+        what = f"calibration corpus ({', '.join(corpus.TITLES[d] for d in corpus.CALIBRATION_DOCUMENTS)})"
     else:
         text = corpus.evaluation_text()
-        what = "evaluation corpus (Pride and Prejudice, Persuasion)"
+        what = f"evaluation corpus ({', '.join(corpus.TITLES[d] for d in corpus.EVALUATION_DOCUMENTS)})"
     windows = corpus.token_windows(tokenizer, text, seqlen, samples, what=what)
     return windows, f"{len(windows)} windows x {seqlen} tokens of the {what}"
 
@@ -276,7 +277,7 @@ def cmd_eval(args) -> int:
         require_lm_eval()  # fail before loading anything
     t_total = time.perf_counter()
     loaded = load_model(args.model, args.device, args.dtype)
-    dense = load_model(args.dense_model, args.device, args.dtype) if args.dense_model else None
+    dense = load_model(args.dense_model, args.device, args.dtype, "--dense-model") if args.dense_model else None
     if dense is not None and dense.record is not None:
         raise CliError(f"--dense-model {args.dense_model} is a pruned checkpoint; pass the original (dense) model")
     print(f"model: {loaded.describe()}")

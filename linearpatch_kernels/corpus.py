@@ -26,6 +26,8 @@ CORPUS_NAME = "Jane Austen novels (public domain)"
 CALIBRATION_DOCUMENTS = ("emma", "mansfield_park")
 EVALUATION_DOCUMENTS = ("pride_and_prejudice", "persuasion")
 DOCUMENTS = CALIBRATION_DOCUMENTS + EVALUATION_DOCUMENTS
+TITLES = {"emma": "Emma", "mansfield_park": "Mansfield Park", "pride_and_prejudice": "Pride and Prejudice",
+          "persuasion": "Persuasion"}
 
 # Characters per token of English prose are about 4.4 for Llama-family tokenizers; tokenizing a
 # prefix of this many characters per wanted token is ample and avoids tokenizing megabytes of
