@@ -146,6 +146,7 @@ def _split(d: int) -> tuple[int, int] | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def is_supported_size(d: int) -> bool:
     """Whether ``hadamard_matrix(d)`` exists in this package."""
     return isinstance(d, int) and _split(d) is not None
