@@ -3,6 +3,6 @@
 
 namespace linearpatch_cuda {
 
-std::string launch_hadamard_bf16(const HadamardArgs& args) { return launch_typed<__nv_bfloat16>(args); }
+std::string launch_hadamard_bf16(const HadamardArgs& args) { return launch_typed<__nv_bfloat16, false>(args); }
 
 }  // namespace linearpatch_cuda

@@ -3,6 +3,6 @@
 
 namespace linearpatch_cuda {
 
-std::string launch_hadamard_f16(const HadamardArgs& args) { return launch_typed<__half>(args); }
+std::string launch_hadamard_f16(const HadamardArgs& args) { return launch_typed<__half, false>(args); }
 
 }  // namespace linearpatch_cuda

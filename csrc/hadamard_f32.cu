@@ -3,6 +3,6 @@
 
 namespace linearpatch_cuda {
 
-std::string launch_hadamard_f32(const HadamardArgs& args) { return launch_typed<float>(args); }
+std::string launch_hadamard_f32(const HadamardArgs& args) { return launch_typed<float, false>(args); }
 
 }  // namespace linearpatch_cuda

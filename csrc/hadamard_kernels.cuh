@@ -5,6 +5,10 @@
 // H_N (Sylvester) is a fast Walsh-Hadamard transform: one butterfly (a, b) -> (a + b, a - b) per
 // bit of the column index n. H_K (a +-1 Paley matrix, K a multiple of 4, K <= 256) is a small
 // dense multiply over the row index k. The patch is y = x . H_d diag(s) H_d / d.
+// The fused interface epilogue (Op::kAddPatchRmsNorm) is the patch of x + u, followed by RMSNorm:
+//     h = (x + u) . H_d diag(s) H_d / d,    normed = h * rsqrt(sum(h^2) / d + eps) * w
+// with both outputs stored (the sum of squares of a row is reduced like the butterflies: in
+// registers, across lanes, across warps).
 //
 // Column index layout of one K-row ("segment", N contiguous elements) across the threads of a
 // group of G lanes (x W warps); each thread holds R 16-byte vectors of V elements:
@@ -18,9 +22,11 @@
 //
 // Two kernels:
 //  * pow2_kernel (K == 1): each group of G * W threads owns one row; the row never leaves the
-//    registers except for the warp stage (N > 4096 in 16-bit, N > 4096 in fp32).
+//    registers except for the warp stage (N > 8192 in 16-bit, N > 4096 in fp32).
 //  * kron_kernel (K > 1): a block owns `rows_per_block` rows in shared memory (fp32). H_N runs
 //    per segment in registers as above; H_K runs as 4 x 4 output tiles read from shared memory.
+// Each is instantiated per operator (Op); hadamard_*.cu hold transform and patch, and
+// patch_add_rmsnorm_*.cu the epilogue, so that they compile in parallel.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -33,6 +39,22 @@
 #include "hadamard_launch.h"
 
 namespace linearpatch_cuda {
+
+// What a kernel instance computes.
+enum class Op {
+  kTransform,        // y = x . H_d * out_scale
+  kPatch,            // y = x . H_d diag(s) H_d * out_scale (out_scale = 1/d)
+  kAddPatchRmsNorm,  // the patch of x + update, and normed = RMSNorm(y) * weight
+};
+
+// The extra operands of Op::kAddPatchRmsNorm (null for the other operators).
+template <typename T>
+struct EpilogueOperands {
+  const T* update;      // (rows, d) like x: added to x as it is loaded, in fp32
+  T* normed;            // (rows, d) like y
+  const float* weight;  // (d,) fp32 norm weight
+  float eps;
+};
 
 // ---------------------------------------------------------------------------------------------
 // 16-byte vectors <-> fp32 registers
@@ -258,6 +280,41 @@ __device__ __forceinline__ void fwht_segment(float (&v)[L::R][L::V], int lane, f
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row sums for the RMSNorm of the epilogue
+
+// Sum over the aligned group of G lanes that holds a row, the shuffle pattern of the butterflies.
+// Lanes l and l ^ h add the same two numbers (a + b == b + a), so every lane of the group ends with
+// the bit-identical total.
+template <int G>
+__device__ __forceinline__ float sum_over_lanes(float v) {
+#pragma unroll
+  for (int h = 1; h < G; h <<= 1) v += __shfl_xor_sync(0xffffffffu, v, h);
+  return v;
+}
+
+template <int R, int V>
+__device__ __forceinline__ float sum_of_squares(const float (&v)[R][V]) {
+  float acc = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc = fmaf(v[r][i], v[r][i], acc);
+  return acc;
+}
+
+// The epilogue's store: y = h (already scaled), normed = h * rstd * w; w is fp32 in y's layout.
+template <typename T, int V>
+__device__ __forceinline__ void store_h_and_normed(T* y, T* normed, const float* w, const float (&h)[V],
+                                                   float rstd) {
+  float n[V];
+  load_f32(w, n);
+#pragma unroll
+  for (int i = 0; i < V; ++i) n[i] = h[i] * rstd * n[i];
+  store_vec(y, h, 1.f);
+  store_vec(normed, n, 1.f);
+}
+
+// ---------------------------------------------------------------------------------------------
 // K == 1: one row per group, registers only (plus the warp stage).
 
 template <class L>
@@ -267,11 +324,19 @@ __host__ __device__ constexpr int pow2_block_threads() { return L::W > 1 ? 32 * 
 template <class L>
 __host__ __device__ constexpr int pow2_min_blocks() { return L::W > 1 ? 1 : 3; }
 
-template <typename T, int kLogN, bool kPatch>
+// Shared memory of pow2_kernel: the warp stage's N floats, then (epilogue) one partial sum per warp.
+template <class L, Op kOp>
+__host__ __device__ constexpr int pow2_shared_floats() {
+  return L::W > 1 ? L::N + (kOp == Op::kAddPatchRmsNorm ? 4 * ((L::W + 3) / 4) : 0) : 0;
+}
+
+template <typename T, int kLogN, Op kOp>
 __global__ void __launch_bounds__(pow2_block_threads<Layout<T, kLogN>>(), pow2_min_blocks<Layout<T, kLogN>>())
 pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s,
-            int64_t rows, float out_scale) {
+            int64_t rows, float out_scale, EpilogueOperands<T> e) {
   using L = Layout<T, kLogN>;
+  constexpr bool kPatch = kOp != Op::kTransform;
+  constexpr bool kEpilogue = kOp == Op::kAddPatchRmsNorm;
   extern __shared__ float4 warp_buf[];  // only for L::W > 1
   const int lane = threadIdx.x & 31;
   int64_t row;
@@ -293,6 +358,12 @@ pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
   for (int r = 0; r < L::R; ++r) {
     if (active) {
       load_vec(xr + L::offset(r, pos), v[r]);
+      if constexpr (kEpilogue) {
+        float u[L::V];
+        load_vec(e.update + row * L::N + L::offset(r, pos), u);
+#pragma unroll
+        for (int i = 0; i < L::V; ++i) v[r][i] += u[i];
+      }
     } else {
 #pragma unroll
       for (int i = 0; i < L::V; ++i) v[r][i] = 0.f;
@@ -309,7 +380,32 @@ pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
     }
     fwht_segment<L>(v, lane, warp_buf);
   }
-  if (active) {
+  if constexpr (kEpilogue) {
+#pragma unroll
+    for (int r = 0; r < L::R; ++r)
+#pragma unroll
+      for (int i = 0; i < L::V; ++i) v[r][i] *= out_scale;
+    // Sum of h^2 over the row: in registers, over the group's lanes, then (W > 1, one row per
+    // block) over the warps through W floats after the warp stage's buffer. Idle groups sum zeros.
+    float sum = sum_over_lanes<L::G>(sum_of_squares(v));
+    if constexpr (L::W > 1) {
+      float* warp_sums = reinterpret_cast<float*>(warp_buf + L::N / 4);
+      if (lane == 0) warp_sums[threadIdx.x >> 5] = sum;
+      __syncthreads();
+      sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < L::W; ++w) sum += warp_sums[w];
+    }
+    const float rstd = rsqrtf(sum * (1.f / L::N) + e.eps);
+    if (active) {
+      T* nr = e.normed + row * L::N;
+#pragma unroll
+      for (int r = 0; r < L::R; ++r) {
+        const int off = L::offset(r, pos);
+        store_h_and_normed(yr + off, nr + off, e.weight + off, v[r], rstd);
+      }
+    }
+  } else if (active) {
 #pragma unroll
     for (int r = 0; r < L::R; ++r) store_vec(yr + L::offset(r, pos), v[r], out_scale);
   }
@@ -322,10 +418,10 @@ constexpr int kKronThreads = 256;
 constexpr int kKronTilesPerThread = 2;  // output tiles a thread holds while a tile round is in flight
 constexpr int kKronLogMaxValues = 6;
 
-// H_N of every segment of the block's rows: `src` -> registers -> shared memory `z`.
-// All groups run the same number of iterations so that the shuffles always see full warps.
-template <class L, typename Src>
-__device__ __forceinline__ void fwht_segments(const Src* src, float* z, int nseg) {
+// H_N of every segment of the block's rows: `src` (+ `add`, when kAdd) -> registers -> shared
+// memory `z`. All groups run the same number of iterations so that the shuffles always see full warps.
+template <class L, bool kAdd = false, typename Src>
+__device__ __forceinline__ void fwht_segments(const Src* src, const Src* add, float* z, int nseg) {
   static_assert(L::W == 1, "segments of the K > 1 kernel fit in one warp");
   const int lane = threadIdx.x & 31, pos = threadIdx.x % L::G;
   const int group = threadIdx.x / L::G, groups = blockDim.x / L::G;
@@ -338,6 +434,13 @@ __device__ __forceinline__ void fwht_segments(const Src* src, float* z, int nseg
       if (active) {
         if constexpr (sizeof(Src) == 4) load_f32(src + seg * L::N + L::offset(r, pos), v[r]);
         else load_vec(src + seg * L::N + L::offset(r, pos), v[r]);
+        if constexpr (kAdd) {
+          float u[L::V];
+          if constexpr (sizeof(Src) == 4) load_f32(add + seg * L::N + L::offset(r, pos), u);
+          else load_vec(add + seg * L::N + L::offset(r, pos), u);
+#pragma unroll
+          for (int i = 0; i < L::V; ++i) v[r][i] += u[i];
+        }
       } else {
 #pragma unroll
         for (int i = 0; i < L::V; ++i) v[r][i] = 0.f;
@@ -383,71 +486,149 @@ __device__ __forceinline__ Tile tile_at(int t, int kq, int nq, int q0) {
   return Tile{rest / kq, 4 * (rest % kq), 4 * (q0 + q)};
 }
 
-template <typename T, int kLogN, bool kPatch>
+// Z <- (H_K Z) * s (kByVector: s is (d,) fp32 in global memory) or (H_K Z) * c, in place, for every
+// row of the block. A tile reads whole columns of Z and writes 4 rows of them, so the columns are
+// done in rounds: every thread computes its tiles of the round into registers, then (barrier) all
+// write. Rounds touch disjoint columns. The caller puts a barrier after it.
+template <class L, bool kByVector>
+__device__ __forceinline__ void kron_in_place(float* z, const float* __restrict__ h_k,
+                                              const float* __restrict__ s, float c, int k, int nrows) {
+  const int d = k * L::N, kq = k / 4, nq = L::N / 4;
+  const int tiles_per_round = kKronTilesPerThread * blockDim.x;
+  const int quads_per_round = cmin(nq, tiles_per_round / (nrows * kq));  // >= 1, see launcher
+  for (int q0 = 0; q0 < nq; q0 += quads_per_round) {
+    const int qn = cmin(quads_per_round, nq - q0);
+    const int round_tiles = nrows * kq * qn;
+    float4 acc[kKronTilesPerThread][4];
+#pragma unroll
+    for (int m = 0; m < kKronTilesPerThread; ++m) {
+      const int t = threadIdx.x + m * blockDim.x;
+      if (t >= round_tiles) continue;
+      const Tile tl = tile_at(t, kq, qn, q0);
+      kron_tile(z + tl.row * d, h_k, k, L::N, tl.kb4, tl.n4, acc[m]);
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const float4 sv = kByVector ? __ldg(reinterpret_cast<const float4*>(s + (tl.kb4 + b) * L::N + tl.n4))
+                                    : make_float4(c, c, c, c);
+        acc[m][b] = make_float4(acc[m][b].x * sv.x, acc[m][b].y * sv.y, acc[m][b].z * sv.z,
+                                acc[m][b].w * sv.w);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < kKronTilesPerThread; ++m) {
+      const int t = threadIdx.x + m * blockDim.x;
+      if (t >= round_tiles) continue;
+      const Tile tl = tile_at(t, kq, qn, q0);
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        *reinterpret_cast<float4*>(z + tl.row * d + (tl.kb4 + b) * L::N + tl.n4) = acc[m][b];
+    }
+  }
+}
+
+// Shared memory of kron_kernel in floats: the rows, then (epilogue) the partial sums of squares
+// (one per (row, part) of kron_rms_store: at most max(rows, warps)) and one rstd per row, each
+// rounded up to whole float4.
+constexpr int kKronWarps = kKronThreads / 32;
+__host__ __device__ constexpr int round_up4(int n) { return (n + 3) / 4 * 4; }
+__host__ __device__ constexpr int kron_partials(int rows_per_block) {
+  return round_up4(rows_per_block > kKronWarps ? rows_per_block : kKronWarps);
+}
+
+template <Op kOp>
+__host__ __device__ constexpr int kron_shared_floats(int rows_per_block, int d) {
+  return rows_per_block * d +
+         (kOp == Op::kAddPatchRmsNorm ? kron_partials(rows_per_block) + round_up4(rows_per_block) : 0);
+}
+
+// The epilogue's RMSNorm of the block's rows h = Z (fp32, in shared memory, already scaled), stored
+// with h to global memory. Sums of squares: the rows are split into `parts` slices so that all
+// warps work when there are fewer rows than warps; warp w sums slices w, w + warps, ... in a fixed
+// order (deterministic), lane by lane and then across lanes.
+template <typename T, int V>
+__device__ __forceinline__ void kron_rms_store(const float* z, float* partial, float* rstd, T* y,
+                                               T* normed, const float* __restrict__ w, float eps,
+                                               int d, int nrows) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = kKronWarps;
+  int parts = 1;
+  while (2 * parts * nrows <= warps) parts *= 2;  // <= 8, so that d / parts is a multiple of 4
+  const int part_len = d / parts;
+  for (int item = warp; item < nrows * parts; item += warps) {
+    const float* p = z + (item / parts) * d + (item % parts) * part_len;
+    float acc = 0.f;
+    for (int j = 4 * lane; j < part_len; j += 4 * 32) {
+      const float4 a = *reinterpret_cast<const float4*>(p + j);
+      acc = fmaf(a.x, a.x, acc);
+      acc = fmaf(a.y, a.y, acc);
+      acc = fmaf(a.z, a.z, acc);
+      acc = fmaf(a.w, a.w, acc);
+    }
+    acc = sum_over_lanes<32>(acc);
+    if (lane == 0) partial[item] = acc;
+  }
+  __syncthreads();
+  const float inv_d = 1.f / float(d);
+  for (int row = threadIdx.x; row < nrows; row += blockDim.x) {
+    float sum = 0.f;
+    for (int part = 0; part < parts; ++part) sum += partial[row * parts + part];
+    rstd[row] = rsqrtf(sum * inv_d + eps);
+  }
+  __syncthreads();
+  for (int j = V * threadIdx.x; j < nrows * d; j += V * blockDim.x) {
+    const int row = j / d;
+    float h[V];
+    load_f32(z + j, h);
+    store_h_and_normed(y + j, normed + j, w + (j - row * d), h, rstd[row]);
+  }
+}
+
+template <typename T, int kLogN, Op kOp>
 __global__ void __launch_bounds__(kKronThreads)
 kron_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ h_k,
-            const float* __restrict__ s, int64_t rows, int k, int rows_per_block, float out_scale) {
+            const float* __restrict__ s, int64_t rows, int k, int rows_per_block, float out_scale,
+            EpilogueOperands<T> e) {
   using L = Layout<T, kLogN, kKronLogMaxValues>;
+  constexpr bool kPatch = kOp != Op::kTransform;
+  constexpr bool kEpilogue = kOp == Op::kAddPatchRmsNorm;
   extern __shared__ float4 smem4[];
   float* z = reinterpret_cast<float*>(smem4);
   const int d = k * L::N;
   const int64_t row0 = int64_t(blockIdx.x) * rows_per_block;
   const int nrows = int(rows - row0 < rows_per_block ? rows - row0 : rows_per_block);
-  const int kq = k / 4, nq = L::N / 4;
 
-  // Z = X H_N, segment by segment.
-  fwht_segments<L>(x + row0 * d, z, nrows * k);
+  // Z = X H_N (X = x, or x + update for the epilogue), segment by segment.
+  if constexpr (kEpilogue) fwht_segments<L, true>(x + row0 * d, e.update + row0 * d, z, nrows * k);
+  else fwht_segments<L>(x + row0 * d, static_cast<const T*>(nullptr), z, nrows * k);
   __syncthreads();
 
   if constexpr (kPatch) {
-    // Z <- (H_K Z) * s, in place. A tile reads whole columns of Z and writes 4 rows of them, so
-    // the columns are done in rounds: every thread computes its tiles of the round into
-    // registers, then (barrier) all write. Rounds touch disjoint columns.
-    const int tiles_per_round = kKronTilesPerThread * blockDim.x;
-    const int quads_per_round = cmin(nq, tiles_per_round / (nrows * kq));  // >= 1, see launcher
-    for (int q0 = 0; q0 < nq; q0 += quads_per_round) {
-      const int qn = cmin(quads_per_round, nq - q0);
-      const int round_tiles = nrows * kq * qn;
-      float4 acc[kKronTilesPerThread][4];
-#pragma unroll
-      for (int m = 0; m < kKronTilesPerThread; ++m) {
-        const int t = threadIdx.x + m * blockDim.x;
-        if (t >= round_tiles) continue;
-        const Tile tl = tile_at(t, kq, qn, q0);
-        kron_tile(z + tl.row * d, h_k, k, L::N, tl.kb4, tl.n4, acc[m]);
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const float4 sv = __ldg(reinterpret_cast<const float4*>(s + (tl.kb4 + b) * L::N + tl.n4));
-          acc[m][b] = make_float4(acc[m][b].x * sv.x, acc[m][b].y * sv.y, acc[m][b].z * sv.z,
-                                  acc[m][b].w * sv.w);
-        }
-      }
-      __syncthreads();
-#pragma unroll
-      for (int m = 0; m < kKronTilesPerThread; ++m) {
-        const int t = threadIdx.x + m * blockDim.x;
-        if (t >= round_tiles) continue;
-        const Tile tl = tile_at(t, kq, qn, q0);
-#pragma unroll
-        for (int b = 0; b < 4; ++b)
-          *reinterpret_cast<float4*>(z + tl.row * d + (tl.kb4 + b) * L::N + tl.n4) = acc[m][b];
-      }
-    }
+    // Z <- (H_K Z) * s, then Z <- Z H_N again.
+    kron_in_place<L, true>(z, h_k, s, 1.f, k, nrows);
     __syncthreads();
-    // Z <- Z H_N again.
-    fwht_segments<L>(z, z, nrows * k);
+    fwht_segments<L>(z, static_cast<const float*>(nullptr), z, nrows * k);
     __syncthreads();
   }
 
-  // y = (H_K Z) * out_scale, straight from the tiles to global memory.
-  T* yb = y + row0 * d;
-  const int tiles = nrows * kq * nq;
-  for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
-    const Tile tl = tile_at(t, kq, nq, 0);
-    float4 acc[4];
-    kron_tile(z + tl.row * d, h_k, k, L::N, tl.kb4, tl.n4, acc);
+  if constexpr (kEpilogue) {
+    // h = (H_K Z) * out_scale stays in shared memory for the row sums, then goes out with normed.
+    kron_in_place<L, false>(z, h_k, nullptr, out_scale, k, nrows);
+    __syncthreads();
+    float* partial = z + rows_per_block * d;
+    float* rstd = partial + kron_partials(rows_per_block);
+    kron_rms_store<T, L::V>(z, partial, rstd, y + row0 * d, e.normed + row0 * d, e.weight, e.eps, d, nrows);
+  } else {
+    // y = (H_K Z) * out_scale, straight from the tiles to global memory.
+    T* yb = y + row0 * d;
+    const int kq = k / 4, nq = L::N / 4;
+    const int tiles = nrows * kq * nq;
+    for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+      const Tile tl = tile_at(t, kq, nq, 0);
+      float4 acc[4];
+      kron_tile(z + tl.row * d, h_k, k, L::N, tl.kb4, tl.n4, acc);
 #pragma unroll
-    for (int b = 0; b < 4; ++b) store4(yb + tl.row * d + (tl.kb4 + b) * L::N + tl.n4, acc[b], out_scale);
+      for (int b = 0; b < 4; ++b) store4(yb + tl.row * d + (tl.kb4 + b) * L::N + tl.n4, acc[b], out_scale);
+    }
   }
 }
 
@@ -473,24 +654,29 @@ std::string allow_shared_memory(Kernel kernel, size_t bytes, int device) {
   return err == cudaSuccess ? std::string() : cuda_error("cudaFuncSetAttribute", err);
 }
 
-template <typename T, int kLogN, bool kPatch>
+template <typename T>
+EpilogueOperands<T> epilogue_operands(const HadamardArgs& a) {
+  return EpilogueOperands<T>{static_cast<const T*>(a.update), static_cast<T*>(a.normed), a.norm_weight, a.eps};
+}
+
+template <typename T, int kLogN, Op kOp>
 std::string launch_pow2(const HadamardArgs& a) {
   using L = Layout<T, kLogN>;
   constexpr int threads = pow2_block_threads<L>();
   constexpr int rows_per_block = L::W > 1 ? 1 : threads / L::G;
   const int64_t blocks = (a.rows + rows_per_block - 1) / rows_per_block;
   if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
-  const size_t smem = L::W > 1 ? sizeof(float) * L::N : 0;
-  auto kernel = pow2_kernel<T, kLogN, kPatch>;
+  const size_t smem = sizeof(float) * size_t(pow2_shared_floats<L, kOp>());
+  auto kernel = pow2_kernel<T, kLogN, kOp>;
   std::string err = allow_shared_memory(kernel, smem, a.device);
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
-      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale);
+      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? std::string() : cuda_error("hadamard pow2_kernel launch", e);
 }
 
-template <typename T, int kLogN, bool kPatch>
+template <typename T, int kLogN, Op kOp>
 std::string launch_kron(const HadamardArgs& a) {
   using L = Layout<T, kLogN, kKronLogMaxValues>;
   const int d = a.k * L::N;
@@ -503,46 +689,58 @@ std::string launch_kron(const HadamardArgs& a) {
   }
   const int64_t blocks = (a.rows + rows_per_block - 1) / rows_per_block;
   if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
-  const size_t smem = sizeof(float) * size_t(rows_per_block) * size_t(d);
-  auto kernel = kron_kernel<T, kLogN, kPatch>;
+  const size_t smem = sizeof(float) * size_t(kron_shared_floats<kOp>(int(rows_per_block), d));
+  auto kernel = kron_kernel<T, kLogN, kOp>;
   std::string err = allow_shared_memory(kernel, smem, a.device);
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), kKronThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), a.h_k, a.scale, a.rows, a.k,
-      int(rows_per_block), a.out_scale);
+      int(rows_per_block), a.out_scale, epilogue_operands<T>(a));
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? std::string() : cuda_error("hadamard kron_kernel launch", e);
 }
 
-template <typename T, int kLogN>
-std::string launch_for_size(const HadamardArgs& a) {
-  const bool patch = a.scale != nullptr;
-  if (a.k == 1) return patch ? launch_pow2<T, kLogN, true>(a) : launch_pow2<T, kLogN, false>(a);
+template <typename T, int kLogN, Op kOp>
+std::string launch_op(const HadamardArgs& a) {
+  if (a.k == 1) return launch_pow2<T, kLogN, kOp>(a);
   if constexpr (kLogN <= 11) {  // K >= 12 and d <= 32768 leave N <= 2048
-    return patch ? launch_kron<T, kLogN, true>(a) : launch_kron<T, kLogN, false>(a);
+    return launch_kron<T, kLogN, kOp>(a);
   }
   return "K > 1 with N > 2048 exceeds the largest supported size";
 }
 
-template <typename T>
+// kEpilogue: the fused epilogue; else the transform (a.scale == nullptr) or the patch.
+template <typename T, int kLogN, bool kEpilogue>
+std::string launch_for_size(const HadamardArgs& a) {
+  if constexpr (kEpilogue) {
+    return launch_op<T, kLogN, Op::kAddPatchRmsNorm>(a);
+  } else {  // discarded in the epilogue's instantiation: one set of kernels per .cu file
+    return a.scale != nullptr ? launch_op<T, kLogN, Op::kPatch>(a) : launch_op<T, kLogN, Op::kTransform>(a);
+  }
+}
+
+template <typename T, bool kEpilogue>
 std::string launch_typed(const HadamardArgs& a) {
   if (a.rows == 0) return {};
   if (a.k < 1 || (a.k > 1 && a.k % 4 != 0) || a.k > 256) return "K must be 1 or a multiple of 4 up to 256";
   if (int64_t(a.k) << a.log2_n > kMaxD) return "d > " + std::to_string(kMaxD) + " is not compiled";
+  if (kEpilogue && (a.scale == nullptr || a.update == nullptr || a.normed == nullptr || a.norm_weight == nullptr)) {
+    return "the epilogue needs scale, update, normed and norm_weight";
+  }
   switch (a.log2_n) {
-    case 3: return launch_for_size<T, 3>(a);
-    case 4: return launch_for_size<T, 4>(a);
-    case 5: return launch_for_size<T, 5>(a);
-    case 6: return launch_for_size<T, 6>(a);
-    case 7: return launch_for_size<T, 7>(a);
-    case 8: return launch_for_size<T, 8>(a);
-    case 9: return launch_for_size<T, 9>(a);
-    case 10: return launch_for_size<T, 10>(a);
-    case 11: return launch_for_size<T, 11>(a);
-    case 12: return launch_for_size<T, 12>(a);
-    case 13: return launch_for_size<T, 13>(a);
-    case 14: return launch_for_size<T, 14>(a);
-    case 15: return launch_for_size<T, 15>(a);
+    case 3: return launch_for_size<T, 3, kEpilogue>(a);
+    case 4: return launch_for_size<T, 4, kEpilogue>(a);
+    case 5: return launch_for_size<T, 5, kEpilogue>(a);
+    case 6: return launch_for_size<T, 6, kEpilogue>(a);
+    case 7: return launch_for_size<T, 7, kEpilogue>(a);
+    case 8: return launch_for_size<T, 8, kEpilogue>(a);
+    case 9: return launch_for_size<T, 9, kEpilogue>(a);
+    case 10: return launch_for_size<T, 10, kEpilogue>(a);
+    case 11: return launch_for_size<T, 11, kEpilogue>(a);
+    case 12: return launch_for_size<T, 12, kEpilogue>(a);
+    case 13: return launch_for_size<T, 13, kEpilogue>(a);
+    case 14: return launch_for_size<T, 14, kEpilogue>(a);
+    case 15: return launch_for_size<T, 15, kEpilogue>(a);
     default: return "the power-of-two factor N = 2**" + std::to_string(a.log2_n) + " must be in [8, 32768]";
   }
 }

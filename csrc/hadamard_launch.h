@@ -1,6 +1,7 @@
 // Host interface between the stable-ABI op binding (hadamard_ops.cpp, compiled by the host
-// compiler against torch's stable headers) and the CUDA kernels (hadamard_*.cu, compiled by nvcc
-// without any torch header). Only raw pointers and plain integers cross it.
+// compiler against torch's stable headers) and the CUDA kernels (hadamard_*.cu and
+// patch_add_rmsnorm_*.cu, compiled by nvcc without any torch header). Only raw pointers and plain
+// integers cross it.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,11 @@ struct HadamardArgs {
   float out_scale;      // multiplies the result: `scale` for the transform, 1/d for the patch
   int device;           // current CUDA device (set by the caller)
   void* stream;         // cudaStream_t to launch on
+  // The fused epilogue only (launch_patch_add_rmsnorm); x is the residual there, y receives h.
+  const void* update = nullptr;        // (rows, d) like x, added to x
+  void* normed = nullptr;              // (rows, d) like y: h * rsqrt(mean(h^2) + eps) * norm_weight
+  const float* norm_weight = nullptr;  // (d,) fp32, 16-byte aligned
+  float eps = 0.f;
 };
 
 // Largest hidden size the kernels are compiled for, and the smallest power-of-two factor
@@ -40,6 +46,21 @@ inline std::string launch_hadamard(DType dtype, const HadamardArgs& args) {
     case DType::kFloat32: return launch_hadamard_f32(args);
     case DType::kFloat16: return launch_hadamard_f16(args);
     case DType::kBFloat16: return launch_hadamard_bf16(args);
+  }
+  return "unknown dtype";
+}
+
+// Launch the fused interface epilogue on `stream`: y = h = (x + update) . H_d diag(scale) H_d . out_scale
+// (out_scale = 1/d) and normed = h * rsqrt(mean(h^2) + eps) * norm_weight, both from the fp32 h.
+std::string launch_patch_add_rmsnorm_f32(const HadamardArgs& args);
+std::string launch_patch_add_rmsnorm_f16(const HadamardArgs& args);
+std::string launch_patch_add_rmsnorm_bf16(const HadamardArgs& args);
+
+inline std::string launch_patch_add_rmsnorm(DType dtype, const HadamardArgs& args) {
+  switch (dtype) {
+    case DType::kFloat32: return launch_patch_add_rmsnorm_f32(args);
+    case DType::kFloat16: return launch_patch_add_rmsnorm_f16(args);
+    case DType::kBFloat16: return launch_patch_add_rmsnorm_bf16(args);
   }
   return "unknown dtype";
 }

@@ -5,11 +5,16 @@
 //       y = x . H_d * scale along the last dim
 //   linearpatch_cuda::hadamard_patch(Tensor x, Tensor h_k, Tensor scale) -> Tensor
 //       y = x . H_d diag(scale) H_d / d
+//   linearpatch_cuda::patch_add_rmsnorm(Tensor residual, Tensor update, Tensor h_k, Tensor scale,
+//                                       Tensor norm_weight, float eps) -> (Tensor, Tensor)
+//       h = (residual + update) . H_d diag(scale) H_d / d,
+//       normed = h * rsqrt(mean(h^2) + eps) * norm_weight     (norm_weight fp32; returns (h, normed))
 //
 // with d = x.size(-1) = K * 2**m, H_d = h_k (x) Sylvester(2**m) unnormalized, h_k the K x K
 // symmetric +-1 factor as fp32 on x's device ([[1.]] when K == 1). These are the low-level kernels
-// behind linearpatch::hadamard_transform / hadamard_patch (linearpatch_kernels/ops.py), which own
-// validation, autograd and fake tensors; the checks here only guard against misuse.
+// behind linearpatch::hadamard_transform / hadamard_patch / patch_add_rmsnorm
+// (linearpatch_kernels/ops.py), which own validation, autograd and fake tensors; the checks here
+// only guard against misuse.
 //
 // The one call without a stable C++ wrapper is the current CUDA stream, taken from the C shim
 // (aoti_torch_get_current_cuda_stream, declared when USE_CUDA is defined).
@@ -21,8 +26,10 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 #include "hadamard_launch.h"
 
@@ -58,8 +65,15 @@ int log2_exact(int64_t n) {
   return (int64_t(1) << m) == n ? m : -1;
 }
 
-// `scale` == nullptr: the transform, times `transform_scale`; else the patch with scales `*scale`.
-Tensor run(const char* op, const Tensor& x, const Tensor& h_k, const Tensor* scale, double transform_scale) {
+// The row layout of x for h_k: d = K * 2**log2_n, checked against what the kernels are compiled for.
+struct RowShape {
+  DType dtype;
+  int64_t d;
+  int k;
+  int log2_n;
+};
+
+RowShape check_rows(const char* op, const Tensor& x, const Tensor& h_k) {
   STD_TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   STD_TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
   const DType dtype = dtype_of(x, op);
@@ -75,15 +89,29 @@ Tensor run(const char* op, const Tensor& x, const Tensor& h_k, const Tensor* sca
   STD_TORCH_CHECK(d % k == 0, op, ": last dim ", d, " is not a multiple of K = ", k);
   const int log2_n = log2_exact(d / k);
   STD_TORCH_CHECK(log2_n >= kMinLog2N, op, ": d / K = ", d / k, " must be a power of two >= ", 1 << kMinLog2N);
+  return RowShape{dtype, d, int(k), log2_n};
+}
 
+// A float32 vector of length d on x's device (the patch scales, the norm weight), dense and aligned.
+Tensor checked_vector(const char* op, const char* name, const Tensor& v, const Tensor& x, int64_t d) {
+  STD_TORCH_CHECK(v.is_cuda() && v.get_device_index() == x.get_device_index(), op, ": ", name,
+                  " must be on x's device");
+  STD_TORCH_CHECK(v.scalar_type() == ScalarType::Float && v.dim() == 1 && v.size(0) == d, op, ": ", name,
+                  " must be a float32 vector of length ", d);
+  return dense_aligned(v);
+}
+
+void* current_stream(const Tensor& x) {
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(x.get_device_index(), &stream));
+  return stream;
+}
+
+// `scale` == nullptr: the transform, times `transform_scale`; else the patch with scales `*scale`.
+Tensor run(const char* op, const Tensor& x, const Tensor& h_k, const Tensor* scale, double transform_scale) {
+  const RowShape shape = check_rows(op, x, h_k);
   Tensor scale_c = h_k;  // placeholder, replaced below for the patch
-  if (scale != nullptr) {
-    STD_TORCH_CHECK(scale->is_cuda() && scale->get_device_index() == x.get_device_index(), op,
-                    ": scale must be on x's device");
-    STD_TORCH_CHECK(scale->scalar_type() == ScalarType::Float && scale->dim() == 1 && scale->size(0) == d, op,
-                    ": scale must be a float32 vector of length ", d);
-    scale_c = dense_aligned(*scale);
-  }
+  if (scale != nullptr) scale_c = checked_vector(op, "scale", *scale, x, shape.d);
 
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Tensor xc = dense_aligned(x);
@@ -91,22 +119,19 @@ Tensor run(const char* op, const Tensor& x, const Tensor& h_k, const Tensor* sca
   Tensor y = torch::stable::empty_like(xc);
   STD_TORCH_CHECK(y.is_contiguous() && aligned16(y), op, ": internal error: output is not dense and aligned");
 
-  void* stream = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(x.get_device_index(), &stream));
-
   HadamardArgs args;
   args.x = xc.data_ptr();
   args.y = y.data_ptr();
   args.h_k = static_cast<const float*>(hc.data_ptr());
   args.scale = scale != nullptr ? static_cast<const float*>(scale_c.data_ptr()) : nullptr;
-  args.rows = xc.numel() / d;
-  args.k = int(k);
-  args.log2_n = log2_n;
+  args.rows = xc.numel() / shape.d;
+  args.k = shape.k;
+  args.log2_n = shape.log2_n;
   // P = H diag(s) H^T with orthonormal H = H_d / sqrt(d): both 1/sqrt(d) go into one 1/d.
-  args.out_scale = scale != nullptr ? float(1.0 / double(d)) : float(transform_scale);
+  args.out_scale = scale != nullptr ? float(1.0 / double(shape.d)) : float(transform_scale);
   args.device = x.get_device_index();
-  args.stream = stream;
-  const std::string err = launch_hadamard(dtype, args);
+  args.stream = current_stream(x);
+  const std::string err = launch_hadamard(shape.dtype, args);
   STD_TORCH_CHECK(err.empty(), op, ": ", err);
   return y;
 }
@@ -119,15 +144,63 @@ Tensor hadamard_patch_cuda(const Tensor& x, const Tensor& h_k, const Tensor& sca
   return run("linearpatch_cuda::hadamard_patch", x, h_k, &scale, 1.0);
 }
 
+// The fused interface epilogue: one pass over residual and update, two outputs (h, normed).
+std::tuple<Tensor, Tensor> patch_add_rmsnorm_cuda(const Tensor& residual, const Tensor& update, const Tensor& h_k,
+                                                  const Tensor& scale, const Tensor& norm_weight, double eps) {
+  const char* op = "linearpatch_cuda::patch_add_rmsnorm";
+  const RowShape shape = check_rows(op, residual, h_k);
+  STD_TORCH_CHECK(update.is_cuda() && update.get_device_index() == residual.get_device_index() &&
+                      update.scalar_type() == residual.scalar_type(),
+                  op, ": update must be on residual's device, with its dtype");
+  bool same_shape = update.dim() == residual.dim();
+  for (int64_t i = 0; same_shape && i < residual.dim(); ++i) same_shape = update.size(i) == residual.size(i);
+  STD_TORCH_CHECK(same_shape, op, ": update must have residual's shape");
+  STD_TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite non-negative number, got ", eps);
+  const Tensor scale_c = checked_vector(op, "scale", scale, residual, shape.d);
+  const Tensor weight_c = checked_vector(op, "norm_weight", norm_weight, residual, shape.d);
+
+  torch::stable::accelerator::DeviceGuard guard(residual.get_device_index());
+  const Tensor xc = dense_aligned(residual);
+  const Tensor uc = dense_aligned(update);
+  const Tensor hc = dense_aligned(h_k);
+  Tensor h = torch::stable::empty_like(xc);
+  Tensor normed = torch::stable::empty_like(xc);
+  STD_TORCH_CHECK(h.is_contiguous() && aligned16(h) && normed.is_contiguous() && aligned16(normed), op,
+                  ": internal error: outputs are not dense and aligned");
+
+  HadamardArgs args;
+  args.x = xc.data_ptr();
+  args.y = h.data_ptr();
+  args.h_k = static_cast<const float*>(hc.data_ptr());
+  args.scale = static_cast<const float*>(scale_c.data_ptr());
+  args.rows = xc.numel() / shape.d;
+  args.k = shape.k;
+  args.log2_n = shape.log2_n;
+  args.out_scale = float(1.0 / double(shape.d));  // as in the patch
+  args.device = residual.get_device_index();
+  args.stream = current_stream(residual);
+  args.update = uc.data_ptr();
+  args.normed = normed.data_ptr();
+  args.norm_weight = static_cast<const float*>(weight_c.data_ptr());
+  args.eps = float(eps);
+  const std::string err = launch_patch_add_rmsnorm(shape.dtype, args);
+  STD_TORCH_CHECK(err.empty(), op, ": ", err);
+  return std::make_tuple(h, normed);
+}
+
 }  // namespace
 }  // namespace linearpatch_cuda
 
 STABLE_TORCH_LIBRARY(linearpatch_cuda, m) {
   m.def("hadamard_transform(Tensor x, Tensor h_k, float scale) -> Tensor");
   m.def("hadamard_patch(Tensor x, Tensor h_k, Tensor scale) -> Tensor");
+  m.def(
+      "patch_add_rmsnorm(Tensor residual, Tensor update, Tensor h_k, Tensor scale, Tensor norm_weight, float eps)"
+      " -> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(linearpatch_cuda, CUDA, m) {
   m.impl("hadamard_transform", TORCH_BOX(&linearpatch_cuda::hadamard_transform_cuda));
   m.impl("hadamard_patch", TORCH_BOX(&linearpatch_cuda::hadamard_patch_cuda));
+  m.impl("patch_add_rmsnorm", TORCH_BOX(&linearpatch_cuda::patch_add_rmsnorm_cuda));
 }

@@ -1,9 +1,12 @@
 """CUDA backend: the C++/CUDA kernels of ``csrc/``, registered as ``torch.ops.linearpatch_cuda.*``.
 
-The compiled library registers two low-level operators for the CUDA dispatch key only:
+The compiled library registers three low-level operators for the CUDA dispatch key only:
 
 * ``linearpatch_cuda::hadamard_transform(Tensor x, Tensor h_k, float scale) -> Tensor``
 * ``linearpatch_cuda::hadamard_patch(Tensor x, Tensor h_k, Tensor scale) -> Tensor``
+* ``linearpatch_cuda::patch_add_rmsnorm(Tensor residual, Tensor update, Tensor h_k, Tensor scale,
+  Tensor norm_weight, float eps) -> (Tensor, Tensor)``: the fused interface epilogue, one pass
+  (``norm_weight`` float32: converted here, so that the kernel reads one weight layout)
 
 ``h_k`` is the symmetric +-1 factor ``H_K`` of ``H_d = H_K (x) H_N`` as a float32 ``(K, K)`` tensor
 on the input's device (``[[1.]]`` for powers of two), cached here per size and device. The public
@@ -166,8 +169,13 @@ def _jit_build() -> str:
     return str(build_dir)
 
 
-def _ops_registered() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("linearpatch_cuda::hadamard_patch", "CUDA")
+OPS = ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm")
+
+
+def _missing_ops() -> list[str]:
+    """The ``linearpatch_cuda::*`` operators without a CUDA kernel (e.g. a library built before one existed)."""
+    return [f"linearpatch_cuda::{op}" for op in OPS
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"linearpatch_cuda::{op}", "CUDA")]
 
 
 def load_extension(allow_jit: bool = True) -> bool:
@@ -207,8 +215,9 @@ def load_extension(allow_jit: bool = True) -> bool:
             warnings.warn(f"linearpatch_kernels: the CUDA backend is unavailable ({_load_error}); "
                           f"CUDA tensors use the triton backend", RuntimeWarning, stacklevel=3)
             return False
-        if not _ops_registered():
-            _load_error = f"{_loaded_from} loaded but did not register linearpatch_cuda::hadamard_patch for CUDA"
+        missing = _missing_ops()
+        if missing:
+            _load_error = f"{_loaded_from} loaded but did not register {', '.join(missing)} for CUDA"
             _loaded_from = None
             warnings.warn(f"linearpatch_kernels: {_load_error}", RuntimeWarning, stacklevel=3)
             return False
@@ -248,3 +257,11 @@ def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.ops.linearpatch_cuda.hadamard_patch(x, _h_k(int(x.shape[-1]), x.device), scale)
+
+
+def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
+                      norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # The kernel reads the weight as fp32; a weight in another dtype costs one cast of d elements.
+    return torch.ops.linearpatch_cuda.patch_add_rmsnorm(
+        residual, update, _h_k(int(residual.shape[-1]), residual.device), scale,
+        norm_weight.to(torch.float32), float(eps))
