@@ -5,9 +5,10 @@
 #   2. installs it with --no-deps in a fresh venv that sees the current python's packages
 #      (--system-site-packages: torch is not downloaded again);
 #   3. from outside the source tree, checks that the installed package is the wheel's, that the
-#      library only needs the libtorch stable ABI, that linearpatch_cuda::hadamard_transform and
-#      ::hadamard_patch have kernels for the CUDA dispatch key (and none for CPU), and that CPU calls
-#      of torch.ops.linearpatch.* still go to the torch backend and match an fp64 reference;
+#      library only needs the libtorch stable ABI, that linearpatch_cuda::hadamard_transform,
+#      ::hadamard_patch and ::patch_add_rmsnorm have kernels for the CUDA dispatch key (and none for
+#      CPU), and that CPU calls of torch.ops.linearpatch.* still go to the torch backend and match an
+#      fp64 reference;
 #   4. runs tests/test_cuda_backend.py against the installed wheel (its GPU tests skip: no GPU).
 # Environment: PYTHON (default python), CUDA_ARCH (default 9.0), MAX_JOBS (default 2),
 # CUDA_HOME (default: the toolkit of the nvcc on PATH, which may be a wrapper script).
@@ -70,10 +71,12 @@ else:
     print("cuda_check: nm not found, symbol check skipped")
 
 assert cuda_backend.load_extension(allow_jit=False), "the prebuilt extension did not load"
-for op in ("hadamard_transform", "hadamard_patch"):
+for op in ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"):
     name = f"linearpatch_cuda::{op}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name} has no CUDA kernel"
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), f"{name} has a CPU kernel"
+schema = str(torch.ops.linearpatch_cuda.patch_add_rmsnorm.default._schema)
+assert schema.endswith("-> (Tensor, Tensor)"), schema
 
 d = 4096
 g = torch.Generator().manual_seed(0)
@@ -87,8 +90,16 @@ assert err < 1e-5, err
 ref_t = x.double() @ hadamard_matrix(d, normalized=False) * 0.5
 err_t = float((torch.ops.linearpatch.hadamard_transform(x, 0.5).double() - ref_t).norm() / ref_t.norm())
 assert err_t < 1e-5, err_t
+u = 0.1 * torch.randn(8, d, generator=g)
+w = 0.5 + torch.rand(d, generator=g)
+assert select_backend(x, "patch_add_rmsnorm").NAME == "torch"
+h_ref = (((x + u).double() @ h) * s.double()) @ h.T
+n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+h_out, n_out = torch.ops.linearpatch.patch_add_rmsnorm(x, u, s, w, 1e-6)
+err_e = max(float((h_out.double() - h_ref).norm() / h_ref.norm()), float((n_out.double() - n_ref).norm() / n_ref.norm()))
+assert err_e < 1e-5, err_e
 print(f"cuda_check: {version} from {cuda_backend.loaded_from()}: CUDA kernels registered, "
-      f"CPU ops on the torch backend (rel. errors {err:.1e}, {err_t:.1e})")
+      f"CPU ops on the torch backend (rel. errors {err:.1e}, {err_t:.1e}, {err_e:.1e})")
 PY
 
 "$venv_python" -m pytest -q -p no:cacheprovider -rs "$work/src/tests/test_cuda_backend.py"

@@ -1,5 +1,5 @@
 """The CUDA backend: coverage rules, build logic and registration (on any machine), kernels vs fp64
-references (on a CUDA GPU only)."""
+references and the fused epilogue vs the unfused ops (on a CUDA GPU only)."""
 
 import importlib.util
 import os
@@ -47,6 +47,12 @@ def factored_reference(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 def factored_patch_reference(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     return factored_reference(factored_reference(x) * s.double()) / d
+
+
+def epilogue_reference(residual, update, scale, weight, eps):
+    """``h = (residual + update) P`` and ``h * rsqrt(mean(h^2) + eps) * weight``, all in fp64."""
+    h = factored_patch_reference(residual.double() + update.double(), scale)
+    return h, h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,6 +129,8 @@ def test_sources_are_found_for_the_build_and_the_jit():
     sources = setup_script.cuda_sources()
     assert "csrc/hadamard_ops.cpp" in sources
     assert {"csrc/hadamard_f32.cu", "csrc/hadamard_f16.cu", "csrc/hadamard_bf16.cu"} <= set(sources)
+    assert {"csrc/patch_add_rmsnorm_f32.cu", "csrc/patch_add_rmsnorm_f16.cu",
+            "csrc/patch_add_rmsnorm_bf16.cu"} <= set(sources)
     src = cuda_backend.source_dir()
     assert src is not None and (src / "hadamard_kernels.cuh").is_file()
 
@@ -218,13 +226,30 @@ def test_without_jit_nothing_is_remembered(fresh_loader):
     assert cuda_backend._load_error is None  # a later call may still build
 
 
+def test_a_library_without_the_epilogue_op_is_refused(fresh_loader, tmp_path):
+    """A library built before patch_add_rmsnorm existed registers only the other two ops: the backend
+    then stays off (and says which op is missing) instead of failing on the first epilogue call."""
+    old_library = tmp_path / "_C.abi3.so"
+    old_library.write_bytes(b"")
+    fresh_loader.setattr(cuda_backend, "prebuilt_library", lambda: str(old_library))
+    fresh_loader.setattr(torch.ops, "load_library", lambda path: None)
+    fresh_loader.setenv(cuda_backend.JIT_ENV, "0")
+    registered = {"linearpatch_cuda::hadamard_transform", "linearpatch_cuda::hadamard_patch"}
+    fresh_loader.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                         lambda name, key: key == "CUDA" and name in registered)
+    with pytest.warns(RuntimeWarning, match=r"did not register linearpatch_cuda::patch_add_rmsnorm for CUDA"):
+        assert not cuda_backend.load_extension()
+    assert cuda_backend.loaded_from() is None
+    assert "patch_add_rmsnorm" in cuda_backend._load_error
+
+
 @pytest.mark.skipif(cuda_backend.prebuilt_library() is None,
                     reason="the compiled extension is not installed here (pip install . with a CUDA toolkit; "
                            ".ci/cuda_check.sh builds a wheel and runs this test against it)")
 def test_prebuilt_extension_registers_cuda_kernels_only():
     assert cuda_backend.load_extension(allow_jit=False)
     assert cuda_backend.loaded_from().startswith("prebuilt ")
-    for op in ("hadamard_transform", "hadamard_patch"):
+    for op in ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"):
         name = f"linearpatch_cuda::{op}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
@@ -232,12 +257,23 @@ def test_prebuilt_extension_registers_cuda_kernels_only():
     assert schema == "linearpatch_cuda::hadamard_patch(Tensor x, Tensor h_k, Tensor scale) -> Tensor"
     schema = str(torch.ops.linearpatch_cuda.hadamard_transform.default._schema)
     assert schema == "linearpatch_cuda::hadamard_transform(Tensor x, Tensor h_k, float scale) -> Tensor"
+    schema = str(torch.ops.linearpatch_cuda.patch_add_rmsnorm.default._schema)
+    assert schema == ("linearpatch_cuda::patch_add_rmsnorm(Tensor residual, Tensor update, Tensor h_k, "
+                      "Tensor scale, Tensor norm_weight, float eps) -> (Tensor, Tensor)")
     with pytest.raises(NotImplementedError):
         torch.ops.linearpatch_cuda.hadamard_patch(torch.zeros(2, 8), torch.ones(1, 1), torch.ones(8))
-    # The public op on CPU tensors still goes to the torch backend.
+    with pytest.raises(NotImplementedError):
+        torch.ops.linearpatch_cuda.patch_add_rmsnorm(torch.zeros(2, 8), torch.zeros(2, 8), torch.ones(1, 1),
+                                                     torch.ones(8), torch.ones(8), 1e-6)
+    # The public ops on CPU tensors still go to the torch backend.
     x, s = llm_like(3, 4096), positive_scales(4096)
     assert select_backend(x).NAME == "torch"
+    assert select_backend(x, "patch_add_rmsnorm").NAME == "torch"
     assert rel_err(lp.hadamard_patch(x, s), reference_patch(x, s)) < 1e-5
+    u, w = 0.1 * llm_like(3, 4096, seed=1), torch.rand(4096) + 0.5
+    h, n = lp.patch_add_rmsnorm(x, u, s, w, 1e-6)
+    h_ref, n_ref = epilogue_reference(x, u, s, w, 1e-6)
+    assert rel_err(h, h_ref) < 1e-5 and rel_err(n, n_ref) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,3 +388,184 @@ def test_gpu_more_than_2_31_elements(d):
     with lp.use_backend("cuda"):
         y = lp.hadamard_transform(x, 0.5)
     assert rel_err(y[check], factored_reference(x[check], 0.5)) <= 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused interface epilogue on the GPU: linearpatch::patch_add_rmsnorm with the cuda backend
+
+EPILOGUE_SIZES = (576, 2048, 4096, 5120)
+EPS = 1e-5
+
+
+def epilogue_inputs(rows, d, dtype, weight_dtype=None, seed=0):
+    """Residual stream with outliers, a smaller update, patch scales and a positive norm weight."""
+    residual = llm_like(rows, d, dtype=dtype, seed=seed, device="cuda")
+    update = (0.1 * llm_like(rows, d, dtype=torch.float64, seed=seed + 1)).to(dtype=dtype, device="cuda")
+    scale = positive_scales(d, seed=seed + 2, device="cuda")
+    g = torch.Generator().manual_seed(seed + 3)
+    weight = (0.5 + torch.rand(d, generator=g, dtype=torch.float64)).to(weight_dtype or dtype).to("cuda")
+    return residual, update, scale, weight
+
+
+def hf_rmsnorm(h, weight, eps):
+    """Hugging Face's LlamaRMSNorm: fp32 statistics, the normalized state cast back, times the weight."""
+    hf = h.float()
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+@pytest.fixture(scope="module")
+def epilogue_case():
+    """Inputs and fp64 references per (d, rows, dtype), shared by the tests below."""
+    cache = {}
+
+    def get(d, rows, dtype):
+        key = (d, rows, dtype)
+        if key not in cache:
+            r, u, s, w = epilogue_inputs(rows, d, dtype, seed=d + rows)
+            cache[key] = (r, u, s, w, *epilogue_reference(r, u, s, w, EPS))
+        return cache[key]
+
+    return get
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", EPILOGUE_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", (1, 7, 4096))
+def test_gpu_epilogue_vs_fp64(d, dtype, rows, epilogue_case):
+    r, u, s, w, h_ref, n_ref = epilogue_case(d, rows, dtype)
+    with lp.use_backend("cuda"):
+        h, n = lp.patch_add_rmsnorm(r, u, s, w, EPS)
+    assert h.dtype == n.dtype == dtype and h.shape == n.shape == r.shape
+    assert rel_err(h, h_ref) <= TOLERANCE[dtype]
+    assert rel_err(n, n_ref) <= TOLERANCE[dtype]
+    # Every row on its own too (a row that went through the wrong reduction would hide in the total).
+    row_err = ((n.double() - n_ref).norm(dim=-1) / n_ref.norm(dim=-1)).max().item()
+    assert row_err <= 2 * TOLERANCE[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", EPILOGUE_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", (1, 7, 4096))
+def test_gpu_epilogue_vs_unfused_ops(d, dtype, rows, epilogue_case):
+    """What a patched model runs without fusion: the add in the model dtype, the patch (cuda backend),
+    then Hugging Face's RMSNorm."""
+    r, u, s, w = epilogue_case(d, rows, dtype)[:4]
+    with lp.use_backend("cuda"):
+        h, n = lp.patch_add_rmsnorm(r, u, s, w, EPS)
+        h_unfused = lp.hadamard_patch(r + u, s)
+    n_unfused = hf_rmsnorm(h_unfused, w, EPS)
+    assert rel_err(h, h_unfused.double()) <= TOLERANCE[dtype]
+    assert rel_err(n, n_unfused.double()) <= TOLERANCE[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("weight_dtype", (torch.float32, torch.float16, torch.bfloat16, torch.float64), ids=str)
+def test_gpu_epilogue_norm_weight_dtypes(weight_dtype):
+    r, u, s, w = epilogue_inputs(9, 4096, torch.bfloat16, weight_dtype=weight_dtype, seed=4)
+    with lp.use_backend("cuda"):
+        h, n = lp.patch_add_rmsnorm(r, u, s, w, EPS)
+    h_ref, n_ref = epilogue_reference(r, u, s, w, EPS)
+    assert n.dtype == torch.bfloat16
+    assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_epilogue_every_covered_size(dtype):
+    """Each kernel path of the epilogue: every power of two (one to several rows per block, the
+    reduction across warps from 8192 in fp32 and 16384 in 16-bit), each K with its smallest and
+    largest N (several rows per block to one row, one to several H_K tile rounds)."""
+    by_k = {}
+    for d in range(8, cuda_backend.MAX_D + 1):
+        if is_supported_size(d) and cuda_backend.unsupported_reason_for(dtype, d) is None:
+            by_k.setdefault(hadamard_factors(d).k, []).append(d)
+    sizes = sorted(set(by_k.pop(1)) | {ds[0] for ds in by_k.values()} | {ds[-1] for ds in by_k.values()})
+    with lp.use_backend("cuda"):
+        for d in sizes:
+            for rows in (3, 8192 // d + 5):  # one partial block; several blocks with a partial last one
+                r, u, s, w = epilogue_inputs(rows, d, dtype, seed=d)
+                h, n = lp.patch_add_rmsnorm(r, u, s, w, EPS)
+                h_ref, n_ref = epilogue_reference(r, u, s, w, EPS)
+                assert rel_err(h, h_ref) <= TOLERANCE[dtype], (d, rows)
+                assert rel_err(n, n_ref) <= TOLERANCE[dtype], (d, rows)
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", (64, 576, 4096, 16384))
+def test_gpu_epilogue_rows_stay_apart(d):
+    """A NaN row (or an all-zero one) affects only itself, also when a block holds several rows."""
+    rows = 40
+    r, u, s, w = epilogue_inputs(rows, d, torch.float32, seed=7)
+    r[5] = float("nan")
+    r[6], u[6] = 0.0, 0.0
+    with lp.use_backend("cuda"):
+        h, n = lp.patch_add_rmsnorm(r, u, s, w, EPS)
+    assert torch.isnan(h[5]).all() and torch.isnan(n[5]).all()
+    assert (h[6] == 0).all() and (n[6] == 0).all()  # 0 * rsqrt(0 + eps)
+    keep = [i for i in range(rows) if i not in (5, 6)]
+    h_ref, n_ref = epilogue_reference(r[keep], u[keep], s, w, EPS)
+    assert rel_err(h[keep], h_ref) <= 1e-5 and rel_err(n[keep], n_ref) <= 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", (4096, 5120))
+def test_gpu_epilogue_non_contiguous_and_misaligned(d):
+    r, u, s, w = epilogue_inputs(6, d, torch.bfloat16, seed=3)
+    transposed = llm_like(2 * d, 6, dtype=torch.bfloat16, device="cuda").t()[:, ::2]  # (6, d), strides (1, 12)
+    flat = llm_like(1, 6 * d + 1, dtype=torch.bfloat16, device="cuda").reshape(-1)
+    misaligned = flat[1:].view(6, d)  # contiguous, 2 bytes off a 16-byte boundary
+    every_other_row = llm_like(6, 2 * d, dtype=torch.bfloat16, device="cuda").view(6, 2, d)[:, 1]
+    w_strided = torch.stack((w, w), dim=1)[:, 0]  # stride 2
+    with lp.use_backend("cuda"):
+        for residual, update in ((transposed, u), (r, misaligned), (every_other_row, transposed)):
+            h, n = lp.patch_add_rmsnorm(residual, update, s, w_strided, EPS)
+            h_ref, n_ref = epilogue_reference(residual, update, s, w, EPS)
+            assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
+
+
+@needs_gpu
+def test_gpu_epilogue_is_the_automatic_choice_and_differentiable():
+    r, u, s, w = epilogue_inputs(5, 576, torch.float32, seed=11)
+    assert select_backend(r, "patch_add_rmsnorm").NAME == "cuda"
+    leaves = [t.clone().requires_grad_() for t in (r, u, s, w)]
+    gh = torch.randn(5, 576, dtype=torch.float64, device="cuda")
+    gn = torch.randn(5, 576, dtype=torch.float64, device="cuda")
+    h, n = lp.patch_add_rmsnorm(*leaves, EPS)
+    ((h.double() * gh).sum() + (n.double() * gn).sum()).backward()
+    # The same function in fp64 from the dense orthonormal matrix, differentiated by autograd.
+    ref = [t.detach().double().requires_grad_() for t in (r, u, s, w)]
+    hm = lp.hadamard_matrix(576, device="cuda")
+    h_ref = ((ref[0] + ref[1]) @ hm * ref[2]) @ hm.T
+    n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + EPS) * ref[3]
+    ((h_ref * gh).sum() + (n_ref * gn).sum()).backward()
+    for got, want in zip(leaves, ref):
+        assert rel_err(got.grad, want.grad) <= 1e-4
+
+
+@needs_gpu
+def test_gpu_epilogue_runs_on_the_current_stream():
+    r, u, s, w = epilogue_inputs(4096, 4096, torch.bfloat16, seed=12)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with lp.use_backend("cuda"), torch.cuda.stream(stream):
+        h, n = lp.patch_add_rmsnorm(r, u, s, w, EPS)
+    stream.synchronize()
+    h_ref, n_ref = epilogue_reference(r, u, s, w, EPS)
+    assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", (4096, 5120))
+def test_gpu_epilogue_more_than_2_31_elements(d):
+    rows = (1 << 31) // d + 3
+    r = torch.empty(rows, d, dtype=torch.bfloat16, device="cuda").normal_()
+    u = torch.empty_like(r).normal_()
+    s = positive_scales(d, device="cuda")
+    w = torch.rand(d, device="cuda") + 0.5
+    with lp.use_backend("cuda"):
+        h, n = lp.patch_add_rmsnorm(r, u, s, w, EPS)
+    check = torch.tensor([0, 1, rows // 2, rows - 2, rows - 1], device="cuda")
+    h_ref, n_ref = epilogue_reference(r[check], u[check], s, w, EPS)
+    assert rel_err(h[check], h_ref) <= 1e-2 and rel_err(n[check], n_ref) <= 1e-2
