@@ -11,13 +11,15 @@
 # $OUT/gpu_check.log, most important first:
 #   1. environment; 2. install (unpack the wheel into a scratch folder on PYTHONPATH);
 #   3. tests/test_cuda_backend.py (every backend vs fp64, all dtypes, rows 1/7/4096, non-contiguous
-#      input, > 2**31 elements; junit XML in $OUT); 4. timings at d=4096 x 16384 rows, bf16 (CUDA
-#      events, median): cuda and triton patch and transform, the dense bf16 matmul, the paper's fp32
-#      matmul, a device-to-device copy; also decode sizes and d=5120 (JSON and a table in $OUT);
+#      input, > 2**31 elements; the fused epilogue patch_add_rmsnorm vs fp64 and vs the unfused ops;
+#      junit XML in $OUT); 4. timings at d=4096 x 16384 rows, bf16 (CUDA events, median): cuda and
+#      triton patch and transform, the dense bf16 matmul, the paper's fp32 matmul, a device-to-device
+#      copy; also decode sizes and d=5120; the fused epilogue vs add + patch + RMSNorm at 4096 and
+#      16384 rows (target: >= 1.3x faster) (JSON and a table in $OUT);
 #   5. compute-sanitizer memcheck, racecheck and synccheck on small cases of every kernel family;
 #   6. the JIT fallback (a source tree without the compiled library compiles csrc/ at first use).
 # STEPS="tests timings sanitizer jit" (the default) picks steps 3-6, e.g. STEPS=timings for a rerun;
-# each step has its own time limit (5, 3, 3 x 2.5 and 4 minutes).
+# each step has its own time limit (6, 4, 3 x 2.5 and 4 minutes).
 # Exit status: 0 when every step passed, else the number of failed steps.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the results}
@@ -64,13 +66,13 @@ cd "$scratch"  # never import the package from the source tree below
 
 if wants tests; then
 step "3. tests/test_cuda_backend.py"
-timeout 300 "$python" -m pytest -q -p no:cacheprovider -rs --durations=10 --junitxml="$OUT/test_cuda_backend.xml" \
+timeout 360 "$python" -m pytest -q -p no:cacheprovider -rs --durations=10 --junitxml="$OUT/test_cuda_backend.xml" \
     "$root/tests/test_cuda_backend.py" || fail "tests/test_cuda_backend.py"
 fi
 
 if wants timings; then
 step "4. timings"
-timeout 180 "$python" - "$OUT" <<'PY' || fail "timings"
+timeout 240 "$python" - "$OUT" <<'PY' || fail "timings"
 import json
 import statistics
 import sys
@@ -131,10 +133,54 @@ for d, rows_list in ((4096, (16384, 4096, 64, 1)), (5120, (16384,))):
             results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
                                 gb_per_s_read_plus_write=gbps, ratio_to_copy=ms / copy_ms))
 
+# The fused interface epilogue against what it replaces: the residual add, the patch (cuda backend)
+# and Hugging Face's RMSNorm, as separate ops. Traffic counted for the fused op: read residual and
+# update, write h and normed (4 tensors); the copy moves 2.
+EPS = 1e-6
+TARGET = 1.3
+d = 4096
+s = 0.5 + torch.rand(d, device="cuda")
+w = (0.5 + torch.rand(d, device="cuda")).to(torch.bfloat16)
+
+
+def separate(r, u):
+    h = cuda_backend.hadamard_patch(r + u, s)
+    hf = h.float()
+    return h, w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(h.dtype)
+
+
+speedups = {}
+for rows in (4096, 16384):
+    r = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+    u = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(r)
+    fused_h, fused_n = cuda_backend.patch_add_rmsnorm(r, u, s, w, EPS)
+    sep_h, sep_n = separate(r, u)
+    agree = float((fused_n.double() - sep_n.double()).norm() / sep_n.double().norm())
+    assert agree < 1e-2, f"fused and separate epilogues disagree at {rows} rows: {agree:.1e}"
+    cases = {
+        "copy": lambda: y.copy_(r),
+        "epilogue: cuda fused": lambda: cuda_backend.patch_add_rmsnorm(r, u, s, w, EPS),
+        "epilogue: triton fused": lambda: triton_backend.patch_add_rmsnorm(r, u, s, w, EPS),
+        "epilogue: separate (cuda)": lambda: separate(r, u),
+        "epilogue: public op, auto": lambda: lp.patch_add_rmsnorm(r, u, s, w, EPS),
+    }
+    times = {name: median_ms(fn) for name, fn in cases.items()}
+    speedups[rows] = times["epilogue: separate (cuda)"] / times["epilogue: cuda fused"]
+    for name, ms in times.items():
+        moved = (2 if name == "copy" else 4) * r.numel() * r.element_size()
+        results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
+                            gb_per_s_read_plus_write=moved / (ms * 1e-3) / 1e9, ratio_to_copy=ms / times["copy"],
+                            fused_speedup_over_separate=speedups[rows] if name == "epilogue: cuda fused" else None))
+
 lines = [f"{'d':>5} {'rows':>6}  {'case':<28} {'median ms':>10} {'GB/s (r+w)':>11} {'x copy':>7}"]
 for r in results:
     lines.append(f"{r['d']:>5} {r['rows']:>6}  {r['case']:<28} {r['median_ms']:>10.4f} "
                  f"{r['gb_per_s_read_plus_write']:>11.0f} {r['ratio_to_copy']:>7.2f}")
+for rows, x in speedups.items():
+    verdict = "met" if x >= TARGET else "MISSED"
+    lines.append(f"fused epilogue vs separate add + patch + RMSNorm, d={d} x {rows} rows bf16: "
+                 f"{x:.2f}x faster (target >= {TARGET}x: {verdict})")
 table = "\n".join(lines)
 print(table)
 meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
@@ -151,7 +197,8 @@ step "5. compute-sanitizer"
 cat > "$scratch/small_cases.py" <<'PY'
 # Every kernel family on small inputs: pow2 (registers; the warp stage at 16384 and 32768), kron
 # (K > 1: several rows per block at 576, one at 5120, several tile rounds at 24576), 3 rows (a partial
-# block), all dtypes. fp64 references on the CPU, so that the only GPU work is ours and the copies.
+# block), all dtypes; transform, patch and the fused epilogue patch_add_rmsnorm. fp64 references on
+# the CPU, so that the only GPU work is ours and the copies.
 import torch
 import linearpatch_kernels as lp
 from linearpatch_kernels.hadamard import hadamard_factors
@@ -168,17 +215,26 @@ def transform64(x):
     return torch.einsum("kj,rjn->rkn", f.h_k, y.reshape(-1, f.k, f.n)).reshape(x.shape)
 
 
+def rel(a, b):
+    return float((a.cpu().double() - b).norm() / b.norm())
+
+
 worst = 0.0
 for d in (64, 576, 4096, 5120, 16384, 32768, 24576):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(3, d).to(dtype)
+        u = (0.1 * torch.randn(3, d)).to(dtype)
         s = 0.5 + torch.rand(d)
+        w = 0.5 + torch.rand(d)
         with lp.use_backend("cuda"):
-            y = lp.hadamard_patch(x.cuda(), s.cuda()).cpu().double()
-            t = lp.hadamard_transform(x.cuda(), 0.5).cpu().double()
+            y = lp.hadamard_patch(x.cuda(), s.cuda())
+            t = lp.hadamard_transform(x.cuda(), 0.5)
+            h, n = lp.patch_add_rmsnorm(x.cuda(), u.cuda(), s.cuda(), w.cuda(), 1e-6)
         ref = transform64(transform64(x) * s.double()) / d
         ref_t = transform64(x) * 0.5
-        worst = max(worst, float((y - ref).norm() / ref.norm()), float((t - ref_t).norm() / ref_t.norm()))
+        ref_h = transform64(transform64(x.double() + u.double()) * s.double()) / d
+        ref_n = ref_h * torch.rsqrt(ref_h.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+        worst = max(worst, rel(y, ref), rel(t, ref_t), rel(h, ref_h), rel(n, ref_n))
 print(f"small cases: worst rel. error {worst:.1e}")
 assert worst < 1e-2
 PY
@@ -213,6 +269,15 @@ with lp.use_backend("torch"):
     ref = lp.hadamard_patch(x.double(), s.double())
 err = float((y.double() - ref).norm() / ref.norm())
 print(f"JIT-built patch, d=5120 bf16: rel. error {err:.1e}")
+assert err < 1e-2
+u = torch.randn(7, 5120, device="cuda", dtype=torch.bfloat16)
+w = 0.5 + torch.rand(5120, device="cuda")
+with lp.use_backend("cuda"):
+    h, n = lp.patch_add_rmsnorm(x, u, s, w, 1e-6)
+with lp.use_backend("torch"):
+    ref_h, ref_n = lp.patch_add_rmsnorm(x.double(), u.double(), s.double(), w.double(), 1e-6)
+err = max(float((h.double() - ref_h).norm() / ref_h.norm()), float((n.double() - ref_n).norm() / ref_n.norm()))
+print(f"JIT-built patch_add_rmsnorm, d=5120 bf16: rel. error {err:.1e}")
 assert err < 1e-2
 PY
 ) || fail "JIT fallback"
