@@ -511,11 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     from .default_model import DefaultModelUnavailable
-    from .evaluation import LmEvalUnavailable
+    from .evaluation import LmEvalUnavailable, TaskDataUnavailable
 
     try:
         return args.func(args)
-    except (CliError, DefaultModelUnavailable, LmEvalUnavailable, FileNotFoundError, ValueError) as e:
+    except (CliError, DefaultModelUnavailable, LmEvalUnavailable, TaskDataUnavailable, FileNotFoundError,
+            ValueError) as e:
         print(f"linearpatch {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,10 @@ class LmEvalUnavailable(RuntimeError):
     """lm-evaluation-harness is not installed (the message gives the pip command)."""
 
 
+class TaskDataUnavailable(RuntimeError):
+    """An lm-eval task's dataset is neither local nor in the datasets cache, and nothing is downloaded."""
+
+
 def _input_device(model: nn.Module) -> torch.device:
     embeddings = model.get_input_embeddings()
     return embeddings.weight.device
@@ -139,6 +143,13 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks, *, include_path: str | os.Pa
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=task_manager, log_samples=False, bootstrap_iters=0)
+    except ConnectionError as e:
+        # The Hub is unreachable (or offline mode is on) and the task's dataset is not cached.
+        raise TaskDataUnavailable(
+            f"lm-eval could not load the data of {', '.join(tasks)} ({e}). Nothing is downloaded here: put the "
+            "datasets in the Hugging Face datasets cache first (HF_DATASETS_CACHE), or describe a local task in a "
+            "YAML file and pass its folder with --include-path"
+        ) from None
     finally:
         model.train(was_training)
     results = {}

@@ -225,3 +225,23 @@ def test_lm_eval_bridge_on_a_local_multiple_choice_task(tmp_path, monkeypatch):
     assert set(got) == {"tiny_mc"}
     assert got["tiny_mc"]["acc"] == pytest.approx(want["acc"])
     assert got["tiny_mc"]["acc_norm"] == pytest.approx(want["acc_norm"])
+
+
+def test_lm_eval_task_without_local_data_is_a_clear_error(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    from linearpatch_kernels.evaluation import TaskDataUnavailable, run_lm_eval
+
+    (tmp_path / "hub_mc.yaml").write_text(
+        "task: hub_mc\n"
+        "dataset_path: linearpatch-nonexistent/no-such-dataset\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: answer\n"
+    )
+    with pytest.raises(TaskDataUnavailable, match="could not load the data of hub_mc.*--include-path"):
+        run_lm_eval(tiny_char_model(num_layers=2), char_tokenizer(), ["hub_mc"], include_path=tmp_path)
