@@ -269,7 +269,7 @@ def _pruned_label(record: dict, patched: bool) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import perplexity, require_lm_eval, retained_performance, run_lm_eval
+    from .evaluation import paper_metric, perplexity, require_lm_eval, retained_performance, run_lm_eval
     from .model import patch_disabled
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
@@ -297,7 +297,7 @@ def cmd_eval(args) -> int:
         variants.append(("model", loaded, True))
 
     def run(variant, fn):
-        label, which, patched = variant
+        _, which, patched = variant
         if patched:
             return fn(which)
         with patch_disabled(which.model):
@@ -323,7 +323,7 @@ def cmd_eval(args) -> int:
         for task in tasks:
             for metric in ("acc", "acc_norm"):
                 if any(metric in results[label][task] for label in labels):
-                    mark = " *" if metric == _paper_metric(task) else ""
+                    mark = " *" if metric == paper_metric(task) else ""
                     rows.append([f"{task} {metric}{mark}"] +
                                 [f"{results[label][task][metric]:.4f}" if metric in results[label][task] else "-"
                                  for label in labels])
@@ -334,12 +334,6 @@ def cmd_eval(args) -> int:
         print(format_table(["task metric (* = paper metric)"] + labels, rows))
     print(f"\ntotal time: {_seconds(t_total)}")
     return 0
-
-
-def _paper_metric(task: str) -> str:
-    from .evaluation import paper_metric
-
-    return paper_metric(task)
 
 
 # --- demo --------------------------------------------------------------------------------------

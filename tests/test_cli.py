@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_evaluation import char_tokenizer, direct_mc_accuracy, direct_perplexity, tiny_char_model, write_mc_task
 
-from linearpatch_kernels import hadamard_matrix, load_pruned, patch_disabled
+from linearpatch_kernels import get_patch, hadamard_matrix, load_pruned, patch_disabled
 from linearpatch_kernels.cli import main
 
 TEXT = (
@@ -94,7 +94,6 @@ def test_prune_then_eval_subprocess(tiny_folder, tmp_path):
     record = pruned.config.linearpatch
     assert (record["start"], record["end"], record["mode"]) == (start, start + NUM_PRUNE, "rotate")
     assert pruned.config.num_hidden_layers == NUM_LAYERS - NUM_PRUNE
-    from linearpatch_kernels import get_patch
     torch.testing.assert_close(get_patch(pruned).scale.double(), scales, rtol=1e-5, atol=1e-6)
     assert (out / "tokenizer.json").is_file()
 
@@ -123,7 +122,6 @@ def test_prune_with_given_start_and_diag_mode(tiny_folder, tmp_path, capsys):
     ids = torch.tensor([char_tokenizer()(TEXT).input_ids])
     xs = [residual_inputs_fp64(model, ids[:, k * 32:(k + 1) * 32]) for k in range(2)]
     want = torch.stack([x[2][0].abs().mean(0) / x[0][0].abs().mean(0) for x in xs]).mean(0)
-    from linearpatch_kernels import get_patch
     pruned = load_pruned(out)
     assert pruned.config.linearpatch["mode"] == "diag"
     torch.testing.assert_close(get_patch(pruned).scale.double(), want, rtol=1e-5, atol=1e-6)
