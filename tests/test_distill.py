@@ -15,10 +15,9 @@ import torch
 from tiny_models import tiny_model
 
 from linearpatch_kernels import estimate_scales, get_patch, load_pruned, prune_and_patch, save_pruned
+from linearpatch_kernels.cli import add_distill_subcommand
 from linearpatch_kernels.model.distill import (
-    add_distill_subcommand,
     distill_patch,
-    run_distill_command,
     student_support_logits,
     support_kl_loss,
     topk_kl_loss,

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..ops import hadamard_transform
 from .surgery import decoder_layers, module_execution_device
 
-__all__ = ["BLOCK_METHODS", "block_similarities", "estimate_scales", "select_block"]
+__all__ = ["BLOCK_METHODS", "best_block_start", "block_similarities", "estimate_scales", "select_block"]
 
 BLOCK_METHODS = ("cosine", "block_influence")
 SCALE_MODES = ("rotate", "diag")
@@ -168,8 +168,14 @@ def select_block(model: nn.Module, batches, num_prune: int, method: str = "cosin
     """The block ``(start, end)`` of ``num_prune`` layers to remove: the most similar residual inputs
     for "cosine", the smallest summed Block Influence for "block_influence" (ties: the earliest)."""
     scores = block_similarities(model, batches, num_prune, method, progress=progress)
-    start = int(torch.argmax(scores)) if method == "cosine" else int(torch.argmin(scores))
+    start = best_block_start(scores, method)
     return start, start + num_prune
+
+
+def best_block_start(scores: torch.Tensor, method: str) -> int:
+    """The start that ``select_block`` picks from ``block_similarities`` scores: the largest cosine
+    similarity, or the smallest summed Block Influence; ties go to the earliest block."""
+    return int(torch.argmax(scores)) if method == "cosine" else int(torch.argmin(scores))
 
 
 @torch.no_grad()

@@ -53,9 +53,8 @@ __all__ = [
     "DEFAULT_LR",
     "TRAIN_MODES",
     "DistillResult",
-    "add_distill_subcommand",
     "distill_patch",
-    "run_distill_command",
+    "is_teacher_cache_dir",
     "student_support_logits",
     "support_kl_loss",
     "topk_kl_loss",
@@ -346,7 +345,7 @@ def train_patch(model: nn.Module, cache: TeacherCache, *, train: str = "s", lr: 
 # --- the whole flow -----------------------------------------------------------------------------
 
 
-def _is_cache_dir(path: Path) -> bool:
+def is_teacher_cache_dir(path: Path) -> bool:
     return (path / MANIFEST_FILE).is_file() and not (path / "config.json").is_file()
 
 
@@ -393,7 +392,7 @@ def distill_patch(student, teacher, out_dir: str | os.PathLike | None = None, *,
         if not teacher_path.is_dir():
             raise FileNotFoundError(f"distill_patch: teacher {teacher_path} is not a directory; pass the dense model's "
                                     "directory or a teacher cache directory")
-        if _is_cache_dir(teacher_path):
+        if is_teacher_cache_dir(teacher_path):
             cache = TeacherCache(teacher_path)
         else:
             if isinstance(student, nn.Module):
@@ -436,105 +435,3 @@ def distill_patch(student, teacher, out_dir: str | os.PathLike | None = None, *,
         (out_dir / RESULT_FILE).write_text(json.dumps(record, indent=1) + "\n")
         log(f"saved the distilled model to {out_dir}")
     return model, result
-
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def add_distill_subcommand(subparsers) -> None:
-    """Register ``linearpatch distill`` on an argparse ``subparsers`` object."""
-    p = subparsers.add_parser(
-        "distill",
-        help="train the patch of a pruned model against its dense teacher's top-k log-probs",
-        description="Distil the patch of a pruned model (written by `linearpatch prune`): cache the dense teacher's "
-                    "top-k next-token log-probs on disk (resumable), free the teacher, then train only the patch "
-                    "(its Hadamard-domain scales s, or a free dense d x d matrix) with KL on the top-k support. "
-                    "The samples are consecutive windows of the calibration text; the last --val-samples of the "
-                    "cached windows are held out for validation and early stopping.",
-    )
-    p.add_argument("--model", required=True, help="pruned checkpoint directory (from `linearpatch prune`)")
-    p.add_argument("--teacher", required=True,
-                   help="the dense model the student was pruned from: its folder, or 'default' for the embedded "
-                        "SmolLM2-135M-Instruct; or a teacher cache folder built before")
-    p.add_argument("--out", required=True, help="output directory for the distilled checkpoint")
-    p.add_argument("--samples", type=int, default=5000,
-                   help="training windows (default 5000, as in the paper; the shipped corpus holds about 190 windows "
-                        "of 2048 tokens, so pass --text for more)")
-    p.add_argument("--val-samples", type=int, default=16,
-                   help="held-out validation windows, cut after the training ones (default 16)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--topk", type=int, default=50, help="teacher tokens kept per position (default 50)")
-    p.add_argument("--train", choices=TRAIN_MODES, default="s",
-                   help="s: the Hadamard-domain scales (keeps the fast patch); dense: a free d x d matrix")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default {DEFAULT_LR['s']:g} for s, {DEFAULT_LR['dense']:g} for dense)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training windows (default 1)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step (default 1)")
-    p.add_argument("--patience", type=int, default=2, help="validations without improvement before stopping (default 2)")
-    p.add_argument("--eval-every", type=int, default=None, help="also validate every N steps (default: once per epoch)")
-    p.add_argument("--cache", default=None, help="teacher cache directory (default OUT/teacher-cache); a partial one is resumed")
-    p.add_argument("--chunk-size", type=int, default=64, help="windows per cache file (default 64)")
-    p.add_argument("--text", nargs="+", default=None,
-                   help="UTF-8 text files to cut the windows from (default: the package's calibration corpus)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="model weights' dtype (default float32 on the CPU, bfloat16 on a GPU); the patch stays fp32")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run_distill_command)
-
-
-def _load_tokenizer(*directories):
-    from transformers import AutoTokenizer
-
-    for directory in directories:
-        if directory is not None and (Path(directory) / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(directory)
-    return None
-
-
-def run_distill_command(args) -> int:
-    """The ``linearpatch distill`` handler: windows from the corpus, then ``distill_patch``."""
-    # Command-line code that lives here by the CLI's choice; the CLI module is imported only now, when
-    # the command runs, so the model layer does not depend on it otherwise.
-    from ..cli import DEFAULT_MODEL_ALIASES, _check_device
-
-    if args.teacher in DEFAULT_MODEL_ALIASES:
-        from ..default_model import default_model_dir
-
-        teacher = default_model_dir()
-    else:
-        teacher = Path(args.teacher).expanduser()
-        if not teacher.is_dir():
-            raise FileNotFoundError(f"--teacher {args.teacher}: no such folder; accepted: the dense model's folder, "
-                                    "'default' for the embedded SmolLM2-135M-Instruct, or a teacher cache folder")
-    if not _is_cache_dir(teacher) and not (teacher / "config.json").is_file():
-        raise FileNotFoundError(f"--teacher {args.teacher}: {teacher} holds neither a model (config.json) nor a "
-                                f"teacher cache ({MANIFEST_FILE})")
-    student = Path(args.model).expanduser()
-    if not (student / METADATA_FILE).is_file():
-        raise FileNotFoundError(f"--model {args.model}: not a pruned checkpoint ({student / METADATA_FILE} not found); "
-                                "create one with `linearpatch prune`")
-    if args.device is not None:
-        _check_device(args.device)
-    for name in ("samples", "val_samples", "seqlen", "topk", "epochs", "batch_size", "chunk_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    tokenizer = _load_tokenizer(student, None if _is_cache_dir(teacher) else teacher)
-    input_ids = None
-    if not _is_cache_dir(teacher):
-        from ..corpus import calibration_text, read_text_files, token_windows
-
-        if tokenizer is None:
-            raise FileNotFoundError(f"no tokenizer in {student} or {teacher}; one is needed to cut the text into windows")
-        text = read_text_files(args.text) if args.text else calibration_text()
-        what = "text in " + ", ".join(args.text) if args.text else "calibration corpus"
-        input_ids = token_windows(tokenizer, text, args.seqlen, args.samples + args.val_samples, what=what)
-    dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    _, result = distill_patch(student, teacher, args.out, input_ids=input_ids, cache_dir=args.cache,
-                              topk=args.topk, chunk_size=args.chunk_size, train=args.train, lr=args.lr,
-                              epochs=args.epochs, val_samples=args.val_samples, batch_size=args.batch_size,
-                              patience=args.patience, eval_every=args.eval_every, device=args.device, dtype=dtype,
-                              tokenizer=tokenizer, seed=args.seed)
-    print(f"validation KL on the top-{args.topk} support: {result.initial_val_loss:.5f} before, "
-          f"{result.best_val_loss:.5f} after ({result.steps} steps, {result.seconds:.0f} s)")
-    return 0
