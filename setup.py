@@ -17,10 +17,9 @@ GPU or an explicit ``TORCH_CUDA_ARCH_LIST``. ``TORCH_CUDA_ARCH_LIST`` defaults t
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
 
 from setuptools import setup
@@ -43,30 +42,18 @@ def cuda_sources() -> list[str]:
     return [f"{CSRC}/{p.name}" for p in sorted(src.glob("*.cpp")) + sorted(src.glob("*.cu"))]
 
 
-def toolkit_from_nvcc(nvcc: str) -> str | None:
-    """The CUDA toolkit folder of ``nvcc``, even when ``nvcc`` is a wrapper script.
-
-    ``nvcc --dryrun`` prints ``TOP=<toolkit>/bin/..`` from the real compiler, wherever it lives.
-    """
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, flags=re.MULTILINE)
-    if match is None:
-        return None
-    top = os.path.realpath(match.group(1).strip())
-    return top if os.path.isfile(os.path.join(top, "bin", "nvcc")) else None
+def _load_toolkit_module():
+    # By path: importing the package would import torch, which a build environment may lack.
+    spec = importlib.util.spec_from_file_location(
+        "linearpatch_cuda_toolkit", ROOT / "linearpatch_kernels" / "backends" / "cuda_toolkit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def find_cuda_home() -> str | None:
-    """``CUDA_HOME``/``CUDA_PATH`` when set, else the toolkit of the ``nvcc`` on ``PATH``."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    return toolkit_from_nvcc(nvcc) if nvcc else None
+_toolkit = _load_toolkit_module()
+toolkit_from_nvcc = _toolkit.toolkit_from_nvcc
+find_cuda_home = _toolkit.find_cuda_home
 
 
 def cuda_build_decision(flag: str | None, torch_cuda: str | None, cuda_home: str | None,

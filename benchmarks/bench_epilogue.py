@@ -41,7 +41,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_patch import environment, last_level_cache_bytes, synchronize, time_providers  # noqa: E402
+from bench_patch import (  # noqa: E402
+    environment,
+    format_cell,
+    last_level_cache_bytes,
+    synchronize,
+    time_providers,
+)
 
 import linearpatch_kernels as lp  # noqa: E402
 from linearpatch_kernels import hadamard_matrix  # noqa: E402
@@ -192,11 +198,6 @@ def bench_config(device: torch.device, dtype: torch.dtype, d: int, tokens: int, 
 # Output
 
 
-def _fmt(value, width: int, spec: str, suffix: str = "") -> str:
-    text = "-" if value is None else f"{value:{spec}}{suffix}"
-    return f"{text:>{width}}"
-
-
 def _row_key(row: dict) -> tuple:
     kind, _, backend = row["provider"].partition("-")
     return (list(DTYPES).index(row["dtype"]), row["d"], row["tokens"],
@@ -221,9 +222,9 @@ def format_table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{lead}ERROR {r['error']}")
             continue
-        lines.append(lead + f"{r['median_us']:>11.2f}{r['GB/s']:>9.1f}{_fmt(r.get('speedup'), 12, '.2f', 'x')}"
-                     f"{_fmt(r.get('speedup_vs_best_separate'), 12, '.2f', 'x')}"
-                     f"{_fmt(r['rel_error_h'], 10, '.1e')}{_fmt(r['rel_error_normed'], 10, '.1e')}")
+        lines.append(lead + f"{r['median_us']:>11.2f}{r['GB/s']:>9.1f}{format_cell(r.get('speedup'), 12, '.2f', 'x')}"
+                     f"{format_cell(r.get('speedup_vs_best_separate'), 12, '.2f', 'x')}"
+                     f"{format_cell(r['rel_error_h'], 10, '.1e')}{format_cell(r['rel_error_normed'], 10, '.1e')}")
     if skipped:
         lines += ["", "not run: " + "; ".join(sorted(skipped))]
     return "\n".join(lines)

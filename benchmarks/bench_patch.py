@@ -409,7 +409,7 @@ def bench_config(device: torch.device, dtype: torch.dtype, d: int, tokens: int, 
 # Output
 
 
-def _fmt(value, width: int, spec: str, suffix: str = "") -> str:
+def format_cell(value, width: int, spec: str, suffix: str = "") -> str:
     text = "-" if value is None else f"{value:{spec}}{suffix}"
     return f"{text:>{width}}"
 
@@ -439,9 +439,9 @@ def format_table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{lead}ERROR {r['error']}")
             continue
-        lines.append(lead + f"{r['median_us']:>11.2f}{r['GB/s']:>9.1f}{_fmt(r['pct_of_copy'], 8, '.0f', '%')}"
-                     f"{_fmt(r['speedup_vs_paper'], 9, '.1f', 'x')}{_fmt(r['speedup_vs_dense'], 9, '.1f', 'x')}"
-                     f"{_fmt(r['rel_error'], 10, '.1e')}")
+        lines.append(lead + f"{r['median_us']:>11.2f}{r['GB/s']:>9.1f}{format_cell(r['pct_of_copy'], 8, '.0f', '%')}"
+                     f"{format_cell(r['speedup_vs_paper'], 9, '.1f', 'x')}{format_cell(r['speedup_vs_dense'], 9, '.1f', 'x')}"
+                     f"{format_cell(r['rel_error'], 10, '.1e')}")
     skipped = {}
     for r in rows:
         if "skipped" in r:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import linearpatch_kernels as lp
-from linearpatch_kernels.backends import cuda_backend, select_backend
+from linearpatch_kernels.backends import cuda_backend, cuda_toolkit, select_backend
 from linearpatch_kernels.hadamard import hadamard_factors, is_supported_size
 from reference import llm_like, positive_scales, reference_patch, reference_transform, rel_err
 
@@ -175,7 +175,7 @@ def test_toolkit_is_found_through_an_nvcc_wrapper(tmp_path, monkeypatch):
     wrapper.write_text(f"#!/bin/sh\necho '#$ _NVVM_BRANCH_=nvvm' >&2\necho '#$ TOP={toolkit}/bin/..' >&2\n")
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     setup_script = load_setup_script()
-    for module in (setup_script, cuda_backend):
+    for module in (setup_script, cuda_toolkit):
         assert module.toolkit_from_nvcc(str(wrapper)) == os.path.realpath(toolkit)
         monkeypatch.delenv("CUDA_HOME", raising=False)
         monkeypatch.delenv("CUDA_PATH", raising=False)
@@ -190,8 +190,8 @@ def test_no_toolkit_found_from_a_broken_nvcc(tmp_path):
     broken = tmp_path / "nvcc"
     broken.write_text("#!/bin/sh\nexit 1\n")
     broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
-    assert cuda_backend.toolkit_from_nvcc(str(broken)) is None
-    assert cuda_backend.toolkit_from_nvcc(str(tmp_path / "missing")) is None
+    assert cuda_toolkit.toolkit_from_nvcc(str(broken)) is None
+    assert cuda_toolkit.toolkit_from_nvcc(str(tmp_path / "missing")) is None
 
 
 @pytest.fixture

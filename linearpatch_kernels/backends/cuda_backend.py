@@ -32,9 +32,6 @@ import functools
 import importlib.util
 import logging
 import os
-import re
-import shutil
-import subprocess
 import threading
 import warnings
 from pathlib import Path
@@ -42,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..hadamard import hadamard_factors
+from .cuda_toolkit import find_cuda_home
 
 NAME = "cuda"
 MAX_D = 32768
@@ -86,32 +84,6 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
 
 # ------------------------------------------------------------------------------------------------
 # Finding and loading the library
-
-
-def toolkit_from_nvcc(nvcc: str) -> str | None:
-    """The CUDA toolkit folder of ``nvcc``, also when ``nvcc`` is a wrapper script.
-
-    ``nvcc --dryrun`` prints ``TOP=<toolkit>/bin/..`` from the real compiler, wherever it lives.
-    """
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, flags=re.MULTILINE)
-    if match is None:
-        return None
-    top = os.path.realpath(match.group(1).strip())
-    return top if os.path.isfile(os.path.join(top, "bin", "nvcc")) else None
-
-
-def find_cuda_home() -> str | None:
-    """``CUDA_HOME``/``CUDA_PATH`` when set, else the toolkit of the ``nvcc`` on ``PATH``."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    return toolkit_from_nvcc(nvcc) if nvcc else None
 
 
 def prebuilt_library() -> str | None:

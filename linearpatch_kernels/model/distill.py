@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import METADATA_FILE, load_pruned, save_pruned
+from .checkpoint import load_pruned, save_pruned
 from .patch import LinearPatch
 from .surgery import get_patch, module_execution_device, set_patch
 from .teacher_cache import MANIFEST_FILE, TeacherCache, build_teacher_cache, model_identity
