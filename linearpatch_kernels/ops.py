@@ -224,7 +224,8 @@ def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch
                       norm_weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """The interface epilogue in one pass: ``h = (residual + update) . H diag(scale) H^T`` and
     ``RMSNorm(h) * norm_weight``; returns ``(h, normed)`` in ``residual``'s dtype (fp32 math)."""
-    _check_epilogue(residual, update, scale, norm_weight, eps)
+    if not torch.compiler.is_compiling():
+        _check_epilogue(residual, update, scale, norm_weight, eps)
     return torch.ops.linearpatch.patch_add_rmsnorm(residual, update, scale, norm_weight, float(eps))
 
 
@@ -234,12 +235,15 @@ def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     For powers of two this equals ``scipy.linalg.hadamard(d) @ row * scale`` for each row;
     ``scale = d ** -0.5`` makes it orthonormal.
     """
-    _check_x(x, "hadamard_transform")
+    if not torch.compiler.is_compiling():
+        _check_x(x, "hadamard_transform")
     return torch.ops.linearpatch.hadamard_transform(x, float(scale))
 
 
 def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LinearPatch: ``x . H diag(scale) H^T`` along the last dim, ``H`` the orthonormal Hadamard matrix."""
-    # Checked here too so that a non-tensor argument gets this message, not the dispatcher's.
-    _check_scale(x, scale, _check_x(x, "hadamard_patch"), "hadamard_patch")
+    # Checked here too so that a non-tensor argument gets this message, not the dispatcher's. Under
+    # torch.compile the op's fake kernel runs the same checks, so the traced wrapper skips them.
+    if not torch.compiler.is_compiling():
+        _check_scale(x, scale, _check_x(x, "hadamard_patch"), "hadamard_patch")
     return torch.ops.linearpatch.hadamard_patch(x, scale)
