@@ -82,6 +82,10 @@ def _check_device(device: str) -> str:
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise CliError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        index = device.partition(":")[2]
+        count = torch.cuda.device_count()
+        if index and (not index.isdigit() or int(index) >= count):
+            raise CliError(f"--device {device}: this machine has CUDA devices cuda:0 to cuda:{count - 1}")
         return device
     raise CliError(f"unknown --device {device!r}; accepted: cpu, cuda, cuda:N")
 

@@ -182,17 +182,19 @@ def _patch_add_rmsnorm_fake(residual, update, scale, norm_weight, eps):
 
 def _epilogue_setup(ctx, inputs, output) -> None:
     residual, update, scale, norm_weight, eps = inputs
-    h, _ = output
     ctx.eps = eps
-    ctx.save_for_backward(residual, update, scale, norm_weight, h)
+    ctx.save_for_backward(residual, update, scale, norm_weight)
 
 
 def _epilogue_backward(ctx, grad_h, grad_n):
-    # h = (r + u) P, n = w * h * rstd with rstd = (mean(h^2) + eps)^-1/2, computed in fp32 from h.
-    residual, update, scale, norm_weight, h = ctx.saved_tensors
-    d = h.shape[-1]
-    wide = torch.float64 if h.dtype == torch.float64 else torch.float32
-    hf = h.to(wide)
+    # h = (r + u) P, n = w * h * rstd with rstd = (mean(h^2) + eps)^-1/2. The forward computes rstd
+    # from the unrounded fp32 h, so the backward recomputes that h in fp32 (one more patch) rather
+    # than using the output rounded to bf16/fp16.
+    residual, update, scale, norm_weight = ctx.saved_tensors
+    d = residual.shape[-1]
+    wide = torch.float64 if residual.dtype == torch.float64 else torch.float32
+    x = residual.to(wide) + update.to(wide)
+    hf = torch.ops.linearpatch.hadamard_patch(x, scale)
     rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + ctx.eps)
     xhat = hf * rstd
     g_total = torch.zeros_like(hf) if grad_h is None else grad_h.to(wide)
@@ -206,11 +208,10 @@ def _epilogue_backward(ctx, grad_h, grad_n):
     grad_sum = grad_s = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         # P is symmetric: the gradient of (r + u) is grad_h' P.
-        grad_sum = torch.ops.linearpatch.hadamard_patch(g_total.to(h.dtype), scale)
+        grad_sum = torch.ops.linearpatch.hadamard_patch(g_total, scale).to(residual.dtype)
     if ctx.needs_input_grad[2]:
-        x = residual.to(wide) + update.to(wide)
-        xh = torch.ops.linearpatch.hadamard_transform(x.to(h.dtype), d**-0.5).to(wide)
-        gh = torch.ops.linearpatch.hadamard_transform(g_total.to(h.dtype), d**-0.5).to(wide)
+        xh = torch.ops.linearpatch.hadamard_transform(x, d**-0.5)
+        gh = torch.ops.linearpatch.hadamard_transform(g_total, d**-0.5)
         grad_s = (xh * gh).reshape(-1, d).sum(0).to(scale.dtype)
     grad_r = grad_sum if ctx.needs_input_grad[0] else None
     grad_u = grad_sum if ctx.needs_input_grad[1] else None

@@ -54,7 +54,10 @@ def test_round_trip_gives_identical_logits(tmp_path, family, d, start, end, mode
     assert meta["num_layers_original"] == 6 and meta["num_layers"] == 6 - (end - start)
     assert meta["hidden_size"] == d and meta["model_family"] == family
     assert meta["package_version"] == __version__
-    assert meta["hadamard"]["construction"] == ("sylvester" if d == 64 else "paley1(q=11)")
+    if mode == "rotate":
+        assert meta["hadamard"]["construction"] == ("sylvester" if d == 64 else "paley1(q=11)")
+    else:  # only the rotated patch depends on a Hadamard matrix
+        assert meta["hadamard"] is None
 
     loaded = load_pruned(tmp_path)
     name = "weight" if mode == "dense" else "scale"
@@ -211,3 +214,23 @@ def test_patch_of_the_wrong_hidden_size(checkpoint_copy):
     save_file({"weight": torch.eye(48)}, str(checkpoint_copy / "linearpatch.safetensors"))
     with pytest.raises(ValueError, match=r"holds tensors \['weight'\]; expected exactly 'scale'"):
         load_pruned(checkpoint_copy)
+
+
+def test_diag_patch_saves_for_a_size_without_a_hadamard_matrix(tmp_path):
+    # d = 52 has no Hadamard matrix here: a diag patch must still save and load, complete.
+    from linearpatch_kernels import is_supported_size
+
+    assert not is_supported_size(52)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # Two heads of 26 (RoPE needs an even head size).
+    config = LlamaConfig(vocab_size=96, hidden_size=52, intermediate_size=104, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    prune_and_patch(model, 1, 2, torch.full((52,), 1.5), mode="diag")
+    save_pruned(model, tmp_path / "ckpt")
+    loaded = load_pruned(tmp_path / "ckpt")
+    ids = random_batches(1, seqlen=8, seed=2)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

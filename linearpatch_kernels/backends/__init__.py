@@ -94,7 +94,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def _available(name: str, device: torch.device) -> bool:
     try:
         return bool(get_backend(name).is_available(device))
-    except ImportError:
+    except Exception:  # noqa: BLE001 - a broken optional install (e.g. triton) must not break the automatic choice
         return False
 
 

@@ -61,15 +61,8 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None) 
     directory.mkdir(parents=True, exist_ok=True)
 
     layers = decoder_layers(model)
-    with plain_layers(model):  # plain Hugging Face weight names while saving, fused cut or not
-        model.save_pretrained(directory)
-
-    from safetensors.torch import save_file
-
-    name = "weight" if patch.mode == "dense" else "scale"
-    tensor = getattr(patch, name).detach().to(device="cpu", dtype=torch.float32).contiguous()
-    save_file({name: tensor}, str(directory / PATCH_FILE), metadata={"format": "pt"})
     d = int(model.config.hidden_size)
+    # Everything that can fail is computed before the first file is written.
     metadata = {
         "format": "linearpatch",
         "format_version": FORMAT_VERSION,
@@ -80,9 +73,18 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None) 
         "num_layers": len(layers),
         "hidden_size": d,
         "model_family": model.config.model_type,
-        "hadamard": _hadamard_record(d),
+        "hadamard": _hadamard_record(d) if patch.mode == "rotate" else None,
         "package_version": _package_version(),
     }
+    name = "weight" if patch.mode == "dense" else "scale"
+    tensor = getattr(patch, name).detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+    with plain_layers(model):  # plain Hugging Face weight names while saving, fused cut or not
+        model.save_pretrained(directory)
+
+    from safetensors.torch import save_file
+
+    save_file({name: tensor}, str(directory / PATCH_FILE), metadata={"format": "pt"})
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
