@@ -140,24 +140,16 @@ def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32", op
 
 
 def _parse_samples(value: str) -> int | None:
-    if value == "all":
-        return None
+    return None if value == "all" else _positive_int(value, "a positive int or 'all'")
+
+
+def _positive_int(value: str, expected: str = "a positive int") -> int:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {value!r}") from None
+        n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {value!r}")
-    return n
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return n
 
 

@@ -221,7 +221,20 @@ def _check_no_pre_hooks(layer: nn.Module, where: str) -> None:
         )
 
 
-class PatchedDecoderLayer(nn.Module):
+class _LayerWrapper(nn.Module):
+    """A module around a decoder layer (``self.layer``): attribute reads the wrapper lacks fall back to
+    the layer (``attention_type`` and the like), so model code that inspects layers keeps working."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer":
+                raise
+            return getattr(super().__getattr__("layer"), name)
+
+
+class PatchedDecoderLayer(_LayerWrapper):
     """A decoder layer with a ``LinearPatch`` on its output (``position="output"``) or its input
     hidden states (``position="input"``, used only when the cut is before the first layer).
 
@@ -248,14 +261,6 @@ class PatchedDecoderLayer(nn.Module):
         # next slot only; this holds a second reference to the same module.
         self._next_norm: tuple[nn.Module, ...] = ()
         self._call: _LayerCall | None = None
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "layer":
-                raise
-            return getattr(super().__getattr__("layer"), name)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.fused:
@@ -314,7 +319,7 @@ class PatchedDecoderLayer(nn.Module):
         return f"position=output, fused=False ({self.fusion_fallback})"
 
 
-class FusedCutNextLayer(nn.Module):
+class FusedCutNextLayer(_LayerWrapper):
     """The decoder layer right after a fused cut (``layers[start]``).
 
     Given the ``CutHandoff`` of the ``PatchedDecoderLayer`` before it, it runs the wrapped layer's
@@ -327,14 +332,6 @@ class FusedCutNextLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self._call = _LayerCall(layer)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "layer":
-                raise
-            return getattr(super().__getattr__("layer"), name)
 
     def forward(self, hidden_states, *args, **kwargs):
         if not isinstance(hidden_states, CutHandoff):
