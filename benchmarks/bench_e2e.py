@@ -53,6 +53,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import linearpatch_kernels as lp
+from linearpatch_kernels.atomic_files import atomic_write_text
 from linearpatch_kernels.backends import select_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -497,9 +498,9 @@ def write_outputs(result: dict, args, title: str) -> dict:
         paths = {"json": args.json or out / f"{args.name}.json", "txt": out / f"{args.name}.txt",
                  "png": out / f"{args.name}.png"}
     if paths.get("json"):
-        Path(paths["json"]).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(paths["json"], json.dumps(result, indent=1) + "\n")
     if paths.get("txt"):
-        Path(paths["txt"]).write_text(render_text(result, title) + "\n")
+        atomic_write_text(paths["txt"], render_text(result, title) + "\n")
     return paths
 
 

@@ -51,6 +51,7 @@ from bench_patch import (  # noqa: E402
 
 import linearpatch_kernels as lp  # noqa: E402
 from linearpatch_kernels import hadamard_matrix  # noqa: E402
+from linearpatch_kernels.atomic_files import atomic_write_text  # noqa: E402
 from linearpatch_kernels.backends import get_backend  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -248,9 +249,9 @@ def write_outputs(result: dict, args, table: str) -> None:
         json_path = json_path or out / f"{args.name}.json"
         txt_path = txt_path or out / f"{args.name}.txt"
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
     if txt_path:
-        Path(txt_path).write_text(table + "\n")
+        atomic_write_text(txt_path, table + "\n")
 
 
 def parse_args(argv):

@@ -52,6 +52,7 @@ import torch
 
 import linearpatch_kernels as lp
 from linearpatch_kernels import hadamard_matrix
+from linearpatch_kernels.atomic_files import atomic_write_text
 from linearpatch_kernels.backends import get_backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -470,9 +471,9 @@ def write_outputs(result: dict, args, table: str) -> dict:
         paths = {"json": paths["json"] or out / f"{stem}.json", "txt": paths["txt"] or out / f"{stem}.txt",
                  "png": paths["png"] or out / f"{stem}.png"}
     if paths["json"]:
-        Path(paths["json"]).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(paths["json"], json.dumps(result, indent=1) + "\n")
     if paths["txt"]:
-        Path(paths["txt"]).write_text(table + "\n")
+        atomic_write_text(paths["txt"], table + "\n")
     return paths
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from linearpatch_kernels import corpus
+from linearpatch_kernels.atomic_files import atomic_write_text
 from linearpatch_kernels.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from linearpatch_kernels.evaluation import perplexity
 from linearpatch_kernels.model import (
@@ -163,8 +164,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(table)
-        out.with_suffix(".json").write_text(json.dumps({"command": command, "settings": settings, "perplexity": ppl,
+        atomic_write_text(out.with_suffix(".md"), table)
+        atomic_write_text(out.with_suffix(".json"), json.dumps({"command": command, "settings": settings, "perplexity": ppl,
                                                         "distillation": runs}, indent=1) + "\n")
         print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0

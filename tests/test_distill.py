@@ -334,7 +334,7 @@ def test_distill_patch_end_to_end_saves_a_loadable_patch(tiny_setup, tmp_path):
                                   lr=0.1, epochs=2, val_samples=8, batch_size=4, patience=2, device="cpu",
                                   progress=False, log=quiet)
     assert result.best_val_loss < result.initial_val_loss, result.history
-    assert TeacherCache(out / "teacher-cache").num_samples == 40
+    assert TeacherCache(tmp_path / "out.teacher-cache").num_samples == 40
     record = json.loads((out / "distill.json").read_text())
     assert record["result"]["best_val_loss"] == result.best_val_loss and record["topk"] == TOPK
 
@@ -349,7 +349,7 @@ def test_distill_patch_end_to_end_saves_a_loadable_patch(tiny_setup, tmp_path):
     # The command-line handler, reusing the cache as the teacher (no tokenizer needed).
     parser = argparse.ArgumentParser()
     add_distill_subcommand(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["distill", "--model", str(student_dir), "--teacher", str(out / "teacher-cache"),
+    args = parser.parse_args(["distill", "--model", str(student_dir), "--teacher", str(tmp_path / "out.teacher-cache"),
                               "--out", str(tmp_path / "cli"), "--train", "dense", "--lr", "1e-2", "--val-samples", "8",
                               "--epochs", "2", "--batch-size", "4", "--device", "cpu"])
     assert args.func(args) == 0
@@ -360,7 +360,7 @@ def test_distill_patch_end_to_end_saves_a_loadable_patch(tiny_setup, tmp_path):
 
     for model_arg, teacher_arg, match in [(student_dir, tmp_path / "nowhere", "--teacher .*no such folder"),
                                           (student_dir, tmp_path, "neither a model"),
-                                          (teacher_dir, out / "teacher-cache", "not a pruned checkpoint")]:
+                                          (teacher_dir, tmp_path / "out.teacher-cache", "not a pruned checkpoint")]:
         bad = parser.parse_args(["distill", "--model", str(model_arg), "--teacher", str(teacher_arg), "--out",
                                  str(tmp_path / "bad")])
         with pytest.raises(FileNotFoundError, match=match):

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic_files import atomic_directory, check_new_directory
+from ..devices import resolve_device
 from ..hadamard import hadamard_factors
 from .patch import PATCH_MODES, LinearPatch
 from .surgery import SUPPORTED_MODEL_TYPES, _patch_wrapper, attach_patch, decoder_layers, plain_layers, pruning_record
@@ -50,15 +52,22 @@ def _hadamard_record(d: int) -> dict:
     return {"construction": f.construction, "k": f.k, "n": f.n}
 
 
-def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``model`` (returned by ``prune_and_patch`` or ``load_pruned``) to ``directory``; returns the path."""
+def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+                extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (returned by ``prune_and_patch`` or ``load_pruned``) to ``directory``; returns the path.
+
+    The checkpoint is written into a hidden staging folder beside ``directory`` and renamed into
+    place at the end, so an interrupted save (an exception, Ctrl-C, a killed process, a full disk)
+    leaves no loadable half checkpoint, and an existing checkpoint stays intact until the new one is
+    complete. ``directory`` must be new or an empty folder; ``overwrite=True`` replaces a non-empty one.
+    ``extra_files`` (``{file name: text}``, e.g. a run record) are written into the same atomic save.
+    """
     wrapper = _patch_wrapper(model)
     record = getattr(model.config, "linearpatch", None)
     if not isinstance(record, dict):
         raise ValueError("save_pruned: model.config.linearpatch is missing; prune the model with prune_and_patch first")
     patch = wrapper.patch
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = check_new_directory(directory, overwrite, what="save_pruned: checkpoint folder")
 
     layers = decoder_layers(model)
     d = int(model.config.hidden_size)
@@ -79,15 +88,17 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None) 
     name = "weight" if patch.mode == "dense" else "scale"
     tensor = getattr(patch, name).detach().to(device="cpu", dtype=torch.float32).contiguous()
 
-    with plain_layers(model):  # plain Hugging Face weight names while saving, fused cut or not
-        model.save_pretrained(directory)
-
     from safetensors.torch import save_file
 
-    save_file({name: tensor}, str(directory / PATCH_FILE), metadata={"format": "pt"})
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    with atomic_directory(directory, overwrite) as staging:
+        with plain_layers(model):  # plain Hugging Face weight names while saving, fused cut or not
+            model.save_pretrained(staging)
+        save_file({name: tensor}, str(staging / PATCH_FILE), metadata={"format": "pt"})
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for file_name, text in (extra_files or {}).items():
+            (staging / file_name).write_text(text)
     return directory
 
 
@@ -195,6 +206,7 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
     either way: fusion is a way of running the model, not part of its weights)."""
     if not isinstance(fuse, bool):
         raise TypeError(f"load_pruned: fuse must be a bool, got {fuse!r}")
+    device = resolve_device(device, "load_pruned: device")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint directory written by save_pruned")

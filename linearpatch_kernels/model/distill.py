@@ -44,6 +44,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic_files import check_new_directory
+from ..devices import resolve_device
 from .checkpoint import load_pruned, save_pruned
 from .patch import LinearPatch
 from .surgery import get_patch, module_execution_device, set_patch
@@ -360,22 +362,24 @@ def distill_patch(student, teacher, out_dir: str | os.PathLike | None = None, *,
                   teacher_batch_size: int = 1, train: str = "s", lr: float | None = None, epochs: int = 1,
                   val_samples: int = 16, batch_size: int = 1, patience: int = 2, eval_every: int | None = None,
                   device: str | torch.device | None = None, dtype: torch.dtype | None = None, tokenizer=None,
-                  seed: int = 0, progress: bool = True, log=print):
+                  seed: int = 0, overwrite: bool = False, progress: bool = True, log=print):
     """Distil the patch of a pruned model against its dense teacher; returns ``(model, DistillResult)``.
 
     ``student``: a checkpoint directory written by ``save_pruned`` (loaded with ``load_pruned``) or a
     pruned model in memory. ``teacher``: a finished ``TeacherCache`` or its directory, or the dense
     model's directory; then its top-``topk`` cache is built in ``cache_dir`` (default
-    ``out_dir/teacher-cache``) from ``input_ids`` (``[N, T]`` or a list of ``[1, T]``; the last
+    ``<out_dir>.teacher-cache``, a folder beside ``out_dir``) from ``input_ids`` (``[N, T]`` or a list of ``[1, T]``; the last
     ``val_samples`` are the validation set), resuming a partial one. The teacher is loaded, cached and
     freed before the student is loaded, so the two are never in memory together; for that reason a
     student passed as a model needs a teacher cache, not a teacher model.
 
     ``device``/``dtype`` apply to the models loaded here (default: CUDA when available, fp32 on the CPU
     and bf16 on a GPU). With ``out_dir`` the distilled model is saved there with ``save_pruned`` (plus
-    ``tokenizer`` if given) and the run is described in ``distill.json``.
+    ``tokenizer`` if given) and the run is described in ``distill.json``, all in one atomic write.
+    ``out_dir`` is checked before anything is loaded: it must be new or empty (``overwrite=True``
+    replaces a non-empty one), writable, and never the student's, the teacher's or the cache's folder.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device, "distill_patch: device")
     load_dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if train not in TRAIN_MODES:
         raise ValueError(f"distill_patch: unknown train={train!r}; accepted: {', '.join(TRAIN_MODES)}")
@@ -384,6 +388,10 @@ def distill_patch(student, teacher, out_dir: str | os.PathLike | None = None, *,
         if not student_dir.is_dir():
             raise FileNotFoundError(f"distill_patch: student {student_dir} is not a directory; pass a pruned checkpoint "
                                     "written by save_pruned (linearpatch prune) or a pruned model")
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir, overwrite, student=None if isinstance(student, nn.Module) else student_dir,
+                                 teacher=teacher.directory if isinstance(teacher, TeacherCache) else teacher,
+                                 cache_dir=cache_dir)
 
     if isinstance(teacher, TeacherCache):
         cache = teacher
@@ -407,8 +415,9 @@ def distill_patch(student, teacher, out_dir: str | os.PathLike | None = None, *,
                                         f"teacher cache ({MANIFEST_FILE})")
             if cache_dir is None:
                 if out_dir is None:
-                    raise ValueError("distill_patch: give cache_dir or out_dir (the cache goes to out_dir/teacher-cache)")
-                cache_dir = Path(out_dir) / "teacher-cache"
+                    raise ValueError("distill_patch: give cache_dir or out_dir (the cache goes beside it, to "
+                                     "<out_dir>.teacher-cache)")
+                cache_dir = default_cache_dir(out_dir)
             from transformers import AutoModelForCausalLM
 
             log(f"loading the teacher from {teacher_path}")
@@ -428,10 +437,25 @@ def distill_patch(student, teacher, out_dir: str | os.PathLike | None = None, *,
     result = train_patch(model, cache, train=train, lr=lr, epochs=epochs, batch_size=batch_size, val_samples=val_samples,
                          patience=patience, eval_every=eval_every, seed=seed, progress=progress, log=log)
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        save_pruned(model, out_dir, tokenizer=tokenizer)
         record = {"result": result.to_dict(), "teacher": cache.model, "teacher_cache": str(cache.directory),
                   "topk": cache.topk, "seqlen": cache.seqlen, "cache_samples": cache.num_samples}
-        (out_dir / RESULT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        save_pruned(model, out_dir, tokenizer=tokenizer, overwrite=overwrite,
+                    extra_files={RESULT_FILE: json.dumps(record, indent=1) + "\n"})
         log(f"saved the distilled model to {out_dir}")
     return model, result
+
+
+def default_cache_dir(out_dir: str | os.PathLike) -> Path:
+    """Where ``distill_patch`` keeps the teacher cache by default: ``<out_dir>.teacher-cache`` beside
+    ``out_dir`` (not inside it, so the checkpoint folder is written in one atomic rename and a rerun
+    with the same ``out_dir`` resumes the cache)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.teacher-cache"
+
+
+def check_out_dir(out_dir, overwrite: bool = False, *, student=None, teacher=None, cache_dir=None) -> Path:
+    """``out_dir`` checked before any work: new or empty (or ``overwrite``), writable, and never the
+    student's, the teacher's or the teacher cache's folder (see ``check_new_directory``)."""
+    inputs = [("student checkpoint", student), ("teacher", teacher), ("teacher cache", cache_dir)]
+    return check_new_directory(out_dir, overwrite, what="distill: output folder",
+                               inputs=[(label, p) for label, p in inputs if isinstance(p, (str, os.PathLike))])

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic_files import atomic_write_text
 from .surgery import module_execution_device
 
 __all__ = [
@@ -136,9 +137,7 @@ def _as_id_matrix(input_ids) -> torch.Tensor:
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _read_manifest(directory: Path) -> dict:
