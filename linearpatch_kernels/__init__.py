@@ -1,6 +1,9 @@
 """linearpatch-kernels: fast LinearPatch (H diag(s) H^T) kernels, custom ops and model surgery."""
 
 from .backends import available_backends, use_backend
+from .corpus import calibration_windows, evaluation_windows
+from .default_model import load_default_model
+from .evaluation import perplexity
 from .hadamard import hadamard_matrix, is_supported_size
 from .ops import hadamard_patch, hadamard_transform, patch_add_rmsnorm
 from .model import (
@@ -24,6 +27,10 @@ from .model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "calibration_windows",
+    "evaluation_windows",
+    "load_default_model",
+    "perplexity",
     "LinearPatch",
     "distill_patch",
     "fusion_status",

@@ -34,8 +34,27 @@ DEMO_PROMPT = "Mr. Darcy looked at Elizabeth and said,"
 DEMO_REPETITION_PENALTY = 1.3
 
 
+# Block sizes above this fraction of the model's layers get a warning: perplexity explodes long
+# before (the paper removes at most about a quarter of the layers).
+DEEP_PRUNE_FRACTION = 0.5
+
+# distill: the paper's 5000 windows of 2048 tokens, capped at what the text holds.
+PAPER_DISTILL_SAMPLES = 5000
+
+
 class CliError(Exception):
     """A usage problem reported as one line on stderr (exit status 2), never as a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (the problem and where the usage is), not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" if n == 1 else f"{n} layers"
 
 
 @dataclass
@@ -55,7 +74,7 @@ class LoadedModel:
         dtype = next(self.model.parameters()).dtype
         device = next(self.model.parameters()).device
         dtype_name = str(dtype).removeprefix("torch.")
-        what = f"{config.model_type}, {self.num_layers} layers, d={config.hidden_size}, {dtype_name} on {device}"
+        what = f"{config.model_type}, {_layers(self.num_layers)}, d={config.hidden_size}, {dtype_name} on {device}"
         if self.record:
             r = self.record
             what += (f"; pruned: layers [{r['start']}, {r['end']}) of {r['num_layers_original']} removed, "
@@ -75,19 +94,20 @@ def _torch_dtype(name: str):
 
 
 def _check_device(device: str) -> str:
-    import torch
+    """The ``--device`` value resolved by the package's one rule (``auto``: a GPU if there is one)."""
+    from .devices import resolve_device
 
-    if device == "cpu":
-        return device
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise CliError(f"--device {device}: no CUDA device is available here; use --device cpu")
-        index = device.partition(":")[2]
-        count = torch.cuda.device_count()
-        if index and (not index.isdigit() or int(index) >= count):
-            raise CliError(f"--device {device}: this machine has CUDA devices cuda:0 to cuda:{count - 1}")
-        return device
-    raise CliError(f"unknown --device {device!r}; accepted: cpu, cuda, cuda:N")
+    try:
+        return str(resolve_device(device, "--device"))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _hub_hint(spec: str) -> str:
+    if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        return (" It looks like a Hugging Face Hub id: this tool works offline and does not download models;"
+                " download the model to a folder first and pass that folder.")
+    return ""
 
 
 def resolve_model_path(spec: str | None, option: str = "--model") -> tuple[str, Path]:
@@ -105,11 +125,7 @@ def resolve_model_path(spec: str | None, option: str = "--model") -> tuple[str, 
         return spec, path
     if path.exists():
         raise CliError(f"{option} {spec}: is a file; expected a model folder (config.json, weights, tokenizer)")
-    hint = ""
-    if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
-        hint = (" It looks like a Hugging Face Hub id: this tool works offline and does not download models;"
-                " download the model to a folder first and pass that folder.")
-    raise CliError(f"{option} {spec}: no such folder.{hint} Accepted: a local model folder, a checkpoint written "
+    raise CliError(f"{option} {spec}: no such folder.{_hub_hint(spec)} Accepted: a local model folder, a checkpoint written "
                    f"by 'linearpatch prune', or 'default' for the embedded {DEFAULT_MODEL_NAME}")
 
 
@@ -169,11 +185,27 @@ def _windows(tokenizer, text_files, seqlen: int, samples: int | None, *, calibra
     return windows, f"{len(windows)} windows x {seqlen} tokens of the {what}"
 
 
-def _check_out_dir(out: str) -> Path:
-    path = Path(out).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CliError(f"--out {out}: exists and is not an empty folder; choose a new folder (nothing is overwritten)")
-    return path
+def _check_out_dir(out: str, overwrite: bool, *inputs) -> Path:
+    """``--out`` checked before anything is loaded: new or empty (non-empty only with ``--overwrite``),
+    writable, never one of the command's inputs (``(label, path)`` pairs)."""
+    from .atomic_files import check_new_directory
+
+    return check_new_directory(out, overwrite, what="--out", inputs=inputs)
+
+
+def _warn_if_deep(num_prune: int, num_layers: int) -> None:
+    if num_prune > DEEP_PRUNE_FRACTION * num_layers:
+        print(f"warning: removing {num_prune} of {num_layers} layers ({100 * num_prune / num_layers:.0f} %) leaves "
+              f"{_layers(num_layers - num_prune)}; expect a broken model (perplexity in the thousands or worse). "
+              "Layer pruning, patched or not, works for a small fraction of the layers (the paper removes up to "
+              "about a quarter)", file=sys.stderr)
+
+
+def _model_input(spec: str | None) -> tuple[str, Path] | None:
+    """``("--model", folder)`` for an existing model folder argument, for the output-folder check."""
+    if spec is None or spec in DEFAULT_MODEL_ALIASES:
+        return None
+    return ("--model", Path(spec).expanduser())
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -217,7 +249,7 @@ def _scale_summary(scales) -> str:
 def cmd_prune(args) -> int:
     from .model import estimate_scales, prune_and_patch, save_pruned
 
-    out = _check_out_dir(args.out)
+    out = _check_out_dir(args.out, args.overwrite, *filter(None, [_model_input(args.model)]))
     t_total = time.perf_counter()
     loaded = load_model(args.model, args.device, args.dtype)
     if loaded.record is not None:
@@ -227,6 +259,7 @@ def cmd_prune(args) -> int:
     n = args.num_prune
     if not 1 <= n < num_layers:
         raise CliError(f"--num-prune {n}: the model has {num_layers} layers; accepted 1 .. {num_layers - 1}")
+    _warn_if_deep(n, num_layers)
     if args.start is not None and not 0 <= args.start <= num_layers - n:
         raise CliError(f"--start {args.start} with --num-prune {n}: the block must lie inside the model's "
                        f"{num_layers} layers; accepted starts 0 .. {num_layers - n}")
@@ -248,8 +281,8 @@ def cmd_prune(args) -> int:
 
     prune_and_patch(loaded.model, start, end, scales, mode=args.mode)
     t0 = time.perf_counter()
-    save_pruned(loaded.model, out, tokenizer=loaded.tokenizer)
-    print(f"saved: {out} ({num_layers - n} layers, patch {args.mode}; {_seconds(t0)})")
+    save_pruned(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
+    print(f"saved: {out} ({_layers(num_layers - n)}, patch {args.mode}; {_seconds(t0)})")
     print(f"total time: {_seconds(t_total)}")
     return 0
 
@@ -263,12 +296,18 @@ def _pruned_label(record: dict, patched: bool) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import paper_metric, perplexity, require_lm_eval, retained_performance, run_lm_eval
+    from .evaluation import check_task_data, paper_metric, perplexity, retained_performance, run_lm_eval
     from .model import patch_disabled
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    if args.tasks is not None and not tasks:
+        raise CliError(f"--tasks {args.tasks!r} names no task; pass comma-separated lm-eval tasks, e.g. arc_easy,hellaswag")
     if tasks:
-        require_lm_eval()  # fail before loading anything
+        # lm-eval installed, every task known and its data local: checked before any model is loaded
+        # or scored (scoring three models takes minutes to hours).
+        t0 = time.perf_counter()
+        check_task_data(tasks, include_path=args.include_path)
+        print(f"lm-eval tasks {', '.join(tasks)}: data found ({_seconds(t0)})", file=sys.stderr)
     t_total = time.perf_counter()
     loaded = load_model(args.model, args.device, args.dtype)
     dense = load_model(args.dense_model, args.device, args.dtype, "--dense-model") if args.dense_model else None
@@ -350,13 +389,17 @@ def add_distill_subcommand(subparsers) -> None:
     p.add_argument("--teacher", required=True,
                    help="the dense model the student was pruned from: its folder, or 'default' for the embedded "
                         "SmolLM2-135M-Instruct; or a teacher cache folder built before")
-    p.add_argument("--out", required=True, help="output directory for the distilled checkpoint")
-    p.add_argument("--samples", type=int, default=5000,
-                   help="training windows (default 5000, as in the paper; the shipped corpus holds about 190 windows "
-                        "of 2048 tokens, so pass --text for more)")
+    p.add_argument("--out", required=True,
+                   help="new folder for the distilled checkpoint (never the student's or the teacher's folder); "
+                        "the teacher cache goes beside it, to OUT.teacher-cache, unless --cache says otherwise")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"training windows (default: every window the text holds after the validation ones, at most "
+                        f"{PAPER_DISTILL_SAMPLES}; the paper used {PAPER_DISTILL_SAMPLES} windows of 2048 tokens; the "
+                        "shipped corpus holds about 190 windows of 2048 tokens, pass --text for more)")
     p.add_argument("--val-samples", type=int, default=16,
                    help="held-out validation windows, cut after the training ones (default 16)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, as in the paper)")
     p.add_argument("--topk", type=int, default=50, help="teacher tokens kept per position (default 50)")
     p.add_argument("--train", choices=TRAIN_MODES, default="s",
                    help="s: the Hadamard-domain scales (keeps the fast patch); dense: a free d x d matrix")
@@ -366,14 +409,17 @@ def add_distill_subcommand(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step (default 1)")
     p.add_argument("--patience", type=int, default=2, help="validations without improvement before stopping (default 2)")
     p.add_argument("--eval-every", type=int, default=None, help="also validate every N steps (default: once per epoch)")
-    p.add_argument("--cache", default=None, help="teacher cache directory (default OUT/teacher-cache); a partial one is resumed")
+    p.add_argument("--cache", default=None,
+                   help="teacher cache directory (default OUT.teacher-cache, beside --out); a partial one is resumed")
     p.add_argument("--chunk-size", type=int, default=64, help="windows per cache file (default 64)")
     p.add_argument("--text", nargs="+", default=None,
                    help="UTF-8 text files to cut the windows from (default: the package's calibration corpus)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model weights' dtype (default float32 on the CPU, bfloat16 on a GPU); the patch stays fp32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the order in which the training windows are visited (default: %(default)s)")
     p.set_defaults(func=run_distill_command)
 
 
@@ -386,51 +432,77 @@ def _load_tokenizer(*directories):
     return None
 
 
+def _distill_teacher(spec: str) -> Path:
+    """The ``--teacher`` folder: the default model's (converted on first use), a model folder or a cache."""
+    from .model.distill import is_teacher_cache_dir
+    from .model.teacher_cache import MANIFEST_FILE
+
+    if spec in DEFAULT_MODEL_ALIASES:
+        from .default_model import default_model_dir
+
+        return default_model_dir(log=lambda msg: print(msg, file=sys.stderr))
+    teacher = Path(spec).expanduser()
+    if not teacher.is_dir():
+        raise FileNotFoundError(f"--teacher {spec}: no such folder.{_hub_hint(spec)} Accepted: the dense model's "
+                                "folder, 'default' for the embedded SmolLM2-135M-Instruct, or a teacher cache folder")
+    if not is_teacher_cache_dir(teacher) and not (teacher / "config.json").is_file():
+        raise FileNotFoundError(f"--teacher {spec}: {teacher} holds neither a model (config.json) nor a "
+                                f"teacher cache ({MANIFEST_FILE})")
+    return teacher
+
+
+def _distill_windows(tokenizer, args):
+    """Training + validation windows; ``--samples`` unset takes all the text holds, up to the paper's 5000."""
+    from .corpus import calibration_text, read_text_files, token_windows
+
+    text = read_text_files(args.text) if args.text else calibration_text()
+    what = "text in " + ", ".join(args.text) if args.text else "calibration corpus"
+    if args.samples is not None:
+        return token_windows(tokenizer, text, args.seqlen, args.samples + args.val_samples, what=what)
+    windows = token_windows(tokenizer, text, args.seqlen, None, what=what)
+    if len(windows) <= args.val_samples:
+        raise ValueError(f"the {what} holds {len(windows)} windows of {args.seqlen} tokens, not more than "
+                         f"--val-samples {args.val_samples}; use a smaller --seqlen or --val-samples, or more text")
+    train = min(len(windows) - args.val_samples, PAPER_DISTILL_SAMPLES)
+    print(f"distill: {train} training + {args.val_samples} validation windows of {args.seqlen} tokens from the "
+          f"{what} (all it holds, at most {PAPER_DISTILL_SAMPLES})", file=sys.stderr)
+    return windows[:train + args.val_samples]
+
+
 def run_distill_command(args) -> int:
     """The ``linearpatch distill`` handler: windows from the corpus, then ``distill_patch``."""
     import torch
 
+    from .default_model import cached_model_dir
     from .model.checkpoint import METADATA_FILE
-    from .model.distill import distill_patch, is_teacher_cache_dir
-    from .model.teacher_cache import MANIFEST_FILE
+    from .model.distill import check_out_dir, distill_patch, is_teacher_cache_dir
 
-    if args.teacher in DEFAULT_MODEL_ALIASES:
-        from .default_model import default_model_dir
-
-        teacher = default_model_dir()
-    else:
-        teacher = Path(args.teacher).expanduser()
-        if not teacher.is_dir():
-            raise FileNotFoundError(f"--teacher {args.teacher}: no such folder; accepted: the dense model's folder, "
-                                    "'default' for the embedded SmolLM2-135M-Instruct, or a teacher cache folder")
-    if not is_teacher_cache_dir(teacher) and not (teacher / "config.json").is_file():
-        raise FileNotFoundError(f"--teacher {args.teacher}: {teacher} holds neither a model (config.json) nor a "
-                                f"teacher cache ({MANIFEST_FILE})")
+    for name in ("samples", "val_samples", "seqlen", "topk", "epochs", "batch_size", "chunk_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    device = _check_device(args.device)
     student = Path(args.model).expanduser()
     if not (student / METADATA_FILE).is_file():
         raise FileNotFoundError(f"--model {args.model}: not a pruned checkpoint ({student / METADATA_FILE} not found); "
                                 "create one with `linearpatch prune`")
-    if args.device is not None:
-        _check_device(args.device)
-    for name in ("samples", "val_samples", "seqlen", "topk", "epochs", "batch_size", "chunk_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # Where the output goes is checked before the teacher is loaded or converted: the output is new
+    # (or --overwrite), writable, and never an input.
+    teacher_input = cached_model_dir() if args.teacher in DEFAULT_MODEL_ALIASES else Path(args.teacher).expanduser()
+    check_out_dir(args.out, args.overwrite, student=student, teacher=teacher_input, cache_dir=args.cache)
+    teacher = _distill_teacher(args.teacher)
     tokenizer = _load_tokenizer(student, None if is_teacher_cache_dir(teacher) else teacher)
     input_ids = None
     if not is_teacher_cache_dir(teacher):
-        from .corpus import calibration_text, read_text_files, token_windows
-
         if tokenizer is None:
             raise FileNotFoundError(f"no tokenizer in {student} or {teacher}; one is needed to cut the text into windows")
-        text = read_text_files(args.text) if args.text else calibration_text()
-        what = "text in " + ", ".join(args.text) if args.text else "calibration corpus"
-        input_ids = token_windows(tokenizer, text, args.seqlen, args.samples + args.val_samples, what=what)
+        input_ids = _distill_windows(tokenizer, args)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     _, result = distill_patch(student, teacher, args.out, input_ids=input_ids, cache_dir=args.cache,
                               topk=args.topk, chunk_size=args.chunk_size, train=args.train, lr=args.lr,
                               epochs=args.epochs, val_samples=args.val_samples, batch_size=args.batch_size,
-                              patience=args.patience, eval_every=args.eval_every, device=args.device, dtype=dtype,
-                              tokenizer=tokenizer, seed=args.seed)
+                              patience=args.patience, eval_every=args.eval_every, device=device, dtype=dtype,
+                              tokenizer=tokenizer, seed=args.seed, overwrite=args.overwrite)
     print(f"validation KL on the top-{args.topk} support: {result.initial_val_loss:.5f} before, "
           f"{result.best_val_loss:.5f} after ({result.steps} steps, {result.seconds:.0f} s)")
     return 0
@@ -447,12 +519,17 @@ def cmd_demo(args) -> int:
                         save_pruned, set_patch)
 
     t_total = time.perf_counter()
-    out = _check_out_dir(args.out) if args.out else None
-    loaded = load_model(args.model, args.device, args.dtype)
+    device = _check_device(args.device)
+    out = _check_out_dir(args.out, args.overwrite, *filter(None, [_model_input(args.model)])) if args.out else None
+    loaded = load_model(args.model, device, args.dtype)
     if loaded.record is not None:
         raise CliError(f"--model {args.model} is already a pruned checkpoint; the demo starts from a dense model")
     model, tokenizer = loaded.model, loaded.tokenizer
     num_layers = loaded.num_layers
+    for n in args.num_prune:
+        if not 1 <= n < num_layers:
+            raise CliError(f"--num-prune {n}: the model has {num_layers} layers; accepted 1 .. {num_layers - 1}")
+        _warn_if_deep(n, num_layers)
     print(f"model: {loaded.describe()}  [load {_seconds(t_total)}]")
     calib, calib_what = _windows(tokenizer, None, args.seqlen, args.calib_samples, calibration=True)
     evals, eval_what = _windows(tokenizer, None, args.seqlen, args.eval_samples, calibration=False)
@@ -488,9 +565,9 @@ def cmd_demo(args) -> int:
             if saved is None:
                 set_patch(pruned, rotate_patch)
                 folder = out if out is not None else Path(scratch) / f"pruned{n}-rotate"
-                save_pruned(pruned, folder, tokenizer=tokenizer)
+                save_pruned(pruned, folder, tokenizer=tokenizer, overwrite=args.overwrite)
                 with torch.no_grad():
-                    logits = pruned(input_ids=evals[0].to(args.device), use_cache=False).logits
+                    logits = pruned(input_ids=evals[0].to(device), use_cache=False).logits
                 saved = (n, folder, logits)
             del pruned
 
@@ -502,9 +579,9 @@ def cmd_demo(args) -> int:
         # The saved checkpoint must give back the very same model: same logits on the same input.
         n, folder, before = saved
         t0 = time.perf_counter()
-        reloaded = load_pruned(folder, device=args.device, dtype=_torch_dtype(args.dtype))
+        reloaded = load_pruned(folder, device=device, dtype=_torch_dtype(args.dtype))
         with torch.no_grad():
-            after = reloaded(input_ids=evals[0].to(args.device), use_cache=False).logits
+            after = reloaded(input_ids=evals[0].to(device), use_cache=False).logits
         diff = float((before - after).abs().max())
         if not torch.allclose(before, after, rtol=1e-5, atol=1e-5):
             raise RuntimeError(f"the reloaded model's logits differ from the saved model's (max |diff| {diff:.3g})")
@@ -512,7 +589,7 @@ def cmd_demo(args) -> int:
         where = str(folder) if out is not None else "a temporary folder"
         print(f"saved pruned {n} + rotate patch to {where}; reloaded: logits {state}  [{_seconds(t0)}]")
 
-        prompt = tokenizer(DEMO_PROMPT, return_tensors="pt").input_ids.to(args.device)
+        prompt = tokenizer(DEMO_PROMPT, return_tensors="pt").input_ids.to(device)
         print(f"greedy samples, {args.max_new_tokens} new tokens, repetition penalty {DEMO_REPETITION_PENALTY}:")
         for label, m in (("dense", model), (f"pruned {n} + rotate (reloaded)", reloaded)):
             t0 = time.perf_counter()
@@ -530,7 +607,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="linearpatch",
         description="Prune a block of decoder layers from a Llama-family model and repair the cut with a "
                     "LinearPatch (P = H diag(s) H^T) on the residual stream.")
@@ -541,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local Hugging Face model folder, a checkpoint written by 'linearpatch prune', or "
                             "'default' for the embedded SmolLM2-135M-Instruct (default: %(default)s)")
         p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default: %(default)s)")
-        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+        p.add_argument("--device", default="auto",
+                       help="auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
 
     p = sub.add_parser("prune", help="select a block, calibrate the patch, prune, patch and save")
     add_model_options(p)
@@ -556,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UTF-8 text files for calibration (default: the shipped calibration corpus)")
     p.add_argument("--samples", type=_positive_int, default=128, help="calibration windows (default: %(default)s)")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: %(default)s)")
-    p.add_argument("--out", required=True, help="new folder for the pruned checkpoint")
+    p.add_argument("--out", required=True, help="new (or empty) folder for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity (with and without the patch), optionally lm-eval accuracy")
@@ -588,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=_positive_int, default=DEMO_SEQLEN, help="tokens per window (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate (default: %(default)s)")
     p.add_argument("--out", help="new folder to keep the first pruned checkpoint in (default: a temporary folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -103,3 +103,14 @@ def token_windows(tokenizer, text: str, seqlen: int, num_windows: int | None = N
                          f"({ids.numel()} tokens); asked for {num_windows}. Use fewer samples, a smaller "
                          "seqlen, or more text")
     return [ids[k * seqlen:(k + 1) * seqlen].unsqueeze(0).clone() for k in range(num_windows)]
+
+
+def calibration_windows(tokenizer, samples: int | None = 8, seqlen: int = 512) -> list[torch.Tensor]:
+    """``samples`` consecutive ``[1, seqlen]`` windows of the calibration corpus (the ``batches`` that
+    ``select_block`` and ``estimate_scales`` take); ``None``: every full window."""
+    return token_windows(tokenizer, calibration_text(), seqlen, samples, what="calibration corpus")
+
+
+def evaluation_windows(tokenizer, samples: int | None = 8, seqlen: int = 512) -> list[torch.Tensor]:
+    """``samples`` consecutive ``[1, seqlen]`` windows of the held-out evaluation corpus (for perplexity)."""
+    return token_windows(tokenizer, evaluation_text(), seqlen, samples, what="evaluation corpus")

@@ -126,3 +126,21 @@ def default_model_dir(log=print) -> Path:
     if log is not None:
         log(f"converting {DEFAULT_MODEL_NAME} from {gguf_path.name} to fp32 safetensors in {target} (once; ~20 s)")
     return convert_gguf(gguf_path, target)
+
+
+def load_default_model(device="auto", dtype=None, log=print):
+    """``(model, tokenizer)``: the embedded SmolLM2-135M-Instruct as a ``LlamaForCausalLM`` in eval mode.
+
+    Converted once from the GGUF file (see ``default_model_dir``); ``device`` follows the package's
+    one rule (``"auto"``: a GPU when there is one, else the CPU); ``dtype`` defaults to fp32.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .devices import resolve_device
+
+    device = resolve_device(device, "load_default_model: device")
+    directory = default_model_dir(log=log)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True)
+    return model.to(device).eval(), tokenizer

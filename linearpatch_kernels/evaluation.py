@@ -115,17 +115,8 @@ def _task_manager(include_path: str | None, tasks: tuple[str, ...]):
     return TaskManager(include_path=include_path)
 
 
-def run_lm_eval(model: nn.Module, tokenizer, tasks, *, include_path: str | os.PathLike | None = None,
-                num_fewshot: int = 0, batch_size: int = 1, limit: int | None = None) -> dict[str, dict[str, float]]:
-    """Zero-shot (by default) accuracy of an in-memory model on lm-eval ``tasks``.
-
-    Returns ``{task: {"acc": ..., "acc_norm": ...}}`` (a metric the task does not report is absent).
-    ``include_path`` is a folder of extra task YAML files (local tasks); ``limit`` caps the number
-    of examples per task. The model is evaluated as it is: a pruned model with or without its
-    patch enabled, on its own device and dtype.
-    """
-    lm_eval = require_lm_eval()
-    from lm_eval.models.huggingface import HFLM
+def _known_tasks(tasks, include_path: str | os.PathLike | None):
+    """``(tasks as a list, TaskManager)`` after checking the names and the include path."""
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
         raise ValueError("run_lm_eval: no tasks given; pass lm-eval task names such as arc_easy, hellaswag")
@@ -137,6 +128,55 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks, *, include_path: str | os.Pa
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; examples of known tasks: arc_easy, "
                          "arc_challenge, hellaswag, piqa, winogrande, boolq (or pass --include-path with "
                          "your own task YAML files)")
+    return tasks, task_manager
+
+
+def _data_unavailable(tasks, error) -> TaskDataUnavailable:
+    return TaskDataUnavailable(
+        f"lm-eval could not load the data of {', '.join(tasks)} ({error}). Nothing is downloaded here: put the "
+        "datasets in the Hugging Face datasets cache first (HF_DATASETS_CACHE), or describe a local task in a "
+        "YAML file and pass its folder with --include-path")
+
+
+def check_task_data(tasks, *, include_path: str | os.PathLike | None = None) -> list[str]:
+    """Check that every task is known and its data loads locally, before any model is scored.
+
+    Builds each task as lm-eval will (reading its dataset from the local cache or the task's own
+    files); raises ``TaskDataUnavailable`` naming every task whose data is missing, ``ValueError``
+    for unknown task names. Returns the task list.
+    """
+    require_lm_eval()
+    tasks, task_manager = _known_tasks(tasks, include_path)
+    if hasattr(task_manager, "load"):
+        load = task_manager.load
+    else:  # lm-eval before TaskManager.load
+        from lm_eval.tasks import get_task_dict
+
+        def load(names):
+            return get_task_dict(names, task_manager)
+    missing = {}
+    for task in tasks:
+        try:
+            load([task])
+        except (ConnectionError, FileNotFoundError) as e:
+            missing[task] = e
+    if missing:
+        raise _data_unavailable(list(missing), "; ".join(f"{t}: {e}" for t, e in missing.items()))
+    return tasks
+
+
+def run_lm_eval(model: nn.Module, tokenizer, tasks, *, include_path: str | os.PathLike | None = None,
+                num_fewshot: int = 0, batch_size: int = 1, limit: int | None = None) -> dict[str, dict[str, float]]:
+    """Zero-shot (by default) accuracy of an in-memory model on lm-eval ``tasks``.
+
+    Returns ``{task: {"acc": ..., "acc_norm": ...}}`` (a metric the task does not report is absent).
+    ``include_path`` is a folder of extra task YAML files (local tasks); ``limit`` caps the number
+    of examples per task. The model is evaluated as it is: a pruned model with or without its
+    patch enabled, on its own device and dtype.
+    """
+    lm_eval = require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+    tasks, task_manager = _known_tasks(tasks, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     was_training = model.training
     model.eval()
@@ -145,11 +185,7 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks, *, include_path: str | os.Pa
                                       task_manager=task_manager, log_samples=False, bootstrap_iters=0)
     except ConnectionError as e:
         # The Hub is unreachable (or offline mode is on) and the task's dataset is not cached.
-        raise TaskDataUnavailable(
-            f"lm-eval could not load the data of {', '.join(tasks)} ({e}). Nothing is downloaded here: put the "
-            "datasets in the Hugging Face datasets cache first (HF_DATASETS_CACHE), or describe a local task in a "
-            "YAML file and pass its folder with --include-path"
-        ) from None
+        raise _data_unavailable(tasks, e) from None
     finally:
         model.train(was_training)
     results = {}

@@ -150,7 +150,7 @@ def test_bad_arguments_are_clear_errors(tiny_folder, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     assert main(["prune", "--model", str(tiny_folder), "--num-prune", "2", "--out", str(tmp_path / "full")]) == 2
-    assert "not an empty folder" in capsys.readouterr().err
+    assert "exists and is not empty" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_folder), "--text", str(tiny_folder / "text.txt"),
                  "--seqlen", "48", "--samples", "100"]) == 2
     assert "asked for 100" in capsys.readouterr().err
