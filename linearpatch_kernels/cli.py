@@ -692,6 +692,11 @@ def main(argv: list[str] | None = None) -> int:
             ValueError) as e:
         print(f"linearpatch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Outputs are staged and renamed at the end, so an interrupted command leaves no partial
+        # result; a teacher cache keeps its finished chunks and resumes on the next run.
+        print(f"linearpatch {args.command}: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
