@@ -34,7 +34,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "hadamard_launch.h"
 
@@ -412,6 +415,223 @@ pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
 }
 
 // ---------------------------------------------------------------------------------------------
+// K == 1, N <= 8192 (row_kernel): butterflies in registers, bits exchanged through shared-memory
+// transposes, no shuffles.
+//
+// The T = 2**kLogT threads of a row hold 2**kLogR values each (kLogT + kLogR = kLogN, kLogR >= kLogT,
+// so at most 128 values at N = 8192). The column index n of value j of thread t has two layouts
+// (V = 2**v elements per 16-byte vector, j = jt * V + jv):
+//   L0, global I/O:  n = jv | t << v | jt << (v + kLogT)
+//       registers own the bits A = [0, v) u [v + kLogT, kLogN), threads own B = [v, v + kLogT);
+//   L1:  threads own the lowest kLogT bits of A; registers own B (the low kLogT bits of j) and the
+//       rest of A (the high bits of j).
+// A transform is the butterflies over A in L0, a transpose, the butterflies over B in L1. The stages
+// commute, so the patch x H diag(s) H / d starts its second transform where the first ended:
+//   A (L0) -> transpose -> B, * s/d, B (L1) -> transpose -> A (L0) -> store
+// two transposes per patch, as for the transform (which goes back to L0 to store 16-byte vectors).
+// s/d is staged once per block in shared memory in L1 order (the norm weight of the epilogue in L0
+// order), as float4 planes: plane q of thread t at float4 q * T + t, conflict-free.
+//
+// Shared-memory word of n: word(n) = n + c1 (n >> s1) + c2 (n >> s2). It is strictly increasing (so
+// one-to-one) and additive over disjoint bit patterns, so word(thread part | register part) is a
+// per-thread base plus a compile-time offset: every transpose access is one instruction with an
+// immediate offset. The padding makes both sides conflict-free: the 16-byte L0 accesses (a quarter
+// warp covers n bits v, v+1, v+2: words 2**v, 2**(v+1), 2**(v+2) + c1) and the 4-byte L1 accesses
+// (a warp covers A's lowest five bits, whose words are 1, 2, 4, 8, 16 mod 32 by the choice of c2).
+
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+template <typename Elem, int kLogN_>
+struct RowLayout {
+  static constexpr int kLogN = kLogN_;
+  static constexpr int kLogV = VecTraits<Elem>::kLog;
+  static constexpr int kLogR = cmax(kLogV, (kLogN + 1) / 2);
+  static constexpr int kLogT = kLogN - kLogR;
+  static constexpr int N = 1 << kLogN, V = 1 << kLogV, R = 1 << kLogR, T = 1 << kLogT;
+  static_assert(kLogN >= kLogV && kLogT <= kLogR, "the L1 registers must hold every thread bit of L0");
+  static constexpr int kHigh = kLogV + kLogT;  // lowest bit of A above B
+
+  // n of register j with thread 0, and of thread t with register 0 (the two parts are disjoint bits).
+  static __host__ __device__ constexpr int l0_reg(int j) { return (j & (V - 1)) | ((j >> kLogV) << kHigh); }
+  static __host__ __device__ constexpr int l0_thread(int t) { return t << kLogV; }
+  // Bits of x placed on A's bits from its `first`-lowest one up.
+  static __host__ __device__ constexpr int deposit_a(int x, int first) {
+    int n = 0;
+    for (int i = 0; (x >> i) != 0; ++i) {
+      const int a = first + i;
+      if ((x >> i) & 1) n |= 1 << (a < kLogV ? a : kHigh + a - kLogV);
+    }
+    return n;
+  }
+  static __host__ __device__ constexpr int l1_reg(int j) {
+    return ((j & (T - 1)) << kLogV) | deposit_a(j >> kLogT, kLogT);
+  }
+  static __host__ __device__ constexpr int l1_thread(int t) { return deposit_a(t, 0); }
+
+  static constexpr int kS1 = kLogV + 2, kC1 = kLogV == 3 ? 4 : 0;
+  static constexpr int kS2 = kHigh;
+  static __host__ __device__ constexpr int word_c1(int n) { return n + kC1 * (n >> kS1); }
+  static constexpr int kC2 = ((1 << kLogV) - word_c1(1 << kS2)) & 31;
+  static __host__ __device__ constexpr int word(int n) { return word_c1(n) + kC2 * (n >> kS2); }
+  static constexpr int kBufferFloats = (word(N - 1) + 4) / 4 * 4;  // one row, whole float4
+};
+
+// Butterflies over bits [kFirst, kLast) of the register index.
+template <int kFirst, int kLast, int R>
+__device__ __forceinline__ void butterflies_over(float (&v)[R]) {
+#pragma unroll
+  for (int b = kFirst; b < kLast; ++b) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if (i & (1 << b)) continue;
+      const float a = v[i], c = v[i + (1 << b)];
+      v[i] = a + c;
+      v[i + (1 << b)] = a - c;
+    }
+  }
+}
+
+template <int V, int R>
+__device__ __forceinline__ float (&vec_at(float (&v)[R], int jt))[V] {
+  return *reinterpret_cast<float(*)[V]>(&v[jt * V]);
+}
+
+constexpr int kRowThreads = 128;
+constexpr int kMaxRowLog2N = 13;  // N = 8192: 128 values per thread
+
+template <class L, Op kOp>
+__host__ __device__ constexpr int row_shared_floats() {
+  return (kOp != Op::kTransform ? L::N : 0) + (kOp == Op::kAddPatchRmsNorm ? L::N + 2 * kRowThreads / 32 : 0) +
+         kRowThreads / L::T * L::kBufferFloats;
+}
+
+// Persistent: the grid covers the multiprocessors once (see launch_rows); each block stages s (and
+// the norm weight) once and then loops over groups of kRowThreads / T rows.
+template <typename T, int kLogN, Op kOp>
+__global__ void __launch_bounds__(kRowThreads)
+row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s, int64_t rows,
+           float out_scale, EpilogueOperands<T> e) {
+  using L = RowLayout<T, kLogN>;
+  constexpr bool kPatch = kOp != Op::kTransform;
+  constexpr bool kEpilogue = kOp == Op::kAddPatchRmsNorm;
+  constexpr int kRowsPerIter = kRowThreads / L::T;
+  extern __shared__ float4 smem4[];
+  float* const s_l1 = reinterpret_cast<float*>(smem4);
+  float* const w_l0 = s_l1 + (kPatch ? L::N : 0);
+  float* const partials = w_l0 + (kEpilogue ? L::N : 0);
+  float* const buffers = partials + (kEpilogue ? 2 * kRowThreads / 32 : 0);
+  const int slot = threadIdx.x >> L::kLogT, t = threadIdx.x & (L::T - 1);
+  float* const buf = buffers + slot * L::kBufferFloats;
+  // A row's threads are one aligned group of lanes (T <= 32) or two whole warps (T = 64).
+  auto sync_row = [] {
+    if constexpr (L::T > 32) __syncthreads();
+    else __syncwarp();
+  };
+
+  if constexpr (kPatch) {
+    for (int i = threadIdx.x; i < L::N; i += kRowThreads) {
+      const int q = i >> (2 + L::kLogT), tt = (i >> 2) & (L::T - 1), j = 4 * q + (i & 3);
+      s_l1[i] = s[L::l1_thread(tt) | L::l1_reg(j)] * out_scale;  // out_scale = 1/d
+      if constexpr (kEpilogue) w_l0[i] = e.weight[L::l0_thread(tt) | L::l0_reg(j)];
+    }
+    __syncthreads();
+  }
+  const float4* const s4 = reinterpret_cast<const float4*>(s_l1) + t;
+  const float4* const w4 = reinterpret_cast<const float4*>(w_l0) + t;
+  const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
+
+  for (int64_t base = int64_t(blockIdx.x) * kRowsPerIter; base < rows; base += int64_t(gridDim.x) * kRowsPerIter) {
+    const int64_t row = base + slot;
+    const bool active = row < rows;  // idle rows of the last group compute on zeros, store nothing
+    float v[L::R];
+#pragma unroll
+    for (int jt = 0; jt < L::R / L::V; ++jt) {
+      float(&vj)[L::V] = vec_at<L::V>(v, jt);
+      if (active) {
+        load_vec(x + row * L::N + g0 + L::l0_reg(jt * L::V), vj);
+        if constexpr (kEpilogue) {
+          float u[L::V];
+          load_vec(e.update + row * L::N + g0 + L::l0_reg(jt * L::V), u);
+#pragma unroll
+          for (int i = 0; i < L::V; ++i) vj[i] += u[i];
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < L::V; ++i) vj[i] = 0.f;
+      }
+    }
+    butterflies_over<0, L::kLogR>(v);  // A, first transform
+
+    if constexpr (L::kLogT > 0) {
+#pragma unroll
+      for (int q = 0; q < L::R / 4; ++q)
+        *reinterpret_cast<float4*>(buf + w0 + L::word(L::l0_reg(4 * q))) =
+            make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+      sync_row();
+#pragma unroll
+      for (int j = 0; j < L::R; ++j) v[j] = buf[w1 + L::word(L::l1_reg(j))];
+      butterflies_over<0, L::kLogT>(v);  // B, first transform
+    }
+    if constexpr (kPatch) {
+#pragma unroll
+      for (int q = 0; q < L::R / 4; ++q) {
+        const float4 sv = s4[q * L::T];
+        v[4 * q] *= sv.x; v[4 * q + 1] *= sv.y; v[4 * q + 2] *= sv.z; v[4 * q + 3] *= sv.w;
+      }
+      butterflies_over<0, L::kLogT>(v);  // B, second transform (empty when T == 1)
+    }
+    if constexpr (L::kLogT > 0) {
+      sync_row();  // every thread of the row has read its L1 values
+#pragma unroll
+      for (int j = 0; j < L::R; ++j) buf[w1 + L::word(L::l1_reg(j))] = v[j];
+      sync_row();
+#pragma unroll
+      for (int q = 0; q < L::R / 4; ++q) {
+        const float4 a = *reinterpret_cast<const float4*>(buf + w0 + L::word(L::l0_reg(4 * q)));
+        v[4 * q] = a.x; v[4 * q + 1] = a.y; v[4 * q + 2] = a.z; v[4 * q + 3] = a.w;
+      }
+    }
+    if constexpr (kPatch) butterflies_over<0, L::kLogR>(v);  // A, second transform
+
+    T* const yr = y + row * L::N + g0;
+    if constexpr (kEpilogue) {
+      // h = v (1/d is in s); the row's sum of h^2 over its registers, its lanes, its two warps.
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < L::R; ++j) sum = fmaf(v[j], v[j], sum);
+      sum = sum_over_lanes<(L::T < 32 ? L::T : 32)>(sum);
+      if constexpr (L::T > 32) {
+        if ((threadIdx.x & 31) == 0) partials[threadIdx.x >> 5] = sum;
+        __syncthreads();
+        sum = partials[2 * slot] + partials[2 * slot + 1];
+      }
+      const float rstd = rsqrtf(sum * (1.f / L::N) + e.eps);
+      if (active) {
+        T* const nr = e.normed + row * L::N + g0;
+#pragma unroll
+        for (int jt = 0; jt < L::R / L::V; ++jt) {
+          float n[L::V];
+#pragma unroll
+          for (int q = 0; q < L::V / 4; ++q) {
+            const float4 w = w4[(jt * L::V / 4 + q) * L::T];
+            const float* h = &v[jt * L::V + 4 * q];
+            n[4 * q] = h[0] * rstd * w.x; n[4 * q + 1] = h[1] * rstd * w.y;
+            n[4 * q + 2] = h[2] * rstd * w.z; n[4 * q + 3] = h[3] * rstd * w.w;
+          }
+          store_vec(yr + L::l0_reg(jt * L::V), vec_at<L::V>(v, jt), 1.f);
+          store_vec(nr + L::l0_reg(jt * L::V), n, 1.f);
+        }
+      }
+    } else if (active) {
+#pragma unroll
+      for (int jt = 0; jt < L::R / L::V; ++jt)
+        store_vec(yr + L::l0_reg(jt * L::V), vec_at<L::V>(v, jt), kPatch ? 1.f : out_scale);
+    }
+    if constexpr (L::kLogT > 0) sync_row();  // the L0 reads are done before the next row's writes
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // K > 1: rows in shared memory.
 
 constexpr int kKronThreads = 256;
@@ -654,9 +874,75 @@ std::string allow_shared_memory(Kernel kernel, size_t bytes, int device) {
   return err == cudaSuccess ? std::string() : cuda_error("cudaFuncSetAttribute", err);
 }
 
+// What a kernel instance needs once per device: the shared-memory opt-in (for the most it will use)
+// and how many of its blocks the device holds at once (the persistent grid of row_kernel).
+struct KernelSetup {
+  int64_t resident_blocks = 0;
+};
+
+template <typename Kernel>
+std::string setup_kernel(Kernel kernel, int threads, size_t max_smem, int device, KernelSetup& setup) {
+  std::string err = allow_shared_memory(kernel, max_smem, device);
+  if (!err.empty()) return err;
+  int sms = 0, per_sm = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", e);
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, max_smem);
+  if (e != cudaSuccess) return cuda_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
+  setup.resident_blocks = int64_t(sms) * (per_sm > 0 ? per_sm : 1);
+  return {};
+}
+
+// setup_kernel once per (kernel instance, device); a failure is not cached (it is reported and the
+// next call tries again).
+template <typename Kernel>
+std::string cached_setup(Kernel kernel, int threads, size_t max_smem, int device, KernelSetup& setup) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, KernelSetup> done;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto it = done.find(key);
+  if (it != done.end()) {
+    setup = it->second;
+    return {};
+  }
+  std::string err = setup_kernel(kernel, threads, max_smem, device, setup);
+  if (err.empty()) done.emplace(key, setup);
+  return err;
+}
+
+// cudaGetLastError returns (and clears) the last error of any earlier call on this thread, so it is
+// read before the launch too: an unrelated earlier failure is reported as such, not as this kernel's.
+inline std::string pending_error() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : cuda_error("CUDA error pending from an earlier call, before this launch", e);
+}
+
+inline std::string launch_error(const char* kernel) {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : cuda_error((std::string(kernel) + " launch").c_str(), e);
+}
+
 template <typename T>
 EpilogueOperands<T> epilogue_operands(const HadamardArgs& a) {
   return EpilogueOperands<T>{static_cast<const T*>(a.update), static_cast<T*>(a.normed), a.norm_weight, a.eps};
+}
+
+template <typename T, int kLogN, Op kOp>
+std::string launch_rows(const HadamardArgs& a) {
+  using L = RowLayout<T, kLogN>;
+  constexpr int rows_per_iter = kRowThreads / L::T;
+  const size_t smem = sizeof(float) * size_t(row_shared_floats<L, kOp>());
+  auto kernel = row_kernel<T, kLogN, kOp>;
+  KernelSetup setup;
+  std::string err = cached_setup(kernel, kRowThreads, smem, a.device, setup);
+  if (err.empty()) err = pending_error();
+  if (!err.empty()) return err;
+  const int64_t groups = (a.rows + rows_per_iter - 1) / rows_per_iter;
+  const int64_t blocks = groups < setup.resident_blocks ? groups : setup.resident_blocks;
+  kernel<<<unsigned(blocks), kRowThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(
+      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
+  return launch_error("hadamard row_kernel");
 }
 
 template <typename T, int kLogN, Op kOp>
@@ -668,12 +954,13 @@ std::string launch_pow2(const HadamardArgs& a) {
   if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
   const size_t smem = sizeof(float) * size_t(pow2_shared_floats<L, kOp>());
   auto kernel = pow2_kernel<T, kLogN, kOp>;
-  std::string err = allow_shared_memory(kernel, smem, a.device);
+  KernelSetup setup;
+  std::string err = cached_setup(kernel, threads, smem, a.device, setup);
+  if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? std::string() : cuda_error("hadamard pow2_kernel launch", e);
+  return launch_error("hadamard pow2_kernel");
 }
 
 template <typename T, int kLogN, Op kOp>
@@ -681,8 +968,8 @@ std::string launch_kron(const HadamardArgs& a) {
   using L = Layout<T, kLogN, kKronLogMaxValues>;
   const int d = a.k * L::N;
   // About 32 KiB of rows per block (at least one row), never more rows than there are.
-  int64_t rows_per_block = 8192 / d > 1 ? 8192 / d : 1;
-  if (rows_per_block > a.rows) rows_per_block = a.rows;
+  const int64_t max_rows_per_block = 8192 / d > 1 ? 8192 / d : 1;
+  const int64_t rows_per_block = max_rows_per_block < a.rows ? max_rows_per_block : a.rows;
   // A patch tile round must hold all K/4 row quads of at least one column quad of every row.
   if (rows_per_block * (a.k / 4) > int64_t(kKronTilesPerThread) * kKronThreads) {
     return "K too large for the tile rounds";
@@ -690,19 +977,24 @@ std::string launch_kron(const HadamardArgs& a) {
   const int64_t blocks = (a.rows + rows_per_block - 1) / rows_per_block;
   if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
   const size_t smem = sizeof(float) * size_t(kron_shared_floats<kOp>(int(rows_per_block), d));
+  const size_t max_smem = sizeof(float) * size_t(kron_shared_floats<kOp>(int(max_rows_per_block), d));
   auto kernel = kron_kernel<T, kLogN, kOp>;
-  std::string err = allow_shared_memory(kernel, smem, a.device);
+  KernelSetup setup;
+  std::string err = cached_setup(kernel, kKronThreads, max_smem, a.device, setup);
+  if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), kKronThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), a.h_k, a.scale, a.rows, a.k,
       int(rows_per_block), a.out_scale, epilogue_operands<T>(a));
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? std::string() : cuda_error("hadamard kron_kernel launch", e);
+  return launch_error("hadamard kron_kernel");
 }
 
 template <typename T, int kLogN, Op kOp>
 std::string launch_op(const HadamardArgs& a) {
-  if (a.k == 1) return launch_pow2<T, kLogN, kOp>(a);
+  if (a.k == 1) {
+    if constexpr (kLogN <= kMaxRowLog2N) return launch_rows<T, kLogN, kOp>(a);
+    else return launch_pow2<T, kLogN, kOp>(a);
+  }
   if constexpr (kLogN <= 11) {  // K >= 12 and d <= 32768 leave N <= 2048
     return launch_kron<T, kLogN, kOp>(a);
   }
