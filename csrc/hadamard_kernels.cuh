@@ -423,8 +423,9 @@ pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
 // (V = 2**v elements per 16-byte vector, j = jt * V + jv):
 //   L0, global I/O:  n = jv | t << v | jt << (v + kLogT)
 //       registers own the bits A = [0, v) u [v + kLogT, kLogN), threads own B = [v, v + kLogT);
-//   L1:  threads own the lowest kLogT bits of A; registers own B (the low kLogT bits of j) and the
-//       rest of A (the high bits of j).
+//   L1:  registers own A's lowest kLogE = kLogR - kLogT bits (the low bits of j: 0 or 1 bit from
+//       N = 32 up, so L1 moves 4- or 8-byte vectors) and B (the next kLogT bits of j); threads own
+//       the rest of A.
 // A transform is the butterflies over A in L0, a transpose, the butterflies over B in L1. The stages
 // commute, so the patch x H diag(s) H / d starts its second transform where the first ended:
 //   A (L0) -> transpose -> B, * s/d, B (L1) -> transpose -> A (L0) -> store
@@ -437,7 +438,8 @@ pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
 // per-thread base plus a compile-time offset: every transpose access is one instruction with an
 // immediate offset. The padding makes both sides conflict-free: the 16-byte L0 accesses (a quarter
 // warp covers n bits v, v+1, v+2: words 2**v, 2**(v+1), 2**(v+2) + c1) and the 4-byte L1 accesses
-// (a warp covers A's lowest five bits, whose words are 1, 2, 4, 8, 16 mod 32 by the choice of c2).
+// (a warp's 4- or 8-byte accesses cover A's bits from kLogE up, whose words are 2**kLogE, ..., 16 mod
+// 32 by the choice of c2).
 
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 
@@ -463,10 +465,14 @@ struct RowLayout {
     }
     return n;
   }
+  // L1: the low kLogE bits of j are A's lowest bits (contiguous n), so L1 moves vectors of
+  // min(2**kLogE, 4) floats through shared memory; the next kLogT bits of j are B.
+  static constexpr int kLogE = kLogR - kLogT;
+  static constexpr int kL1Vec = kLogE >= 2 ? 4 : 1 << kLogE;
   static __host__ __device__ constexpr int l1_reg(int j) {
-    return ((j & (T - 1)) << kLogV) | deposit_a(j >> kLogT, kLogT);
+    return deposit_a(j & ((1 << kLogE) - 1), 0) | (((j >> kLogE) & (T - 1)) << kLogV);
   }
-  static __host__ __device__ constexpr int l1_thread(int t) { return deposit_a(t, 0); }
+  static __host__ __device__ constexpr int l1_thread(int t) { return deposit_a(t, kLogE); }
 
   static constexpr int kS1 = kLogV + 2, kC1 = kLogV == 3 ? 4 : 0;
   static constexpr int kS2 = kHigh;
@@ -489,6 +495,27 @@ __device__ __forceinline__ void butterflies_over(float (&v)[R]) {
       v[i + (1 << b)] = a - c;
     }
   }
+}
+
+// Shared memory <-> registers in vectors of W = 1, 2 or 4 floats.
+template <int W>
+__device__ __forceinline__ void shared_to_registers(const float* p, float* v) {
+  if constexpr (W == 4) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  } else if constexpr (W == 2) {
+    const float2 a = *reinterpret_cast<const float2*>(p);
+    v[0] = a.x; v[1] = a.y;
+  } else {
+    v[0] = *p;
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void registers_to_shared(const float* v, float* p) {
+  if constexpr (W == 4) *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  else if constexpr (W == 2) *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  else *p = v[0];
 }
 
 template <int V, int R>
@@ -569,8 +596,8 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
             make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
       sync_row();
 #pragma unroll
-      for (int j = 0; j < L::R; ++j) v[j] = buf[w1 + L::word(L::l1_reg(j))];
-      butterflies_over<0, L::kLogT>(v);  // B, first transform
+      for (int j = 0; j < L::R; j += L::kL1Vec) shared_to_registers<L::kL1Vec>(buf + w1 + L::word(L::l1_reg(j)), &v[j]);
+      butterflies_over<L::kLogE, L::kLogR>(v);  // B, first transform
     }
     if constexpr (kPatch) {
 #pragma unroll
@@ -578,12 +605,12 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
         const float4 sv = s4[q * L::T];
         v[4 * q] *= sv.x; v[4 * q + 1] *= sv.y; v[4 * q + 2] *= sv.z; v[4 * q + 3] *= sv.w;
       }
-      butterflies_over<0, L::kLogT>(v);  // B, second transform (empty when T == 1)
+      butterflies_over<L::kLogE, L::kLogR>(v);  // B, second transform (empty when T == 1)
     }
     if constexpr (L::kLogT > 0) {
       sync_row();  // every thread of the row has read its L1 values
 #pragma unroll
-      for (int j = 0; j < L::R; ++j) buf[w1 + L::word(L::l1_reg(j))] = v[j];
+      for (int j = 0; j < L::R; j += L::kL1Vec) registers_to_shared<L::kL1Vec>(&v[j], buf + w1 + L::word(L::l1_reg(j)));
       sync_row();
 #pragma unroll
       for (int q = 0; q < L::R / 4; ++q) {
