@@ -523,17 +523,23 @@ __device__ __forceinline__ float (&vec_at(float (&v)[R], int jt))[V] {
   return *reinterpret_cast<float(*)[V]>(&v[jt * V]);
 }
 
-constexpr int kRowThreads = 128;
+constexpr int kRowThreads = 128;  // 64 where two rows of shared memory do not fit (N = 8192 on sm_86/89)
 constexpr int kMaxRowLog2N = 13;  // N = 8192: 128 values per thread
 
+// The epilogue keeps the norm weight in shared memory up to N = 4096; at 8192 it is read through the
+// L1 cache instead (16-byte loads in L0 order), so that a block fits in every sm_80+ GPU.
 template <class L, Op kOp>
-__host__ __device__ constexpr int row_shared_floats() {
-  return (kOp != Op::kTransform ? L::N : 0) + (kOp == Op::kAddPatchRmsNorm ? L::N + 2 * kRowThreads / 32 : 0) +
-         kRowThreads / L::T * L::kBufferFloats;
+__host__ __device__ constexpr bool row_stages_weight() { return kOp == Op::kAddPatchRmsNorm && L::kLogN <= 12; }
+
+// Shared memory of row_kernel: s/d, the norm weight, the epilogue's per-warp sums, a transpose buffer per row.
+template <class L, Op kOp>
+__host__ __device__ constexpr int row_shared_floats(int threads) {
+  return (kOp != Op::kTransform ? L::N : 0) + (row_stages_weight<L, kOp>() ? L::N : 0) +
+         (kOp == Op::kAddPatchRmsNorm ? 2 * kRowThreads / 32 : 0) + threads / L::T * L::kBufferFloats;
 }
 
 // Persistent: the grid covers the multiprocessors once (see launch_rows); each block stages s (and
-// the norm weight) once and then loops over groups of kRowThreads / T rows.
+// the norm weight) once and then loops over groups of blockDim.x / T rows.
 template <typename T, int kLogN, Op kOp>
 __global__ void __launch_bounds__(kRowThreads)
 row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s, int64_t rows,
@@ -541,11 +547,12 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   using L = RowLayout<T, kLogN>;
   constexpr bool kPatch = kOp != Op::kTransform;
   constexpr bool kEpilogue = kOp == Op::kAddPatchRmsNorm;
-  constexpr int kRowsPerIter = kRowThreads / L::T;
+  constexpr bool kStageWeight = row_stages_weight<L, kOp>();
+  const int rows_per_iter = blockDim.x >> L::kLogT;
   extern __shared__ float4 smem4[];
   float* const s_l1 = reinterpret_cast<float*>(smem4);
   float* const w_l0 = s_l1 + (kPatch ? L::N : 0);
-  float* const partials = w_l0 + (kEpilogue ? L::N : 0);
+  float* const partials = w_l0 + (kStageWeight ? L::N : 0);
   float* const buffers = partials + (kEpilogue ? 2 * kRowThreads / 32 : 0);
   const int slot = threadIdx.x >> L::kLogT, t = threadIdx.x & (L::T - 1);
   float* const buf = buffers + slot * L::kBufferFloats;
@@ -556,10 +563,10 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   };
 
   if constexpr (kPatch) {
-    for (int i = threadIdx.x; i < L::N; i += kRowThreads) {
+    for (int i = threadIdx.x; i < L::N; i += blockDim.x) {
       const int q = i >> (2 + L::kLogT), tt = (i >> 2) & (L::T - 1), j = 4 * q + (i & 3);
       s_l1[i] = s[L::l1_thread(tt) | L::l1_reg(j)] * out_scale;  // out_scale = 1/d
-      if constexpr (kEpilogue) w_l0[i] = e.weight[L::l0_thread(tt) | L::l0_reg(j)];
+      if constexpr (kStageWeight) w_l0[i] = e.weight[L::l0_thread(tt) | L::l0_reg(j)];
     }
     __syncthreads();
   }
@@ -567,7 +574,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   const float4* const w4 = reinterpret_cast<const float4*>(w_l0) + t;
   const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
 
-  for (int64_t base = int64_t(blockIdx.x) * kRowsPerIter; base < rows; base += int64_t(gridDim.x) * kRowsPerIter) {
+  for (int64_t base = int64_t(blockIdx.x) * rows_per_iter; base < rows; base += int64_t(gridDim.x) * rows_per_iter) {
     const int64_t row = base + slot;
     const bool active = row < rows;  // idle rows of the last group compute on zeros, store nothing
     float v[L::R];
@@ -640,7 +647,8 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
           float n[L::V];
 #pragma unroll
           for (int q = 0; q < L::V / 4; ++q) {
-            const float4 w = w4[(jt * L::V / 4 + q) * L::T];
+            const float4 w = kStageWeight ? w4[(jt * L::V / 4 + q) * L::T]
+                                          : __ldg(reinterpret_cast<const float4*>(e.weight + g0 + L::l0_reg(jt * L::V)) + q);
             const float* h = &v[jt * L::V + 4 * q];
             n[4 * q] = h[0] * rstd * w.x; n[4 * q + 1] = h[1] * rstd * w.y;
             n[4 * q + 2] = h[2] * rstd * w.z; n[4 * q + 3] = h[3] * rstd * w.w;
@@ -886,36 +894,40 @@ inline std::string cuda_error(const char* what, cudaError_t err) {
   return std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
 }
 
-// Shared memory beyond 48 KiB must be opted into per kernel.
-template <typename Kernel>
-std::string allow_shared_memory(Kernel kernel, size_t bytes, int device) {
-  if (bytes <= 48 * 1024) return {};
-  int limit = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", err);
-  if (bytes > size_t(limit)) {
-    return "needs " + std::to_string(bytes) + " bytes of shared memory per block, the device allows " +
-           std::to_string(limit);
-  }
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  return err == cudaSuccess ? std::string() : cuda_error("cudaFuncSetAttribute", err);
-}
+// Block size and dynamic shared memory of a launch.
+struct LaunchShape {
+  int threads;
+  size_t smem;
+};
 
-// What a kernel instance needs once per device: the shared-memory opt-in (for the most it will use)
-// and how many of its blocks the device holds at once (the persistent grid of row_kernel).
+// What a kernel instance needs once per device: the first of its candidate shapes whose shared memory
+// the device allows, the opt-in for it, and how many such blocks the device holds at once (the
+// persistent grid of row_kernel).
 struct KernelSetup {
+  LaunchShape shape{0, 0};
   int64_t resident_blocks = 0;
 };
 
 template <typename Kernel>
-std::string setup_kernel(Kernel kernel, int threads, size_t max_smem, int device, KernelSetup& setup) {
-  std::string err = allow_shared_memory(kernel, max_smem, device);
-  if (!err.empty()) return err;
-  int sms = 0, per_sm = 0;
-  cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+std::string setup_kernel(Kernel kernel, const LaunchShape* shapes, int count, int device, KernelSetup& setup) {
+  int limit = 0, sms = 0, per_sm = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", e);
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, max_smem);
+  int pick = 0;
+  while (pick + 1 < count && shapes[pick].smem > size_t(limit)) ++pick;
+  const LaunchShape shape = shapes[pick];
+  if (shape.smem > size_t(limit)) {
+    return "needs " + std::to_string(shape.smem) + " bytes of shared memory per block, the device allows " +
+           std::to_string(limit);
+  }
+  if (shape.smem > 48 * 1024) {  // beyond 48 KiB must be opted into per kernel
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shape.smem));
+    if (e != cudaSuccess) return cuda_error("cudaFuncSetAttribute", e);
+  }
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, shape.threads, shape.smem);
   if (e != cudaSuccess) return cuda_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
+  setup.shape = shape;
   setup.resident_blocks = int64_t(sms) * (per_sm > 0 ? per_sm : 1);
   return {};
 }
@@ -923,7 +935,7 @@ std::string setup_kernel(Kernel kernel, int threads, size_t max_smem, int device
 // setup_kernel once per (kernel instance, device); a failure is not cached (it is reported and the
 // next call tries again).
 template <typename Kernel>
-std::string cached_setup(Kernel kernel, int threads, size_t max_smem, int device, KernelSetup& setup) {
+std::string cached_setup(Kernel kernel, const LaunchShape* shapes, int count, int device, KernelSetup& setup) {
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, KernelSetup> done;
   const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
@@ -933,7 +945,7 @@ std::string cached_setup(Kernel kernel, int threads, size_t max_smem, int device
     setup = it->second;
     return {};
   }
-  std::string err = setup_kernel(kernel, threads, max_smem, device, setup);
+  std::string err = setup_kernel(kernel, shapes, count, device, setup);
   if (err.empty()) done.emplace(key, setup);
   return err;
 }
@@ -958,16 +970,18 @@ EpilogueOperands<T> epilogue_operands(const HadamardArgs& a) {
 template <typename T, int kLogN, Op kOp>
 std::string launch_rows(const HadamardArgs& a) {
   using L = RowLayout<T, kLogN>;
-  constexpr int rows_per_iter = kRowThreads / L::T;
-  const size_t smem = sizeof(float) * size_t(row_shared_floats<L, kOp>());
   auto kernel = row_kernel<T, kLogN, kOp>;
+  // 128 threads, or 64 where that block's shared memory exceeds the device's limit.
+  const LaunchShape shapes[2] = {{kRowThreads, sizeof(float) * size_t(row_shared_floats<L, kOp>(kRowThreads))},
+                                 {kRowThreads / 2, sizeof(float) * size_t(row_shared_floats<L, kOp>(kRowThreads / 2))}};
   KernelSetup setup;
-  std::string err = cached_setup(kernel, kRowThreads, smem, a.device, setup);
+  std::string err = cached_setup(kernel, shapes, 2, a.device, setup);
   if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
+  const int64_t rows_per_iter = setup.shape.threads / L::T;
   const int64_t groups = (a.rows + rows_per_iter - 1) / rows_per_iter;
   const int64_t blocks = groups < setup.resident_blocks ? groups : setup.resident_blocks;
-  kernel<<<unsigned(blocks), kRowThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(
+  kernel<<<unsigned(blocks), setup.shape.threads, setup.shape.smem, static_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
   return launch_error("hadamard row_kernel");
 }
@@ -982,7 +996,8 @@ std::string launch_pow2(const HadamardArgs& a) {
   const size_t smem = sizeof(float) * size_t(pow2_shared_floats<L, kOp>());
   auto kernel = pow2_kernel<T, kLogN, kOp>;
   KernelSetup setup;
-  std::string err = cached_setup(kernel, threads, smem, a.device, setup);
+  const LaunchShape shape{threads, smem};
+  std::string err = cached_setup(kernel, &shape, 1, a.device, setup);
   if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
@@ -1007,7 +1022,8 @@ std::string launch_kron(const HadamardArgs& a) {
   const size_t max_smem = sizeof(float) * size_t(kron_shared_floats<kOp>(int(max_rows_per_block), d));
   auto kernel = kron_kernel<T, kLogN, kOp>;
   KernelSetup setup;
-  std::string err = cached_setup(kernel, kKronThreads, max_smem, a.device, setup);
+  const LaunchShape shape{kKronThreads, max_smem};
+  std::string err = cached_setup(kernel, &shape, 1, a.device, setup);
   if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), kKronThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(
