@@ -382,23 +382,24 @@ int syncthreads_count(int line, int predicate) {
   return running->predicate;
 }
 
-static uint64_t result_for_lane(const PendingCollective& c, int lane) {
+// `param`: the lane's own offset, lane mask or (for __shfl_sync) source lane.
+static uint64_t result_for_lane(const PendingCollective& c, int lane, int param) {
   const int width = c.width, base = lane & ~(width - 1);
   switch (c.op) {
     case Collective::kShflIdx: {
-      const int src = base + (c.param & (width - 1));
+      const int src = base + (param & (width - 1));
       return (c.mask >> src) & 1u ? c.values[src] : c.values[lane];
     }
     case Collective::kShflUp: {
-      const int src = lane - c.param;
+      const int src = lane - param;
       return src >= base ? c.values[src] : c.values[lane];
     }
     case Collective::kShflDown: {
-      const int src = lane + c.param;
+      const int src = lane + param;
       return src < base + width ? c.values[src] : c.values[lane];
     }
     case Collective::kShflXor: {
-      const int src = lane ^ c.param;
+      const int src = lane ^ param;
       return src < base + width && src >= base ? c.values[src] : c.values[lane];
     }
     case Collective::kBallot:
@@ -420,18 +421,17 @@ uint64_t warp_collective(int line, Collective op, unsigned mask, uint64_t value,
   Thread& self = *running;
   const int warp = self.linear / 32, lane = self.linear % 32;
   const int lanes_in_warp = std::min(32, int(block.threads.size()) - 32 * warp);
-  const std::string name = collective_name(op);
-  if (!((mask >> lane) & 1u)) fail(name + " on line " + std::to_string(line) + ": " + where(self) + " is not in its mask");
+  if (!((mask >> lane) & 1u)) fail(std::string(collective_name(op)) + " on line " + std::to_string(line) + ": " + where(self) + " is not in its mask");
   if (width < 1 || width > 32 || (width & (width - 1)))
-    fail(name + " on line " + std::to_string(line) + ": width " + std::to_string(width) + " is not a power of two <= 32");
+    fail(std::string(collective_name(op)) + " on line " + std::to_string(line) + ": width " + std::to_string(width) + " is not a power of two <= 32");
   if (lanes_in_warp < 32 && (mask >> lanes_in_warp) != 0)
-    fail(name + " on line " + std::to_string(line) + ": the mask names lanes that the block does not have");
+    fail(std::string(collective_name(op)) + " on line " + std::to_string(line) + ": the mask names lanes that the block does not have");
   auto& pending = block.collectives[warp];
   PendingCollective* c = nullptr;
   for (auto& p : pending) {
     if (!(p.mask & (1u << lane))) {
       if (p.mask & mask) {
-        fail("divergent warp collective: " + where(self) + " calls " + name + " on line " + std::to_string(line) +
+        fail("divergent warp collective: " + where(self) + " calls " + collective_name(op) + " on line " + std::to_string(line) +
              " with mask " + std::to_string(mask) + " while lanes wait in " + collective_name(p.op) +
              " on line " + std::to_string(p.line) + " with the overlapping mask " + std::to_string(p.mask));
       }
@@ -439,7 +439,7 @@ uint64_t warp_collective(int line, Collective op, unsigned mask, uint64_t value,
     }
     if (p.op != op || p.line != line || p.mask != mask || p.width != width ||
         (op != Collective::kShflIdx && p.param != param)) {
-      fail("divergent warp collective: " + where(self) + " calls " + name + " on line " + std::to_string(line) +
+      fail("divergent warp collective: " + where(self) + " calls " + collective_name(op) + " on line " + std::to_string(line) +
            " while other lanes of its warp wait in " + collective_name(p.op) + " on line " + std::to_string(p.line) +
            (p.line == line ? " with a different mask, width or offset" : ""));
     }
@@ -463,9 +463,7 @@ uint64_t warp_collective(int line, Collective op, unsigned mask, uint64_t value,
     for (int l = 0; l < 32; ++l) {
       if (!((c->mask >> l) & 1u)) continue;
       Thread& t = block.threads[32 * warp + l];
-      PendingCollective per_lane = *c;
-      if (op == Collective::kShflIdx) per_lane.param = t.predicate;
-      t.result = result_for_lane(per_lane, l);
+      t.result = result_for_lane(*c, l, op == Collective::kShflIdx ? t.predicate : c->param);
       t.wait = Wait::kRunnable;
     }
     pending.erase(pending.begin() + (c - pending.data()));
