@@ -154,6 +154,8 @@ class EmulatedKernels:
         lib.emu_last_diagnostic.restype = ctypes.c_char_p
         for name in ("emu_convert_to_half", "emu_convert_to_bfloat16", "emu_convert_from_half"):
             getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        lib.emu_launch_record.restype = ctypes.c_char_p
+        lib.emu_launch_record.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint64)]
         self.lib = lib
         self.configure()
 
@@ -235,6 +237,29 @@ class EmulatedKernels:
     def patch_add_rmsnorm(self, residual, update, h_k, s, weight, eps):
         h, normed = self._run(2, residual, h_k, scale=s, update=update, weight=weight, eps=eps)
         return h, normed
+
+    def launches_of(self, op: str, dtype: str, d: int, rows: int, k: int) -> list[dict]:
+        """The launches that ``op`` ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm") makes
+        for ``rows`` rows of size ``d = k * 2**m`` in ``dtype``, recorded without running them (no data
+        is touched): kernel symbol (mangled, as in the compiled code), grid, block, dynamic shared memory."""
+        code = {"hadamard_transform": 0, "hadamard_patch": 1, "patch_add_rmsnorm": 2}[op]
+        fake = 1 << 20  # an aligned address that is never dereferenced in a dry run
+        self.lib.emu_clear_launch_log()
+        self.lib.emu_set_dry_run(1)
+        try:
+            err = self.lib.emu_launch(code, DTYPE_CODES[dtype], fake, fake, fake, fake, rows, k,
+                                      (d // k).bit_length() - 1, 1.0, fake, fake, fake, 1e-6)
+        finally:
+            self.lib.emu_set_dry_run(0)
+        if err is not None:
+            raise EmulationError(err.decode())
+        records = []
+        for i in range(self.lib.emu_launch_count()):
+            dims = (ctypes.c_uint * 6)()
+            smem = ctypes.c_uint64()
+            symbol = self.lib.emu_launch_record(i, dims, ctypes.byref(smem)).decode()
+            records.append(dict(symbol=symbol, grid=tuple(dims[:3]), block=tuple(dims[3:]), smem=smem.value))
+        return records
 
     # -- the emulated fp16/bf16 conversions, for their own test ------------------------------------
     def convert(self, x, kind: str):

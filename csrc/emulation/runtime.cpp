@@ -10,6 +10,7 @@
 // exiting while others wait, two lines at once) stops the launch with a message that names the
 // threads and lines involved; the launch then reports cudaErrorLaunchFailure and
 // emu_last_diagnostic() says why.
+#include <dlfcn.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -128,6 +129,15 @@ cudaError_t last_error = cudaSuccess;
 std::string diagnostic;                    // why the last failed launch failed
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 uint64_t launches = 0;
+bool dry_run = false;  // record launches without running them
+
+// What each launch asked for: the kernel's symbol, the grid, the block and its dynamic shared memory.
+struct LaunchRecord {
+  std::string symbol;
+  dim3 grid, block;
+  size_t smem;
+};
+std::vector<LaunchRecord> launch_log;
 
 uint64_t rng_state = 1;
 uint64_t next_random() {  // xorshift64*
@@ -536,6 +546,10 @@ void run_kernel(const void* kernel, dim3 grid, dim3 dims, size_t smem, const std
                  std::to_string(allowed) + " (cudaFuncAttributeMaxDynamicSharedMemorySize)";
     return;
   }
+  Dl_info info{};
+  const bool named = dladdr(kernel, &info) != 0 && info.dli_sname != nullptr;
+  launch_log.push_back(LaunchRecord{named ? info.dli_sname : "?", grid, dims, smem});
+  if (dry_run) return;
   rng_state = (device.seed ^ (0x9e3779b97f4a7c15ull * ++launches)) | 1;
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   std::vector<uint64_t> order(blocks);
@@ -640,6 +654,19 @@ void emu_configure(uint64_t seed, int sm_count, int smem_optin, int cc_major, in
   emu::device.cc_major = cc_major;
   emu::device.cc_minor = cc_minor;
   emu::launches = 0;
+}
+
+// Launches are recorded (emu_launch_record) and, in a dry run, not executed.
+void emu_set_dry_run(int on) { emu::dry_run = on != 0; }
+void emu_clear_launch_log() { emu::launch_log.clear(); }
+int emu_launch_count() { return int(emu::launch_log.size()); }
+// The kernel symbol (mangled) of launch i; dims = grid x, y, z, block x, y, z; *smem = dynamic bytes.
+const char* emu_launch_record(int i, unsigned* dims, uint64_t* smem) {
+  const auto& r = emu::launch_log.at(size_t(i));
+  const unsigned d[6] = {r.grid.x, r.grid.y, r.grid.z, r.block.x, r.block.y, r.block.z};
+  std::copy(d, d + 6, dims);
+  *smem = r.smem;
+  return r.symbol.c_str();
 }
 
 const char* emu_last_diagnostic() { return emu::diagnostic.c_str(); }
