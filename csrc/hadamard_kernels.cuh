@@ -130,25 +130,6 @@ __device__ __forceinline__ void store_f32(float* p, const float (&v)[V]) {
     reinterpret_cast<float4*>(p)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
 }
 
-// 4-element groups of the output tiles of the H_K multiply (8 or 16 bytes).
-__device__ __forceinline__ void store4(float* p, float4 a, float c) {
-  *reinterpret_cast<float4*>(p) = make_float4(a.x * c, a.y * c, a.z * c, a.w * c);
-}
-
-__device__ __forceinline__ void store4(__half* p, float4 a, float c) {
-  uint2 raw;
-  reinterpret_cast<__half2*>(&raw)[0] = __floats2half2_rn(a.x * c, a.y * c);
-  reinterpret_cast<__half2*>(&raw)[1] = __floats2half2_rn(a.z * c, a.w * c);
-  *reinterpret_cast<uint2*>(p) = raw;
-}
-
-__device__ __forceinline__ void store4(__nv_bfloat16* p, float4 a, float c) {
-  uint2 raw;
-  reinterpret_cast<__nv_bfloat162*>(&raw)[0] = __floats2bfloat162_rn(a.x * c, a.y * c);
-  reinterpret_cast<__nv_bfloat162*>(&raw)[1] = __floats2bfloat162_rn(a.z * c, a.w * c);
-  *reinterpret_cast<uint2*>(p) = raw;
-}
-
 // ---------------------------------------------------------------------------------------------
 // How a segment of N = 2**kLogN elements is spread over a thread group (see the header comment).
 // Lanes of a group cover at least 8 consecutive 16-byte vectors (128 contiguous bytes) when the
@@ -873,16 +854,28 @@ kron_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
     float* rstd = partial + kron_partials(rows_per_block);
     kron_rms_store<T, L::V>(z, partial, rstd, y + row0 * d, e.normed + row0 * d, e.weight, e.eps, d, nrows);
   } else {
-    // y = (H_K Z) * out_scale, straight from the tiles to global memory.
+    // y = (H_K Z) * out_scale, straight from the tiles to global memory: a thread computes the
+    // 4 x 4 tiles of V = 16 bytes of columns (one tile in fp32, two side by side in fp16/bf16), so
+    // that each of the 4 output rows is one 16-byte store.
     T* yb = y + row0 * d;
-    const int kq = k / 4, nq = L::N / 4;
-    const int tiles = nrows * kq * nq;
-    for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
-      const Tile tl = tile_at(t, kq, nq, 0);
-      float4 acc[4];
-      kron_tile(z + tl.row * d, h_k, k, L::N, tl.kb4, tl.n4, acc);
+    constexpr int kTilesPerVec = L::V / 4;
+    const int kq = k / 4, nv = L::N / L::V;
+    const int items = nrows * kq * nv;
+    for (int t = threadIdx.x; t < items; t += blockDim.x) {
+      const int n0 = L::V * (t % nv), rest = t / nv, row = rest / kq, kb4 = 4 * (rest % kq);
+      float4 acc[kTilesPerVec][4];
 #pragma unroll
-      for (int b = 0; b < 4; ++b) store4(yb + tl.row * d + (tl.kb4 + b) * L::N + tl.n4, acc[b], out_scale);
+      for (int h = 0; h < kTilesPerVec; ++h) kron_tile(z + row * d, h_k, k, L::N, kb4, n0 + 4 * h, acc[h]);
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        float out[L::V];
+#pragma unroll
+        for (int h = 0; h < kTilesPerVec; ++h) {
+          out[4 * h] = acc[h][b].x; out[4 * h + 1] = acc[h][b].y;
+          out[4 * h + 2] = acc[h][b].z; out[4 * h + 3] = acc[h][b].w;
+        }
+        store_vec(yb + row * d + (kb4 + b) * L::N + n0, out, out_scale);
+      }
     }
   }
 }
