@@ -178,6 +178,21 @@ def test_sm80_shared_memory_limit(fresh, d):
     assert rel_err(h, epilogue_reference(x, u, s, w, EPS)[0]) <= 1e-2
 
 
+@pytest.mark.parametrize("op", ("hadamard_patch", "patch_add_rmsnorm"))
+def test_one_kernel_instance_for_growing_sizes(fresh, op):
+    """Sizes that share a kernel instance (same N, growing K) in one process: a launcher that caches
+    its setup (shared-memory opt-in) from the first, smaller size must still launch the larger one."""
+    for d in (1536, 3584, 32256):  # K = 12, 28, 252 with N = 128
+        x, u, s, w = case_inputs(2, d, torch.float32, seed=d)
+        h_k = hadamard_factors(d).h_k
+        if op == "hadamard_patch":
+            assert rel_err(fresh.hadamard_patch(x, h_k, s), patch_reference(x, s)) <= 1e-5, d
+        else:
+            h, n = fresh.patch_add_rmsnorm(x, u, h_k, s, w, EPS)
+            h_ref, n_ref = epilogue_reference(x, u, s, w, EPS)
+            assert rel_err(h, h_ref) <= 1e-5 and rel_err(n, n_ref) <= 1e-5, d
+
+
 def test_nan_and_inf_propagate(fresh):
     d = 4096
     x = llm_like(3, d, dtype=torch.float32)
