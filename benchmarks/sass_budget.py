@@ -86,10 +86,11 @@ GATE_SIZES = (4096, 8192)
 
 def find_tool(name: str) -> str:
     """``name`` from the CUDA toolkit, else from the triton wheel (cuobjdump, nvdisasm, ptxas)."""
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    for candidate in (Path(home) / "bin" / name,):
-        if candidate.exists():
-            return str(candidate)
+    from linearpatch_kernels.backends.cuda_toolkit import find_cuda_home
+
+    home = find_cuda_home()
+    if home and (Path(home) / "bin" / name).exists():
+        return str(Path(home) / "bin" / name)
     spec = importlib.util.find_spec("triton")
     if spec is not None and spec.origin:
         candidate = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / name
