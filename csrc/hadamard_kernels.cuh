@@ -37,6 +37,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "hadamard_launch.h"
@@ -128,6 +129,20 @@ __device__ __forceinline__ void store_f32(float* p, const float (&v)[V]) {
 #pragma unroll
   for (int j = 0; j < V / 4; ++j)
     reinterpret_cast<float4*>(p)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+}
+
+// Four fp32 values, times c, as four fp16/bf16 in 8 bytes.
+template <typename T>
+__device__ __forceinline__ uint2 pack4(float4 a, float c) {
+  uint2 raw;
+  if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value) {
+    reinterpret_cast<__half2*>(&raw)[0] = __floats2half2_rn(a.x * c, a.y * c);
+    reinterpret_cast<__half2*>(&raw)[1] = __floats2half2_rn(a.z * c, a.w * c);
+  } else {
+    reinterpret_cast<__nv_bfloat162*>(&raw)[0] = __floats2bfloat162_rn(a.x * c, a.y * c);
+    reinterpret_cast<__nv_bfloat162*>(&raw)[1] = __floats2bfloat162_rn(a.z * c, a.w * c);
+  }
+  return raw;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -778,6 +793,20 @@ __host__ __device__ constexpr int kron_shared_floats(int rows_per_block, int d) 
          (kOp == Op::kAddPatchRmsNorm ? kron_partials(rows_per_block) + round_up4(rows_per_block) : 0);
 }
 
+// The rows of a kron_kernel block: about 32 KiB of them, at least one.
+__host__ __device__ constexpr int kron_rows_per_block(int d) { return 8192 / d > 1 ? 8192 / d : 1; }
+
+// The most shared memory kron_kernel needs for N = 2**log2_n over every K (multiples of 4, d <= kMaxD).
+template <Op kOp>
+constexpr int kron_max_shared_floats(int log2_n) {
+  int most = 0;
+  for (int k = 4; k <= 256 && (k << log2_n) <= kMaxD; k += 4) {
+    const int floats = kron_shared_floats<kOp>(kron_rows_per_block(k << log2_n), k << log2_n);
+    most = floats > most ? floats : most;
+  }
+  return most;
+}
+
 // The epilogue's RMSNorm of the block's rows h = Z (fp32, in shared memory, already scaled), stored
 // with h to global memory. Sums of squares: the rows are split into `parts` slices so that all
 // warps work when there are fewer rows than warps; warp w sums slices w, w + warps, ... in a fixed
@@ -855,26 +884,32 @@ kron_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
     kron_rms_store<T, L::V>(z, partial, rstd, y + row0 * d, e.normed + row0 * d, e.weight, e.eps, d, nrows);
   } else {
     // y = (H_K Z) * out_scale, straight from the tiles to global memory: a thread computes the
-    // 4 x 4 tiles of V = 16 bytes of columns (one tile in fp32, two side by side in fp16/bf16), so
-    // that each of the 4 output rows is one 16-byte store.
+    // 4 x 4 tiles of 16 bytes of columns (one tile in fp32, two side by side in fp16/bf16, the first
+    // packed to 16 bits before the second is computed), so each output row is one 16-byte store.
     T* yb = y + row0 * d;
-    constexpr int kTilesPerVec = L::V / 4;
     const int kq = k / 4, nv = L::N / L::V;
     const int items = nrows * kq * nv;
     for (int t = threadIdx.x; t < items; t += blockDim.x) {
       const int n0 = L::V * (t % nv), rest = t / nv, row = rest / kq, kb4 = 4 * (rest % kq);
-      float4 acc[kTilesPerVec][4];
+      T* const out = yb + row * d + kb4 * L::N + n0;
+      float4 acc[4];
+      kron_tile(z + row * d, h_k, k, L::N, kb4, n0, acc);
+      if constexpr (L::V == 4) {
 #pragma unroll
-      for (int h = 0; h < kTilesPerVec; ++h) kron_tile(z + row * d, h_k, k, L::N, kb4, n0 + 4 * h, acc[h]);
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        float out[L::V];
-#pragma unroll
-        for (int h = 0; h < kTilesPerVec; ++h) {
-          out[4 * h] = acc[h][b].x; out[4 * h + 1] = acc[h][b].y;
-          out[4 * h + 2] = acc[h][b].z; out[4 * h + 3] = acc[h][b].w;
+        for (int b = 0; b < 4; ++b) {
+          const float v[4] = {acc[b].x, acc[b].y, acc[b].z, acc[b].w};
+          store_vec(out + b * L::N, v, out_scale);
         }
-        store_vec(yb + row * d + (kb4 + b) * L::N + n0, out, out_scale);
+      } else {
+        uint2 low[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) low[b] = pack4<T>(acc[b], out_scale);
+        kron_tile(z + row * d, h_k, k, L::N, kb4, n0 + 4, acc);
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const uint2 high = pack4<T>(acc[b], out_scale);
+          *reinterpret_cast<uint4*>(out + b * L::N) = make_uint4(low[b].x, low[b].y, high.x, high.y);
+        }
       }
     }
   }
@@ -909,11 +944,10 @@ std::string setup_kernel(Kernel kernel, const LaunchShape* shapes, int count, in
   if (e != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", e);
   int pick = 0;
   while (pick + 1 < count && shapes[pick].smem > size_t(limit)) ++pick;
-  const LaunchShape shape = shapes[pick];
-  if (shape.smem > size_t(limit)) {
-    return "needs " + std::to_string(shape.smem) + " bytes of shared memory per block, the device allows " +
-           std::to_string(limit);
-  }
+  LaunchShape shape = shapes[pick];
+  // A shape beyond the device's limit opts into the limit: launches that need less still run, the
+  // launcher reports the others (check_shared_memory).
+  if (shape.smem > size_t(limit)) shape.smem = size_t(limit);
   if (shape.smem > 48 * 1024) {  // beyond 48 KiB must be opted into per kernel
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shape.smem));
     if (e != cudaSuccess) return cuda_error("cudaFuncSetAttribute", e);
@@ -923,6 +957,13 @@ std::string setup_kernel(Kernel kernel, const LaunchShape* shapes, int count, in
   setup.shape = shape;
   setup.resident_blocks = int64_t(sms) * (per_sm > 0 ? per_sm : 1);
   return {};
+}
+
+// Whether a launch's shared memory is within what its kernel was set up for.
+inline std::string check_shared_memory(size_t bytes, const KernelSetup& setup) {
+  if (bytes <= setup.shape.smem || bytes <= 48 * 1024) return {};
+  return "needs " + std::to_string(bytes) + " bytes of shared memory per block, the device allows " +
+         std::to_string(setup.shape.smem);
 }
 
 // setup_kernel once per (kernel instance, device); a failure is not cached (it is reported and the
@@ -969,12 +1010,14 @@ std::string launch_rows(const HadamardArgs& a) {
                                  {kRowThreads / 2, sizeof(float) * size_t(row_shared_floats<L, kOp>(kRowThreads / 2))}};
   KernelSetup setup;
   std::string err = cached_setup(kernel, shapes, 2, a.device, setup);
+  const size_t smem = sizeof(float) * size_t(row_shared_floats<L, kOp>(setup.shape.threads));
+  if (err.empty()) err = check_shared_memory(smem, setup);
   if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
   const int64_t rows_per_iter = setup.shape.threads / L::T;
   const int64_t groups = (a.rows + rows_per_iter - 1) / rows_per_iter;
   const int64_t blocks = groups < setup.resident_blocks ? groups : setup.resident_blocks;
-  kernel<<<unsigned(blocks), setup.shape.threads, setup.shape.smem, static_cast<cudaStream_t>(a.stream)>>>(
+  kernel<<<unsigned(blocks), setup.shape.threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
   return launch_error("hadamard row_kernel");
 }
@@ -991,6 +1034,7 @@ std::string launch_pow2(const HadamardArgs& a) {
   KernelSetup setup;
   const LaunchShape shape{threads, smem};
   std::string err = cached_setup(kernel, &shape, 1, a.device, setup);
+  if (err.empty()) err = check_shared_memory(smem, setup);
   if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
@@ -1003,7 +1047,7 @@ std::string launch_kron(const HadamardArgs& a) {
   using L = Layout<T, kLogN, kKronLogMaxValues>;
   const int d = a.k * L::N;
   // About 32 KiB of rows per block (at least one row), never more rows than there are.
-  const int64_t max_rows_per_block = 8192 / d > 1 ? 8192 / d : 1;
+  const int64_t max_rows_per_block = kron_rows_per_block(d);
   const int64_t rows_per_block = max_rows_per_block < a.rows ? max_rows_per_block : a.rows;
   // A patch tile round must hold all K/4 row quads of at least one column quad of every row.
   if (rows_per_block * (a.k / 4) > int64_t(kKronTilesPerThread) * kKronThreads) {
@@ -1012,11 +1056,13 @@ std::string launch_kron(const HadamardArgs& a) {
   const int64_t blocks = (a.rows + rows_per_block - 1) / rows_per_block;
   if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
   const size_t smem = sizeof(float) * size_t(kron_shared_floats<kOp>(int(rows_per_block), d));
-  const size_t max_smem = sizeof(float) * size_t(kron_shared_floats<kOp>(int(max_rows_per_block), d));
+  // One kernel instance serves every K with this N: it opts into the most any of them needs.
+  constexpr size_t max_smem = sizeof(float) * size_t(kron_max_shared_floats<kOp>(kLogN));
   auto kernel = kron_kernel<T, kLogN, kOp>;
   KernelSetup setup;
   const LaunchShape shape{kKronThreads, max_smem};
   std::string err = cached_setup(kernel, &shape, 1, a.device, setup);
+  if (err.empty()) err = check_shared_memory(smem, setup);
   if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), kKronThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(
