@@ -75,7 +75,8 @@ if wants timings; then
 step "4. timings"
 # The SASS budget's modelled copy ratios (built here with nvcc for sm_90), printed beside the measured ones.
 if [ -f "$root/benchmarks/sass_budget.py" ]; then
-    (cd "$root" && timeout 150 "$python" benchmarks/sass_budget.py --json "$OUT/sass_model.json") \
+    (cd "$root" && timeout 150 "$python" benchmarks/sass_budget.py --arch 90 --json "$OUT/sass_model.json" \
+        > "$OUT/sass_model.txt") \
         || echo "the SASS model did not run: no modelled column"
 fi
 timeout 300 "$python" - "$OUT" <<'PY' || fail "timings"
@@ -183,8 +184,9 @@ for rows in (4096, 16384):
 # $OUT/sass_model.json first when benchmarks/sass_budget.py is there). 2**26 elements per tensor.
 try:
     with open(f"{out}/sass_model.json") as f:
-        model = {(m["op"], m["dtype"], int(m["d"])): m["ratio_to_copy"] for m in json.load(f)["rows"]}
-except (OSError, KeyError, TypeError, ValueError):
+        model = {(m["op"].removeprefix("hadamard_"), m["dtype"], int(m["d"])): m["ratio"]
+                 for m in json.load(f) if m.get("gpu") == "H200" and m.get("ratio") is not None}
+except (OSError, KeyError, TypeError, ValueError, AttributeError):
     model = {}
 sweep = []
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -197,23 +199,23 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
         w = 0.5 + torch.rand(dim, device="cuda")
         copy_ms = median_ms(lambda: y.copy_(x))
         ops = {
-            "patch": (lambda: cuda_backend.hadamard_patch(x, s), 1),
-            "transform": (lambda: cuda_backend.hadamard_transform(x, 0.5), 1),
-            "patch_add_rmsnorm": (lambda: cuda_backend.patch_add_rmsnorm(x, u, s, w, EPS), 2),
+            "patch": lambda: cuda_backend.hadamard_patch(x, s),
+            "transform": lambda: cuda_backend.hadamard_transform(x, 0.5),
+            "patch_add_rmsnorm": lambda: cuda_backend.patch_add_rmsnorm(x, u, s, w, EPS),
         }
-        for op, (fn, copies) in ops.items():
+        for op, fn in ops.items():
             ms = median_ms(fn)
             name = str(dtype).removeprefix("torch.")
             sweep.append(dict(op=op, dtype=name, d=dim, rows=rows, median_ms=ms, copy_ms=copy_ms,
-                              ratio_to_copy=ms / (copies * copy_ms), modelled_ratio=model.get((op, name, dim))))
+                              ratio_to_copy=ms / copy_ms, modelled_ratio=model.get((op, name, dim))))
         del x, u, y
 sweep_lines = [f"{'op':<18} {'dtype':<9} {'d':>6} {'rows':>7} {'median ms':>10} {'x copy':>7} {'model':>6}"]
 for r in sweep:
     m = f"{r['modelled_ratio']:.2f}" if r["modelled_ratio"] is not None else "-"
     sweep_lines.append(f"{r['op']:<18} {r['dtype']:<9} {r['d']:>6} {r['rows']:>7} {r['median_ms']:>10.4f} "
                        f"{r['ratio_to_copy']:>7.2f} {m:>6}")
-sweep_lines.append("x copy: median time / median time of a copy of x (the epilogue: / two copies, it moves two "
-                   "tensors in and two out); model: the SASS budget's H200 estimate (benchmarks/sass_budget.py)")
+sweep_lines.append("x copy: median time / median time of a copy of x (the epilogue moves two tensors in and two "
+                   "out: its floor is 2); model: the SASS budget's H200 estimate (benchmarks/sass_budget.py), same basis")
 
 lines = [f"{'d':>5} {'rows':>6}  {'case':<28} {'median ms':>10} {'GB/s (r+w)':>11} {'x copy':>7}"]
 for r in results:
