@@ -133,15 +133,19 @@ def build(arch: int, cache_dir: Path, jobs: int) -> list[tuple[str, str]]:
     def one(unit: Path) -> tuple[str, str]:
         log, sass = out / f"{unit.stem}.ptxas.txt", out / f"{unit.stem}.sass.txt"
         if not (log.exists() and sass.exists()):
-            cubin = out / f"{unit.stem}.cubin"
+            # Per-process names, renamed into place: concurrent runs sharing the cache never collide.
+            tag = f"{unit.stem}.{os.getpid()}"
+            cubin = out / f"{tag}.cubin"
             cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", *NVCC_FLAGS, "-Xptxas", "-v", "-I", str(CSRC), str(unit), "-o", str(cubin)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"nvcc failed for {unit.name} (sm_{arch}):\n{done.stderr[-4000:]}")
             dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-            sass.write_text(dump)
-            log.write_text(done.stderr)  # written last: its presence means the pair is complete
             cubin.unlink()
+            (out / f"{tag}.sass").write_text(dump)
+            os.replace(out / f"{tag}.sass", sass)
+            (out / f"{tag}.log").write_text(done.stderr)
+            os.replace(out / f"{tag}.log", log)  # last: its presence means the pair is complete
         return log.read_text(), sass.read_text()
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
