@@ -7,6 +7,7 @@ import ctypes
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -277,6 +278,18 @@ def test_async_copies_land_at_the_wait(selftest):
 def test_grid_sized_from_the_sm_count_loops(selftest):
     err, out = selftest("grid_stride", 1000, inp=torch.arange(1000, dtype=torch.float32), out_size=1000)
     assert err is None and torch.equal(out, 2 * torch.arange(1000, dtype=torch.float32))
+
+
+def test_a_fault_names_the_emulated_thread(selftest):
+    """A wild pointer kills the process (as it kills the context on a GPU), after a line that says
+    which thread of which block it was."""
+    code = ("import ctypes, sys; sys.path.insert(0, sys.argv[1]); import emulate; "
+            "lib = ctypes.CDLL(str(emulate.build_selftest_library())); "
+            "lib.selftest_run.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]; "
+            "import torch; out = torch.zeros(64); lib.selftest_run(b'wild_write', None, out.data_ptr(), 64)")
+    done = subprocess.run([sys.executable, "-c", code, str(EMULATION)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "emulation: signal 11 in thread (5,0,0) of block (0,0,0)" in done.stderr, done.stderr[-2000:]
 
 
 def test_half_and_bfloat16_conversions_match_torch(kernels):

@@ -11,7 +11,9 @@
 // threads and lines involved; the launch then reports cudaErrorLaunchFailure and
 // emu_last_diagnostic() says why.
 #include <dlfcn.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -220,6 +222,41 @@ extern "C" void emu_fiber_entry() { fiber_main(); }
 #else
 void fiber_entry_ucontext() { fiber_main(); }
 #endif
+
+// A fault inside a kernel (a wild pointer, a misaligned vector access, a fiber stack overflow) kills
+// the process as it would kill the context on a GPU; first say which emulated thread it was.
+char fault_message[160];
+struct sigaction previous_segv, previous_bus;
+void on_fault(int sig) {
+  if (running != nullptr) {
+    const Thread& t = *running;
+    const int n = std::snprintf(fault_message, sizeof fault_message,
+                                "emulation: signal %d in thread (%u,%u,%u) of block (%u,%u,%u)\n", sig, t.thread_idx.x,
+                                t.thread_idx.y, t.thread_idx.z, t.block_idx.x, t.block_idx.y, t.block_idx.z);
+    if (n > 0) (void)!write(2, fault_message, size_t(n));
+  }
+  // Then whatever handled the signal before (Python's faulthandler, or the default action).
+  sigaction(SIGSEGV, &previous_segv, nullptr);
+  sigaction(SIGBUS, &previous_bus, nullptr);
+  raise(sig);
+}
+
+void install_fault_report() {
+  static bool installed = false;
+  if (installed) return;
+  installed = true;
+  static char alt_stack[64 * 1024];  // the handler must not run on an overflowed fiber stack
+  stack_t ss{};
+  ss.ss_sp = alt_stack;
+  ss.ss_size = sizeof alt_stack;
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa {};
+  sa.sa_handler = on_fault;
+  sa.sa_flags = SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &previous_segv);
+  sigaction(SIGBUS, &sa, &previous_bus);
+}
 
 void start_fiber(Thread& t) {
   if (t.fiber.memory == nullptr) {
@@ -550,6 +587,7 @@ void run_kernel(const void* kernel, dim3 grid, dim3 dims, size_t smem, const std
   const bool named = dladdr(kernel, &info) != 0 && info.dli_sname != nullptr;
   launch_log.push_back(LaunchRecord{named ? info.dli_sname : "?", grid, dims, smem});
   if (dry_run) return;
+  install_fault_report();
   rng_state = (device.seed ^ (0x9e3779b97f4a7c15ull * ++launches)) | 1;
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   std::vector<uint64_t> order(blocks);

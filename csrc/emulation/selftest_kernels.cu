@@ -100,6 +100,12 @@ __global__ void grid_stride_kernel(const float* in, float* out, int n) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = 2.f * in[i];
 }
 
+// Thread 5 writes through a null pointer.
+__global__ void wild_write_kernel(float* out) {
+  float* p = threadIdx.x == 5 ? nullptr : out;
+  p[threadIdx.x] = 1.f;
+}
+
 std::string launch_result(const char* what) {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorName(e);
@@ -137,6 +143,8 @@ extern "C" const char* selftest_run(const char* which, const float* in, float* o
     async_copy_kernel<<<1, n>>>(in, out, w == "async_copy_early");
   } else if (w == "too_much_shared") {
     reverse_kernel<<<1, n, 64 * 1024>>>(in, out, n, true);  // > 48 KiB without the opt-in
+  } else if (w == "wild_write") {
+    wild_write_kernel<<<1, n>>>(out);
   } else if (w == "grid_stride") {
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
