@@ -15,11 +15,12 @@
 #      junit XML in $OUT); 4. timings at d=4096 x 16384 rows, bf16 (CUDA events, median): cuda and
 #      triton patch and transform, the dense bf16 matmul, the paper's fp32 matmul, a device-to-device
 #      copy; also decode sizes and d=5120; the fused epilogue vs add + patch + RMSNorm at 4096 and
-#      16384 rows (target: >= 1.3x faster) (JSON and a table in $OUT);
+#      16384 rows (target: >= 1.3x faster); copy ratios of the cuda ops over d = 576 .. 32768 and the
+#      three dtypes beside the SASS model's (benchmarks/sass_budget.py) (JSON and a table in $OUT);
 #   5. compute-sanitizer memcheck, racecheck and synccheck on small cases of every kernel family;
 #   6. the JIT fallback (a source tree without the compiled library compiles csrc/ at first use).
 # STEPS="tests timings sanitizer jit" (the default) picks steps 3-6, e.g. STEPS=timings for a rerun;
-# each step has its own time limit (6, 4, 3 x 2.5 and 4 minutes).
+# each step has its own time limit (6, 2.5 + 5, 3 x 2.5 and 4 minutes; a normal run takes far less).
 # Exit status: 0 when every step passed, else the number of failed steps.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the results}
@@ -72,7 +73,13 @@ fi
 
 if wants timings; then
 step "4. timings"
-timeout 240 "$python" - "$OUT" <<'PY' || fail "timings"
+# The SASS budget's modelled copy ratios (built here with nvcc for sm_90), printed beside the measured ones.
+if [ -f "$root/benchmarks/sass_budget.py" ]; then
+    (cd "$root" && timeout 150 "$python" benchmarks/sass_budget.py --arch 90 --json "$OUT/sass_model.json" \
+        > "$OUT/sass_model.txt") \
+        || echo "the SASS model did not run: no modelled column"
+fi
+timeout 300 "$python" - "$OUT" <<'PY' || fail "timings"
 import json
 import statistics
 import sys
@@ -173,6 +180,43 @@ for rows in (4096, 16384):
                             gb_per_s_read_plus_write=moved / (ms * 1e-3) / 1e9, ratio_to_copy=ms / times["copy"],
                             fused_speedup_over_separate=speedups[rows] if name == "epilogue: cuda fused" else None))
 
+# Copy ratios of the cuda ops over the sizes and dtypes, beside the SASS model's (step 4 writes
+# $OUT/sass_model.json first when benchmarks/sass_budget.py is there). 2**26 elements per tensor.
+try:
+    with open(f"{out}/sass_model.json") as f:
+        model = {(m["op"].removeprefix("hadamard_"), m["dtype"], int(m["d"])): m["ratio"]
+                 for m in json.load(f) if m.get("gpu") == "H200" and m.get("ratio") is not None}
+except (OSError, KeyError, TypeError, ValueError, AttributeError):
+    model = {}
+sweep = []
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dim in (576, 1024, 2048, 4096, 5120, 8192, 16384, 32768):
+        rows = (1 << 26) // dim
+        x = torch.randn(rows, dim, device="cuda", dtype=dtype)
+        u = torch.randn(rows, dim, device="cuda", dtype=dtype)
+        y = torch.empty_like(x)
+        s = 0.5 + torch.rand(dim, device="cuda")
+        w = 0.5 + torch.rand(dim, device="cuda")
+        copy_ms = median_ms(lambda: y.copy_(x))
+        ops = {
+            "patch": lambda: cuda_backend.hadamard_patch(x, s),
+            "transform": lambda: cuda_backend.hadamard_transform(x, 0.5),
+            "patch_add_rmsnorm": lambda: cuda_backend.patch_add_rmsnorm(x, u, s, w, EPS),
+        }
+        for op, fn in ops.items():
+            ms = median_ms(fn)
+            name = str(dtype).removeprefix("torch.")
+            sweep.append(dict(op=op, dtype=name, d=dim, rows=rows, median_ms=ms, copy_ms=copy_ms,
+                              ratio_to_copy=ms / copy_ms, modelled_ratio=model.get((op, name, dim))))
+        del x, u, y
+sweep_lines = [f"{'op':<18} {'dtype':<9} {'d':>6} {'rows':>7} {'median ms':>10} {'x copy':>7} {'model':>6}"]
+for r in sweep:
+    m = f"{r['modelled_ratio']:.2f}" if r["modelled_ratio"] is not None else "-"
+    sweep_lines.append(f"{r['op']:<18} {r['dtype']:<9} {r['d']:>6} {r['rows']:>7} {r['median_ms']:>10.4f} "
+                       f"{r['ratio_to_copy']:>7.2f} {m:>6}")
+sweep_lines.append("x copy: median time / median time of a copy of x (the epilogue moves two tensors in and two "
+                   "out: its floor is 2); model: the SASS budget's H200 estimate (benchmarks/sass_budget.py), same basis")
+
 lines = [f"{'d':>5} {'rows':>6}  {'case':<28} {'median ms':>10} {'GB/s (r+w)':>11} {'x copy':>7}"]
 for r in results:
     lines.append(f"{r['d']:>5} {r['rows']:>6}  {r['case']:<28} {r['median_ms']:>10.4f} "
@@ -181,12 +225,12 @@ for rows, x in speedups.items():
     verdict = "met" if x >= TARGET else "MISSED"
     lines.append(f"fused epilogue vs separate add + patch + RMSNorm, d={d} x {rows} rows bf16: "
                  f"{x:.2f}x faster (target >= {TARGET}x: {verdict})")
-table = "\n".join(lines)
+table = "\n".join(lines + [""] + sweep_lines)
 print(table)
 meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
             method="median of 50 CUDA-event timings per call, 5 warm-ups, L2 flushed between calls")
 with open(f"{out}/gpu_timings.json", "w") as f:
-    json.dump(dict(meta=meta, results=results), f, indent=1)
+    json.dump(dict(meta=meta, results=results, copy_ratios=sweep), f, indent=1)
 with open(f"{out}/gpu_timings.txt", "w") as f:
     f.write(table + "\n")
 PY

@@ -34,7 +34,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "hadamard_launch.h"
 
@@ -127,23 +131,18 @@ __device__ __forceinline__ void store_f32(float* p, const float (&v)[V]) {
     reinterpret_cast<float4*>(p)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
 }
 
-// 4-element groups of the output tiles of the H_K multiply (8 or 16 bytes).
-__device__ __forceinline__ void store4(float* p, float4 a, float c) {
-  *reinterpret_cast<float4*>(p) = make_float4(a.x * c, a.y * c, a.z * c, a.w * c);
-}
-
-__device__ __forceinline__ void store4(__half* p, float4 a, float c) {
+// Four fp32 values, times c, as four fp16/bf16 in 8 bytes.
+template <typename T>
+__device__ __forceinline__ uint2 pack4(float4 a, float c) {
   uint2 raw;
-  reinterpret_cast<__half2*>(&raw)[0] = __floats2half2_rn(a.x * c, a.y * c);
-  reinterpret_cast<__half2*>(&raw)[1] = __floats2half2_rn(a.z * c, a.w * c);
-  *reinterpret_cast<uint2*>(p) = raw;
-}
-
-__device__ __forceinline__ void store4(__nv_bfloat16* p, float4 a, float c) {
-  uint2 raw;
-  reinterpret_cast<__nv_bfloat162*>(&raw)[0] = __floats2bfloat162_rn(a.x * c, a.y * c);
-  reinterpret_cast<__nv_bfloat162*>(&raw)[1] = __floats2bfloat162_rn(a.z * c, a.w * c);
-  *reinterpret_cast<uint2*>(p) = raw;
+  if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value) {
+    reinterpret_cast<__half2*>(&raw)[0] = __floats2half2_rn(a.x * c, a.y * c);
+    reinterpret_cast<__half2*>(&raw)[1] = __floats2half2_rn(a.z * c, a.w * c);
+  } else {
+    reinterpret_cast<__nv_bfloat162*>(&raw)[0] = __floats2bfloat162_rn(a.x * c, a.y * c);
+    reinterpret_cast<__nv_bfloat162*>(&raw)[1] = __floats2bfloat162_rn(a.z * c, a.w * c);
+  }
+  return raw;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,6 +411,258 @@ pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
 }
 
 // ---------------------------------------------------------------------------------------------
+// K == 1, N <= 8192 (row_kernel): butterflies in registers, bits exchanged through shared-memory
+// transposes, no shuffles.
+//
+// The T = 2**kLogT threads of a row hold 2**kLogR values each (kLogT + kLogR = kLogN, kLogR >= kLogT,
+// so at most 128 values at N = 8192). The column index n of value j of thread t has two layouts
+// (V = 2**v elements per 16-byte vector, j = jt * V + jv):
+//   L0, global I/O:  n = jv | t << v | jt << (v + kLogT)
+//       registers own the bits A = [0, v) u [v + kLogT, kLogN), threads own B = [v, v + kLogT);
+//   L1:  registers own A's lowest kLogE = kLogR - kLogT bits (the low bits of j: 0 or 1 bit from
+//       N = 32 up, so L1 moves 4- or 8-byte vectors) and B (the next kLogT bits of j); threads own
+//       the rest of A.
+// A transform is the butterflies over A in L0, a transpose, the butterflies over B in L1. The stages
+// commute, so the patch x H diag(s) H / d starts its second transform where the first ended:
+//   A (L0) -> transpose -> B, * s/d, B (L1) -> transpose -> A (L0) -> store
+// two transposes per patch, as for the transform (which goes back to L0 to store 16-byte vectors).
+// s/d is staged once per block in shared memory in L1 order (the norm weight of the epilogue in L0
+// order), as float4 planes: plane q of thread t at float4 q * T + t, conflict-free.
+//
+// Shared-memory word of n: word(n) = n + c1 (n >> s1) + c2 (n >> s2). It is strictly increasing (so
+// one-to-one) and additive over disjoint bit patterns, so word(thread part | register part) is a
+// per-thread base plus a compile-time offset: every transpose access is one instruction with an
+// immediate offset. The padding makes both sides conflict-free: the 16-byte L0 accesses (a quarter
+// warp covers n bits v, v+1, v+2: words 2**v, 2**(v+1), 2**(v+2) + c1) and the 4-byte L1 accesses
+// (a warp's 4- or 8-byte accesses cover A's bits from kLogE up, whose words are 2**kLogE, ..., 16 mod
+// 32 by the choice of c2).
+
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+template <typename Elem, int kLogN_>
+struct RowLayout {
+  static constexpr int kLogN = kLogN_;
+  static constexpr int kLogV = VecTraits<Elem>::kLog;
+  static constexpr int kLogR = cmax(kLogV, (kLogN + 1) / 2);
+  static constexpr int kLogT = kLogN - kLogR;
+  static constexpr int N = 1 << kLogN, V = 1 << kLogV, R = 1 << kLogR, T = 1 << kLogT;
+  static_assert(kLogN >= kLogV && kLogT <= kLogR, "the L1 registers must hold every thread bit of L0");
+  static constexpr int kHigh = kLogV + kLogT;  // lowest bit of A above B
+
+  // n of register j with thread 0, and of thread t with register 0 (the two parts are disjoint bits).
+  static __host__ __device__ constexpr int l0_reg(int j) { return (j & (V - 1)) | ((j >> kLogV) << kHigh); }
+  static __host__ __device__ constexpr int l0_thread(int t) { return t << kLogV; }
+  // Bits of x placed on A's bits from its `first`-lowest one up.
+  static __host__ __device__ constexpr int deposit_a(int x, int first) {
+    int n = 0;
+    for (int i = 0; (x >> i) != 0; ++i) {
+      const int a = first + i;
+      if ((x >> i) & 1) n |= 1 << (a < kLogV ? a : kHigh + a - kLogV);
+    }
+    return n;
+  }
+  // L1: the low kLogE bits of j are A's lowest bits (contiguous n), so L1 moves vectors of
+  // min(2**kLogE, 4) floats through shared memory; the next kLogT bits of j are B.
+  static constexpr int kLogE = kLogR - kLogT;
+  static constexpr int kL1Vec = kLogE >= 2 ? 4 : 1 << kLogE;
+  static __host__ __device__ constexpr int l1_reg(int j) {
+    return deposit_a(j & ((1 << kLogE) - 1), 0) | (((j >> kLogE) & (T - 1)) << kLogV);
+  }
+  static __host__ __device__ constexpr int l1_thread(int t) { return deposit_a(t, kLogE); }
+
+  static constexpr int kS1 = kLogV + 2, kC1 = kLogV == 3 ? 4 : 0;
+  static constexpr int kS2 = kHigh;
+  static __host__ __device__ constexpr int word_c1(int n) { return n + kC1 * (n >> kS1); }
+  static constexpr int kC2 = ((1 << kLogV) - word_c1(1 << kS2)) & 31;
+  static __host__ __device__ constexpr int word(int n) { return word_c1(n) + kC2 * (n >> kS2); }
+  static constexpr int kBufferFloats = (word(N - 1) + 4) / 4 * 4;  // one row, whole float4
+};
+
+// Butterflies over bits [kFirst, kLast) of the register index.
+template <int kFirst, int kLast, int R>
+__device__ __forceinline__ void butterflies_over(float (&v)[R]) {
+#pragma unroll
+  for (int b = kFirst; b < kLast; ++b) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if (i & (1 << b)) continue;
+      const float a = v[i], c = v[i + (1 << b)];
+      v[i] = a + c;
+      v[i + (1 << b)] = a - c;
+    }
+  }
+}
+
+// Shared memory <-> registers in vectors of W = 1, 2 or 4 floats.
+template <int W>
+__device__ __forceinline__ void shared_to_registers(const float* p, float* v) {
+  if constexpr (W == 4) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  } else if constexpr (W == 2) {
+    const float2 a = *reinterpret_cast<const float2*>(p);
+    v[0] = a.x; v[1] = a.y;
+  } else {
+    v[0] = *p;
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void registers_to_shared(const float* v, float* p) {
+  if constexpr (W == 4) *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  else if constexpr (W == 2) *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  else *p = v[0];
+}
+
+template <int V, int R>
+__device__ __forceinline__ float (&vec_at(float (&v)[R], int jt))[V] {
+  return *reinterpret_cast<float(*)[V]>(&v[jt * V]);
+}
+
+constexpr int kRowThreads = 128;  // 64 where two rows of shared memory do not fit (N = 8192 on sm_86/89)
+constexpr int kMaxRowLog2N = 13;  // N = 8192: 128 values per thread
+
+// The epilogue keeps the norm weight in shared memory up to N = 4096; at 8192 it is read through the
+// L1 cache instead (16-byte loads in L0 order), so that a block fits in every sm_80+ GPU.
+template <class L, Op kOp>
+__host__ __device__ constexpr bool row_stages_weight() { return kOp == Op::kAddPatchRmsNorm && L::kLogN <= 12; }
+
+// Shared memory of row_kernel: s/d, the norm weight, the epilogue's per-warp sums, a transpose buffer per row.
+template <class L, Op kOp>
+__host__ __device__ constexpr int row_shared_floats(int threads) {
+  return (kOp != Op::kTransform ? L::N : 0) + (row_stages_weight<L, kOp>() ? L::N : 0) +
+         (kOp == Op::kAddPatchRmsNorm ? 2 * kRowThreads / 32 : 0) + threads / L::T * L::kBufferFloats;
+}
+
+// Persistent: the grid covers the multiprocessors once (see launch_rows); each block stages s (and
+// the norm weight) once and then loops over groups of blockDim.x / T rows.
+template <typename T, int kLogN, Op kOp>
+__global__ void __launch_bounds__(kRowThreads)
+row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s, int64_t rows,
+           float out_scale, EpilogueOperands<T> e) {
+  using L = RowLayout<T, kLogN>;
+  constexpr bool kPatch = kOp != Op::kTransform;
+  constexpr bool kEpilogue = kOp == Op::kAddPatchRmsNorm;
+  constexpr bool kStageWeight = row_stages_weight<L, kOp>();
+  const int rows_per_iter = blockDim.x >> L::kLogT;
+  extern __shared__ float4 smem4[];
+  float* const s_l1 = reinterpret_cast<float*>(smem4);
+  float* const w_l0 = s_l1 + (kPatch ? L::N : 0);
+  float* const partials = w_l0 + (kStageWeight ? L::N : 0);
+  float* const buffers = partials + (kEpilogue ? 2 * kRowThreads / 32 : 0);
+  const int slot = threadIdx.x >> L::kLogT, t = threadIdx.x & (L::T - 1);
+  float* const buf = buffers + slot * L::kBufferFloats;
+  // A row's threads are one aligned group of lanes (T <= 32) or two whole warps (T = 64).
+  auto sync_row = [] {
+    if constexpr (L::T > 32) __syncthreads();
+    else __syncwarp();
+  };
+
+  if constexpr (kPatch) {
+    for (int i = threadIdx.x; i < L::N; i += blockDim.x) {
+      const int q = i >> (2 + L::kLogT), tt = (i >> 2) & (L::T - 1), j = 4 * q + (i & 3);
+      s_l1[i] = s[L::l1_thread(tt) | L::l1_reg(j)] * out_scale;  // out_scale = 1/d
+      if constexpr (kStageWeight) w_l0[i] = e.weight[L::l0_thread(tt) | L::l0_reg(j)];
+    }
+    __syncthreads();
+  }
+  const float4* const s4 = reinterpret_cast<const float4*>(s_l1) + t;
+  const float4* const w4 = reinterpret_cast<const float4*>(w_l0) + t;
+  const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
+
+  for (int64_t base = int64_t(blockIdx.x) * rows_per_iter; base < rows; base += int64_t(gridDim.x) * rows_per_iter) {
+    const int64_t row = base + slot;
+    const bool active = row < rows;  // idle rows of the last group compute on zeros, store nothing
+    float v[L::R];
+#pragma unroll
+    for (int jt = 0; jt < L::R / L::V; ++jt) {
+      float(&vj)[L::V] = vec_at<L::V>(v, jt);
+      if (active) {
+        load_vec(x + row * L::N + g0 + L::l0_reg(jt * L::V), vj);
+        if constexpr (kEpilogue) {
+          float u[L::V];
+          load_vec(e.update + row * L::N + g0 + L::l0_reg(jt * L::V), u);
+#pragma unroll
+          for (int i = 0; i < L::V; ++i) vj[i] += u[i];
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < L::V; ++i) vj[i] = 0.f;
+      }
+    }
+    butterflies_over<0, L::kLogR>(v);  // A, first transform
+
+    if constexpr (L::kLogT > 0) {
+#pragma unroll
+      for (int q = 0; q < L::R / 4; ++q)
+        *reinterpret_cast<float4*>(buf + w0 + L::word(L::l0_reg(4 * q))) =
+            make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+      sync_row();
+#pragma unroll
+      for (int j = 0; j < L::R; j += L::kL1Vec) shared_to_registers<L::kL1Vec>(buf + w1 + L::word(L::l1_reg(j)), &v[j]);
+      butterflies_over<L::kLogE, L::kLogR>(v);  // B, first transform
+    }
+    if constexpr (kPatch) {
+#pragma unroll
+      for (int q = 0; q < L::R / 4; ++q) {
+        const float4 sv = s4[q * L::T];
+        v[4 * q] *= sv.x; v[4 * q + 1] *= sv.y; v[4 * q + 2] *= sv.z; v[4 * q + 3] *= sv.w;
+      }
+      butterflies_over<L::kLogE, L::kLogR>(v);  // B, second transform (empty when T == 1)
+    }
+    if constexpr (L::kLogT > 0) {
+      sync_row();  // every thread of the row has read its L1 values
+#pragma unroll
+      for (int j = 0; j < L::R; j += L::kL1Vec) registers_to_shared<L::kL1Vec>(&v[j], buf + w1 + L::word(L::l1_reg(j)));
+      sync_row();
+#pragma unroll
+      for (int q = 0; q < L::R / 4; ++q) {
+        const float4 a = *reinterpret_cast<const float4*>(buf + w0 + L::word(L::l0_reg(4 * q)));
+        v[4 * q] = a.x; v[4 * q + 1] = a.y; v[4 * q + 2] = a.z; v[4 * q + 3] = a.w;
+      }
+    }
+    if constexpr (kPatch) butterflies_over<0, L::kLogR>(v);  // A, second transform
+
+    T* const yr = y + row * L::N + g0;
+    if constexpr (kEpilogue) {
+      // h = v (1/d is in s); the row's sum of h^2 over its registers, its lanes, its two warps.
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < L::R; ++j) sum = fmaf(v[j], v[j], sum);
+      sum = sum_over_lanes<(L::T < 32 ? L::T : 32)>(sum);
+      if constexpr (L::T > 32) {
+        if ((threadIdx.x & 31) == 0) partials[threadIdx.x >> 5] = sum;
+        __syncthreads();
+        sum = partials[2 * slot] + partials[2 * slot + 1];
+      }
+      const float rstd = rsqrtf(sum * (1.f / L::N) + e.eps);
+      if (active) {
+        T* const nr = e.normed + row * L::N + g0;
+#pragma unroll
+        for (int jt = 0; jt < L::R / L::V; ++jt) {
+          float n[L::V];
+#pragma unroll
+          for (int q = 0; q < L::V / 4; ++q) {
+            const float4 w = kStageWeight ? w4[(jt * L::V / 4 + q) * L::T]
+                                          : __ldg(reinterpret_cast<const float4*>(e.weight + g0 + L::l0_reg(jt * L::V)) + q);
+            const float* h = &v[jt * L::V + 4 * q];
+            n[4 * q] = h[0] * rstd * w.x; n[4 * q + 1] = h[1] * rstd * w.y;
+            n[4 * q + 2] = h[2] * rstd * w.z; n[4 * q + 3] = h[3] * rstd * w.w;
+          }
+          store_vec(yr + L::l0_reg(jt * L::V), vec_at<L::V>(v, jt), 1.f);
+          store_vec(nr + L::l0_reg(jt * L::V), n, 1.f);
+        }
+      }
+    } else if (active) {
+#pragma unroll
+      for (int jt = 0; jt < L::R / L::V; ++jt)
+        store_vec(yr + L::l0_reg(jt * L::V), vec_at<L::V>(v, jt), kPatch ? 1.f : out_scale);
+    }
+    if constexpr (L::kLogT > 0) sync_row();  // the L0 reads are done before the next row's writes
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // K > 1: rows in shared memory.
 
 constexpr int kKronThreads = 256;
@@ -542,6 +793,20 @@ __host__ __device__ constexpr int kron_shared_floats(int rows_per_block, int d) 
          (kOp == Op::kAddPatchRmsNorm ? kron_partials(rows_per_block) + round_up4(rows_per_block) : 0);
 }
 
+// The rows of a kron_kernel block: about 32 KiB of them, at least one.
+__host__ __device__ constexpr int kron_rows_per_block(int d) { return 8192 / d > 1 ? 8192 / d : 1; }
+
+// The most shared memory kron_kernel needs for N = 2**log2_n over every K (multiples of 4, d <= kMaxD).
+template <Op kOp>
+constexpr int kron_max_shared_floats(int log2_n) {
+  int most = 0;
+  for (int k = 4; k <= 256 && (k << log2_n) <= kMaxD; k += 4) {
+    const int floats = kron_shared_floats<kOp>(kron_rows_per_block(k << log2_n), k << log2_n);
+    most = floats > most ? floats : most;
+  }
+  return most;
+}
+
 // The epilogue's RMSNorm of the block's rows h = Z (fp32, in shared memory, already scaled), stored
 // with h to global memory. Sums of squares: the rows are split into `parts` slices so that all
 // warps work when there are fewer rows than warps; warp w sums slices w, w + warps, ... in a fixed
@@ -618,16 +883,34 @@ kron_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
     float* rstd = partial + kron_partials(rows_per_block);
     kron_rms_store<T, L::V>(z, partial, rstd, y + row0 * d, e.normed + row0 * d, e.weight, e.eps, d, nrows);
   } else {
-    // y = (H_K Z) * out_scale, straight from the tiles to global memory.
+    // y = (H_K Z) * out_scale, straight from the tiles to global memory: a thread computes the
+    // 4 x 4 tiles of 16 bytes of columns (one tile in fp32, two side by side in fp16/bf16, the first
+    // packed to 16 bits before the second is computed), so each output row is one 16-byte store.
     T* yb = y + row0 * d;
-    const int kq = k / 4, nq = L::N / 4;
-    const int tiles = nrows * kq * nq;
-    for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
-      const Tile tl = tile_at(t, kq, nq, 0);
+    const int kq = k / 4, nv = L::N / L::V;
+    const int items = nrows * kq * nv;
+    for (int t = threadIdx.x; t < items; t += blockDim.x) {
+      const int n0 = L::V * (t % nv), rest = t / nv, row = rest / kq, kb4 = 4 * (rest % kq);
+      T* const out = yb + row * d + kb4 * L::N + n0;
       float4 acc[4];
-      kron_tile(z + tl.row * d, h_k, k, L::N, tl.kb4, tl.n4, acc);
+      kron_tile(z + row * d, h_k, k, L::N, kb4, n0, acc);
+      if constexpr (L::V == 4) {
 #pragma unroll
-      for (int b = 0; b < 4; ++b) store4(yb + tl.row * d + (tl.kb4 + b) * L::N + tl.n4, acc[b], out_scale);
+        for (int b = 0; b < 4; ++b) {
+          const float v[4] = {acc[b].x, acc[b].y, acc[b].z, acc[b].w};
+          store_vec(out + b * L::N, v, out_scale);
+        }
+      } else {
+        uint2 low[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) low[b] = pack4<T>(acc[b], out_scale);
+        kron_tile(z + row * d, h_k, k, L::N, kb4, n0 + 4, acc);
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const uint2 high = pack4<T>(acc[b], out_scale);
+          *reinterpret_cast<uint4*>(out + b * L::N) = make_uint4(low[b].x, low[b].y, high.x, high.y);
+        }
+      }
     }
   }
 }
@@ -639,24 +922,104 @@ inline std::string cuda_error(const char* what, cudaError_t err) {
   return std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
 }
 
-// Shared memory beyond 48 KiB must be opted into per kernel.
+// Block size and dynamic shared memory of a launch.
+struct LaunchShape {
+  int threads;
+  size_t smem;
+};
+
+// What a kernel instance needs once per device: the first of its candidate shapes whose shared memory
+// the device allows, the opt-in for it, and how many such blocks the device holds at once (the
+// persistent grid of row_kernel).
+struct KernelSetup {
+  LaunchShape shape{0, 0};
+  int64_t resident_blocks = 0;
+};
+
 template <typename Kernel>
-std::string allow_shared_memory(Kernel kernel, size_t bytes, int device) {
-  if (bytes <= 48 * 1024) return {};
-  int limit = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", err);
-  if (bytes > size_t(limit)) {
-    return "needs " + std::to_string(bytes) + " bytes of shared memory per block, the device allows " +
-           std::to_string(limit);
+std::string setup_kernel(Kernel kernel, const LaunchShape* shapes, int count, int device, KernelSetup& setup) {
+  int limit = 0, sms = 0, per_sm = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", e);
+  int pick = 0;
+  while (pick + 1 < count && shapes[pick].smem > size_t(limit)) ++pick;
+  LaunchShape shape = shapes[pick];
+  // A shape beyond the device's limit opts into the limit: launches that need less still run, the
+  // launcher reports the others (check_shared_memory).
+  if (shape.smem > size_t(limit)) shape.smem = size_t(limit);
+  if (shape.smem > 48 * 1024) {  // beyond 48 KiB must be opted into per kernel
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shape.smem));
+    if (e != cudaSuccess) return cuda_error("cudaFuncSetAttribute", e);
   }
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  return err == cudaSuccess ? std::string() : cuda_error("cudaFuncSetAttribute", err);
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, shape.threads, shape.smem);
+  if (e != cudaSuccess) return cuda_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
+  setup.shape = shape;
+  setup.resident_blocks = int64_t(sms) * (per_sm > 0 ? per_sm : 1);
+  return {};
+}
+
+// Whether a launch's shared memory is within what its kernel was set up for.
+inline std::string check_shared_memory(size_t bytes, const KernelSetup& setup) {
+  if (bytes <= setup.shape.smem || bytes <= 48 * 1024) return {};
+  return "needs " + std::to_string(bytes) + " bytes of shared memory per block, the device allows " +
+         std::to_string(setup.shape.smem);
+}
+
+// setup_kernel once per (kernel instance, device); a failure is not cached (it is reported and the
+// next call tries again).
+template <typename Kernel>
+std::string cached_setup(Kernel kernel, const LaunchShape* shapes, int count, int device, KernelSetup& setup) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, KernelSetup> done;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto it = done.find(key);
+  if (it != done.end()) {
+    setup = it->second;
+    return {};
+  }
+  std::string err = setup_kernel(kernel, shapes, count, device, setup);
+  if (err.empty()) done.emplace(key, setup);
+  return err;
+}
+
+// cudaGetLastError returns (and clears) the last error of any earlier call on this thread, so it is
+// read before the launch too: an unrelated earlier failure is reported as such, not as this kernel's.
+inline std::string pending_error() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : cuda_error("CUDA error pending from an earlier call, before this launch", e);
+}
+
+inline std::string launch_error(const char* kernel) {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : cuda_error((std::string(kernel) + " launch").c_str(), e);
 }
 
 template <typename T>
 EpilogueOperands<T> epilogue_operands(const HadamardArgs& a) {
   return EpilogueOperands<T>{static_cast<const T*>(a.update), static_cast<T*>(a.normed), a.norm_weight, a.eps};
+}
+
+template <typename T, int kLogN, Op kOp>
+std::string launch_rows(const HadamardArgs& a) {
+  using L = RowLayout<T, kLogN>;
+  auto kernel = row_kernel<T, kLogN, kOp>;
+  // 128 threads, or 64 where that block's shared memory exceeds the device's limit.
+  const LaunchShape shapes[2] = {{kRowThreads, sizeof(float) * size_t(row_shared_floats<L, kOp>(kRowThreads))},
+                                 {kRowThreads / 2, sizeof(float) * size_t(row_shared_floats<L, kOp>(kRowThreads / 2))}};
+  KernelSetup setup;
+  std::string err = cached_setup(kernel, shapes, 2, a.device, setup);
+  const size_t smem = sizeof(float) * size_t(row_shared_floats<L, kOp>(setup.shape.threads));
+  if (err.empty()) err = check_shared_memory(smem, setup);
+  if (err.empty()) err = pending_error();
+  if (!err.empty()) return err;
+  const int64_t rows_per_iter = setup.shape.threads / L::T;
+  const int64_t groups = (a.rows + rows_per_iter - 1) / rows_per_iter;
+  const int64_t blocks = groups < setup.resident_blocks ? groups : setup.resident_blocks;
+  kernel<<<unsigned(blocks), setup.shape.threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
+      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
+  return launch_error("hadamard row_kernel");
 }
 
 template <typename T, int kLogN, Op kOp>
@@ -668,12 +1031,15 @@ std::string launch_pow2(const HadamardArgs& a) {
   if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
   const size_t smem = sizeof(float) * size_t(pow2_shared_floats<L, kOp>());
   auto kernel = pow2_kernel<T, kLogN, kOp>;
-  std::string err = allow_shared_memory(kernel, smem, a.device);
+  KernelSetup setup;
+  const LaunchShape shape{threads, smem};
+  std::string err = cached_setup(kernel, &shape, 1, a.device, setup);
+  if (err.empty()) err = check_shared_memory(smem, setup);
+  if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? std::string() : cuda_error("hadamard pow2_kernel launch", e);
+  return launch_error("hadamard pow2_kernel");
 }
 
 template <typename T, int kLogN, Op kOp>
@@ -681,8 +1047,8 @@ std::string launch_kron(const HadamardArgs& a) {
   using L = Layout<T, kLogN, kKronLogMaxValues>;
   const int d = a.k * L::N;
   // About 32 KiB of rows per block (at least one row), never more rows than there are.
-  int64_t rows_per_block = 8192 / d > 1 ? 8192 / d : 1;
-  if (rows_per_block > a.rows) rows_per_block = a.rows;
+  const int64_t max_rows_per_block = kron_rows_per_block(d);
+  const int64_t rows_per_block = max_rows_per_block < a.rows ? max_rows_per_block : a.rows;
   // A patch tile round must hold all K/4 row quads of at least one column quad of every row.
   if (rows_per_block * (a.k / 4) > int64_t(kKronTilesPerThread) * kKronThreads) {
     return "K too large for the tile rounds";
@@ -690,19 +1056,27 @@ std::string launch_kron(const HadamardArgs& a) {
   const int64_t blocks = (a.rows + rows_per_block - 1) / rows_per_block;
   if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
   const size_t smem = sizeof(float) * size_t(kron_shared_floats<kOp>(int(rows_per_block), d));
+  // One kernel instance serves every K with this N: it opts into the most any of them needs.
+  constexpr size_t max_smem = sizeof(float) * size_t(kron_max_shared_floats<kOp>(kLogN));
   auto kernel = kron_kernel<T, kLogN, kOp>;
-  std::string err = allow_shared_memory(kernel, smem, a.device);
+  KernelSetup setup;
+  const LaunchShape shape{kKronThreads, max_smem};
+  std::string err = cached_setup(kernel, &shape, 1, a.device, setup);
+  if (err.empty()) err = check_shared_memory(smem, setup);
+  if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
   kernel<<<unsigned(blocks), kKronThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), a.h_k, a.scale, a.rows, a.k,
       int(rows_per_block), a.out_scale, epilogue_operands<T>(a));
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? std::string() : cuda_error("hadamard kron_kernel launch", e);
+  return launch_error("hadamard kron_kernel");
 }
 
 template <typename T, int kLogN, Op kOp>
 std::string launch_op(const HadamardArgs& a) {
-  if (a.k == 1) return launch_pow2<T, kLogN, kOp>(a);
+  if (a.k == 1) {
+    if constexpr (kLogN <= kMaxRowLog2N) return launch_rows<T, kLogN, kOp>(a);
+    else return launch_pow2<T, kLogN, kOp>(a);
+  }
   if constexpr (kLogN <= 11) {  // K >= 12 and d <= 32768 leave N <= 2048
     return launch_kron<T, kLogN, kOp>(a);
   }

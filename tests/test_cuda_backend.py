@@ -279,7 +279,7 @@ def test_prebuilt_extension_registers_cuda_kernels_only():
 # ------------------------------------------------------------------------------------------------
 # GPU only
 
-GPU_SIZES = (576, 2048, 4096, 5120, 8192)
+GPU_SIZES = (576, 1024, 2048, 4096, 5120, 8192)
 GPU_BACKENDS = ("cuda", "triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -374,6 +374,22 @@ def test_gpu_runs_on_the_current_stream():
 
 
 @needs_gpu
+@pytest.mark.parametrize("d", (256, 4096, 8192))
+def test_gpu_persistent_blocks_loop_over_many_row_groups(d):
+    # The K = 1 kernel runs one grid of resident blocks that loops over groups of rows: many more
+    # rows than the grid holds at once, and an odd count, so the last group is partial.
+    rows = 40001
+    x = llm_like(rows, d, dtype=torch.bfloat16, device="cuda")
+    s = positive_scales(d, device="cuda")
+    with lp.use_backend("cuda"):
+        y = lp.hadamard_patch(x, s)
+        t = lp.hadamard_transform(x, 0.5)
+    check = torch.tensor([0, 1, 2, 127, 128, rows // 2, rows - 2, rows - 1], device="cuda")
+    assert rel_err(y[check], factored_patch_reference(x[check], s)) <= 1e-2
+    assert rel_err(t[check], factored_reference(x[check], 0.5)) <= 1e-2
+
+
+@needs_gpu
 @pytest.mark.parametrize("d", (4096, 5120))
 def test_gpu_more_than_2_31_elements(d):
     rows = (1 << 31) // d + 3
@@ -393,7 +409,7 @@ def test_gpu_more_than_2_31_elements(d):
 # ------------------------------------------------------------------------------------------------
 # The fused interface epilogue on the GPU: linearpatch::patch_add_rmsnorm with the cuda backend
 
-EPILOGUE_SIZES = (576, 2048, 4096, 5120)
+EPILOGUE_SIZES = (576, 1024, 2048, 4096, 5120, 8192)
 EPS = 1e-5
 
 

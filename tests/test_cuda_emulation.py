@@ -1,0 +1,313 @@
+"""The real CUDA kernels and launchers of csrc/, compiled by the host C++ compiler against emulated
+CUDA built-ins (csrc/emulation/) and run on the CPU: every op x dtype x code path against fp64
+references, with the GPU tests' tolerances. Also the emulator's own checks: known-buggy toy kernels
+must be caught, and its shuffles and fp16/bf16 conversions must be exact."""
+
+import ctypes
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from linearpatch_kernels.hadamard import hadamard_factors, hadamard_matrix
+from reference import llm_like, positive_scales, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATION = ROOT / "csrc" / "emulation"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # as the GPU tests
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EPS = 1e-5
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                reason="needs a C++17 host compiler (g++, or $CXX) to build the emulated kernels")
+
+
+def load_emulate():
+    spec = importlib.util.spec_from_file_location("linearpatch_emulate", EMULATION / "emulate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+emulate = load_emulate()
+
+
+@pytest.fixture(scope="session")
+def kernels():
+    return emulate.EmulatedKernels.build()
+
+
+@pytest.fixture()
+def fresh(kernels):
+    """The kernels with the default emulated device (sm_90 limits, 4 SMs, seed 1), restored after."""
+    kernels.configure()
+    yield kernels
+    kernels.configure()
+
+
+# ------------------------------------------------------------------------------------------------
+# fp64 references from hadamard_matrix, Kronecker-factored so that d = 32768 stays small:
+# H_d = H_K (x) H_A (x) H_B with N = A * B (Sylvester's matrix of 2^(a+b) is H_A (x) H_B).
+
+def transform_reference(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    d = x.shape[-1]
+    f = hadamard_factors(d)
+    a = 1 << (f.log2_n // 2)
+    b = f.n // a
+    h_a, h_b = hadamard_matrix(a, normalized=False), hadamard_matrix(b, normalized=False)
+    y = torch.einsum("kj,ia,rjab->rkib", f.h_k, h_a, x.double().reshape(-1, f.k, a, b))
+    y = torch.einsum("rkib,bc->rkic", y, h_b)
+    return (y * scale).reshape(x.shape)
+
+
+def patch_reference(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return transform_reference(transform_reference(x) * s.double()) / x.shape[-1]
+
+
+def epilogue_reference(x, u, s, w, eps):
+    h = patch_reference(x.double() + u.double(), s)
+    return h, h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("d", (8, 96, 576, 1024, 3072))
+def test_factored_reference_is_the_dense_matrix(d):
+    x = torch.randn(3, d, dtype=torch.float64)
+    assert rel_err(transform_reference(x, 0.5), x @ hadamard_matrix(d, normalized=False) * 0.5) < 1e-13
+    s = positive_scales(d)
+    h = hadamard_matrix(d)
+    assert rel_err(patch_reference(x, s), ((x @ h) * s.double()) @ h.T) < 1e-13
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes: every power of two 8..32768 (K = 1), and K > 1 from the smallest to the largest K the
+# kernels cover, with N from 8 to the largest (2048). Rows: several blocks with a partial last one
+# where rows are cheap; big d gets few rows (each still a multi-block grid where a block owns a row).
+
+def k_gt_1_sizes():
+    sizes = {}
+    for d in range(8, 32769, 4):
+        try:
+            f = hadamard_factors(d)
+        except ValueError:
+            continue
+        if f.k > 1 and f.n >= 8 and f.k <= 256:
+            sizes.setdefault(f.k, []).append(d)
+    return sizes
+
+
+K_SIZES = k_gt_1_sizes()
+LARGEST_K = max(K_SIZES)
+KRON_SIZES = sorted({96, 576, 896, 960, 3072, 5120, 5376, 12 * 2048,  # model sizes, N = 8 .. 2048
+                     K_SIZES[LARGEST_K][0], K_SIZES[LARGEST_K][-1]})  # the largest K, smallest and largest d
+POW2_SIZES = tuple(1 << m for m in range(3, 16))
+
+
+def rows_for(d):
+    if d <= 1024:
+        return (1, 37, 300)
+    if d <= 8192:
+        return (3, 37)
+    return (1, 3)
+
+
+def case_inputs(rows, d, dtype, seed):
+    x = llm_like(rows, d, dtype=dtype, seed=seed)
+    u = (0.1 * llm_like(rows, d, dtype=torch.float64, seed=seed + 1)).to(dtype)
+    s = positive_scales(d, seed=seed + 2)
+    g = torch.Generator().manual_seed(seed + 3)
+    w = (0.5 + torch.rand(d, generator=g, dtype=torch.float64)).to(torch.float32)
+    return x, u, s, w
+
+
+def check_all_ops(kernels, d, dtype, rows_list):
+    h_k = hadamard_factors(d).h_k
+    tol = TOLERANCE[dtype]
+    for rows in rows_list:
+        x, u, s, w = case_inputs(rows, d, dtype, seed=d + rows)
+        ctx = f"d={d} rows={rows} {dtype}"
+        y = kernels.hadamard_transform(x, h_k, 0.5)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert rel_err(y, transform_reference(x, 0.5)) <= tol, f"hadamard_transform {ctx}"
+        assert rel_err(kernels.hadamard_patch(x, h_k, s), patch_reference(x, s)) <= tol, f"hadamard_patch {ctx}"
+        h, n = kernels.patch_add_rmsnorm(x, u, h_k, s, w, EPS)
+        h_ref, n_ref = epilogue_reference(x, u, s, w, EPS)
+        assert rel_err(h, h_ref) <= tol and rel_err(n, n_ref) <= tol, f"patch_add_rmsnorm {ctx}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", POW2_SIZES)
+def test_powers_of_two(fresh, d, dtype):
+    check_all_ops(fresh, d, dtype, rows_for(d))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", KRON_SIZES)
+def test_kronecker_sizes(fresh, d, dtype):
+    check_all_ops(fresh, d, dtype, rows_for(d))
+
+
+@pytest.mark.parametrize("d", (576, 4096, 5120, 32768))
+def test_results_do_not_depend_on_the_schedule(fresh, d):
+    """Another random thread and block order, another SM count: bit-identical outputs (a race or an
+    order-dependent reduction would change bits)."""
+    dtype = torch.bfloat16
+    h_k = hadamard_factors(d).h_k
+    x, u, s, w = case_inputs(37 if d <= 8192 else 3, d, dtype, seed=7)
+    runs = []
+    for seed, sms in ((1, 4), (12345, 1), (987, 7)):
+        fresh.configure(seed=seed, sm_count=sms)
+        runs.append((fresh.hadamard_patch(x, h_k, s), *fresh.patch_add_rmsnorm(x, u, h_k, s, w, EPS)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("d", (4096, 5120, 32768))
+def test_sm80_shared_memory_limit(fresh, d):
+    """With sm_80's opt-in limit (166,912 B per block) the launchers still fit and stay correct."""
+    fresh.configure(arch=emulate.SM80)
+    x, u, s, w = case_inputs(3, d, torch.bfloat16, seed=3)
+    h_k = hadamard_factors(d).h_k
+    assert rel_err(fresh.hadamard_patch(x, h_k, s), patch_reference(x, s)) <= 1e-2
+    h, _ = fresh.patch_add_rmsnorm(x, u, h_k, s, w, EPS)
+    assert rel_err(h, epilogue_reference(x, u, s, w, EPS)[0]) <= 1e-2
+
+
+@pytest.mark.parametrize("op", ("hadamard_patch", "patch_add_rmsnorm"))
+def test_one_kernel_instance_for_growing_sizes(fresh, op):
+    """Sizes that share a kernel instance (same N, growing K) in one process: a launcher that caches
+    its setup (shared-memory opt-in) from the first, smaller size must still launch the larger one."""
+    for d in (1536, 3584, 32256):  # K = 12, 28, 252 with N = 128
+        x, u, s, w = case_inputs(2, d, torch.float32, seed=d)
+        h_k = hadamard_factors(d).h_k
+        if op == "hadamard_patch":
+            assert rel_err(fresh.hadamard_patch(x, h_k, s), patch_reference(x, s)) <= 1e-5, d
+        else:
+            h, n = fresh.patch_add_rmsnorm(x, u, h_k, s, w, EPS)
+            h_ref, n_ref = epilogue_reference(x, u, s, w, EPS)
+            assert rel_err(h, h_ref) <= 1e-5 and rel_err(n, n_ref) <= 1e-5, d
+
+
+def test_nan_and_inf_propagate(fresh):
+    d = 4096
+    x = llm_like(3, d, dtype=torch.float32)
+    x[0, 5] = float("nan")
+    x[1, 7] = float("inf")
+    y = fresh.hadamard_patch(x, hadamard_factors(d).h_k, positive_scales(d))
+    assert bool(y[0].isnan().all()) and not bool(y[1].isfinite().any()) and bool(y[2].isfinite().all())
+
+
+# ------------------------------------------------------------------------------------------------
+# The emulator itself.
+
+@pytest.fixture(scope="session")
+def selftest():
+    lib = ctypes.CDLL(str(emulate.build_selftest_library()))
+    lib.selftest_run.restype = ctypes.c_char_p
+    lib.selftest_run.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.emu_configure.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+
+    def run(which, n, inp=None, out_size=None, seed=1):
+        lib.emu_configure(seed, 4, 232448, 9, 0)
+        inp = torch.arange(4 * n, dtype=torch.float32) if inp is None else inp
+        out = torch.zeros(out_size or 4 * n, dtype=torch.float32)
+        err = lib.selftest_run(which.encode(), inp.data_ptr(), out.data_ptr(), n)
+        return (err.decode() if err else None), out
+
+    return run
+
+
+def test_selftest_correct_kernel_passes(selftest):
+    err, out = selftest("reverse", 64)
+    assert err is None and torch.equal(out[:64], torch.arange(63, -1, -1, dtype=torch.float32))
+
+
+def test_a_missing_barrier_is_caught(selftest):
+    """Without the barrier, some threads read shared memory before it is written: the NaN fill
+    shows, in every schedule tried."""
+    for seed in range(1, 6):
+        err, out = selftest("reverse_racy", 64, seed=seed)
+        assert err is None and bool(out[:64].isnan().any()), seed
+
+
+@pytest.mark.parametrize("which, message", [
+    ("divergent_barrier", "divergent __syncthreads"),
+    ("split_barrier", "divergent __syncthreads"),
+    ("divergent_shuffle", "deadlock"),
+    ("split_shuffle", "divergent warp collective"),
+    ("shared_overflow", "outside the 256 bytes of dynamic shared memory"),
+    ("too_much_shared", "cudaErrorInvalidValue"),
+])
+def test_divergence_and_overflow_stop_the_launch(selftest, which, message):
+    err, _ = selftest(which, 64)
+    assert err is not None and message in err, err
+    assert selftest("reverse", 64)[0] is None  # the emulator recovers for the next launch
+
+
+def test_shuffles_and_votes_are_exact(selftest):
+    n = 64
+    err, out = selftest("shuffle", n, out_size=8 * n)
+    assert err is None
+    out = out.reshape(n, 8)
+    for t in range(n):
+        lane, base = t % 32, t - t % 32
+        seg = lane - lane % 8
+        expected = [base + (lane ^ 5), base + (lane * 7) % 32, t - 3 if lane >= 3 else t,
+                    t + 3 if lane + 3 < 32 else t, base + (lane ^ 2), t + 3 if (lane + 3) < seg + 8 else t, 1.0, 1.0]
+        assert out[t].tolist() == [float(e) for e in expected], t
+
+
+def test_half_warp_masks_run_side_by_side(selftest):
+    err, out = selftest("half_warp", 64)
+    assert err is None and out[:64].tolist() == [float(t ^ 1) for t in range(64)]
+
+
+def test_async_copies_land_at_the_wait(selftest):
+    err, out = selftest("async_copy", 64)
+    assert err is None and torch.equal(out[:256], torch.arange(256, dtype=torch.float32))
+    err, out = selftest("async_copy_early", 64)
+    assert err is None and bool(out[:256].isnan().all())  # read before the wait: the NaN fill
+
+
+def test_grid_sized_from_the_sm_count_loops(selftest):
+    err, out = selftest("grid_stride", 1000, inp=torch.arange(1000, dtype=torch.float32), out_size=1000)
+    assert err is None and torch.equal(out, 2 * torch.arange(1000, dtype=torch.float32))
+
+
+def test_a_fault_names_the_emulated_thread(selftest):
+    """A wild pointer kills the process (as it kills the context on a GPU), after a line that says
+    which thread of which block it was."""
+    code = ("import ctypes, sys; sys.path.insert(0, sys.argv[1]); import emulate; "
+            "lib = ctypes.CDLL(str(emulate.build_selftest_library())); "
+            "lib.selftest_run.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]; "
+            "import torch; out = torch.zeros(64); lib.selftest_run(b'wild_write', None, out.data_ptr(), 64)")
+    done = subprocess.run([sys.executable, "-c", code, str(EMULATION)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "emulation: signal 11 in thread (5,0,0) of block (0,0,0)" in done.stderr, done.stderr[-2000:]
+
+
+def test_half_and_bfloat16_conversions_match_torch(kernels):
+    """Round to nearest even, subnormals, overflow to Inf, NaN: bit-identical to torch's casts."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([bits.view(torch.float32), torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 2.0**-24,
+                                                           2.0**-25, 3 * 2.0**-26, 1 + 2.0**-11, 1 + 3 * 2.0**-11,
+                                                           float("inf"), -float("inf")])])
+    for kind, dtype in (("half", torch.float16), ("bfloat16", torch.bfloat16)):
+        mine = kernels.convert(x, kind)
+        ref = x.to(dtype)
+        same = mine.view(torch.int16) == ref.view(torch.int16)
+        both_nan = mine.isnan() & ref.isnan()
+        assert bool((same | both_nan).all()), (kind, x[~(same | both_nan)][:5])
+
+
+def test_bad_launches_give_the_launchers_message(fresh):
+    x = torch.zeros(2, 12, dtype=torch.float32)  # K = 12 with N = 1 is below the compiled range
+    with pytest.raises(emulate.EmulationError, match="power-of-two factor"):
+        fresh.hadamard_transform(x, hadamard_factors(12).h_k)
