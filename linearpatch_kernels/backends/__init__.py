@@ -5,7 +5,11 @@ Every backend is one module with the same four functions:
 * ``is_available(device) -> bool``: can it run on this device at all (extension built, triton
   importable, interpreter on for CPU tensors ...);
 * ``unsupported_reason(x) -> str | None``: ``None`` when it can take this (validated) input, else a
-  sentence saying why not (dtype, size);
+  sentence saying why not (dtype, size). For GPU tensors it answers for ``x``'s device: a backend
+  whose kernels need shared memory, registers or instructions that the device's architecture lacks
+  (its compute capability, its opt-in shared memory per block) must refuse here, before any launch,
+  so that the automatic choice moves on to the next backend and a forced backend fails with the
+  reason instead of an out-of-resources error inside the launch;
 * ``hadamard_transform(x, scale: float) -> Tensor`` and ``hadamard_patch(x, scale: Tensor) -> Tensor``:
   the kernels; optionally ``patch_add_rmsnorm(residual, update, scale, norm_weight, eps)`` (the fused
   interface epilogue, see ``linearpatch_kernels.ops``). A backend without a function for an op is
@@ -14,7 +18,8 @@ Every backend is one module with the same four functions:
   ``x``'s device (fp64 when ``x`` is fp64). They return a new tensor of ``x``'s shape and dtype.
 
 The automatic choice takes the first backend of ``AUTO_ORDER[device type]`` that is available and
-supports the input. ``LINEARPATCH_BACKEND`` or ``use_backend(name)`` force one backend; a forced
+supports the input (``torch`` runs everything, so it is the last resort on every device). Backends
+launch on ``x``'s device and its current stream, whichever device is current. ``LINEARPATCH_BACKEND`` or ``use_backend(name)`` force one backend; a forced
 backend that cannot run the input is an error, never a silent fallback.
 """
 
