@@ -60,11 +60,19 @@ def test_launch_config_pads_k_for_the_tensor_core_dot():
 
 
 def test_shared_memory_estimate_grows_with_the_tile():
-    small, large = tb.launch_config(4096, 1, 132), tb.launch_config(32768, 1, 132)
-    assert tb.resource_estimate(small)["shared_bytes"] == 4 * 4096
-    assert tb.resource_estimate(large)["shared_bytes"] == 4 * 32768
-    k36 = tb.launch_config(576, 1, 132)
-    assert tb.resource_estimate(k36)["shared_bytes"] == 2 * 4 * k36.tile + 4 * 64 * 64
+    small, large = tb.launch_config(4096, 1, 132), tb.launch_config(16384, 1, 132)
+    assert tb.resource_estimate(small, torch.bfloat16)["shared_bytes"] == 4 * 4096
+    assert tb.resource_estimate(large, torch.float32, "patch_add_rmsnorm")["shared_bytes"] == 4 * 16384
+    # K > 1 in the persistent loop (576 prefill): the dot's operand tile, fp32's own load layout and
+    # the epilogue's buffers stay live beside the conversion scratch and H_36 (padded to 64 x 64).
+    k36 = tb.launch_config(576, 16384, 132)
+    assert k36.RESIDENT and k36.BLOCK_M == 2
+    assert tb.resource_estimate(k36, torch.bfloat16)["shared_bytes"] == 2 * 4 * k36.tile + 4 * 64 * 64
+    assert tb.resource_estimate(k36, torch.float32)["shared_bytes"] == 3 * 4 * k36.tile + 4 * 64 * 64
+    assert tb.resource_estimate(k36, torch.bfloat16, "patch_add_rmsnorm")["shared_bytes"] == 4 * 4 * k36.tile + 4 * 64 * 64
+    # One row per program (2304 = 36 x 64 decode): the conversion scratch and H_36 only.
+    row = tb.launch_config(2304, 1, 132)
+    assert not row.RESIDENT and tb.resource_estimate(row, torch.float32)["shared_bytes"] == 4 * 4096 + 4 * 64 * 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,21 +84,24 @@ def test_interpreter_has_no_gpu_limits(d):
     assert tb.unsupported_reason_for(torch.float32, d, None) is None
 
 
-def test_limits_per_architecture():
+def test_limits_per_architecture(monkeypatch):
     reason = tb.unsupported_reason_for
     for cap in (SM80, SM86, SM90):
-        assert reason(torch.bfloat16, 4096, cap) is None
-        assert reason(torch.bfloat16, 5120, cap) is None
-        assert reason(torch.bfloat16, 576, cap) is None
+        for d in (576, 2304, 4096, 5120, 6144, 16384):
+            for op in ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"):
+                assert reason(torch.bfloat16, d, cap, op) is None
         assert "252 x 1: H_252 is padded to 256 x 256" in reason(torch.bfloat16, 252, cap)
         assert "H_252" in reason(torch.bfloat16, 32256, cap)
-        assert "shared memory" in reason(torch.bfloat16, 18432, cap)  # 36 x 512: 64 x 512 padded, twice
-    # 32768 fp32 values per row: 128 KiB for the layout conversion, over sm_86/sm_89's 99 KiB.
-    assert reason(torch.bfloat16, 32768, SM80) is None and reason(torch.bfloat16, 32768, SM90) is None
-    assert reason(torch.bfloat16, 32768, SM86) == (
-        "hidden size 32768 = 1 x 32768 needs 131072 bytes of shared memory per block, more than the 101376 of sm_86")
+        assert "padded to 32768 values per row" in reason(torch.bfloat16, 18432, cap)  # 36 x 512 -> 64 x 512
+        assert "beside the H_36 operand" in reason(torch.bfloat16, 9216, cap)  # 36 x 256 -> 64 x 256
+        assert "without spilling" in reason(torch.bfloat16, 32768, cap)
     assert "compute capability 8.0 or newer" in reason(torch.float16, 4096, (7, 5))
     assert "float64" in reason(torch.float64, 4096, SM90)
+    # Shared memory per block is checked against the architecture's limit (here a made-up small one).
+    monkeypatch.setitem(tb.SHARED_MEMORY_PER_BLOCK, SM86, 32768)
+    assert reason(torch.bfloat16, 16384, SM86) == (
+        "hidden size 16384 = 1 x 16384 needs 65536 bytes of shared memory per block, more than the 32768 of sm_86")
+    assert reason(torch.bfloat16, 16384, SM80) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +109,7 @@ def test_limits_per_architecture():
 
 
 @pytest.mark.parametrize("capability", [SM80, SM86, SM90])
-@pytest.mark.parametrize("d", [252, 18432, 32256])
+@pytest.mark.parametrize("d", [252, 18432, 32256, 32768])
 def test_sizes_no_gpu_kernel_can_launch_route_to_a_backend_that_runs_them(fake_gpu, capability, d):
     fake_gpu["capability"] = capability
     x = cuda_input(d)
@@ -112,12 +123,14 @@ def test_sizes_no_gpu_kernel_can_launch_route_to_a_backend_that_runs_them(fake_g
         assert name == ("cuda" if cuda_built and d != 252 else "torch")
 
 
-def test_automatic_choice_follows_the_architecture(fake_gpu):
+def test_automatic_choice_follows_the_architecture(fake_gpu, monkeypatch):
     fake_gpu["cuda_built"] = False
-    x = cuda_input(32768)
-    fake_gpu["capability"] = SM90
+    x = cuda_input(16384)
     assert select_backend(x).NAME == "triton"
+    fake_gpu["capability"] = (7, 5)
+    assert select_backend(x).NAME == "torch"
     fake_gpu["capability"] = SM86
+    monkeypatch.setitem(tb.SHARED_MEMORY_PER_BLOCK, SM86, 32768)
     assert select_backend(x).NAME == "torch"
     assert select_backend(cuda_input(4096)).NAME == "triton"
     fake_gpu["cuda_built"] = True
@@ -125,10 +138,9 @@ def test_automatic_choice_follows_the_architecture(fake_gpu):
 
 
 def test_forced_triton_says_why_before_launching(fake_gpu):
-    fake_gpu["capability"] = SM86
     with lp.use_backend("triton"):
-        with pytest.raises(ValueError, match=r"backend 'triton' cannot run this input: hidden size 32768 .* "
-                                             r"131072 bytes of shared memory per block, more than the 101376 of sm_86"):
+        with pytest.raises(ValueError, match=r"backend 'triton' cannot run this input: hidden size 32768 = 1 x 32768 "
+                                             r"is padded to 32768 values per row, more than the 16384"):
             select_backend(cuda_input(32768))
         with pytest.raises(ValueError, match=r"H_252 is padded to 256 x 256"):
             select_backend(cuda_input(252))

@@ -9,7 +9,8 @@ Every backend is one module with the same four functions:
   whose kernels need shared memory, registers or instructions that the device's architecture lacks
   (its compute capability, its opt-in shared memory per block) must refuse here, before any launch,
   so that the automatic choice moves on to the next backend and a forced backend fails with the
-  reason instead of an out-of-resources error inside the launch;
+  reason instead of an out-of-resources error inside the launch. A backend whose limits differ per
+  op takes the op's name as a keyword, ``unsupported_reason(x, op="patch_add_rmsnorm")``;
 * ``hadamard_transform(x, scale: float) -> Tensor`` and ``hadamard_patch(x, scale: Tensor) -> Tensor``:
   the kernels; optionally ``patch_add_rmsnorm(residual, update, scale, norm_weight, eps)`` (the fused
   interface epilogue, see ``linearpatch_kernels.ops``). A backend without a function for an op is
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
+import inspect
 import os
 from types import ModuleType
 from typing import Iterator
@@ -116,7 +119,7 @@ def select_backend(x: torch.Tensor, op: str = "hadamard_patch") -> ModuleType:
                 f"linearpatch backend {name!r} was requested but is not available for {x.device.type} tensors; "
                 f"available here: {', '.join(available_backends(x.device))}"
             )
-        reason = backend.unsupported_reason(x)
+        reason = _unsupported_reason(backend, x, op)
         if reason is None and not hasattr(backend, op):
             reason = f"it has no {op} kernel"
         if reason is not None:
@@ -125,6 +128,15 @@ def select_backend(x: torch.Tensor, op: str = "hadamard_patch") -> ModuleType:
     for candidate in AUTO_ORDER.get(x.device.type, DEFAULT_ORDER):
         if _available(candidate, x.device):
             backend = get_backend(candidate)
-            if hasattr(backend, op) and backend.unsupported_reason(x) is None:
+            if hasattr(backend, op) and _unsupported_reason(backend, x, op) is None:
                 return backend
     return get_backend("torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_op(backend: ModuleType) -> bool:
+    return "op" in inspect.signature(backend.unsupported_reason).parameters
+
+
+def _unsupported_reason(backend: ModuleType, x: torch.Tensor, op: str) -> str | None:
+    return backend.unsupported_reason(x, op=op) if _takes_op(backend) else backend.unsupported_reason(x)

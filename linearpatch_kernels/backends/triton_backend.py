@@ -62,9 +62,14 @@ _DEFAULT_SHARED_MEMORY = 101_376  # the smallest of the table, for an unlisted a
 # fp32 values of the row tile per program in a prefill launch: 32 per thread at 4 warps. Larger
 # tiles only raise the shared memory of the layout conversions (which scale with the tile).
 PREFILL_TILE = 4096
+PREFILL_TILE_DOT = 2048  # K > 1: the dot's operands and accumulators need registers of their own
 INTERPRET_TILE = 1 << 16  # the interpreter runs numpy per program: fewer, larger programs
-# Largest padded row a program holds: 32768 fp32 = 64 per thread at 16 warps (128 registers).
-MAX_TILE = 1 << 15
+# Largest padded row a program holds on a GPU: 16384 fp32 = 32 per thread at 16 warps. A 32768-wide
+# row spills at 16 and at 32 warps (128 and 64 registers per thread), so such rows go elsewhere.
+MAX_TILE = 1 << 14
+# With K > 1 each warp also holds the dot's H_K operand (up to 128 registers per thread at K_PAD = 64),
+# so a row keeps to 32 values per thread at 8 warps: 16 warps cap a thread at 128 registers (spills).
+MAX_TILE_DOT = 1 << 13
 MAX_K_PAD = 64  # H_K up to 64 x 64 on tensor cores; larger K go to another backend
 MAX_PREFILL_ROWS = 64
 PROGRAMS_PER_SM = 4  # resident programs per multiprocessor in the persistent launch
@@ -78,6 +83,7 @@ class LaunchConfig:
     N: int
     LOG2_N: int
     num_warps: int
+    RESIDENT: bool  # s (and the norm weight) held in registers across row blocks, else reloaded per block
 
     @property
     def tile(self) -> int:
@@ -85,7 +91,8 @@ class LaunchConfig:
         return self.BLOCK_M * self.K_PAD * self.N
 
     def constexprs(self) -> dict:
-        return dict(BLOCK_M=self.BLOCK_M, K=self.K, K_PAD=self.K_PAD, N=self.N, LOG2_N=self.LOG2_N)
+        return dict(BLOCK_M=self.BLOCK_M, K=self.K, K_PAD=self.K_PAD, N=self.N, LOG2_N=self.LOG2_N,
+                    RESIDENT=self.RESIDENT)
 
 
 def is_available(device: torch.device) -> bool:
@@ -103,6 +110,8 @@ def _padded_k(k: int) -> int:
 
 
 def _num_warps(tile: int) -> int:
+    # 32 tile values per thread (64 for the largest rows). More warps do not help K > 1: each warp
+    # holds its own copy of the dot's H_K operand (measured: more spills at 8 and 16 warps).
     if tile <= 4096:
         return max(1, min(4, tile // 256))
     return 8 if tile <= 8192 else 16
@@ -124,21 +133,33 @@ def launch_config(d: int, rows: int, sm_count: int | None = None) -> LaunchConfi
     if sm_count is None:
         block_m = max(min_m, INTERPRET_TILE // padded)
     else:
-        big = max(min_m, min(MAX_PREFILL_ROWS, PREFILL_TILE // padded))
+        big = max(min_m, min(MAX_PREFILL_ROWS, (PREFILL_TILE if f.k == 1 else PREFILL_TILE_DOT) // padded))
         block_m = big if rows >= big * sm_count else min_m
-    return LaunchConfig(block_m, f.k, k_pad, f.n, f.log2_n, _num_warps(block_m * padded))
+    num_warps = _num_warps(block_m * padded)
+    # Persistent programs hold s (and the norm weight) beside the tile across row blocks: only while
+    # both fit in 64 values per thread (32 with K > 1, whose dot needs registers of its own).
+    # (Under the interpreter registers do not matter: always persistent, so the tests walk blocks.)
+    resident = sm_count is None or (block_m + 1) * padded <= (64 if f.k == 1 else 32) * 32 * num_warps
+    return LaunchConfig(block_m, f.k, k_pad, f.n, f.log2_n, num_warps, resident)
 
 
-def resource_estimate(config: LaunchConfig) -> dict:
+def resource_estimate(config: LaunchConfig, dtype: torch.dtype, op: str = "hadamard_patch") -> dict:
     """Shared memory (bytes) and fp32 tile values per thread that a configuration needs on a GPU.
 
-    Each layout conversion of the fp32 tile goes through shared memory; Triton reuses one scratch
-    buffer of the tile's size. With ``K > 1`` the dot also stages its operands: the
-    ``(BLOCK_M * N, K_PAD)`` tile and ``H_K`` (``K_PAD**2``), held while the conversion buffer is
-    live. ``scripts/triton_aot.py`` checks that this bounds what the compiler really allocates.
+    Shared memory holds tile-sized fp32 buffers (``4 * BLOCK_M * K_PAD * N`` bytes each), as many as
+    Triton keeps live at once: one layout-conversion scratch, plus ``H_K`` (``4 * K_PAD**2``) when
+    ``K > 1``. In the persistent loop with ``K > 1`` the dot's operand tile stays live too, one more
+    buffer for fp32 input (the loaded tile in its own layout) and two more in the epilogue (its two
+    loads and the norm's reduction). The counts are what Triton 3.6-3.8 allocates;
+    ``scripts/triton_aot.py`` checks that this bounds the compiler's allocation for every
+    configuration the backend accepts.
     """
     tile_bytes = 4 * config.tile
-    shared = tile_bytes if config.K == 1 else 2 * tile_bytes + 4 * config.K_PAD**2
+    if config.K == 1 or not config.RESIDENT:
+        shared = tile_bytes + (4 * config.K_PAD**2 if config.K > 1 else 0)
+    else:
+        buffers = 2 + (dtype == torch.float32) + 2 * (op == "patch_add_rmsnorm")
+        shared = buffers * tile_bytes + 4 * config.K_PAD**2
     return dict(shared_bytes=shared, values_per_thread=config.tile // (32 * config.num_warps))
 
 
@@ -146,9 +167,10 @@ def shared_memory_limit(capability: tuple[int, int]) -> int:
     return SHARED_MEMORY_PER_BLOCK.get(tuple(capability), _DEFAULT_SHARED_MEMORY)
 
 
-def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, int] | None) -> str | None:
-    """Why the kernels cannot take rows of ``d`` elements of ``dtype`` on a GPU of compute capability
-    ``capability`` (``None``: under the interpreter, no GPU limits). ``None`` when they can."""
+def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, int] | None,
+                           op: str = "hadamard_patch") -> str | None:
+    """Why the ``op`` kernel cannot take rows of ``d`` elements of ``dtype`` on a GPU of compute
+    capability ``capability`` (``None``: under the interpreter, no GPU limits). ``None`` when it can."""
     if dtype not in _IO_DTYPES:
         return f"it takes float32, float16 or bfloat16 (fp32 math inside), not {dtype}; use the torch backend for float64"
     f = hadamard_factors(d)
@@ -163,10 +185,14 @@ def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, in
         return (f"hidden size {d} = {f.k} x {f.n}: H_{f.k} is padded to {k_pad} x {k_pad}, more than the "
                 f"{MAX_K_PAD} x {MAX_K_PAD} the kernels hold on chip")
     if k_pad * f.n > MAX_TILE:
-        return f"hidden size {d} = {f.k} x {f.n} is padded to {k_pad * f.n} values per row, more than the {MAX_TILE} a program holds"
+        return (f"hidden size {d} = {f.k} x {f.n} is padded to {k_pad * f.n} values per row, more than the "
+                f"{MAX_TILE} a program holds in registers without spilling")
+    if f.k > 1 and k_pad * f.n > MAX_TILE_DOT:
+        return (f"hidden size {d} = {f.k} x {f.n} is padded to {k_pad * f.n} values per row, more than the "
+                f"{MAX_TILE_DOT} a program holds beside the H_{f.k} operand of its tensor-core dot without spilling")
     limit = shared_memory_limit(capability)
     for rows in (1, 1 << 30):  # the decode and the prefill configuration
-        need = resource_estimate(launch_config(d, rows, sm_count=1))["shared_bytes"]
+        need = resource_estimate(launch_config(d, rows, sm_count=1), dtype, op)["shared_bytes"]
         if need > limit:
             return (f"hidden size {d} = {f.k} x {f.n} needs {need} bytes of shared memory per block, more than "
                     f"the {limit} of {arch}")
@@ -183,9 +209,9 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def unsupported_reason(x: torch.Tensor) -> str | None:
+def unsupported_reason(x: torch.Tensor, op: str = "hadamard_patch") -> str | None:
     capability = device_capability(_index(x.device)) if x.device.type == "cuda" else None
-    return unsupported_reason_for(x.dtype, int(x.shape[-1]), capability)
+    return unsupported_reason_for(x.dtype, int(x.shape[-1]), capability, op)
 
 
 def _index(device: torch.device) -> int:
@@ -242,54 +268,88 @@ def _load_h_k(h_k_ptr, K: tl.constexpr, K_PAD: tl.constexpr):
     return h_k
 
 
+@triton.jit
+def _row_tile(block, rows, K: tl.constexpr, K_PAD: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row indices (int64) of row block ``block``, the (K_PAD, N) column index and the tile's mask."""
+    kk = tl.arange(0, K_PAD)
+    nn = tl.arange(0, N)
+    col = kk[:, None] * N + nn[None, :]
+    row = tl.arange(0, BLOCK_M).to(tl.int64) + block * BLOCK_M  # block * BLOCK_M <= rows + BLOCK_M < 2**31
+    mask = (row < rows)[:, None, None] & ((kk < K)[:, None] & (nn < N)[None, :])[None, :, :]
+    return row, col, mask
+
+
+@triton.jit
+def _load_row_vector(ptr, K: tl.constexpr, K_PAD: tl.constexpr, N: tl.constexpr):
+    """A length-d vector (s, the norm weight) as a (K_PAD, N) fp32 tile, zero in the padding."""
+    kk = tl.arange(0, K_PAD)
+    nn = tl.arange(0, N)
+    mask = (kk < K)[:, None] & (nn < N)[None, :]
+    return tl.load(ptr + kk[:, None] * N + nn[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _hadamard_block(block, x_ptr, y_ptr, h_k, s, rows, x_row_stride, out_scale, PATCH: tl.constexpr,
+                    BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, N: tl.constexpr,
+                    LOG2_N: tl.constexpr):
+    row, col, mask = _row_tile(block, rows, K, K_PAD, N, BLOCK_M)
+    x = tl.load(x_ptr + row[:, None, None] * x_row_stride + col[None, :, :], mask=mask, other=0.0)
+    x = _transform_tile(x.to(tl.float32), h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
+    if PATCH:
+        x = _transform_tile(x * (s * out_scale)[None, :, :], h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
+    else:
+        x = x * out_scale
+    tl.store(y_ptr + row[:, None, None] * (K * N) + col[None, :, :], x.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["rows"])
 def _hadamard_kernel(x_ptr, y_ptr, h_k_ptr, s_ptr, rows, x_row_stride, out_scale,
                      PATCH: tl.constexpr, BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                     N: tl.constexpr, LOG2_N: tl.constexpr):
-    kk = tl.arange(0, K_PAD)
-    nn = tl.arange(0, N)
-    col = kk[:, None] * N + nn[None, :]                      # (K_PAD, N) index into the row
-    col_ok = (kk < K)[:, None] & (nn < N)[None, :]
+                     N: tl.constexpr, LOG2_N: tl.constexpr, RESIDENT: tl.constexpr):
     h_k = _load_h_k(h_k_ptr, K, K_PAD)
     s = tl.zeros((1, 1), dtype=tl.float32)
-    if PATCH:  # loaded once per program, the patch's 1/d folded in
-        s = tl.load(s_ptr + col, mask=col_ok, other=0.0) * out_scale
-    for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
-        row = tl.arange(0, BLOCK_M).to(tl.int64) + block * BLOCK_M  # block * BLOCK_M <= rows + BLOCK_M < 2**31
-        mask = (row < rows)[:, None, None] & col_ok[None, :, :]
-        x = tl.load(x_ptr + row[:, None, None] * x_row_stride + col[None, :, :], mask=mask, other=0.0)
-        x = _transform_tile(x.to(tl.float32), h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
-        if PATCH:
-            x = _transform_tile(x * s[None, :, :], h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
-        else:
-            x = x * out_scale
-        tl.store(y_ptr + row[:, None, None] * (K * N) + col[None, :, :], x.to(y_ptr.dtype.element_ty), mask=mask)
+    if PATCH:
+        s = _load_row_vector(s_ptr, K, K_PAD, N)
+    if RESIDENT:  # persistent: s and H_K loaded once, the program walks row blocks
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+            _hadamard_block(block, x_ptr, y_ptr, h_k, s, rows, x_row_stride, out_scale, PATCH, BLOCK_M, K, K_PAD,
+                            N, LOG2_N)
+    else:  # rows too large to keep s beside them for a loop: one block per program
+        _hadamard_block(tl.program_id(0), x_ptr, y_ptr, h_k, s, rows, x_row_stride, out_scale, PATCH, BLOCK_M, K,
+                        K_PAD, N, LOG2_N)
+
+
+@triton.jit
+def _patch_add_rmsnorm_block(block, r_ptr, u_ptr, h_ptr, n_ptr, h_k, s, w, rows, r_row_stride, u_row_stride,
+                             inv_d, eps, BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                             N: tl.constexpr, LOG2_N: tl.constexpr):
+    row, col, mask = _row_tile(block, rows, K, K_PAD, N, BLOCK_M)
+    x = tl.load(r_ptr + row[:, None, None] * r_row_stride + col[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(u_ptr + row[:, None, None] * u_row_stride + col[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N) * (s * inv_d)[None, :, :]
+    x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N)   # padding rows stay exactly zero
+    out = row[:, None, None] * (K * N) + col[None, :, :]
+    tl.store(h_ptr + out, x.to(h_ptr.dtype.element_ty), mask=mask)
+    rstd = tl.math.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) * inv_d + eps)
+    tl.store(n_ptr + out, (x * rstd[:, None, None] * w[None, :, :]).to(n_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["rows"])
 def _patch_add_rmsnorm_kernel(r_ptr, u_ptr, h_ptr, n_ptr, h_k_ptr, s_ptr, w_ptr, rows, r_row_stride,
                               u_row_stride, inv_d, eps,
                               BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                              N: tl.constexpr, LOG2_N: tl.constexpr):
+                              N: tl.constexpr, LOG2_N: tl.constexpr, RESIDENT: tl.constexpr):
     """h = (r + u) H diag(s / d) H, n = h * rsqrt(mean(h^2) + eps) * w: two reads, two writes per row."""
-    kk = tl.arange(0, K_PAD)
-    nn = tl.arange(0, N)
-    col = kk[:, None] * N + nn[None, :]
-    col_ok = (kk < K)[:, None] & (nn < N)[None, :]
     h_k = _load_h_k(h_k_ptr, K, K_PAD)
-    s = tl.load(s_ptr + col, mask=col_ok, other=0.0) * inv_d
-    w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-    for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
-        row = tl.arange(0, BLOCK_M).to(tl.int64) + block * BLOCK_M  # block * BLOCK_M <= rows + BLOCK_M < 2**31
-        mask = (row < rows)[:, None, None] & col_ok[None, :, :]
-        x = tl.load(r_ptr + row[:, None, None] * r_row_stride + col[None, :, :], mask=mask, other=0.0).to(tl.float32)
-        x += tl.load(u_ptr + row[:, None, None] * u_row_stride + col[None, :, :], mask=mask, other=0.0).to(tl.float32)
-        x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N) * s[None, :, :]
-        x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N)   # padding rows stay exactly zero
-        out = row[:, None, None] * (K * N) + col[None, :, :]
-        tl.store(h_ptr + out, x.to(h_ptr.dtype.element_ty), mask=mask)
-        rstd = tl.math.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) * inv_d + eps)
-        tl.store(n_ptr + out, (x * rstd[:, None, None] * w[None, :, :]).to(n_ptr.dtype.element_ty), mask=mask)
+    s = _load_row_vector(s_ptr, K, K_PAD, N)
+    w = _load_row_vector(w_ptr, K, K_PAD, N)
+    if RESIDENT:  # persistent: s, w and H_K loaded once, the program walks row blocks
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+            _patch_add_rmsnorm_block(block, r_ptr, u_ptr, h_ptr, n_ptr, h_k, s, w, rows, r_row_stride,
+                                     u_row_stride, inv_d, eps, BLOCK_M, K, K_PAD, N, LOG2_N)
+    else:  # rows too large to keep s and w beside them for a loop: one block per program
+        _patch_add_rmsnorm_block(tl.program_id(0), r_ptr, u_ptr, h_ptr, n_ptr, h_k, s, w, rows, r_row_stride,
+                                 u_row_stride, inv_d, eps, BLOCK_M, K, K_PAD, N, LOG2_N)
 
 
 @functools.lru_cache(maxsize=64)
@@ -309,7 +369,8 @@ def _grid(x: torch.Tensor, rows: int, d: int) -> tuple[tuple[int], LaunchConfig]
     sm_count = _sm_count(_index(x.device)) if x.device.type == "cuda" else None
     config = launch_config(d, rows, sm_count)
     programs = 4 if sm_count is None else sm_count * PROGRAMS_PER_SM
-    return (min(triton.cdiv(rows, config.BLOCK_M), programs),), config
+    blocks = triton.cdiv(rows, config.BLOCK_M)
+    return (min(blocks, programs) if config.RESIDENT else blocks,), config
 
 
 def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> torch.Tensor:
