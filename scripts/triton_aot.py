@@ -149,7 +149,7 @@ def plan(sizes, dtypes, ops) -> list[dict]:
                         row = {"target": target, "arch": arch, "limit": tb.shared_memory_limit(capability),
                                "op": op, "dtype": dtype, "d": d, "regime": regime, "launch": config,
                                "config": {**config.constexprs(), "num_warps": config.num_warps},
-                               "estimate_shared_bytes": tb.resource_estimate(config, DTYPES[dtype])["shared_bytes"]}
+                               "estimate_shared_bytes": tb.resource_estimate(config, DTYPES[dtype], op)["shared_bytes"]}
                         if reason is not None:
                             row["refused"] = reason
                         rows.append(row)

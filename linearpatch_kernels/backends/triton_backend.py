@@ -109,9 +109,13 @@ def _padded_k(k: int) -> int:
     return 1 if k == 1 else max(16, triton.next_power_of_2(k))
 
 
-def _num_warps(tile: int) -> int:
-    # 32 tile values per thread (64 for the largest rows). More warps do not help K > 1: each warp
-    # holds its own copy of the dot's H_K operand (measured: more spills at 8 and 16 warps).
+def _num_warps(tile: int, k_pad: int) -> int:
+    # 32 tile values per thread. More warps do not help K_PAD = 32/64: each warp holds its own copy
+    # of the dot's H_K operand (measured: spills at 8 and 16 warps for 2304 = 36 x 64). With
+    # K_PAD = 16 that operand is small, and 4 warps for 4096 values spilled (3072 = 12 x 256, fp32,
+    # sm_80), so those rows spread over twice the threads (at most 8 warps: 255 registers each).
+    if k_pad == 16 and tile >= 4096:
+        return min(8, tile // 512)
     if tile <= 4096:
         return max(1, min(4, tile // 256))
     return 8 if tile <= 8192 else 16
@@ -135,7 +139,7 @@ def launch_config(d: int, rows: int, sm_count: int | None = None) -> LaunchConfi
     else:
         big = max(min_m, min(MAX_PREFILL_ROWS, (PREFILL_TILE if f.k == 1 else PREFILL_TILE_DOT) // padded))
         block_m = big if rows >= big * sm_count else min_m
-    num_warps = _num_warps(block_m * padded)
+    num_warps = _num_warps(block_m * padded, k_pad)
     # Persistent programs hold s (and the norm weight) beside the tile across row blocks: only while
     # both fit in 64 values per thread (32 with K > 1, whose dot needs registers of its own).
     # (Under the interpreter registers do not matter: always persistent, so the tests walk blocks.)
