@@ -6,7 +6,8 @@
 # the backend's own estimate, for any configuration the automatic choice can pick.
 # Compiled kernels and their measurements are cached under ~/.cache (reruns: seconds; a cold cache:
 # about 4 minutes on 2 cores). The report goes to $TRITON_AOT_OUT (default: a temporary folder).
-# Environment: PYTHON (default python), TRITON_CACHE_DIR, TRITON_AOT_OUT, JOBS (default: cores).
+# Environment: PYTHON (default python), TRITON_CACHE_DIR, TRITON_AOT_OUT, JOBS (default: cores),
+# TRITON_AOT_ARGS (extra arguments, e.g. "--dtypes bf16,fp32" for a smaller matrix).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python}
@@ -14,5 +15,5 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/line
 out=${TRITON_AOT_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/linearpatch-triton-aot.XXXXXX")}
 unset TRITON_INTERPRET
 cd "$root"
-PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" scripts/triton_aot.py --out "$out" --jobs "${JOBS:-$(nproc)}"
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" scripts/triton_aot.py --out "$out" --jobs "${JOBS:-$(nproc)}" ${TRITON_AOT_ARGS:-}
 echo "triton_aot: report in $out/report.md"

@@ -18,6 +18,8 @@ from linearpatch_kernels.backends import triton_backend as tb
 from reference import llm_like, positive_scales, reference_patch, reference_transform, rel_err
 
 SM80, SM86, SM90 = (8, 0), (8, 6), (9, 0)
+# Where the Triton kernels really run here: a GPU, else the CPU under the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cuda_input(d: int, dtype=torch.bfloat16):
@@ -167,10 +169,11 @@ def test_launches_run_under_the_device_guard(monkeypatch):
         return tb.contextlib.nullcontext()
 
     monkeypatch.setattr(tb, "device_guard", recording_guard)
-    x = llm_like(3, 64)
+    x = llm_like(3, 64, device=DEVICE)
+    s = positive_scales(64, device=DEVICE)
     with lp.use_backend("triton"):
-        lp.hadamard_patch(x, positive_scales(64))
-        lp.patch_add_rmsnorm(x, x, positive_scales(64), torch.ones(64))
+        lp.hadamard_patch(x, s)
+        lp.patch_add_rmsnorm(x, x, s, torch.ones(64, device=DEVICE))
     assert seen == [x.device, x.device]
 
 
@@ -181,9 +184,9 @@ def test_launches_run_under_the_device_guard(monkeypatch):
 @pytest.mark.parametrize("d", [576, 4096])
 def test_programs_walk_many_row_blocks(d):
     rows = 5 * tb.launch_config(d, 10**6).BLOCK_M + 3  # 6 blocks over 4 programs, the last one partial
-    x = llm_like(rows, d, torch.bfloat16, seed=2)
-    s = positive_scales(d)
-    w = torch.rand(d, dtype=torch.bfloat16) + 0.5
+    x = llm_like(rows, d, torch.bfloat16, seed=2, device=DEVICE)
+    s = positive_scales(d, device=DEVICE)
+    w = torch.rand(d, dtype=torch.bfloat16, device=DEVICE) + 0.5
     with lp.use_backend("triton"):
         y = lp.hadamard_patch(x, s)
         t = lp.hadamard_transform(x, 0.5)

@@ -1,7 +1,8 @@
 """Triton backend: one fused kernel per op, each row read once and written once, fp32 in registers.
 
 A program owns ``BLOCK_M`` rows at a time and walks over row blocks (persistent rows: ``s``, the
-norm weight and ``H_K`` are loaded once per program, not once per row). Row ``r`` is loaded as a
+norm weight and ``H_K`` are loaded once per program, not once per row; rows too large to keep ``s``
+beside them in registers get one block per program instead). Row ``r`` is loaded as a
 ``(K_PAD, N)`` tile (``d = K * N``, ``N = 2**m``, ``K_PAD`` the power of two >= 16 above ``K``:
 ``tl.arange`` and ``tl.dot`` need power-of-two shapes; the padding rows are masked loads of zero
 and are never stored), so a block is a ``(BLOCK_M, K_PAD, N)`` register tensor.
@@ -14,7 +15,7 @@ and are never stored), so a block is a ``(BLOCK_M, K_PAD, N)`` register tensor.
   zero-padded ``H_K`` on tensor cores, in two tf32 products: ``x = hi + lo`` with ``hi`` the
   top 11 significant bits of ``x`` (exact in tf32) and ``lo = x - hi`` (exact in fp32, then rounded
   to tf32: a relative error below 2**-20 of ``x``). ``H_K`` is +-1, exact in tf32, and the sums
-  accumulate in fp32, so the result meets the fp32 contract at a third of the cost of
+  accumulate in fp32, so the result meets the fp32 contract at two thirds of the cost of
   ``input_precision="tf32x3"`` (whose third product, ``hi * lo(H_K)``, is zero here) and without
   the fp32 FMA path of ``"ieee"`` (hundreds of registers, spills).
 
@@ -52,7 +53,7 @@ _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # GPUs the kernels are compiled and checked for (tf32 tensor-core dot, opt-in shared memory).
 MIN_CAPABILITY = (8, 0)
 # Opt-in shared memory per block in bytes, by compute capability (CUDA programming guide, "Compute
-# capabilities"); used when the device does not report it and for a capability given by hand.
+# capabilities"): the one table both the automatic choice and the ahead-of-time check use.
 SHARED_MEMORY_PER_BLOCK = {
     (8, 0): 166_912, (8, 6): 101_376, (8, 7): 166_912, (8, 9): 101_376,
     (9, 0): 232_448, (10, 0): 232_448, (10, 3): 232_448, (12, 0): 101_376, (12, 1): 101_376,
@@ -83,7 +84,7 @@ class LaunchConfig:
     N: int
     LOG2_N: int
     num_warps: int
-    RESIDENT: bool  # s (and the norm weight) held in registers across row blocks, else reloaded per block
+    RESIDENT: bool  # persistent: s (and the norm weight) held in registers across row blocks; else one block per program
 
     @property
     def tile(self) -> int:
