@@ -128,9 +128,11 @@ def _patch_backward(ctx, grad_y):
     if ctx.needs_input_grad[1]:
         d = x.shape[-1]
         # s multiplies (x H) channel-wise, H = H_u / sqrt(d): dL/ds = sum over tokens of (x H) * (grad_y H).
-        wide = torch.float64 if scale.dtype == torch.float64 else torch.float32
-        xh = torch.ops.linearpatch.hadamard_transform(x, d**-0.5).to(wide)
-        gh = torch.ops.linearpatch.hadamard_transform(grad_y.to(x.dtype), d**-0.5).to(wide)
+        # Both transforms take the fp32 (fp64) upcast, so that x H and grad_y H are not rounded to
+        # bf16/fp16 before the product: the fp32-inside contract holds for the gradient too.
+        wide = torch.float64 if torch.float64 in (x.dtype, scale.dtype) else torch.float32
+        xh = torch.ops.linearpatch.hadamard_transform(x.to(wide), d**-0.5)
+        gh = torch.ops.linearpatch.hadamard_transform(grad_y.to(wide), d**-0.5)
         grad_s = (xh * gh).reshape(-1, d).sum(0).to(scale.dtype)
     return grad_x, grad_s
 

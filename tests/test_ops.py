@@ -165,6 +165,20 @@ def test_bf16_gradient_of_scale_is_fp32(backend):
     assert s.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("d", [576, 1024])
+def test_bf16_gradient_of_scale_matches_fp64(backend, d):
+    # grad_s = sum_tokens (x H) * (grad_y H) computed in fp32: transforming x and grad_y in bf16 first
+    # would put a ~2**-9 relative error on every product (~1e-3 on the sum, far over this tolerance).
+    x = llm_like(64, d, torch.bfloat16, seed=5).requires_grad_()
+    s = positive_scales(d).requires_grad_()
+    w = torch.randn(64, d, generator=torch.Generator().manual_seed(6))
+    (lp.hadamard_patch(x, s).float() * w).sum().backward()
+    h = lp.hadamard_matrix(d)
+    g64 = w.to(torch.bfloat16).double()  # the bf16 grad_y the op receives
+    expected = ((x.detach().double() @ h) * (g64 @ h)).sum(0)
+    assert rel_err(s.grad, expected) <= 2e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # opcheck: schema, fake kernel, autograd registration, AOT dispatch
 

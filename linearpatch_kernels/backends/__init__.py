@@ -5,7 +5,12 @@ Every backend is one module with the same four functions:
 * ``is_available(device) -> bool``: can it run on this device at all (extension built, triton
   importable, interpreter on for CPU tensors ...);
 * ``unsupported_reason(x) -> str | None``: ``None`` when it can take this (validated) input, else a
-  sentence saying why not (dtype, size);
+  sentence saying why not (dtype, size). For GPU tensors it answers for ``x``'s device: a backend
+  whose kernels need shared memory, registers or instructions that the device's architecture lacks
+  (its compute capability, its opt-in shared memory per block) must refuse here, before any launch,
+  so that the automatic choice moves on to the next backend and a forced backend fails with the
+  reason instead of an out-of-resources error inside the launch. A backend whose limits differ per
+  op takes the op's name as a keyword, ``unsupported_reason(x, op="patch_add_rmsnorm")``;
 * ``hadamard_transform(x, scale: float) -> Tensor`` and ``hadamard_patch(x, scale: Tensor) -> Tensor``:
   the kernels; optionally ``patch_add_rmsnorm(residual, update, scale, norm_weight, eps)`` (the fused
   interface epilogue, see ``linearpatch_kernels.ops``). A backend without a function for an op is
@@ -14,7 +19,8 @@ Every backend is one module with the same four functions:
   ``x``'s device (fp64 when ``x`` is fp64). They return a new tensor of ``x``'s shape and dtype.
 
 The automatic choice takes the first backend of ``AUTO_ORDER[device type]`` that is available and
-supports the input. ``LINEARPATCH_BACKEND`` or ``use_backend(name)`` force one backend; a forced
+supports the input (``torch`` runs everything, so it is the last resort on every device). Backends
+launch on ``x``'s device and its current stream, whichever device is current. ``LINEARPATCH_BACKEND`` or ``use_backend(name)`` force one backend; a forced
 backend that cannot run the input is an error, never a silent fallback.
 """
 
@@ -22,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
+import inspect
 import os
 from types import ModuleType
 from typing import Iterator
@@ -111,7 +119,7 @@ def select_backend(x: torch.Tensor, op: str = "hadamard_patch") -> ModuleType:
                 f"linearpatch backend {name!r} was requested but is not available for {x.device.type} tensors; "
                 f"available here: {', '.join(available_backends(x.device))}"
             )
-        reason = backend.unsupported_reason(x)
+        reason = _unsupported_reason(backend, x, op)
         if reason is None and not hasattr(backend, op):
             reason = f"it has no {op} kernel"
         if reason is not None:
@@ -120,6 +128,15 @@ def select_backend(x: torch.Tensor, op: str = "hadamard_patch") -> ModuleType:
     for candidate in AUTO_ORDER.get(x.device.type, DEFAULT_ORDER):
         if _available(candidate, x.device):
             backend = get_backend(candidate)
-            if hasattr(backend, op) and backend.unsupported_reason(x) is None:
+            if hasattr(backend, op) and _unsupported_reason(backend, x, op) is None:
                 return backend
     return get_backend("torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_op(backend: ModuleType) -> bool:
+    return "op" in inspect.signature(backend.unsupported_reason).parameters
+
+
+def _unsupported_reason(backend: ModuleType, x: torch.Tensor, op: str) -> str | None:
+    return backend.unsupported_reason(x, op=op) if _takes_op(backend) else backend.unsupported_reason(x)

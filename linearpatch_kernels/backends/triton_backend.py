@@ -1,23 +1,42 @@
 """Triton backend: one fused kernel per op, each row read once and written once, fp32 in registers.
 
-A program owns ``BLOCK_M`` rows. Row ``r`` is loaded as a ``(K_PAD, N)`` tile (``d = K * N``,
-``N = 2**m``, ``K`` padded to a power of two with zeros), so the whole block is a
-``(BLOCK_M, K_PAD, N)`` register tensor. ``x . H_d = vec(H_K X H_N)`` is then computed as:
+A program owns ``BLOCK_M`` rows at a time and walks over row blocks (persistent rows: ``s``, the
+norm weight and ``H_K`` are loaded once per program, not once per row; rows too large to keep ``s``
+beside them in registers get one block per program instead). Row ``r`` is loaded as a
+``(K_PAD, N)`` tile (``d = K * N``, ``N = 2**m``, ``K_PAD`` the power of two >= 16 above ``K``:
+``tl.arange`` and ``tl.dot`` need power-of-two shapes; the padding rows are masked loads of zero
+and are never stored), so a block is a ``(BLOCK_M, K_PAD, N)`` register tensor.
+``x . H_d = vec(H_K X H_N)`` is then computed as:
 
 * ``H_N``: ``m`` radix-2 butterfly stages on the last axis. Each stage pairs the lowest index bit
   (``reshape(.., N/2, 2)`` + ``split``), writes ``(a + b, a - b)`` and moves that bit to the top
   (``join`` + ``permute``), so after ``m`` stages every bit was used once and the order is restored.
-* ``H_K`` (only when ``K > 1``): one ``tl.dot`` of the ``(BLOCK_M * N, K_PAD)`` view with the
-  zero-padded ``H_K`` in full fp32 (``input_precision="ieee"``: tf32 would cost ~1e-3 accuracy).
+* ``H_K`` (only when ``K > 1``): ``tl.dot`` of the ``(BLOCK_M * N, K_PAD)`` view with the
+  zero-padded ``H_K`` on tensor cores, in two tf32 products: ``x = hi + lo`` with ``hi`` the
+  top 11 significant bits of ``x`` (exact in tf32) and ``lo = x - hi`` (exact in fp32, then rounded
+  to tf32: a relative error below 2**-20 of ``x``). ``H_K`` is +-1, exact in tf32, and the sums
+  accumulate in fp32, so the result meets the fp32 contract at two thirds of the cost of
+  ``input_precision="tf32x3"`` (whose third product, ``hi * lo(H_K)``, is zero here) and without
+  the fp32 FMA path of ``"ieee"`` (hundreds of registers, spills).
 
 The patch is ``transform -> * s / d -> transform`` (``H`` is symmetric) without leaving registers.
+
+What a configuration needs on a GPU (shared memory for the layout conversions and the dot
+operands, registers) is known before launching: ``resource_estimate`` gives it and
+``unsupported_reason`` refuses inputs whose configuration would not fit the device, so the
+automatic choice moves them to another backend instead of failing in the launch.
+``scripts/triton_aot.py`` compiles every configuration the launcher chooses for sm_80 and sm_90
+and checks that estimate, the absence of spills and the per-architecture limits.
+
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (that is how the tests run them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -28,9 +47,53 @@ from ..hadamard import hadamard_factors
 NAME = "triton"
 # Set when the kernels below were created: the interpreter is chosen at decoration time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_PADDED_D = 1 << 15  # K_PAD * N elements per row held in registers
 
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# GPUs the kernels are compiled and checked for (tf32 tensor-core dot, opt-in shared memory).
+MIN_CAPABILITY = (8, 0)
+# Opt-in shared memory per block in bytes, by compute capability (CUDA programming guide, "Compute
+# capabilities"): the one table both the automatic choice and the ahead-of-time check use.
+SHARED_MEMORY_PER_BLOCK = {
+    (8, 0): 166_912, (8, 6): 101_376, (8, 7): 166_912, (8, 9): 101_376,
+    (9, 0): 232_448, (10, 0): 232_448, (10, 3): 232_448, (12, 0): 101_376, (12, 1): 101_376,
+}
+_DEFAULT_SHARED_MEMORY = 101_376  # the smallest of the table, for an unlisted architecture
+
+# fp32 values of the row tile per program in a prefill launch: 32 per thread at 4 warps. Larger
+# tiles only raise the shared memory of the layout conversions (which scale with the tile).
+PREFILL_TILE = 4096
+PREFILL_TILE_DOT = 2048  # K > 1: the dot's operands and accumulators need registers of their own
+INTERPRET_TILE = 1 << 16  # the interpreter runs numpy per program: fewer, larger programs
+# Largest padded row a program holds on a GPU: 16384 fp32 = 32 per thread at 16 warps. A 32768-wide
+# row spills at 16 and at 32 warps (128 and 64 registers per thread), so such rows go elsewhere.
+MAX_TILE = 1 << 14
+# With K > 1 each warp also holds the dot's H_K operand (up to 128 registers per thread at K_PAD = 64),
+# so a row keeps to 32 values per thread at 8 warps: 16 warps cap a thread at 128 registers (spills).
+MAX_TILE_DOT = 1 << 13
+MAX_K_PAD = 64  # H_K up to 64 x 64 on tensor cores; larger K go to another backend
+MAX_PREFILL_ROWS = 64
+PROGRAMS_PER_SM = 4  # resident programs per multiprocessor in the persistent launch
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    BLOCK_M: int
+    K: int
+    K_PAD: int
+    N: int
+    LOG2_N: int
+    num_warps: int
+    RESIDENT: bool  # persistent: s (and the norm weight) held in registers across row blocks; else one block per program
+
+    @property
+    def tile(self) -> int:
+        """fp32 values per program: ``BLOCK_M * K_PAD * N``."""
+        return self.BLOCK_M * self.K_PAD * self.N
+
+    def constexprs(self) -> dict:
+        return dict(BLOCK_M=self.BLOCK_M, K=self.K, K_PAD=self.K_PAD, N=self.N, LOG2_N=self.LOG2_N,
+                    RESIDENT=self.RESIDENT)
 
 
 def is_available(device: torch.device) -> bool:
@@ -47,13 +110,126 @@ def _padded_k(k: int) -> int:
     return 1 if k == 1 else max(16, triton.next_power_of_2(k))
 
 
-def unsupported_reason(x: torch.Tensor) -> str | None:
-    if x.dtype not in _IO_DTYPES:
-        return f"it takes float32, float16 or bfloat16 (fp32 math inside), not {x.dtype}; use the torch backend for float64"
-    f = hadamard_factors(x.shape[-1])
-    if _padded_k(f.k) * f.n > MAX_PADDED_D:
-        return f"hidden size {f.d} (= {f.k} x {f.n}) needs more than {MAX_PADDED_D} padded elements per row"
+def _num_warps(tile: int, k_pad: int) -> int:
+    # 32 tile values per thread. More warps do not help K_PAD = 32/64: each warp holds its own copy
+    # of the dot's H_K operand (measured: spills at 8 and 16 warps for 2304 = 36 x 64). With
+    # K_PAD = 16 that operand is small, and 4 warps for 4096 values spilled (3072 = 12 x 256, fp32,
+    # sm_80), so those rows spread over twice the threads (at most 8 warps: 255 registers each).
+    if k_pad == 16 and tile >= 4096:
+        return min(8, tile // 512)
+    if tile <= 4096:
+        return max(1, min(4, tile // 256))
+    return 8 if tile <= 8192 else 16
+
+
+def launch_config(d: int, rows: int, sm_count: int | None = None) -> LaunchConfig:
+    """The configuration the launcher uses for ``rows`` rows of ``d`` on a GPU with ``sm_count``
+    multiprocessors (``None``: the interpreter).
+
+    Two row-block sizes per ``d``, so that a new batch size never compiles a new kernel: one row
+    per block (or the least ``tl.dot`` takes when ``K > 1``) for decode, and the prefill block of
+    ``PREFILL_TILE`` values (at most ``MAX_PREFILL_ROWS`` rows) once there are enough rows for one
+    such block per multiprocessor.
+    """
+    f = hadamard_factors(d)
+    k_pad = _padded_k(f.k)
+    padded = k_pad * f.n
+    min_m = 1 if f.k == 1 else max(1, 16 // f.n)  # tl.dot's M dimension (BLOCK_M * N) must be >= 16
+    if sm_count is None:
+        block_m = max(min_m, INTERPRET_TILE // padded)
+    else:
+        big = max(min_m, min(MAX_PREFILL_ROWS, (PREFILL_TILE if f.k == 1 else PREFILL_TILE_DOT) // padded))
+        block_m = big if rows >= big * sm_count else min_m
+    num_warps = _num_warps(block_m * padded, k_pad)
+    # Persistent programs hold s (and the norm weight) beside the tile across row blocks: only while
+    # both fit in 64 values per thread (32 with K > 1, whose dot needs registers of its own).
+    # (Under the interpreter registers do not matter: always persistent, so the tests walk blocks.)
+    resident = sm_count is None or (block_m + 1) * padded <= (64 if f.k == 1 else 32) * 32 * num_warps
+    return LaunchConfig(block_m, f.k, k_pad, f.n, f.log2_n, num_warps, resident)
+
+
+def resource_estimate(config: LaunchConfig, dtype: torch.dtype, op: str = "hadamard_patch") -> dict:
+    """Shared memory (bytes) and fp32 tile values per thread that a configuration needs on a GPU.
+
+    Shared memory holds tile-sized fp32 buffers (``4 * BLOCK_M * K_PAD * N`` bytes each), as many as
+    Triton keeps live at once: one layout-conversion scratch, plus ``H_K`` (``4 * K_PAD**2``) when
+    ``K > 1``. In the persistent loop with ``K > 1`` the dot's operand tile stays live too, one more
+    buffer for fp32 input (the loaded tile in its own layout) and two more in the epilogue (its two
+    loads and the norm's reduction). The counts are what Triton 3.6-3.8 allocates;
+    ``scripts/triton_aot.py`` checks that this bounds the compiler's allocation for every
+    configuration the backend accepts.
+    """
+    tile_bytes = 4 * config.tile
+    if config.K == 1 or not config.RESIDENT:
+        shared = tile_bytes + (4 * config.K_PAD**2 if config.K > 1 else 0)
+    else:
+        buffers = 2 + (dtype == torch.float32) + 2 * (op == "patch_add_rmsnorm")
+        shared = buffers * tile_bytes + 4 * config.K_PAD**2
+    return dict(shared_bytes=shared, values_per_thread=config.tile // (32 * config.num_warps))
+
+
+def shared_memory_limit(capability: tuple[int, int]) -> int:
+    return SHARED_MEMORY_PER_BLOCK.get(tuple(capability), _DEFAULT_SHARED_MEMORY)
+
+
+def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, int] | None,
+                           op: str = "hadamard_patch") -> str | None:
+    """Why the ``op`` kernel cannot take rows of ``d`` elements of ``dtype`` on a GPU of compute
+    capability ``capability`` (``None``: under the interpreter, no GPU limits). ``None`` when it can."""
+    if dtype not in _IO_DTYPES:
+        return f"it takes float32, float16 or bfloat16 (fp32 math inside), not {dtype}; use the torch backend for float64"
+    f = hadamard_factors(d)
+    k_pad = _padded_k(f.k)
+    if capability is None:
+        return None
+    capability = tuple(capability)
+    arch = f"sm_{capability[0]}{capability[1]}"
+    if capability < MIN_CAPABILITY:
+        return f"the Triton kernels need compute capability 8.0 or newer (tf32 tensor cores), not {arch}"
+    if k_pad > MAX_K_PAD:
+        return (f"hidden size {d} = {f.k} x {f.n}: H_{f.k} is padded to {k_pad} x {k_pad}, more than the "
+                f"{MAX_K_PAD} x {MAX_K_PAD} the kernels hold on chip")
+    if k_pad * f.n > MAX_TILE:
+        return (f"hidden size {d} = {f.k} x {f.n} is padded to {k_pad * f.n} values per row, more than the "
+                f"{MAX_TILE} a program holds in registers without spilling")
+    if f.k > 1 and k_pad * f.n > MAX_TILE_DOT:
+        return (f"hidden size {d} = {f.k} x {f.n} is padded to {k_pad * f.n} values per row, more than the "
+                f"{MAX_TILE_DOT} a program holds beside the H_{f.k} operand of its tensor-core dot without spilling")
+    limit = shared_memory_limit(capability)
+    for rows in (1, 1 << 30):  # the decode and the prefill configuration
+        need = resource_estimate(launch_config(d, rows, sm_count=1), dtype, op)["shared_bytes"]
+        if need > limit:
+            return (f"hidden size {d} = {f.k} x {f.n} needs {need} bytes of shared memory per block, more than "
+                    f"the {limit} of {arch}")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def unsupported_reason(x: torch.Tensor, op: str = "hadamard_patch") -> str | None:
+    capability = device_capability(_index(x.device)) if x.device.type == "cuda" else None
+    return unsupported_reason_for(x.dtype, int(x.shape[-1]), capability, op)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch: Triton launches on the current device and its current
+    stream, so a tensor on ``cuda:1`` while ``cuda:0`` is current needs the switch (and then runs
+    on ``cuda:1``'s current stream). A no-op in the common case where it is already current."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
 
 
 @triton.jit
@@ -66,6 +242,14 @@ def _wht_last_axis(x, R: tl.constexpr, N: tl.constexpr, LOG2_N: tl.constexpr):
 
 
 @triton.jit
+def _dot_h_k(xt, h_k):
+    """``xt @ h_k`` for fp32 ``xt`` and a +-1 ``h_k``, to fp32 accuracy in two tf32 products."""
+    hi = (xt.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    acc = tl.dot(hi, h_k, input_precision="tf32")
+    return tl.dot(xt - hi, h_k, acc, input_precision="tf32")
+
+
+@triton.jit
 def _transform_tile(x, h_k, BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                     N: tl.constexpr, LOG2_N: tl.constexpr):
     """``H_K X H_N`` for each row of a (BLOCK_M, K_PAD, N) fp32 tile (padding rows of X are zero)."""
@@ -75,69 +259,102 @@ def _transform_tile(x, h_k, BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.co
     if K > 1:
         # X -> H_K X, as rows of X^T times H_K (symmetric): (BLOCK_M * N, K_PAD) @ (K_PAD, K_PAD).
         xt = tl.reshape(tl.permute(x, (0, 2, 1)), (BLOCK_M * N, K_PAD))
-        xt = tl.dot(xt, h_k, input_precision="ieee")
+        xt = _dot_h_k(xt, h_k)
         x = tl.permute(tl.reshape(xt, (BLOCK_M, N, K_PAD)), (0, 2, 1))
     return x
 
 
 @triton.jit
-def _hadamard_kernel(x_ptr, y_ptr, h_k_ptr, s_ptr, rows, x_row_stride, out_scale,
-                     PATCH: tl.constexpr, BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                     N: tl.constexpr, LOG2_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+def _load_h_k(h_k_ptr, K: tl.constexpr, K_PAD: tl.constexpr):
     kk = tl.arange(0, K_PAD)
-    nn = tl.arange(0, N)
-    col = kk[:, None] * N + nn[None, :]                      # (K_PAD, N) index into the row
-    col_ok = (kk < K)[:, None] & (nn < N)[None, :]
-    mask = (row < rows)[:, None, None] & col_ok[None, :, :]
-    x = tl.load(x_ptr + row[:, None, None] * x_row_stride + col[None, :, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-
     h_k = tl.zeros((1, 1), dtype=tl.float32)
     if K > 1:
-        hk_mask = (kk < K)[:, None] & (kk < K)[None, :]
-        h_k = tl.load(h_k_ptr + kk[:, None] * K + kk[None, :], mask=hk_mask, other=0.0)
+        h_k = tl.load(h_k_ptr + kk[:, None] * K + kk[None, :], mask=(kk < K)[:, None] & (kk < K)[None, :], other=0.0)
+    return h_k
 
-    x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
+
+@triton.jit
+def _row_tile(block, rows, K: tl.constexpr, K_PAD: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row indices (int64) of row block ``block``, the (K_PAD, N) column index and the tile's mask."""
+    kk = tl.arange(0, K_PAD)
+    nn = tl.arange(0, N)
+    col = kk[:, None] * N + nn[None, :]
+    row = tl.arange(0, BLOCK_M).to(tl.int64) + block * BLOCK_M  # block * BLOCK_M <= rows + BLOCK_M < 2**31
+    mask = (row < rows)[:, None, None] & ((kk < K)[:, None] & (nn < N)[None, :])[None, :, :]
+    return row, col, mask
+
+
+@triton.jit
+def _load_row_vector(ptr, K: tl.constexpr, K_PAD: tl.constexpr, N: tl.constexpr):
+    """A length-d vector (s, the norm weight) as a (K_PAD, N) fp32 tile, zero in the padding."""
+    kk = tl.arange(0, K_PAD)
+    nn = tl.arange(0, N)
+    mask = (kk < K)[:, None] & (nn < N)[None, :]
+    return tl.load(ptr + kk[:, None] * N + nn[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _hadamard_block(block, x_ptr, y_ptr, h_k, s, rows, x_row_stride, out_scale, PATCH: tl.constexpr,
+                    BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, N: tl.constexpr,
+                    LOG2_N: tl.constexpr):
+    row, col, mask = _row_tile(block, rows, K, K_PAD, N, BLOCK_M)
+    x = tl.load(x_ptr + row[:, None, None] * x_row_stride + col[None, :, :], mask=mask, other=0.0)
+    x = _transform_tile(x.to(tl.float32), h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
     if PATCH:
-        s = tl.load(s_ptr + col, mask=col_ok, other=0.0)
-        x = x * (s * out_scale)[None, :, :]
-        x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
+        x = _transform_tile(x * (s * out_scale)[None, :, :], h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
     else:
         x = x * out_scale
     tl.store(y_ptr + row[:, None, None] * (K * N) + col[None, :, :], x.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["rows"])
+def _hadamard_kernel(x_ptr, y_ptr, h_k_ptr, s_ptr, rows, x_row_stride, out_scale,
+                     PATCH: tl.constexpr, BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                     N: tl.constexpr, LOG2_N: tl.constexpr, RESIDENT: tl.constexpr):
+    h_k = _load_h_k(h_k_ptr, K, K_PAD)
+    s = tl.zeros((1, 1), dtype=tl.float32)
+    if PATCH:
+        s = _load_row_vector(s_ptr, K, K_PAD, N)
+    if RESIDENT:  # persistent: s and H_K loaded once, the program walks row blocks
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+            _hadamard_block(block, x_ptr, y_ptr, h_k, s, rows, x_row_stride, out_scale, PATCH, BLOCK_M, K, K_PAD,
+                            N, LOG2_N)
+    else:  # rows too large to keep s beside them for a loop: one block per program
+        _hadamard_block(tl.program_id(0), x_ptr, y_ptr, h_k, s, rows, x_row_stride, out_scale, PATCH, BLOCK_M, K,
+                        K_PAD, N, LOG2_N)
+
+
 @triton.jit
-def _patch_add_rmsnorm_kernel(r_ptr, u_ptr, h_ptr, n_ptr, h_k_ptr, s_ptr, w_ptr, rows, r_row_stride,
-                              u_row_stride, inv_d, eps,
-                              BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                              N: tl.constexpr, LOG2_N: tl.constexpr):
-    """h = (r + u) H diag(s / d) H, n = h * rsqrt(mean(h^2) + eps) * w: two reads, two writes per row."""
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    kk = tl.arange(0, K_PAD)
-    nn = tl.arange(0, N)
-    col = kk[:, None] * N + nn[None, :]
-    col_ok = (kk < K)[:, None] & (nn < N)[None, :]
-    mask = (row < rows)[:, None, None] & col_ok[None, :, :]
+def _patch_add_rmsnorm_block(block, r_ptr, u_ptr, h_ptr, n_ptr, h_k, s, w, rows, r_row_stride, u_row_stride,
+                             inv_d, eps, BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                             N: tl.constexpr, LOG2_N: tl.constexpr):
+    row, col, mask = _row_tile(block, rows, K, K_PAD, N, BLOCK_M)
     x = tl.load(r_ptr + row[:, None, None] * r_row_stride + col[None, :, :], mask=mask, other=0.0).to(tl.float32)
     x += tl.load(u_ptr + row[:, None, None] * u_row_stride + col[None, :, :], mask=mask, other=0.0).to(tl.float32)
-
-    h_k = tl.zeros((1, 1), dtype=tl.float32)
-    if K > 1:
-        hk_mask = (kk < K)[:, None] & (kk < K)[None, :]
-        h_k = tl.load(h_k_ptr + kk[:, None] * K + kk[None, :], mask=hk_mask, other=0.0)
-    s = tl.load(s_ptr + col, mask=col_ok, other=0.0)
-    x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N)
-    x = x * (s * inv_d)[None, :, :]
+    x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N) * (s * inv_d)[None, :, :]
     x = _transform_tile(x, h_k, BLOCK_M, K, K_PAD, N, LOG2_N)   # padding rows stay exactly zero
     out = row[:, None, None] * (K * N) + col[None, :, :]
     tl.store(h_ptr + out, x.to(h_ptr.dtype.element_ty), mask=mask)
-
-    mean_sq = tl.sum(tl.sum(x * x, axis=2), axis=1) * inv_d
-    rstd = 1.0 / tl.sqrt(mean_sq + eps)
-    w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) * inv_d + eps)
     tl.store(n_ptr + out, (x * rstd[:, None, None] * w[None, :, :]).to(n_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["rows"])
+def _patch_add_rmsnorm_kernel(r_ptr, u_ptr, h_ptr, n_ptr, h_k_ptr, s_ptr, w_ptr, rows, r_row_stride,
+                              u_row_stride, inv_d, eps,
+                              BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                              N: tl.constexpr, LOG2_N: tl.constexpr, RESIDENT: tl.constexpr):
+    """h = (r + u) H diag(s / d) H, n = h * rsqrt(mean(h^2) + eps) * w: two reads, two writes per row."""
+    h_k = _load_h_k(h_k_ptr, K, K_PAD)
+    s = _load_row_vector(s_ptr, K, K_PAD, N)
+    w = _load_row_vector(w_ptr, K, K_PAD, N)
+    if RESIDENT:  # persistent: s, w and H_K loaded once, the program walks row blocks
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+            _patch_add_rmsnorm_block(block, r_ptr, u_ptr, h_ptr, n_ptr, h_k, s, w, rows, r_row_stride,
+                                     u_row_stride, inv_d, eps, BLOCK_M, K, K_PAD, N, LOG2_N)
+    else:  # rows too large to keep s and w beside them for a loop: one block per program
+        _patch_add_rmsnorm_block(tl.program_id(0), r_ptr, u_ptr, h_ptr, n_ptr, h_k, s, w, rows, r_row_stride,
+                                 u_row_stride, inv_d, eps, BLOCK_M, K, K_PAD, N, LOG2_N)
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,18 +368,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch_config(rows: int, d: int) -> dict:
-    f = hadamard_factors(d)
-    k_pad = _padded_k(f.k)
-    padded = k_pad * f.n
-    # Rows per program: a few thousand fp32 values in registers on a GPU; the interpreter runs each
-    # program as numpy calls, so there a larger block means fewer Python-level iterations.
-    target = (1 << 16) if INTERPRET else 4096
-    block_m = max(1, min(triton.next_power_of_2(max(rows, 1)), target // padded))
-    if f.k > 1 and block_m * f.n < 16:  # tl.dot's M dimension must be >= 16
-        block_m = triton.next_power_of_2(-(-16 // f.n))
-    num_warps = 4 if block_m * padded <= 4096 else 8 if block_m * padded <= 8192 else 16
-    return dict(BLOCK_M=block_m, K=f.k, K_PAD=k_pad, N=f.n, LOG2_N=f.log2_n, num_warps=num_warps)
+def _grid(x: torch.Tensor, rows: int, d: int) -> tuple[tuple[int], LaunchConfig]:
+    """Persistent launch: at most ``PROGRAMS_PER_SM`` programs per multiprocessor, each walking
+    row blocks (under the interpreter, 4 programs: few, and the row-block loop is exercised)."""
+    sm_count = _sm_count(_index(x.device)) if x.device.type == "cuda" else None
+    config = launch_config(d, rows, sm_count)
+    programs = 4 if sm_count is None else sm_count * PROGRAMS_PER_SM
+    blocks = triton.cdiv(rows, config.BLOCK_M)
+    return (min(blocks, programs) if config.RESIDENT else blocks,), config
 
 
 def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> torch.Tensor:
@@ -170,11 +383,12 @@ def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> to
     x2 = _rows(x)
     rows = x2.shape[0]
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
-    config = _launch_config(rows, d)
+    grid, config = _grid(x, rows, d)
     h_k = _h_k(d, x.device)
     s = scale if scale is not None else h_k  # unused when PATCH is False; any valid pointer
-    grid = (triton.cdiv(rows, config["BLOCK_M"]),)
-    _hadamard_kernel[grid](x2, y, h_k, s, rows, x2.stride(0), out_scale, PATCH=scale is not None, **config)
+    with device_guard(x.device):
+        _hadamard_kernel[grid](x2, y, h_k, s, rows, x2.stride(0), out_scale, PATCH=scale is not None,
+                               num_warps=config.num_warps, **config.constexprs())
     return y.view(x.shape)
 
 
@@ -193,10 +407,10 @@ def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch
     rows = r2.shape[0]
     h = torch.empty((rows, d), dtype=residual.dtype, device=residual.device)
     n = torch.empty_like(h)
-    config = _launch_config(rows, d)
-    grid = (triton.cdiv(rows, config["BLOCK_M"]),)
-    _patch_add_rmsnorm_kernel[grid](
-        r2, u2, h, n, _h_k(d, residual.device), scale.to(torch.float32), norm_weight, rows,
-        r2.stride(0), u2.stride(0), 1.0 / d, float(eps), **config,
-    )
+    grid, config = _grid(residual, rows, d)
+    with device_guard(residual.device):
+        _patch_add_rmsnorm_kernel[grid](
+            r2, u2, h, n, _h_k(d, residual.device), scale.to(torch.float32), norm_weight, rows,
+            r2.stride(0), u2.stride(0), 1.0 / d, float(eps), num_warps=config.num_warps, **config.constexprs(),
+        )
     return h.view(residual.shape), n.view(residual.shape)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Triton kernels compiled ahead of time for real GPUs (no GPU needed): every op x dtype x hidden size
+# (the README's model sizes and the extremes) at the launch configurations the backend picks for
+# decode (1 row) and prefill (16,384 rows), for sm_80 and sm_90 (sm_86/sm_89 limits from the sm_80
+# build). Fails on a compile error, a spill, or shared memory over the architecture's limit or over
+# the backend's own estimate, for any configuration the automatic choice can pick.
+# Compiled kernels and their measurements are cached under ~/.cache (reruns: seconds; a cold cache:
+# about 4 minutes on 2 cores). The report goes to $TRITON_AOT_OUT (default: a temporary folder).
+# Environment: PYTHON (default python), TRITON_CACHE_DIR, TRITON_AOT_OUT, JOBS (default: cores),
+# TRITON_AOT_ARGS (extra arguments, e.g. "--dtypes bf16,fp32" for a smaller matrix).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/linearpatch_kernels/triton-aot}
+out=${TRITON_AOT_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/linearpatch-triton-aot.XXXXXX")}
+unset TRITON_INTERPRET
+cd "$root"
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" scripts/triton_aot.py --out "$out" --jobs "${JOBS:-$(nproc)}" ${TRITON_AOT_ARGS:-}
+echo "triton_aot: report in $out/report.md"

@@ -1,0 +1,61 @@
+"""The ahead-of-time compile check (``scripts/triton_aot.py``): a small matrix compiled for real
+targets, and the verdicts it gives. CI runs the whole matrix (``.ci/triton_aot.sh``)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+needs_toolchain = pytest.mark.skipif(not CUOBJDUMP.is_file(), reason="this triton wheel ships no cuobjdump")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("triton_aot", ROOT / "scripts" / "triton_aot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_toolchain
+def test_small_matrix_compiles_without_spills_within_the_estimate(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "linearpatch_kernels", "triton-aot"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "triton_aot.py"), "--out", str(tmp_path),
+                           "--sizes", "252,576", "--dtypes", "bf16", "--ops", "hadamard_patch", "--jobs", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["meta"]["failures"] == []
+    rows = report["rows"]
+    assert {(r["target"], r["regime"]) for r in rows if r["d"] == 576} == {
+        (t, g) for t in ("sm_80", "sm_86", "sm_90") for g in ("decode", "prefill")}
+    for r in rows:
+        if r["d"] == 252:  # 252 x 1: H_252 padded to 256 x 256 does not fit on chip
+            assert "H_252" in r["refused"]
+            continue
+        assert r["local_bytes"] == 0 and r["sass"]["STL"] == 0 and r["sass"]["LDL"] == 0
+        assert 0 < r["shared_bytes"] <= min(r["estimate_shared_bytes"], r["limit"])
+        assert r["registers"] <= 255 and r["sass_total"] > 0
+        # H_36 on tensor cores: mma.sync on sm_80, mma.sync or wgmma on sm_90.
+        assert r["sass"]["HMMA"] + r["sass"]["HGMMA"] > 0
+    assert "| sm_90 | hadamard_patch | bf16 | 576 | prefill |" in (tmp_path / "report.md").read_text()
+
+
+def test_verdicts_flag_spills_and_shared_memory():
+    problems = _script()._problems
+    ok = {"target": "sm_86", "limit": 101_376, "estimate_shared_bytes": 65_536, "shared_bytes": 65_536,
+          "local_bytes": 0, "sass": {"LDL": 0, "STL": 0}}
+    assert problems(ok) == []
+    assert "spills" in problems({**ok, "local_bytes": 96, "sass": {"LDL": 3, "STL": 3}})[0]
+    over = problems({**ok, "shared_bytes": 131_072, "estimate_shared_bytes": 140_000})
+    assert over == ["shared memory 131072 B over the 101376 B of sm_86"]
+    assert "over the backend's estimate" in problems({**ok, "shared_bytes": 70_000})[0]
+    assert problems({**ok, "error": "OutOfResources: shared memory"}) == ["compile error OutOfResources: shared memory"]

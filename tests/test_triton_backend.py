@@ -1,0 +1,198 @@
+"""The Triton backend's launch plan and its limits per GPU architecture, checked on the CPU.
+
+The automatic choice must never pick a configuration that cannot launch: these tests give the
+backends a CUDA tensor stand-in and a fake compute capability and check where each size goes. That
+the resource estimate bounds what the compiler really allocates is checked by
+``scripts/triton_aot.py`` (and ``test_triton_aot.py``); the kernels' numbers by ``test_ops.py``.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import linearpatch_kernels as lp
+from linearpatch_kernels import backends
+from linearpatch_kernels.backends import cuda_backend, select_backend
+from linearpatch_kernels.backends import triton_backend as tb
+from reference import llm_like, positive_scales, reference_patch, reference_transform, rel_err
+
+SM80, SM86, SM90 = (8, 0), (8, 6), (9, 0)
+# Where the Triton kernels really run here: a GPU, else the CPU under the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cuda_input(d: int, dtype=torch.bfloat16):
+    """What the backends look at of a (rows, d) CUDA tensor: device, dtype and shape."""
+    return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(4, d))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Every backend available on CUDA tensors, on a GPU of the capability the test sets."""
+    state = {"capability": SM90, "cuda_built": True}
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(tb, "device_capability", lambda index: state["capability"])
+    monkeypatch.setattr(tb, "is_available", lambda device: torch.device(device).type == "cuda")
+    monkeypatch.setattr(cuda_backend, "is_available", lambda device: state["cuda_built"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations
+
+
+@pytest.mark.parametrize("d", [8, 576, 960, 4096, 5120, 32768])
+def test_two_row_blocks_per_size_so_batch_sizes_do_not_recompile(d):
+    configs = {tb.launch_config(d, rows, sm_count=132) for rows in [1, 2, 3, 7, 8, 100, 129, 1000, 4097, 16384, 10**6]}
+    assert len(configs) <= 2
+    decode, prefill = tb.launch_config(d, 1, 132), tb.launch_config(d, 16384, 132)
+    assert decode.BLOCK_M * decode.N >= (16 if decode.K > 1 else 1)
+    assert decode.BLOCK_M <= prefill.BLOCK_M <= tb.MAX_PREFILL_ROWS
+    assert prefill.tile <= max(tb.PREFILL_TILE, decode.tile)
+
+
+def test_launch_config_pads_k_for_the_tensor_core_dot():
+    c = tb.launch_config(576, 1, 132)  # 36 x 16
+    assert (c.K, c.K_PAD, c.N, c.LOG2_N) == (36, 64, 16, 4)
+    assert c.BLOCK_M * c.N >= 16
+    c = tb.launch_config(1536, 1, 132)  # 12 x 128
+    assert (c.K, c.K_PAD) == (12, 16)
+    assert tb.launch_config(4096, 1, 132).K_PAD == 1
+
+
+def test_shared_memory_estimate_grows_with_the_tile():
+    small, large = tb.launch_config(4096, 1, 132), tb.launch_config(16384, 1, 132)
+    assert tb.resource_estimate(small, torch.bfloat16)["shared_bytes"] == 4 * 4096
+    assert tb.resource_estimate(large, torch.float32, "patch_add_rmsnorm")["shared_bytes"] == 4 * 16384
+    # K > 1 in the persistent loop (576 prefill): the dot's operand tile, fp32's own load layout and
+    # the epilogue's buffers stay live beside the conversion scratch and H_36 (padded to 64 x 64).
+    k36 = tb.launch_config(576, 16384, 132)
+    assert k36.RESIDENT and k36.BLOCK_M == 2
+    assert tb.resource_estimate(k36, torch.bfloat16)["shared_bytes"] == 2 * 4 * k36.tile + 4 * 64 * 64
+    assert tb.resource_estimate(k36, torch.float32)["shared_bytes"] == 3 * 4 * k36.tile + 4 * 64 * 64
+    assert tb.resource_estimate(k36, torch.bfloat16, "patch_add_rmsnorm")["shared_bytes"] == 4 * 4 * k36.tile + 4 * 64 * 64
+    # One row per program (2304 = 36 x 64 decode): the conversion scratch and H_36 only.
+    row = tb.launch_config(2304, 1, 132)
+    assert not row.RESIDENT and tb.resource_estimate(row, torch.float32)["shared_bytes"] == 4 * 4096 + 4 * 64 * 64
+
+
+# ---------------------------------------------------------------------------------------------
+# What the backend accepts per architecture
+
+
+@pytest.mark.parametrize("d", [8, 252, 576, 4096, 18432, 32256, 32768])
+def test_interpreter_has_no_gpu_limits(d):
+    assert tb.unsupported_reason_for(torch.float32, d, None) is None
+
+
+def test_limits_per_architecture(monkeypatch):
+    reason = tb.unsupported_reason_for
+    for cap in (SM80, SM86, SM90):
+        for d in (576, 2304, 4096, 5120, 6144, 16384):
+            for op in ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"):
+                assert reason(torch.bfloat16, d, cap, op) is None
+        assert "252 x 1: H_252 is padded to 256 x 256" in reason(torch.bfloat16, 252, cap)
+        assert "H_252" in reason(torch.bfloat16, 32256, cap)
+        assert "padded to 32768 values per row" in reason(torch.bfloat16, 18432, cap)  # 36 x 512 -> 64 x 512
+        assert "beside the H_36 operand" in reason(torch.bfloat16, 9216, cap)  # 36 x 256 -> 64 x 256
+        assert "without spilling" in reason(torch.bfloat16, 32768, cap)
+    assert "compute capability 8.0 or newer" in reason(torch.float16, 4096, (7, 5))
+    assert "float64" in reason(torch.float64, 4096, SM90)
+    # Shared memory per block is checked against the architecture's limit (here a made-up small one).
+    monkeypatch.setitem(tb.SHARED_MEMORY_PER_BLOCK, SM86, 32768)
+    assert reason(torch.bfloat16, 16384, SM86) == (
+        "hidden size 16384 = 1 x 16384 needs 65536 bytes of shared memory per block, more than the 32768 of sm_86")
+    assert reason(torch.bfloat16, 16384, SM80) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The automatic choice on GPU tensors (fake capability)
+
+
+@pytest.mark.parametrize("capability", [SM80, SM86, SM90])
+@pytest.mark.parametrize("d", [252, 18432, 32256, 32768])
+def test_sizes_no_gpu_kernel_can_launch_route_to_a_backend_that_runs_them(fake_gpu, capability, d):
+    fake_gpu["capability"] = capability
+    x = cuda_input(d)
+    for cuda_built in (True, False):
+        fake_gpu["cuda_built"] = cuda_built
+        name = select_backend(x).NAME
+        assert name != "triton"
+        chosen = backends.get_backend(name)
+        assert chosen.unsupported_reason(x) is None
+        # 252 = 252 x 1 is below the CUDA kernels' 8-wide rows: the torch backend takes it.
+        assert name == ("cuda" if cuda_built and d != 252 else "torch")
+
+
+def test_automatic_choice_follows_the_architecture(fake_gpu, monkeypatch):
+    fake_gpu["cuda_built"] = False
+    x = cuda_input(16384)
+    assert select_backend(x).NAME == "triton"
+    fake_gpu["capability"] = (7, 5)
+    assert select_backend(x).NAME == "torch"
+    fake_gpu["capability"] = SM86
+    monkeypatch.setitem(tb.SHARED_MEMORY_PER_BLOCK, SM86, 32768)
+    assert select_backend(x).NAME == "torch"
+    assert select_backend(cuda_input(4096)).NAME == "triton"
+    fake_gpu["cuda_built"] = True
+    assert select_backend(cuda_input(4096)).NAME == "cuda"
+
+
+def test_forced_triton_says_why_before_launching(fake_gpu):
+    with lp.use_backend("triton"):
+        with pytest.raises(ValueError, match=r"backend 'triton' cannot run this input: hidden size 32768 = 1 x 32768 "
+                                             r"is padded to 32768 values per row, more than the 16384"):
+            select_backend(cuda_input(32768))
+        with pytest.raises(ValueError, match=r"H_252 is padded to 256 x 256"):
+            select_backend(cuda_input(252))
+        assert select_backend(cuda_input(5120)).NAME == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# Device guard
+
+
+def test_device_guard_switches_only_to_another_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = tb.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(tb.device_guard(torch.device("cuda", 0)), torch.cuda.device)
+    assert not isinstance(tb.device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+def test_launches_run_under_the_device_guard(monkeypatch):
+    seen = []
+
+    def recording_guard(device):
+        seen.append(device)
+        return tb.contextlib.nullcontext()
+
+    monkeypatch.setattr(tb, "device_guard", recording_guard)
+    x = llm_like(3, 64, device=DEVICE)
+    s = positive_scales(64, device=DEVICE)
+    with lp.use_backend("triton"):
+        lp.hadamard_patch(x, s)
+        lp.patch_add_rmsnorm(x, x, s, torch.ones(64, device=DEVICE))
+    assert seen == [x.device, x.device]
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent rows: each program walks several row blocks (interpreter: 4 programs)
+
+
+@pytest.mark.parametrize("d", [576, 4096])
+def test_programs_walk_many_row_blocks(d):
+    rows = 5 * tb.launch_config(d, 10**6).BLOCK_M + 3  # 6 blocks over 4 programs, the last one partial
+    x = llm_like(rows, d, torch.bfloat16, seed=2, device=DEVICE)
+    s = positive_scales(d, device=DEVICE)
+    w = torch.rand(d, dtype=torch.bfloat16, device=DEVICE) + 0.5
+    with lp.use_backend("triton"):
+        y = lp.hadamard_patch(x, s)
+        t = lp.hadamard_transform(x, 0.5)
+        h, n = lp.patch_add_rmsnorm(x, x, s, w, eps=1e-6)
+    assert rel_err(y, reference_patch(x, s)) <= 1e-2
+    assert rel_err(t, reference_transform(x, 0.5)) <= 1e-2
+    h_ref = reference_patch(x.double() * 2, s)
+    n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
