@@ -1,6 +1,7 @@
 """linearpatch-kernels: fast LinearPatch (H diag(s) H^T) kernels, custom ops and model surgery."""
 
 from .backends import available_backends, use_backend
+from .build_record import build_info
 from .hadamard import hadamard_matrix, is_supported_size
 from .ops import hadamard_patch, hadamard_transform, patch_add_rmsnorm
 from .model import (
@@ -40,6 +41,7 @@ __all__ = [
     "set_patch",
     "set_patch_enabled",
     "available_backends",
+    "build_info",
     "hadamard_matrix",
     "hadamard_patch",
     "hadamard_transform",
