@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -42,14 +43,19 @@ PY_LIMITED_API = "cp310"
 ENV_FLAG = "LINEARPATCH_BUILD_CUDA"
 # Written into the wheel next to the extension; read by linearpatch_kernels.build_info().
 BUILD_RECORD = "_build_info.json"
-# Headers that keep the extension within glibc 2.28's symbols on a newer build machine (manylinux_2_28).
-GLIBC_COMPAT_INCLUDE = "build_support/glibc_2_28"
+# What keeps the extension within manylinux_2_28 (glibc 2.28, GCC 8's libstdc++) when it is built on a
+# newer Linux: a header that stops libstdc++ from reading a glibc 2.32 variable, and a source that
+# defines two libstdc++ >= 9 constructors in the extension (see the files).
+MANYLINUX_SUPPORT = "build_support/manylinux_2_28"
 
 
 def cuda_sources() -> list[str]:
     """The extension's sources, relative to the project root (setuptools wants relative paths)."""
     src = ROOT / CSRC
-    return [f"{CSRC}/{p.name}" for p in sorted(src.glob("*.cpp")) + sorted(src.glob("*.cu"))]
+    sources = [f"{CSRC}/{p.name}" for p in sorted(src.glob("*.cpp")) + sorted(src.glob("*.cu"))]
+    if sys.platform.startswith("linux"):
+        sources.append(f"{MANYLINUX_SUPPORT}/libstdcxx_compat.cpp")
+    return sources
 
 
 def _load_toolkit_module():
@@ -173,7 +179,7 @@ def cuda_extensions() -> tuple[list, dict, dict, dict | None]:
     ext = CUDAExtension(
         name="linearpatch_kernels._C",
         sources=cuda_sources(),
-        include_dirs=[str(ROOT / GLIBC_COMPAT_INCLUDE)],
+        include_dirs=[str(ROOT / MANYLINUX_SUPPORT / "include")],
         py_limited_api=True,
         extra_compile_args={
             "cxx": ["-O3", *defines],

@@ -186,3 +186,25 @@ def test_check_wheel_without_arguments_prints_its_usage():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_wheel.py")], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2 and "TORCH_PYTHON" in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or shutil.which("nm") is None, reason="needs g++ and binutils")
+def test_manylinux_support_keeps_a_library_within_glibc_2_28_and_gcc_8(tmp_path):
+    """A library using what the extension uses (string streams, shared_ptr reference counts), built
+    like the extension (the support include folder first, the compat source linked in), imports
+    nothing newer than manylinux_2_28 allows; built without them on this machine it may not."""
+    source = tmp_path / "uses_streams.cpp"
+    source.write_text(
+        "#include <memory>\n#include <sstream>\n#include <string>\n"
+        "std::string message(int v) { std::ostringstream s; s << \"value \" << v; return s.str(); }\n"
+        "std::string both(int v) { std::stringstream s; s << v; return s.str(); }\n"
+        "long count(std::shared_ptr<int> p) { auto q = p; return q.use_count(); }\n")
+    support = ROOT / setup_script.MANYLINUX_SUPPORT
+    compat = ROOT / [s for s in setup_script.cuda_sources() if s.startswith(setup_script.MANYLINUX_SUPPORT)][0]
+    library = tmp_path / "with_support.so"
+    subprocess.run(["g++", "-O2", "-std=c++17", "-fPIC", "-shared", f"-I{support / 'include'}", str(source), str(compat),
+                    "-o", str(library)], check=True)
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", str(library)], capture_output=True, text=True, check=True).stdout
+    highest = check_wheel.versioned_imports(undefined)
+    assert check_wheel.manylinux_violations(highest) == [], highest
+    assert "__libc_single_threaded" not in undefined
