@@ -42,6 +42,7 @@ SYSTEM_LIBS = {"libc.so.6", "libm.so.6", "libdl.so.2", "librt.so.1", "libpthread
 TORCH_LIB_PATTERNS = (r"libc10(_cuda)?\.so", r"libtorch(_cpu|_cuda|_python)?\.so")
 C_PLUS_PLUS_TORCH = ("_ZN3c10", "_ZN2at", "_ZN5torch")
 OPS = ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm")
+PYTHON_API = ("Py", "_Py")
 
 
 def say(msg: str) -> None:
@@ -139,7 +140,8 @@ def torch_layout(python: str) -> dict:
     """Version, CUDA version, library folder and site-packages folders of the torch of ``python``."""
     code = ("import json, os, site, sys, torch; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
             "'lib': os.path.join(os.path.dirname(torch.__file__), 'lib'), 'path': [p for p in sys.path if p.endswith('-packages')]}))")
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         fail(f"torch does not import with {python}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -148,7 +150,8 @@ def torch_layout(python: str) -> dict:
 def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str) -> None:
     """Step 2 for one torch."""
     torch_libs = sorted(Path(layout["lib"]).glob("lib*.so*"))
-    from_torch = {s for s, v in symbols.items() if v is None}
+    # Unversioned imports come from torch, except the CPython limited API (the interpreter's).
+    from_torch = {s for s, v in symbols.items() if v is None and not s.startswith(PYTHON_API)}
     missing = sorted(from_torch - exported(torch_libs))
     if missing:
         fail(f"torch {layout['version']} does not export {len(missing)} symbols the extension needs: {missing[:8]}")
@@ -167,6 +170,8 @@ def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str)
 
 def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str]) -> None:
     """Step 3 for one torch: a fresh venv with the wheel; torch from the given environment via a .pth file."""
+    # Only what the fresh environment holds: no PYTHONPATH that could put a source tree first.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = work / f"venv-torch{layout['version']}"
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--system-site-packages", str(venv)], check=True)
@@ -175,12 +180,13 @@ def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str]) 
                               capture_output=True, text=True, check=True).stdout.strip()
     # Before the base interpreter's packages: the torch under test, not another one.
     Path(site_dir, "torch_under_test.pth").write_text("\n".join(layout["path"]) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+                   check=True, env=env)
     subprocess.run([str(python), str(Path(__file__).resolve()), "--inside", str(venv), layout["version"]],
-                   check=True, cwd=work)  # from outside the source tree: the installed package only
+                   check=True, cwd=work, env=env)  # from outside the source tree: the installed package only
     if tests:
         subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                        *[str(Path(t).resolve()) for t in tests]], check=True, cwd=work)
+                        *[str(Path(t).resolve()) for t in tests]], check=True, cwd=work, env=env)
 
 
 def inside(venv: str, torch_version: str) -> None:
