@@ -265,10 +265,12 @@ def tools_env(envs: Path) -> Path:
 def repair(wheel: Path, torch_python: Path, tools: Path, out: Path) -> Path:
     """``auditwheel repair`` to manylinux_2_28 without bundling anything torch provides."""
     excludes = [arg for lib in TORCH_LIBS for arg in ("--exclude", lib)]
-    torch_lib = run([torch_python, "-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"],
-                    capture_output=True, text=True).stdout.strip()
+    # For `auditwheel show`: torch's libraries and its CUDA runtime, where that torch finds them.
+    code = ("import glob, os, sys, torch; print(':'.join([os.path.join(os.path.dirname(torch.__file__), 'lib')] + "
+            "[os.path.dirname(p) for d in sys.path for p in glob.glob(os.path.join(d, 'nvidia/*/lib/libcudart.so.*'))]))")
+    lib_path = run([torch_python, "-c", code], capture_output=True, text=True).stdout.strip()
     env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}",
-           "LD_LIBRARY_PATH": ":".join(filter(None, [torch_lib, os.environ.get("LD_LIBRARY_PATH")]))}
+           "LD_LIBRARY_PATH": ":".join(filter(None, [lib_path, os.environ.get("LD_LIBRARY_PATH")]))}
     show = run([tools / "auditwheel", "show", wheel], env=env, capture_output=True, text=True).stdout
     print(show.strip())
     fresh = wheel.parent / "repaired"

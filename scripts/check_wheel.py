@@ -157,7 +157,7 @@ def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str)
         fail(f"torch {layout['version']} does not export {len(missing)} symbols the extension needs: {missing[:8]}")
     cudart = f"libcudart.so.{cuda_major}"
     from_cudart = {s for s, v in symbols.items() if v == cudart}
-    found = [p for folder in layout["path"] for p in Path(folder).glob(f"nvidia/cuda_runtime/lib/{cudart}")]
+    found = [p for folder in layout["path"] for p in Path(folder).glob(f"nvidia/*/lib/{cudart}")]  # cuda_runtime/ (CUDA 12), cu13/ (CUDA 13)
     found += list(Path(layout["lib"]).glob(f"{cudart}*"))
     if from_cudart and not found:
         fail(f"no {cudart} next to torch {layout['version']} to check {len(from_cudart)} CUDA runtime symbols against")
