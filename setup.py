@@ -180,6 +180,9 @@ def cuda_extensions() -> tuple[list, dict, dict, dict | None]:
         name="linearpatch_kernels._C",
         sources=cuda_sources(),
         include_dirs=[str(ROOT / MANYLINUX_SUPPORT / "include")],
+        # Ahead of torch's libraries (CUDAExtension appends them): C++ standard library symbols then bind
+        # to libstdc++ with their symbol versions, not to copies some torch releases export and others not.
+        libraries=["stdc++"] if sys.platform.startswith("linux") else [],
         py_limited_api=True,
         extra_compile_args={
             "cxx": ["-O3", *defines],

@@ -235,6 +235,8 @@ def build(target: Target, python: Path, cuda_home: Path, archs: str, work: Path)
         if path.name != "build":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     shutil.rmtree(raw, ignore_errors=True)
+    for linked in (src / "build").glob("lib*"):  # always relink: setuptools would not for new link flags
+        shutil.rmtree(linked)
     src.mkdir(parents=True, exist_ok=True)
     scratch_copy(src)
     env = {**pip_env(), "LINEARPATCH_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": archs, "CUDA_HOME": str(cuda_home),
