@@ -9,8 +9,9 @@ oldest and the newest of the wheel's CUDA major). Checks, failing with a message
 1. the library ``linearpatch_kernels/_C*.so``: the highest glibc / libstdc++ / libgcc symbol
    versions it needs are within manylinux_2_28 (GLIBC 2.28, GLIBCXX 3.4.24, CXXABI 1.3.11, GCC 7.0.0),
    it needs no other shared library than those manylinux_2_28 allows plus the ones torch provides
-   (libc10, libtorch*, libcudart of the wheel's CUDA major), and no C++ symbol of libtorch (only the
-   C functions of the stable ABI, which every later torch keeps);
+   (libc10, libtorch*, libcudart of the wheel's CUDA major), no C++ symbol of libtorch (only the
+   C functions of the stable ABI, which every later torch keeps), and every C++ standard library
+   symbol versioned, i.e. bound to libstdc++ (not to a copy one torch release exports);
 2. for each torch: every symbol it takes from torch is exported by that torch's libraries and every
    CUDA runtime symbol by that torch's libcudart;
 3. for each torch, in a fresh virtual environment holding only the wheel (torch comes from the
@@ -41,6 +42,7 @@ SYSTEM_LIBS = {"libc.so.6", "libm.so.6", "libdl.so.2", "librt.so.1", "libpthread
                "libstdc++.so.6", "ld-linux-x86-64.so.2"}
 TORCH_LIB_PATTERNS = (r"libc10(_cuda)?\.so", r"libtorch(_cpu|_cuda|_python)?\.so")
 C_PLUS_PLUS_TORCH = ("_ZN3c10", "_ZN2at", "_ZN5torch")
+C_PLUS_PLUS_STD = ("_ZNSt", "_ZNKSt", "_ZSt", "_ZTISt", "_ZTSSt", "_ZTVSt", "_ZTINSt", "_ZTVNSt")
 OPS = ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm")
 PYTHON_API = ("Py", "_Py")
 
@@ -133,6 +135,10 @@ def check_library(library: Path, cuda_major: str) -> dict[str, str | None]:
     unstable = sorted(s for s in symbols if s.startswith(C_PLUS_PLUS_TORCH))
     if unstable:
         fail(f"{library.name} uses C++ symbols of libtorch (not the stable ABI): {unstable[:5]}")
+    unbound = sorted(s for s, v in symbols.items() if v is None and s.startswith(C_PLUS_PLUS_STD))
+    if unbound:
+        fail(f"{library.name} takes C++ standard library symbols without a libstdc++ version (bound to another "
+             f"library's copy at link time; link libstdc++ first): {unbound[:5]}")
     return symbols
 
 

@@ -208,3 +208,19 @@ def test_manylinux_support_keeps_a_library_within_glibc_2_28_and_gcc_8(tmp_path)
     highest = check_wheel.versioned_imports(undefined)
     assert check_wheel.manylinux_violations(highest) == [], highest
     assert "__libc_single_threaded" not in undefined
+
+
+def test_unversioned_standard_library_imports_are_refused(tmp_path, monkeypatch):
+    """std:: symbols bound at link time to a torch library's copy (unversioned) instead of libstdc++."""
+    nm_output = NM_UNDEFINED + "                 U _ZNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEE10_M_replaceEmmPKcm\n"
+    nm_output = nm_output.replace("2.34", "2.17").replace("2.32", "2.17").replace("3.4.29", "3.4.21")
+    monkeypatch.setattr(check_wheel, "nm", lambda path, *flags: nm_output)
+    monkeypatch.setattr(check_wheel, "needed_libraries", lambda path: ["libtorch_cpu.so", "libcudart.so.12", "libc.so.6"])
+    with pytest.raises(SystemExit, match="without a libstdc\\+\\+ version.*_M_replace"):
+        check_wheel.check_library(tmp_path / "_C.abi3.so", "12")
+    monkeypatch.setattr(check_wheel, "nm", lambda path, *flags: nm_output.replace("_M_replaceEmmPKcm", "_M_replaceEmmPKcm@GLIBCXX_3.4.21"))
+    symbols = check_wheel.check_library(tmp_path / "_C.abi3.so", "12")
+    assert symbols["aoti_torch_empty_strided"] is None
+    monkeypatch.setattr(check_wheel, "needed_libraries", lambda path: ["libcudart.so.13"])
+    with pytest.raises(SystemExit, match="libcudart.so.13"):
+        check_wheel.check_library(tmp_path / "_C.abi3.so", "12")  # the other CUDA major's runtime
