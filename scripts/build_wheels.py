@@ -45,12 +45,13 @@ class Target:
     major: int
     build_torch: str  # the oldest torch >= 2.10 built for this CUDA major on PyPI
     check_torch: tuple[str, ...]  # oldest and newest torch of this CUDA major on PyPI
+    symbols_torch: tuple[str, ...] = ()  # newer torch of another CUDA major: its stable-ABI exports only
 
 
 # PyPI's torch 2.10 is built for CUDA 12.8, 2.11 and later for CUDA 13.0 (other CUDA builds live on
 # download.pytorch.org). torch >= 2.10: the stable-ABI level of csrc/ (setup.TORCH_TARGET_VERSION).
 MATRIX = {
-    "cu12": Target("cu12", 12, build_torch="2.10.0", check_torch=("2.10.0",)),
+    "cu12": Target("cu12", 12, build_torch="2.10.0", check_torch=("2.10.0",), symbols_torch=("2.15.0",)),
     "cu13": Target("cu13", 13, build_torch="2.11.0", check_torch=("2.11.0", "2.15.0")),
 }
 # sm_80 is the oldest the kernels support (bf16); 10.0 and 12.0 where the toolkit knows them.
@@ -319,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
             versions = args.check_torch.split(",") if args.check_torch else target.check_torch
             pythons = [str(torch_env(envs, v)) for v in versions]
             tests = ["--pytest", *args.pytest] if args.pytest else []
-            run([sys.executable, ROOT / "scripts/check_wheel.py", wheel, *pythons, *tests])
+            others = [str(torch_env(envs, v)) for v in target.symbols_torch] if not args.check_torch else []
+            others = ["--symbols-only", *others] if others else []
+            run([sys.executable, ROOT / "scripts/check_wheel.py", wheel, *pythons, *tests, *others])
         timings.append(f"{name}: {wheel.name}: build {built - start:.0f} s, total {time.monotonic() - start:.0f} s")
     for line in timings:
         log(line)

@@ -2,6 +2,7 @@
 """Check a linearpatch-kernels wheel with the compiled CUDA extension; no GPU needed.
 
     python scripts/check_wheel.py WHEEL TORCH_PYTHON [TORCH_PYTHON ...] [--pytest TEST_FILE ...]
+                                  [--symbols-only TORCH_PYTHON ...]
 
 ``TORCH_PYTHON``: interpreters of environments that each hold one torch to check under (e.g. the
 oldest and the newest of the wheel's CUDA major). Checks, failing with a message on the first miss:
@@ -19,13 +20,16 @@ oldest and the newest of the wheel's CUDA major). Checks, failing with a message
    matches the torch's CUDA major, ``torch.ops.load_library`` loads the extension, the three
    ``linearpatch_cuda::*`` kernels are registered for the CUDA dispatch key and not for CPU, and CPU
    calls of ``torch.ops.linearpatch.*`` go to the torch backend and match an fp64 reference; then
-   the ``--pytest`` test files run there against the installed wheel.
+   the ``--pytest`` test files run there against the installed wheel;
+4. ``--symbols-only``: the symbols it takes from torch are exported by these torch environments too,
+   whatever their CUDA major (the stable ABI does not depend on CUDA).
 
 Standard library only (plus binutils' nm and readelf) outside the fresh environments.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -248,16 +252,32 @@ def inside(venv: str, torch_version: str) -> None:
         f"cuda backend: {info['cuda_backend']}")
 
 
+def check_symbols_only(symbols: dict[str, str | None], python: str) -> None:
+    """Step 2's torch part against a torch of another CUDA major: the stable ABI's C functions do not
+    depend on CUDA, so a newer torch's exports stand in for its builds the package index lacks."""
+    layout = torch_layout(python)
+    from_torch = {s for s, v in symbols.items() if v is None and not s.startswith(PYTHON_API)}
+    missing = sorted(from_torch - exported(sorted(Path(layout["lib"]).glob("lib*.so*"))))
+    if missing:
+        fail(f"torch {layout['version']} does not export {len(missing)} symbols the extension needs: {missing[:8]}")
+    say(f"torch {layout['version']} (CUDA {layout['cuda']}, symbols only): its libraries export all {len(from_torch)} torch symbols")
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--inside"]:
         inside(*argv[1:])
         return 0
-    tests = argv[argv.index("--pytest") + 1:] if "--pytest" in argv else []
-    argv = argv[:argv.index("--pytest")] if "--pytest" in argv else argv
-    if len(argv) < 2 or argv[0].startswith("-"):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("wheel", type=Path)
+    parser.add_argument("pythons", nargs="+", metavar="TORCH_PYTHON", help="interpreters of torch environments to check under")
+    parser.add_argument("--pytest", nargs="*", default=[], metavar="TEST_FILE", help="run against each installed wheel")
+    parser.add_argument("--symbols-only", nargs="*", default=[], metavar="TORCH_PYTHON",
+                        help="torch environments (any CUDA major) to check the torch symbols against, nothing else")
+    if len(argv) < 2:
         print(__doc__)
         return 2
-    wheel, pythons = Path(argv[0]).resolve(), argv[1:]
+    args = parser.parse_args(argv)
+    wheel = args.wheel.resolve()
     if not shutil.which("nm") or not shutil.which("readelf"):
         fail("nm and readelf (binutils) are needed")
     with tempfile.TemporaryDirectory(prefix="linearpatch-check-") as tmp:
@@ -272,13 +292,17 @@ def main(argv: list[str]) -> int:
         say(f"{wheel.name}: built for CUDA {record['cuda']} ({record['arch_list']}) with nvcc {record['nvcc']} "
             f"against torch {record['torch']}")
         symbols = check_library(libraries[0], cuda_major)
-        for python in pythons:
+        versions = []
+        for python in args.pythons:
             layout = torch_layout(python)
             if (layout["cuda"] or "").split(".")[0] != cuda_major:
                 fail(f"torch {layout['version']} of {python} is built for CUDA {layout['cuda']}, the wheel for CUDA {cuda_major}")
             check_symbols(symbols, layout, cuda_major)
-            check_in_fresh_env(wheel, layout, work, tests)
-    say(f"OK: {wheel.name} under torch " + ", ".join(torch_layout(p)["version"] for p in pythons))
+            check_in_fresh_env(wheel, layout, work, args.pytest)
+            versions.append(layout["version"])
+        for python in args.symbols_only:
+            check_symbols_only(symbols, python)
+    say(f"OK: {wheel.name} under torch {', '.join(versions)}")
     return 0
 
 
