@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -181,6 +182,15 @@ def assemble_cuda12(envs: Path) -> Path:
     return home
 
 
+def _cuda_toolkit():
+    """The package's toolkit finder, by path (standard library only; no torch needed to import it)."""
+    spec = importlib.util.spec_from_file_location("linearpatch_cuda_toolkit",
+                                                  ROOT / "linearpatch_kernels" / "backends" / "cuda_toolkit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def toolkit(target: Target, envs: Path) -> Path:
     """The CUDA toolkit to build ``target`` with (its nvcc has the target's major version)."""
     override = os.environ.get(f"CUDA{target.major}_HOME")
@@ -188,11 +198,7 @@ def toolkit(target: Target, envs: Path) -> Path:
     candidates += [os.environ.get("CUDA_HOME"), *sorted(glob.glob(f"/usr/local/cuda-{target.major}.*"), reverse=True)]
     nvcc = shutil.which("nvcc")
     if nvcc:  # possibly a wrapper script: its real toolkit
-        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True)
-        match = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, flags=re.MULTILINE)
-        if match:
-            candidates.append(os.path.realpath(match.group(1).strip()))
+        candidates.append(_cuda_toolkit().toolkit_from_nvcc(nvcc))
     for candidate in candidates:
         if candidate and nvcc_major(Path(candidate)) == target.major:
             return Path(candidate)
