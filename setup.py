@@ -12,14 +12,21 @@ against the installed torch, so install with ``--no-build-isolation``:
 is found (``CUDA_HOME`` or ``nvcc`` on ``PATH``) and there is something to build for: a visible
 GPU or an explicit ``TORCH_CUDA_ARCH_LIST``. ``TORCH_CUDA_ARCH_LIST`` defaults to
 ``DEFAULT_ARCH_LIST``. A wheel with the extension gets the local version tag ``+cu<XY>``
-(``torch.version.cuda``), e.g. ``linearpatch_kernels-0.1.0+cu130-cp310-abi3-linux_x86_64.whl``.
+(``torch.version.cuda``), e.g. ``linearpatch_kernels-0.1.0+cu130-cp310-abi3-linux_x86_64.whl``,
+and a build record ``linearpatch_kernels/_build_info.json`` (CUDA, nvcc, arch list, torch) that
+``linearpatch_kernels.build_info()`` reports. Release wheels (one per CUDA major, manylinux_2_28):
+``scripts/build_wheels.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -34,12 +41,21 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
 PY_LIMITED_API = "cp310"
 ENV_FLAG = "LINEARPATCH_BUILD_CUDA"
+# Written into the wheel next to the extension; read by linearpatch_kernels.build_info().
+BUILD_RECORD = "_build_info.json"
+# What keeps the extension within manylinux_2_28 (glibc 2.28, GCC 8's libstdc++) when it is built on a
+# newer Linux: a header that stops libstdc++ from reading a glibc 2.32 variable, and a source that
+# defines two libstdc++ >= 9 constructors in the extension (see the files).
+MANYLINUX_SUPPORT = "build_support/manylinux_2_28"
 
 
 def cuda_sources() -> list[str]:
     """The extension's sources, relative to the project root (setuptools wants relative paths)."""
     src = ROOT / CSRC
-    return [f"{CSRC}/{p.name}" for p in sorted(src.glob("*.cpp")) + sorted(src.glob("*.cu"))]
+    sources = [f"{CSRC}/{p.name}" for p in sorted(src.glob("*.cpp")) + sorted(src.glob("*.cu"))]
+    if sys.platform.startswith("linux"):
+        sources.append(f"{MANYLINUX_SUPPORT}/libstdcxx_compat.cpp")
+    return sources
 
 
 def _load_toolkit_module():
@@ -92,6 +108,35 @@ def local_version(torch_cuda: str) -> str:
     return f"cu{major}{minor}"
 
 
+def torch_min_version(target: str = TORCH_TARGET_VERSION) -> str:
+    """``"0x020a000000000000" -> "2.10"``: the oldest torch whose stable ABI the extension uses."""
+    value = int(target, 16)
+    return f"{value >> 56}.{(value >> 48) & 0xFF}"
+
+
+def nvcc_version(cuda_home: str) -> str | None:
+    """``"12.4.131"`` from ``nvcc --version`` (``release 12.4, V12.4.131``), None if it does not say."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release [0-9.]+, V([0-9.]+)", out)
+    return match.group(1) if match else None
+
+
+def build_record(torch_version: str, torch_cuda: str, nvcc: str | None, arch_list: str) -> dict:
+    """What the compiled extension was built for: which wheel fits which torch."""
+    return {
+        "cuda": torch_cuda,  # the CUDA of the torch built against: the wheel's CUDA major
+        "nvcc": nvcc,
+        "arch_list": arch_list,
+        "torch": torch_version,
+        "torch_min": torch_min_version(),
+        "local_version": local_version(torch_cuda),
+    }
+
+
 def _torch_cuda_version() -> str | None:
     try:
         import torch
@@ -108,8 +153,8 @@ def _gpu_visible() -> bool:
         return False
 
 
-def cuda_extensions() -> tuple[list, dict, dict, str | None]:
-    """``(ext_modules, cmdclass, options, local version tag)`` for ``setup()``."""
+def cuda_extensions() -> tuple[list, dict, dict, dict | None]:
+    """``(ext_modules, cmdclass, options, build record)`` for ``setup()``."""
     flag = os.environ.get(ENV_FLAG)
     if flag is not None and flag.strip() == "0":  # skip the probing too (no torch import, no nvcc call)
         cuda_home = torch_cuda = None
@@ -127,12 +172,17 @@ def cuda_extensions() -> tuple[list, dict, dict, str | None]:
     # torch.utils.cpp_extension reads CUDA_HOME once, at import.
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     defines = ["-DUSE_CUDA", f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
     ext = CUDAExtension(
         name="linearpatch_kernels._C",
         sources=cuda_sources(),
+        include_dirs=[str(ROOT / MANYLINUX_SUPPORT / "include")],
+        # Ahead of torch's libraries (CUDAExtension appends them): C++ standard library symbols then bind
+        # to libstdc++ with their symbol versions, not to copies some torch releases export and others not.
+        libraries=["stdc++"] if sys.platform.startswith("linux") else [],
         py_limited_api=True,
         extra_compile_args={
             "cxx": ["-O3", *defines],
@@ -140,15 +190,22 @@ def cuda_extensions() -> tuple[list, dict, dict, str | None]:
         },
     )
     options = {"bdist_wheel": {"py_limited_api": PY_LIMITED_API}}
-    return [ext], {"build_ext": BuildExtension}, options, local_version(torch_cuda)
+    record = build_record(torch.__version__, torch_cuda, nvcc_version(cuda_home), os.environ["TORCH_CUDA_ARCH_LIST"])
+    return [ext], {"build_ext": BuildExtension}, options, record
 
 
 class BuildPyWithSources(build_py):
-    """Also ship csrc/ as ``linearpatch_kernels/_csrc`` so that the JIT fallback can compile it."""
+    """Also ship csrc/ as ``linearpatch_kernels/_csrc`` so that the JIT fallback can compile it, and
+    the build record of the compiled extension (when there is one) as ``linearpatch_kernels/_build_info.json``."""
+
+    record: dict | None = None
 
     def run(self):
         super().run()
-        target = Path(self.build_lib) / "linearpatch_kernels" / "_csrc"
+        package = Path(self.build_lib) / "linearpatch_kernels"
+        if self.record is not None:
+            (package / BUILD_RECORD).write_text(json.dumps(self.record, indent=1) + "\n")
+        target = package / "_csrc"
         target.mkdir(parents=True, exist_ok=True)
         for path in (ROOT / CSRC).iterdir():
             if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
@@ -167,8 +224,9 @@ class DistributionWithLocalVersion(Distribution):
 
 
 if __name__ == "__main__":
-    ext_modules, cmdclass, options, tag = cuda_extensions()
-    DistributionWithLocalVersion.local_tag = tag
+    ext_modules, cmdclass, options, record = cuda_extensions()
+    DistributionWithLocalVersion.local_tag = record["local_version"] if record else None
+    BuildPyWithSources.record = record
     setup(
         ext_modules=ext_modules,
         cmdclass={"build_py": BuildPyWithSources, **cmdclass},

@@ -1,6 +1,7 @@
 """linearpatch-kernels: fast LinearPatch (H diag(s) H^T) kernels, custom ops and model surgery."""
 
 from .backends import available_backends, use_backend
+from .build_record import build_info
 from .corpus import calibration_windows, evaluation_windows
 from .default_model import load_default_model
 from .evaluation import perplexity
@@ -47,6 +48,7 @@ __all__ = [
     "set_patch",
     "set_patch_enabled",
     "available_backends",
+    "build_info",
     "hadamard_matrix",
     "hadamard_patch",
     "hadamard_transform",

@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded_from: str | None = None  # "prebuilt <path>" or "jit <folder>" once loaded
 _load_error: str | None = None  # why it cannot be loaded, once that is known
+_prebuilt_error: str | None = None  # why the prebuilt library did not load, also when the JIT may still run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def load_extension(allow_jit: bool = True) -> bool:
     Works without a GPU for the prebuilt library (registration only); the JIT build needs one.
     A failure is remembered and warned about once; later calls return False at once.
     """
-    global _loaded_from, _load_error
+    global _loaded_from, _load_error, _prebuilt_error
     if _loaded_from is not None:  # the common case, on every op call: no lock
         return True
     with _lock:
@@ -172,6 +173,7 @@ def load_extension(allow_jit: bool = True) -> bool:
                 _loaded_from = f"prebuilt {path}"
             except OSError as e:  # e.g. a torch older than 2.10, or another CUDA major version
                 errors.append(f"the prebuilt extension {path} does not load: {e}")
+                _prebuilt_error = errors[-1]
         if _loaded_from is None and allow_jit:
             if os.environ.get(JIT_ENV, "1") == "0":
                 errors.append(f"the JIT build is off ({JIT_ENV}=0)")
@@ -194,6 +196,11 @@ def load_extension(allow_jit: bool = True) -> bool:
             warnings.warn(f"linearpatch_kernels: {_load_error}", RuntimeWarning, stacklevel=3)
             return False
         return True
+
+
+def load_error() -> str | None:
+    """Why the library is not loaded (None when it is, or before a load was tried)."""
+    return _load_error or _prebuilt_error
 
 
 def loaded_from() -> str | None:

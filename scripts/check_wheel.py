@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Check a linearpatch-kernels wheel with the compiled CUDA extension; no GPU needed.
+
+    python scripts/check_wheel.py WHEEL TORCH_PYTHON [TORCH_PYTHON ...] [--pytest TEST_FILE ...]
+                                  [--symbols-only TORCH_PYTHON ...]
+
+``TORCH_PYTHON``: interpreters of environments that each hold one torch to check under (e.g. the
+oldest and the newest of the wheel's CUDA major). Checks, failing with a message on the first miss:
+
+1. the library ``linearpatch_kernels/_C*.so``: the highest glibc / libstdc++ / libgcc symbol
+   versions it needs are within manylinux_2_28 (GLIBC 2.28, GLIBCXX 3.4.24, CXXABI 1.3.11, GCC 7.0.0),
+   it needs no other shared library than those manylinux_2_28 allows plus the ones torch provides
+   (libc10, libtorch*, libcudart of the wheel's CUDA major), no C++ symbol of libtorch (only the
+   C functions of the stable ABI, which every later torch keeps), and every C++ standard library
+   symbol versioned, i.e. bound to libstdc++ (not to a copy one torch release exports);
+2. for each torch: every symbol it takes from torch is exported by that torch's libraries and every
+   CUDA runtime symbol by that torch's libcudart;
+3. for each torch, in a fresh virtual environment holding only the wheel (torch comes from the
+   given environment through a .pth file): the installed package is the wheel's, the build record
+   matches the torch's CUDA major, ``torch.ops.load_library`` loads the extension, the three
+   ``linearpatch_cuda::*`` kernels are registered for the CUDA dispatch key and not for CPU, and CPU
+   calls of ``torch.ops.linearpatch.*`` go to the torch backend and match an fp64 reference; then
+   the ``--pytest`` test files run there against the installed wheel;
+4. ``--symbols-only``: the symbols it takes from torch are exported by these torch environments too,
+   whatever their CUDA major (the stable ABI does not depend on CUDA).
+
+Standard library only (plus binutils' nm and readelf) outside the fresh environments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+# manylinux_2_28 (PEP 600; auditwheel's policy): the newest symbol version per versioned library.
+MANYLINUX_2_28 = {"GLIBC": (2, 28), "GLIBCXX": (3, 4, 24), "CXXABI": (1, 3, 11), "GCC": (7, 0, 0)}
+SYSTEM_LIBS = {"libc.so.6", "libm.so.6", "libdl.so.2", "librt.so.1", "libpthread.so.0", "libgcc_s.so.1",
+               "libstdc++.so.6", "ld-linux-x86-64.so.2"}
+TORCH_LIB_PATTERNS = (r"libc10(_cuda)?\.so", r"libtorch(_cpu|_cuda|_python)?\.so")
+C_PLUS_PLUS_TORCH = ("_ZN3c10", "_ZN2at", "_ZN5torch")
+C_PLUS_PLUS_STD = ("_ZNSt", "_ZNKSt", "_ZSt", "_ZTISt", "_ZTSSt", "_ZTVSt", "_ZTINSt", "_ZTVNSt")
+OPS = ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm")
+PYTHON_API = ("Py", "_Py")
+
+
+def say(msg: str) -> None:
+    print(f"check_wheel: {msg}", flush=True)
+
+
+def fail(msg: str) -> None:
+    raise SystemExit(f"check_wheel: FAILED: {msg}")
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def versioned_imports(nm_undefined: str) -> dict[str, tuple[int, ...]]:
+    """``nm -D --undefined-only`` output -> the highest version needed per versioned library.
+
+    Lines look like ``                 U dlsym@GLIBC_2.34`` (``@@`` for defaults); ``GLIBC_PRIVATE``
+    and other non-numeric versions are kept as ``(inf,)``-like huge tuples so that they fail.
+    """
+    highest: dict[str, tuple[int, ...]] = {}
+    for line in nm_undefined.splitlines():
+        match = re.search(r"@@?([A-Z]+)_([0-9.]+|[A-Z]+)$", line.strip())
+        if not match:
+            continue
+        family, ver = match.groups()
+        version = parse_version(ver) if ver[0].isdigit() else (10 ** 9,)
+        if family not in highest or version > highest[family]:
+            highest[family] = version
+    return highest
+
+
+def manylinux_violations(highest: dict[str, tuple[int, ...]]) -> list[str]:
+    """The symbol versions beyond manylinux_2_28 (empty when the library complies)."""
+    return [f"{family}_{'.'.join(map(str, version))} > {family}_{'.'.join(map(str, MANYLINUX_2_28[family]))}"
+            for family, version in sorted(highest.items())
+            if family in MANYLINUX_2_28 and version > MANYLINUX_2_28[family]]
+
+
+def undefined_symbols(nm_undefined: str) -> dict[str, str | None]:
+    """``{symbol: version or None}`` of the strong undefined symbols (weak ``w``/``v`` ones may stay unresolved)."""
+    symbols = {}
+    for line in nm_undefined.splitlines():
+        parts = line.split()
+        if len(parts) != 2 or parts[0] != "U":
+            continue
+        name, _, version = parts[1].partition("@")
+        symbols[name] = version.lstrip("@") or None
+    return symbols
+
+
+def nm(path: Path, *flags: str) -> str:
+    return subprocess.run(["nm", "-D", *flags, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def exported(paths: list[Path]) -> set[str]:
+    names = set()
+    for path in paths:
+        for line in nm(path, "--defined-only").splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                names.add(parts[2].split("@")[0])
+    return names
+
+
+def needed_libraries(path: Path) -> list[str]:
+    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+def check_library(library: Path, cuda_major: str) -> dict[str, str | None]:
+    """Step 1; returns the library's strong undefined symbols."""
+    undefined = nm(library, "--undefined-only")
+    highest = versioned_imports(undefined)
+    violations = manylinux_violations(highest)
+    if violations:
+        fail(f"{library.name} needs symbol versions newer than manylinux_2_28 allows: {', '.join(violations)}")
+    say("highest symbol versions needed: " + ", ".join(f"{f}_{'.'.join(map(str, v))}" for f, v in sorted(highest.items()))
+        + " (manylinux_2_28: GLIBC_2.28, GLIBCXX_3.4.24, CXXABI_1.3.11, GCC_7.0.0)")
+    needed = needed_libraries(library)
+    from_torch = [lib for lib in needed if any(re.fullmatch(p, lib) for p in TORCH_LIB_PATTERNS)
+                  or lib == f"libcudart.so.{cuda_major}"]
+    others = [lib for lib in needed if lib not in from_torch and lib not in SYSTEM_LIBS]
+    if others:
+        fail(f"{library.name} needs {others}: neither manylinux_2_28 system libraries nor torch's (CUDA {cuda_major})")
+    say(f"needs {', '.join(needed)}")
+    symbols = undefined_symbols(undefined)
+    unstable = sorted(s for s in symbols if s.startswith(C_PLUS_PLUS_TORCH))
+    if unstable:
+        fail(f"{library.name} uses C++ symbols of libtorch (not the stable ABI): {unstable[:5]}")
+    unbound = sorted(s for s, v in symbols.items() if v is None and s.startswith(C_PLUS_PLUS_STD))
+    if unbound:
+        fail(f"{library.name} takes C++ standard library symbols without a libstdc++ version (bound to another "
+             f"library's copy at link time; link libstdc++ first): {unbound[:5]}")
+    return symbols
+
+
+def torch_layout(python: str) -> dict:
+    """Version, CUDA version, library folder and site-packages folders of the torch of ``python``."""
+    code = ("import json, os, site, sys, torch; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
+            "'lib': os.path.join(os.path.dirname(torch.__file__), 'lib'), 'path': [p for p in sys.path if p.endswith('-packages')]}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        fail(f"torch does not import with {python}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str) -> None:
+    """Step 2 for one torch."""
+    torch_libs = sorted(Path(layout["lib"]).glob("lib*.so*"))
+    # Unversioned imports come from torch, except the CPython limited API (the interpreter's).
+    from_torch = {s for s, v in symbols.items() if v is None and not s.startswith(PYTHON_API)}
+    missing = sorted(from_torch - exported(torch_libs))
+    if missing:
+        fail(f"torch {layout['version']} does not export {len(missing)} symbols the extension needs: {missing[:8]}")
+    cudart = f"libcudart.so.{cuda_major}"
+    from_cudart = {s for s, v in symbols.items() if v == cudart}
+    found = [p for folder in layout["path"] for p in Path(folder).glob(f"nvidia/*/lib/{cudart}")]  # cuda_runtime/ (CUDA 12), cu13/ (CUDA 13)
+    found += list(Path(layout["lib"]).glob(f"{cudart}*"))
+    if from_cudart and not found:
+        fail(f"no {cudart} next to torch {layout['version']} to check {len(from_cudart)} CUDA runtime symbols against")
+    missing_rt = sorted(from_cudart - exported(found[:1])) if found else []
+    if missing_rt:
+        fail(f"{found[0]} does not export {missing_rt[:8]}")
+    say(f"torch {layout['version']}: its libraries export all {len(from_torch)} torch symbols"
+        + (f", {found[0].name} all {len(from_cudart)} CUDA runtime symbols" if found else ""))
+
+
+def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str]) -> None:
+    """Step 3 for one torch: a fresh venv with the wheel; torch from the given environment via a .pth file."""
+    # Only what the fresh environment holds: no PYTHONPATH that could put a source tree first.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    venv = work / f"venv-torch{layout['version']}"
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    # Before the base interpreter's packages: the torch under test, not another one.
+    Path(site_dir, "torch_under_test.pth").write_text("\n".join(layout["path"]) + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+                   check=True, env=env)
+    subprocess.run([str(python), str(Path(__file__).resolve()), "--inside", str(venv), layout["version"]],
+                   check=True, cwd=work, env=env)  # from outside the source tree: the installed package only
+    if tests:
+        subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                        *[str(Path(t).resolve()) for t in tests]], check=True, cwd=work, env=env)
+
+
+def inside(venv: str, torch_version: str) -> None:
+    """Step 3, run by the fresh environment's interpreter."""
+    import importlib.metadata
+
+    import torch
+
+    import linearpatch_kernels as lp
+    from linearpatch_kernels.backends import cuda_backend, select_backend
+    from linearpatch_kernels.hadamard import hadamard_matrix
+
+    assert torch.__version__ == torch_version, f"imported torch {torch.__version__}, not {torch_version}"
+    assert lp.__file__.startswith(venv), f"imported {lp.__file__}, not the wheel installed in {venv}"
+    version = importlib.metadata.version("linearpatch-kernels")
+    info = lp.build_info()
+    record = info["built_for"]
+    assert record is not None and version.endswith("+" + record["local_version"]), (version, record)
+    assert record["cuda"].split(".")[0] == torch.version.cuda.split(".")[0], (record, torch.version.cuda)
+    library = cuda_backend.prebuilt_library()
+    assert library is not None and library.startswith(venv), library
+    assert cuda_backend.load_extension(allow_jit=False), f"the prebuilt extension did not load: {cuda_backend.load_error()}"
+    for op in OPS:
+        name = f"linearpatch_cuda::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name} has no CUDA kernel"
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), f"{name} has a CPU kernel"
+    schema = str(torch.ops.linearpatch_cuda.patch_add_rmsnorm.default._schema)
+    assert schema.endswith("-> (Tensor, Tensor)"), schema
+    expected_state = "available" if torch.cuda.is_available() else "no CUDA GPU is visible"
+    assert info["cuda_backend"].startswith(expected_state), info["cuda_backend"]
+
+    d = 4096
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, d, generator=g)
+    s = 0.5 + torch.rand(d, generator=g)
+    assert select_backend(x).NAME == "torch"
+    assert select_backend(x, "patch_add_rmsnorm").NAME == "torch"
+    h = hadamard_matrix(d)
+    ref = ((x.double() @ h) * s.double()) @ h.T
+    err = float((torch.ops.linearpatch.hadamard_patch(x, s).double() - ref).norm() / ref.norm())
+    ref_t = x.double() @ hadamard_matrix(d, normalized=False) * 0.5
+    err_t = float((torch.ops.linearpatch.hadamard_transform(x, 0.5).double() - ref_t).norm() / ref_t.norm())
+    u = 0.1 * torch.randn(8, d, generator=g)
+    w = 0.5 + torch.rand(d, generator=g)
+    h_ref = (((x + u).double() @ h) * s.double()) @ h.T
+    n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    h_out, n_out = torch.ops.linearpatch.patch_add_rmsnorm(x, u, s, w, 1e-6)
+    err_e = max(float((h_out.double() - h_ref).norm() / h_ref.norm()), float((n_out.double() - n_ref).norm() / n_ref.norm()))
+    assert max(err, err_t, err_e) < 1e-5, (err, err_t, err_e)
+    say(f"torch {torch.__version__}: {version} loads from {library.removeprefix(venv)}, kernels registered for CUDA "
+        f"only, CPU ops on the torch backend (rel. errors {err:.1e}, {err_t:.1e}, {err_e:.1e}); "
+        f"built for CUDA {record['cuda']} ({record['arch_list']}), nvcc {record['nvcc']}, torch {record['torch']}; "
+        f"cuda backend: {info['cuda_backend']}")
+
+
+def check_symbols_only(symbols: dict[str, str | None], python: str) -> None:
+    """Step 2's torch part against a torch of another CUDA major: the stable ABI's C functions do not
+    depend on CUDA, so a newer torch's exports stand in for its builds the package index lacks."""
+    layout = torch_layout(python)
+    from_torch = {s for s, v in symbols.items() if v is None and not s.startswith(PYTHON_API)}
+    missing = sorted(from_torch - exported(sorted(Path(layout["lib"]).glob("lib*.so*"))))
+    if missing:
+        fail(f"torch {layout['version']} does not export {len(missing)} symbols the extension needs: {missing[:8]}")
+    say(f"torch {layout['version']} (CUDA {layout['cuda']}, symbols only): its libraries export all {len(from_torch)} torch symbols")
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--inside"]:
+        inside(*argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("wheel", type=Path)
+    parser.add_argument("pythons", nargs="+", metavar="TORCH_PYTHON", help="interpreters of torch environments to check under")
+    parser.add_argument("--pytest", nargs="*", default=[], metavar="TEST_FILE", help="run against each installed wheel")
+    parser.add_argument("--symbols-only", nargs="*", default=[], metavar="TORCH_PYTHON",
+                        help="torch environments (any CUDA major) to check the torch symbols against, nothing else")
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    args = parser.parse_args(argv)
+    wheel = args.wheel.resolve()
+    if not shutil.which("nm") or not shutil.which("readelf"):
+        fail("nm and readelf (binutils) are needed")
+    with tempfile.TemporaryDirectory(prefix="linearpatch-check-") as tmp:
+        work = Path(tmp)
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(work / "unpacked")
+        libraries = list((work / "unpacked" / "linearpatch_kernels").glob("_C*.so"))
+        if len(libraries) != 1:
+            fail(f"{wheel.name} holds {len(libraries)} compiled extensions, not one")
+        record = json.loads((work / "unpacked" / "linearpatch_kernels" / "_build_info.json").read_text())
+        cuda_major = record["cuda"].split(".")[0]
+        say(f"{wheel.name}: built for CUDA {record['cuda']} ({record['arch_list']}) with nvcc {record['nvcc']} "
+            f"against torch {record['torch']}")
+        symbols = check_library(libraries[0], cuda_major)
+        versions = []
+        for python in args.pythons:
+            layout = torch_layout(python)
+            if (layout["cuda"] or "").split(".")[0] != cuda_major:
+                fail(f"torch {layout['version']} of {python} is built for CUDA {layout['cuda']}, the wheel for CUDA {cuda_major}")
+            check_symbols(symbols, layout, cuda_major)
+            check_in_fresh_env(wheel, layout, work, args.pytest)
+            versions.append(layout["version"])
+        for python in args.symbols_only:
+            check_symbols_only(symbols, python)
+    say(f"OK: {wheel.name} under torch {', '.join(versions)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
