@@ -19,6 +19,11 @@ from .model import (
     select_block,
     set_patch,
     set_patch_enabled,
+    estimate_cut_scales,
+    fusion_statuses,
+    get_patches,
+    select_blocks,
+    set_patches,
 )
 
 __version__ = "0.1.0"
@@ -39,6 +44,11 @@ __all__ = [
     "select_block",
     "set_patch",
     "set_patch_enabled",
+    "estimate_cut_scales",
+    "fusion_statuses",
+    "get_patches",
+    "select_blocks",
+    "set_patches",
     "available_backends",
     "hadamard_matrix",
     "hadamard_patch",

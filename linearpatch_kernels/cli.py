@@ -57,9 +57,8 @@ class LoadedModel:
         dtype_name = str(dtype).removeprefix("torch.")
         what = f"{config.model_type}, {self.num_layers} layers, d={config.hidden_size}, {dtype_name} on {device}"
         if self.record:
-            r = self.record
-            what += (f"; pruned: layers [{r['start']}, {r['end']}) of {r['num_layers_original']} removed, "
-                     f"patch mode {r['mode']}")
+            what += f"; pruned: layers {_blocks_text(self.record)} of {self.record['num_layers_original']} removed, " \
+                    f"patch mode {_modes_text(self.record)}"
         return f"{self.name} ({what})"
 
 
@@ -257,9 +256,22 @@ def cmd_prune(args) -> int:
 # --- eval --------------------------------------------------------------------------------------
 
 
+def _blocks_text(record: dict) -> str:
+    """The removed blocks of a pruning record: ``[10, 15)`` or ``[10, 13) + [20, 22)``."""
+    from .model import pruning_cuts
+
+    return " + ".join(f"[{c['start']}, {c['end']})" for c in pruning_cuts(record))
+
+
+def _modes_text(record: dict) -> str:
+    from .model import pruning_cuts
+
+    return ", ".join(dict.fromkeys(c["mode"] for c in pruning_cuts(record)))
+
+
 def _pruned_label(record: dict, patched: bool) -> str:
-    block = f"pruned [{record['start']}, {record['end']})"
-    return f"{block} + patch ({record['mode']})" if patched else f"{block}, no patch"
+    block = f"pruned {_blocks_text(record)}"
+    return f"{block} + patch ({_modes_text(record)})" if patched else f"{block}, no patch"
 
 
 def cmd_eval(args) -> int:
