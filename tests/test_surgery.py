@@ -32,28 +32,40 @@ def rotate_p64(s: torch.Tensor) -> torch.Tensor:
 
 def reference_logits(unpruned, input_ids, start, end, p64):
     """Logits of ``unpruned`` with layers [start, end) skipped and ``h @ p64`` at the cut (fp64 matmul)."""
+    return reference_logits_cuts(unpruned, input_ids, [(start, end, p64)])
+
+
+def reference_logits_cuts(unpruned, input_ids, cuts):
+    """Logits of ``unpruned`` with the layers of every ``(start, end, p64)`` in ``cuts`` skipped and
+    ``h @ p64`` applied at that cut: after layer ``start - 1``, or before layer ``end`` when ``start == 0``."""
     layers = unpruned.model.layers
 
-    def apply_p(h):
+    def apply_p(h, p64):
         return (h.double() @ p64).to(h.dtype)
 
     def skip(module, args, kwargs, out):
         h = args[0] if args else kwargs["hidden_states"]
         return h if isinstance(out, torch.Tensor) else (h, *out[1:])
 
-    def patch_output(module, args, out):
-        return apply_p(out) if isinstance(out, torch.Tensor) else (apply_p(out[0]), *out[1:])
+    def patch_output(p64):
+        def hook(module, args, out):
+            return apply_p(out, p64) if isinstance(out, torch.Tensor) else (apply_p(out[0], p64), *out[1:])
+        return hook
 
-    def patch_input(module, args, kwargs):
-        if args:
-            return (apply_p(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": apply_p(kwargs["hidden_states"])}
+    def patch_input(p64):
+        def hook(module, args, kwargs):
+            if args:
+                return (apply_p(args[0], p64), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": apply_p(kwargs["hidden_states"], p64)}
+        return hook
 
-    handles = [layers[j].register_forward_hook(skip, with_kwargs=True) for j in range(start, end)]
-    if start > 0:
-        handles.append(layers[start - 1].register_forward_hook(patch_output))
-    else:
-        handles.append(layers[end].register_forward_pre_hook(patch_input, with_kwargs=True))
+    handles = []
+    for start, end, p64 in cuts:
+        handles += [layers[j].register_forward_hook(skip, with_kwargs=True) for j in range(start, end)]
+        if start > 0:
+            handles.append(layers[start - 1].register_forward_hook(patch_output(p64)))
+        else:
+            handles.append(layers[end].register_forward_pre_hook(patch_input(p64), with_kwargs=True))
     try:
         with torch.no_grad():
             return unpruned(input_ids, use_cache=False).logits

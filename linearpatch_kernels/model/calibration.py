@@ -281,10 +281,10 @@ def _block_costs(similarity: torch.Tensor, method: str) -> torch.Tensor:
     return prefix[None, :] - prefix[:, None]
 
 
-def best_blocks(costs: torch.Tensor, num_prune: int, max_cuts: int) -> list[tuple[int, int]]:
-    """The least-cost set of at most ``max_cuts`` disjoint, non-touching blocks removing ``num_prune`` of
-    the ``L`` layers (``costs[i, j]``: cost of the block ``[i, j)``, ``[L + 1, L + 1]``), keeping at least
-    one layer; sorted by start. Ties go to the solution found first: blocks as early as possible."""
+def best_blocks(costs: torch.Tensor, num_prune: int, max_cuts: int, exact: bool = False) -> list[tuple[int, int]]:
+    """The least-cost set of at most ``max_cuts`` (``exact``: exactly ``max_cuts``) disjoint, non-touching
+    blocks removing ``num_prune`` of the ``L`` layers (``costs[i, j]``: cost of the block ``[i, j)``,
+    ``[L + 1, L + 1]``); sorted by start. Ties go to the solution found first: blocks as early as possible."""
     num_layers = costs.shape[0] - 1
     cost = costs.tolist()
     inf = float("inf")
@@ -293,7 +293,7 @@ def best_blocks(costs: torch.Tensor, num_prune: int, max_cuts: int) -> list[tupl
     choice = [[[0] * (max_cuts + 1) for _ in range(num_prune + 1)] for _ in range(num_layers + 2)]
     for p in range(num_layers + 1, -1, -1):
         for k in range(max_cuts + 1):
-            best[p][0][k] = 0.0
+            best[p][0][k] = 0.0 if k == 0 or not exact else inf
     for p in range(num_layers - 1, -1, -1):
         for r in range(1, num_prune + 1):
             for k in range(1, max_cuts + 1):
@@ -306,7 +306,8 @@ def best_blocks(costs: torch.Tensor, num_prune: int, max_cuts: int) -> list[tupl
                     value, taken = best[p + 1][r][k], 0
                 best[p][r][k], choice[p][r][k] = value, taken
     if best[0][num_prune][max_cuts] == inf:
-        raise ValueError(f"no {max_cuts} block(s) remove {num_prune} of {num_layers} layers")
+        raise ValueError(f"no {'' if exact else 'at most '}{max_cuts} disjoint, non-touching block(s) remove "
+                         f"{num_prune} of {num_layers} layers")
     blocks, p, r, k = [], 0, num_prune, max_cuts
     while r > 0:
         n = choice[p][r][k]

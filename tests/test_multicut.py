@@ -1,0 +1,241 @@
+"""Several cuts in one model: prune_and_patch(blocks=[...]) against a plain formulation on the unpruned model.
+
+The reference (``reference_logits_cuts`` of test_surgery) keeps every layer of an untouched copy, makes
+the removed layers return their input and multiplies the residual stream at each cut by a dense fp64
+``P_i`` with forward hooks: after the layer before the cut, or before the first kept layer when a block
+starts at layer 0. No layer is deleted or renumbered there.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from test_surgery import reference_logits_cuts, rel_err, rotate_p64
+from tiny_models import random_batches, tiny_model
+from transformers import AutoModelForCausalLM
+
+from linearpatch_kernels import (
+    LinearPatch,
+    PatchedDecoderLayer,
+    fusion_status,
+    fusion_statuses,
+    get_patch,
+    get_patches,
+    load_pruned,
+    patch_disabled,
+    prune_and_patch,
+    save_pruned,
+    set_fused,
+    set_patch,
+    set_patch_enabled,
+)
+from linearpatch_kernels.model import pruning_cuts, pruning_record
+
+EYE64 = torch.eye(64, dtype=torch.float64)
+
+# Blocks of a 10-layer model (original indices): two separated cuts; three cuts with a block at the
+# start and one at the end; one kept layer between two cuts (it carries the second patch and follows
+# the first cut); a block at layer 0 then one kept layer (two patches on that layer, input and output).
+BLOCK_SETS = {
+    "two": [(2, 4), (6, 8)],
+    "three": [(0, 2), (4, 5), (7, 10)],
+    "one-layer-between": [(1, 3), (4, 6), (8, 9)],
+    "nested": [(0, 2), (3, 5)],
+}
+
+
+def scales_for(blocks, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(d, generator=g) + 0.5 for _ in blocks]
+
+
+def kept_layers(blocks, num_layers):
+    removed = {i for s, e in blocks for i in range(s, e)}
+    return [i for i in range(num_layers) if i not in removed]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("which", list(BLOCK_SETS))
+@pytest.mark.parametrize("fuse", [True, False])
+def test_logits_match_plain_formulation(family, which, fuse):
+    blocks = BLOCK_SETS[which]
+    model = tiny_model(family, num_layers=10, hidden_size=64, seed=1)
+    unpruned = copy.deepcopy(model)
+    ids = random_batches(1, seqlen=16, seed=2)[0]
+    scales = scales_for(blocks)
+    # Blocks in any order: the scales follow the order of the blocks.
+    prune_and_patch(model, blocks=blocks[::-1], scales=scales[::-1], fuse=fuse)
+    assert len(model.model.layers) == len(kept_layers(blocks, 10))
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    expected = reference_logits_cuts(unpruned, ids, [(s, e, rotate_p64(x)) for (s, e), x in zip(blocks, scales)])
+    assert rel_err(logits, expected) <= 1e-5
+    # Every patch matters: with any one of them the identity, the logits differ visibly.
+    for k in range(len(blocks)):
+        ps = [EYE64 if j == k else rotate_p64(x) for j, x in enumerate(scales)]
+        other = reference_logits_cuts(unpruned, ids, [(s, e, p) for (s, e), p in zip(blocks, ps)])
+        assert rel_err(other, expected) > 1e-3
+    with torch.no_grad(), patch_disabled(model):
+        plain = model(ids, use_cache=False).logits
+    assert rel_err(plain, reference_logits_cuts(unpruned, ids, [(s, e, EYE64) for s, e in blocks])) <= 1e-5
+
+
+def test_structure_indices_record_and_fusion_per_cut():
+    model = tiny_model("qwen3", num_layers=10, hidden_size=64, seed=3)
+    old_types = list(model.config.layer_types)
+    old_attn = [layer.self_attn for layer in model.model.layers]
+    blocks = BLOCK_SETS["one-layer-between"]
+    prune_and_patch(model, blocks=blocks, scales=scales_for(blocks), mode=["rotate", "rotate", "diag"])
+    kept = kept_layers(blocks, 10)  # [0, 3, 6, 7, 9]
+    attn = [layer.self_attn for layer in model.model.layers]
+    assert attn == [old_attn[i] for i in kept]
+    assert [a.layer_idx for a in attn] == list(range(len(kept)))
+    assert model.config.num_hidden_layers == len(kept)
+    assert model.config.layer_types == [old_types[i] for i in kept]
+    assert model.config.linearpatch == {
+        "record_version": 2, "num_layers_original": 10, "hidden_size": 64,
+        "cuts": [{"start": 1, "end": 3, "mode": "rotate"}, {"start": 4, "end": 6, "mode": "rotate"},
+                 {"start": 8, "end": 9, "mode": "diag"}],
+    }
+    # Patches after kept layers 0 (old 0), 1 (old 3) and 3 (old 7).
+    wrapped = [i for i, layer in enumerate(model.model.layers) if isinstance(layer, PatchedDecoderLayer)]
+    assert wrapped == [0, 1, 3]
+    statuses = fusion_statuses(model)
+    assert not statuses[0].fused and "carries the next cut's patch" in statuses[0].reason
+    assert statuses[1] == (True, None)
+    assert not statuses[2].fused and "mode 'diag'" in statuses[2].reason
+    assert fusion_status(model, cut=1) == (True, None)
+    assert [p.mode for p in get_patches(model)] == ["rotate", "rotate", "diag"]
+    assert set_fused(model, False) == [(False, "fuse=False")] * 3
+    assert [s.fused for s in set_fused(model, True)] == [False, True, False]
+
+
+def test_nested_patches_on_one_layer():
+    model = tiny_model("llama", num_layers=10, hidden_size=64, seed=4)
+    prune_and_patch(model, blocks=BLOCK_SETS["nested"], scales=scales_for(BLOCK_SETS["nested"]))
+    outer = model.model.layers[0]
+    assert isinstance(outer, PatchedDecoderLayer) and outer.position == "output"
+    assert isinstance(outer.layer, PatchedDecoderLayer) and outer.layer.position == "input"
+    statuses = fusion_statuses(model)
+    assert not statuses[0].fused and "start == 0" in statuses[0].reason
+    assert not statuses[1].fused and "block starting at layer 0" in statuses[1].reason
+    assert "model.layers.0.patch.scale" in model.state_dict() and "model.layers.0.layer.patch.scale" in model.state_dict()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generate_with_kv_cache_matches_without(family):
+    model = tiny_model(family, num_layers=10, hidden_size=64, seed=5)
+    blocks = BLOCK_SETS["three"]
+    prune_and_patch(model, blocks=blocks, scales=scales_for(blocks, seed=5))
+    prompt = random_batches(1, seqlen=6, seed=5)[0]
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+        assert cached.shape == (1, 18)
+        assert torch.equal(cached, uncached)
+        full = model(cached, use_cache=False).logits
+        out = model(cached[:, :10], use_cache=True)
+        steps = [out.logits]
+        for t in range(10, 18):
+            out = model(cached[:, t:t + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+@pytest.mark.parametrize("family, which", [("llama", "two"), ("qwen3", "three"), ("llama", "nested")])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, family, which):
+    blocks = BLOCK_SETS[which]
+    model = tiny_model(family, num_layers=10, hidden_size=64, seed=6)
+    modes = ["rotate", "diag", "dense"][:len(blocks)]
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.eye(64) + 0.05 * torch.randn(64, 64, generator=g) if m == "dense" else None for m in modes]
+    scales = [None if m == "dense" else s for m, s in zip(modes, scales_for(blocks, seed=6))]
+    prune_and_patch(model, blocks=blocks, scales=scales, mode=modes, weight=weights)
+    ids = random_batches(1, seqlen=14, seed=6)[0]
+    with torch.no_grad():
+        logits = model(ids).logits
+        with patch_disabled(model):
+            plain_logits = model(ids).logits
+        generated = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
+    save_pruned(model, tmp_path)
+    meta = json.loads((tmp_path / "linearpatch.json").read_text())
+    assert meta["cuts"] == [{"start": s, "end": e, "mode": m} for (s, e), m in zip(blocks, modes)]
+    assert "start" not in meta and meta["num_layers"] == len(kept_layers(blocks, 10))
+
+    loaded = load_pruned(tmp_path)
+    assert loaded.config.linearpatch == model.config.linearpatch
+    for a, b in zip(get_patches(loaded), get_patches(model)):
+        name = "weight" if a.mode == "dense" else "scale"
+        assert a.mode == b.mode and torch.equal(getattr(a, name), getattr(b, name))
+    assert fusion_statuses(loaded) == fusion_statuses(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+        assert torch.equal(loaded.generate(ids[:, :5], max_new_tokens=6, do_sample=False), generated)
+    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, plain_logits)
+
+
+def test_bad_blocks_fail_before_any_change():
+    model = tiny_model("llama", num_layers=6, hidden_size=64)
+    cases = [
+        (dict(blocks=[(1, 3), (2, 4)]), ValueError, r"blocks \[1, 3\) and \[2, 4\) overlap"),
+        (dict(blocks=[(1, 3), (3, 4)]), ValueError, r"touch, which makes one cut; pass \[1, 4\) as one block"),
+        (dict(blocks=[(0, 2), (3, 6), (2, 2)]), ValueError, r"block \[start=2, end=2\) is empty"),
+        (dict(blocks=[(0, 3), (3, 6)]), ValueError, "touch"),
+        (dict(blocks=[(0, 6)]), ValueError, "removes all 6 layers"),
+        (dict(blocks=[(1, 2), (3, 4)], scales=[torch.ones(64)] * 3), ValueError, r"3 scales for 2 block\(s\)"),
+        (dict(blocks=[(1, 2), (3, 4)], scales=[torch.ones(64)]), ValueError, r"1 scales for 2 block\(s\)"),
+        (dict(blocks=[(1, 2), (3, 4)], mode=["rotate"]), ValueError, r"1 modes for 2 block\(s\)"),
+        (dict(blocks=[(1, 2), (3, 4)], mode=["rotate", "hadamard"]), ValueError, "unknown mode 'hadamard'"),
+        (dict(blocks=[(1, 2), (3, 4)], scales=[torch.ones(64), torch.ones(48)]), ValueError, r"expected \(64,\)"),
+        (dict(blocks=[(1, 2), (3, 7)]), ValueError, "need 0 <= start < end <= 6"),
+        (dict(blocks=[]), ValueError, "blocks is empty"),
+        (dict(blocks=[(1, 2.0)]), TypeError, "end must be an int"),
+        (dict(blocks=[3]), TypeError, r"each block must be a \(start, end\) pair"),
+        (dict(blocks=[(1, 2)], start=1, end=2), TypeError, "either start and end"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            prune_and_patch(model, **kwargs)
+    assert len(model.model.layers) == 6 and model.config.num_hidden_layers == 6
+    assert getattr(model.config, "linearpatch", None) is None
+    assert not any(isinstance(layer, PatchedDecoderLayer) for layer in model.model.layers)
+
+
+def test_single_and_plural_accessors():
+    model = tiny_model("llama", num_layers=10, hidden_size=64, seed=7)
+    blocks = BLOCK_SETS["two"]
+    prune_and_patch(model, blocks=blocks, scales=scales_for(blocks, seed=7))
+    ids = random_batches(1, seqlen=12, seed=7)[0]
+    with pytest.raises(ValueError, match="found 2; this model has several cuts: pass cut=k"):
+        get_patch(model)
+    with pytest.raises(ValueError, match=r"cut=2: this model has 2 cut\(s\); accepted: 0 .. 1"):
+        get_patch(model, cut=2)
+    assert get_patches(model) == [get_patch(model, cut=0), get_patch(model, cut=1)]
+    with torch.no_grad():
+        before = model(ids).logits
+        dense = LinearPatch(64, "dense", weight=get_patch(model, cut=1).dense_matrix())
+        set_patch(model, dense, cut=1)
+        assert get_patch(model, cut=1) is dense
+        assert [c["mode"] for c in pruning_cuts(model.config.linearpatch)] == ["rotate", "dense"]
+        assert fusion_statuses(model)[0].fused and not fusion_statuses(model)[1].fused
+        assert rel_err(model(ids).logits, before) <= 1e-5
+        set_patch_enabled(model, False)
+        assert not any(p.enabled for p in get_patches(model))
+        set_patch_enabled(model, True)
+        assert rel_err(model(ids).logits, before) <= 1e-5
+
+
+def test_pruning_record_reads_the_single_cut_form():
+    old = {"record_version": 1, "start": 10, "end": 15, "mode": "rotate", "num_layers_original": 30, "hidden_size": 576}
+    assert pruning_cuts(old) == [{"start": 10, "end": 15, "mode": "rotate"}]
+    record = pruning_record([(20, 22, "diag"), {"start": 10, "end": 15, "mode": "rotate"}], 30, 576)
+    assert record["cuts"] == [{"start": 10, "end": 15, "mode": "rotate"}, {"start": 20, "end": 22, "mode": "diag"}]
+    assert pruning_cuts(record) == record["cuts"]
+    with pytest.raises(ValueError, match="overlap"):
+        pruning_cuts({**record, "cuts": [{"start": 10, "end": 15, "mode": "rotate"}, {"start": 12, "end": 16, "mode": "diag"}]})
+    with pytest.raises(ValueError, match="neither a 'cuts' list"):
+        pruning_cuts({"num_layers_original": 30})
