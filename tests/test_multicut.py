@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from linearpatch_kernels import (
     LinearPatch,
     PatchedDecoderLayer,
+    estimate_cut_scales,
     fusion_status,
     fusion_statuses,
     get_patch,
@@ -239,3 +240,36 @@ def test_pruning_record_reads_the_single_cut_form():
         pruning_cuts({**record, "cuts": [{"start": 10, "end": 15, "mode": "rotate"}, {"start": 12, "end": 16, "mode": "diag"}]})
     with pytest.raises(ValueError, match="neither a 'cuts' list"):
         pruning_cuts({"num_layers_original": 30})
+
+
+@pytest.mark.parametrize("train, lr", [("s", 0.1), ("dense", 1e-2)])
+def test_all_patches_are_distilled_jointly(tmp_path, train, lr):
+    from test_distill import quiet, validation_kl_fp64
+
+    from linearpatch_kernels.model.distill import train_patch
+    from linearpatch_kernels.model.teacher_cache import build_teacher_cache
+
+    torch.set_num_threads(1)
+    teacher = tiny_model("llama", num_layers=8, hidden_size=64, seed=8)
+    ids = torch.randint(3, 96, (28, 24), generator=torch.Generator().manual_seed(8))
+    cache = build_teacher_cache(teacher, ids, tmp_path / "cache", topk=8, chunk_size=16, progress=False, log=quiet)
+    blocks = [(2, 3), (5, 6)]
+    # Training-free scales pushed away by log-normal factors, so that both cuts have much to learn.
+    scales = estimate_cut_scales(teacher, [ids[i:i + 1] for i in range(8)], blocks, progress=False)
+    g = torch.Generator().manual_seed(9)
+    student = prune_and_patch(copy.deepcopy(teacher), blocks=blocks,
+                              scales=[s * torch.exp(0.7 * torch.randn(64, generator=g)) for s in scales])
+    before = [p.dense_matrix().clone() for p in get_patches(student)]
+    patch_ids = {id(t) for p in get_patches(student) for t in p.parameters()}
+    frozen = [(t, t.detach().clone()) for t in student.parameters() if id(t) not in patch_ids]
+    val = list(range(20, 28))
+    kl_before = validation_kl_fp64(student, cache, val)
+    result = train_patch(student, cache, train=train, lr=lr, epochs=4, batch_size=4, val_samples=8, patience=4,
+                         progress=False, log=quiet)
+    patches = get_patches(student)
+    assert [p.mode for p in patches] == ["dense" if train == "dense" else "rotate"] * 2
+    assert all(not torch.allclose(p.dense_matrix(), b) for p, b in zip(patches, before))  # both cuts trained
+    assert all(torch.equal(t, t0) for t, t0 in frozen)
+    kl_after = validation_kl_fp64(student, cache, val)
+    assert abs(result.best_val_loss - kl_after) < 1e-4 * kl_after
+    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
