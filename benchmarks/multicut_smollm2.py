@@ -40,7 +40,7 @@ from linearpatch_kernels.model import (
     prune_and_patch,
     select_block,
 )
-from linearpatch_kernels.model.calibration import _block_costs, best_blocks, pairwise_similarities
+from linearpatch_kernels.model.calibration import block_costs, best_blocks, pairwise_similarities
 
 
 def parse_args(argv=None):
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     similarity = pairwise_similarities(model, calib, progress=False)
-    costs = _block_costs(similarity, "cosine")
+    costs = block_costs(similarity, "cosine")
     single = select_block(model, calib, args.num_prune, "cosine", progress=False)
     if best_blocks(costs, args.num_prune, 1) != [single]:
         raise RuntimeError(f"the table's best single block {best_blocks(costs, args.num_prune, 1)} is not "

@@ -8,6 +8,7 @@ starts at layer 0. No layer is deleted or renumbered there.
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -273,3 +274,95 @@ def test_all_patches_are_distilled_jointly(tmp_path, train, lr):
     kl_after = validation_kl_fp64(student, cache, val)
     assert abs(result.best_val_loss - kl_after) < 1e-4 * kl_after
     assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def char_model_folder(tmp_path_factory):
+    from test_cli import TEXT
+    from test_evaluation import char_tokenizer, tiny_char_model
+
+    folder = tmp_path_factory.mktemp("tiny-char-llama")
+    tiny_char_model(num_layers=8, seed=12).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    (folder / "text.txt").write_text(TEXT, encoding="utf-8")
+    return folder
+
+
+def test_cli_prune_blocks_then_eval(char_model_folder, tmp_path, capsys):
+    from test_calibration import in_order_reference_scales
+    from test_cli import TEXT
+    from test_evaluation import char_tokenizer, direct_perplexity, tiny_char_model
+
+    from linearpatch_kernels.cli import main
+
+    out = tmp_path / "two-cuts"
+    text = char_model_folder / "text.txt"
+    assert main(["prune", "--model", str(char_model_folder), "--blocks", "4:6,1:3", "--calib-text", str(text),
+                 "--samples", "2", "--seqlen", "32", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "blocks: [1, 3) + [4, 6) of 8 (given by --blocks" in stdout and "calibrated in order" in stdout
+    pruned = load_pruned(out)
+    assert pruning_cuts(pruned.config.linearpatch) == [{"start": 1, "end": 3, "mode": "rotate"},
+                                                        {"start": 4, "end": 6, "mode": "rotate"}]
+    ids = torch.tensor([char_tokenizer()(TEXT).input_ids])
+    windows = [ids[:, k * 32:(k + 1) * 32] for k in range(2)]
+    want = in_order_reference_scales(tiny_char_model(num_layers=8, seed=12), windows, [(1, 3), (4, 6)], rotate=True)
+    for patch, w in zip(get_patches(pruned), want):
+        torch.testing.assert_close(patch.scale.double(), w, rtol=1e-4, atol=1e-6)
+
+    assert main(["eval", "--model", str(out), "--text", str(text), "--seqlen", "32", "--samples", "2"]) == 0
+    stdout = capsys.readouterr().out
+    row = re.search(r"pruned \[1, 3\) \+ \[4, 6\) \+ patch \(rotate\)\s+4\s+([\d.]+)", stdout)
+    assert row, stdout
+    assert float(row.group(1)) == pytest.approx(direct_perplexity(pruned, windows), abs=1e-3)
+
+
+def test_cli_prune_selects_several_cuts(char_model_folder, tmp_path, capsys):
+    from test_calibration import brute_force_best_cost, mean_token_cosine, residual_inputs_fp64
+    from test_cli import TEXT
+    from test_evaluation import char_tokenizer, tiny_char_model
+
+    from linearpatch_kernels.cli import main
+
+    out = tmp_path / "selected"
+    text = char_model_folder / "text.txt"
+    assert main(["prune", "--model", str(char_model_folder), "--num-prune", "3", "--max-cuts", "2",
+                 "--calib-text", str(text), "--samples", "2", "--seqlen", "32", "--out", str(out)]) == 0
+    assert "at most 2 cuts" in capsys.readouterr().out
+    cuts = pruning_cuts(load_pruned(out).config.linearpatch)
+    assert sum(c["end"] - c["start"] for c in cuts) == 3 and 1 <= len(cuts) <= 2
+    # The least summed 1 - cos(X_start, X_end) over every choice of at most two blocks, from fp64 states.
+    ids = torch.tensor([char_tokenizer()(TEXT).input_ids])
+    model = tiny_char_model(num_layers=8, seed=12)
+    xs = [residual_inputs_fp64(model, ids[:, k * 32:(k + 1) * 32]) for k in range(2)]
+    costs = torch.tensor([[1.0 - sum(mean_token_cosine(x[i], x[j]) for x in xs) / 2 for j in range(9)]
+                          for i in range(9)], dtype=torch.float64)
+    chosen = sum(costs[c["start"], c["end"]].item() for c in cuts)
+    assert chosen == pytest.approx(brute_force_best_cost(costs, 3, 2, exact=False), abs=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--blocks", "1:3,2:4"], r"blocks \[1, 3\) and \[2, 4\) overlap"),
+    (["--blocks", "0:8"], "removes all 8 layers"),
+    (["--blocks", "1:3", "--num-prune", "2"], "leave out --start, --num-prune and --max-cuts"),
+    (["--num-prune", "2", "--max-cuts", "2", "--start", "1"], "--start gives one block"),
+    ([], "give --num-prune N"),
+])
+def test_cli_prune_bad_blocks(char_model_folder, tmp_path, capsys, argv, message):
+    from linearpatch_kernels.cli import main
+
+    out = tmp_path / "never"
+    assert main(["prune", "--model", str(char_model_folder), "--out", str(out), *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_cli_blocks_syntax_error(capsys):
+    from linearpatch_kernels.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["prune", "--blocks", "1-3", "--out", "x"])
+    assert "expected blocks as START:END[,START:END...]" in capsys.readouterr().err

@@ -75,7 +75,7 @@ from .patch import LinearPatch
 from .surgery import check_blocks, decoder_layers, module_execution_device
 
 __all__ = ["BLOCK_METHODS", "best_block_start", "block_similarities", "estimate_cut_scales", "estimate_scales",
-           "pairwise_similarities", "select_block", "select_blocks"]
+           "best_blocks", "block_costs", "pairwise_similarities", "select_block", "select_blocks"]
 
 BLOCK_METHODS = ("cosine", "block_influence")
 SCALE_MODES = ("rotate", "diag")
@@ -272,7 +272,7 @@ def pairwise_similarities(model: nn.Module, batches, *, progress: bool = True) -
     return means + means.T + torch.eye(num_layers + 1, dtype=torch.float64)
 
 
-def _block_costs(similarity: torch.Tensor, method: str) -> torch.Tensor:
+def block_costs(similarity: torch.Tensor, method: str) -> torch.Tensor:
     """``cost[i, j]`` of removing ``[i, j)`` (module docstring): ``1 - C[i, j]`` or the summed Block Influence."""
     if method == "cosine":
         return 1.0 - similarity
@@ -326,10 +326,11 @@ def _check_max_cuts(max_cuts, caller: str) -> int:
 
 
 def select_blocks(model: nn.Module, batches, num_prune: int, max_cuts: int = 1, method: str = "cosine", *,
-                  progress: bool = True) -> list[tuple[int, int]]:
+                  exact: bool = False, progress: bool = True) -> list[tuple[int, int]]:
     """Up to ``max_cuts`` blocks ``[(start, end), ...]`` (sorted, disjoint, not touching) removing
     ``num_prune`` layers in total, by dynamic programming over the pairwise similarity table (module
-    docstring). ``max_cuts=1`` gives ``[select_block(model, batches, num_prune, method)]``."""
+    docstring); ``exact=True``: exactly ``max_cuts`` blocks (a ``ValueError`` when impossible).
+    ``max_cuts=1`` gives ``[select_block(model, batches, num_prune, method)]``."""
     if method not in BLOCK_METHODS:
         raise ValueError(f"select_blocks: unknown method {method!r}; accepted: {', '.join(BLOCK_METHODS)}")
     num_layers = len(decoder_layers(model))
@@ -339,7 +340,7 @@ def select_blocks(model: nn.Module, batches, num_prune: int, max_cuts: int = 1, 
     if k == 1:
         return [select_block(model, batches, n, method, progress=progress)]
     similarity = pairwise_similarities(model, batches, progress=progress)
-    return best_blocks(_block_costs(similarity, method), n, k)
+    return best_blocks(block_costs(similarity, method), n, k, exact)
 
 
 class _Skipped(nn.Module):
