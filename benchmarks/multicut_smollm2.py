@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-prune", type=int, default=7, help="layers to remove in all (default 7 of 30)")
     p.add_argument("--max-cuts", type=int, nargs="+", default=[2, 3], help="cut counts to compare with one block")
+    p.add_argument("--method", choices=("cosine", "block_influence"), default="cosine",
+                   help="block cost: 1 - cos(X_start, X_end), or the summed Block Influence of the layers")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--eval-samples", type=int, default=8)
@@ -77,8 +79,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     similarity = pairwise_similarities(model, calib, progress=False)
-    costs = block_costs(similarity, "cosine")
-    single = select_block(model, calib, args.num_prune, "cosine", progress=False)
+    costs = block_costs(similarity, args.method)
+    single = select_block(model, calib, args.num_prune, args.method, progress=False)
     if best_blocks(costs, args.num_prune, 1) != [single]:
         raise RuntimeError(f"the table's best single block {best_blocks(costs, args.num_prune, 1)} is not "
                            f"select_block's {single}")
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     total_s = time.perf_counter() - t_start
 
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/multicut_smollm2.py", *(argv or sys.argv[1:])])
-    settings = {"model": DEFAULT_MODEL_NAME, "num_layers": num_layers, "num_prune": args.num_prune,
+    settings = {"model": DEFAULT_MODEL_NAME, "num_layers": num_layers, "num_prune": args.num_prune, "method": args.method,
                 "seqlen": args.seqlen, "calib_samples": args.calib_samples, "eval_samples": args.eval_samples,
                 "threads": torch.get_num_threads(), "selection_seconds": round(selection_s, 1),
                 "total_seconds": round(total_s, 1), "torch": torch.__version__, "python": platform.python_version(),
@@ -141,8 +143,10 @@ def main(argv=None) -> int:
         "",
         f"Perplexity on held-out text (the first {args.eval_samples} windows of {args.seqlen} tokens of the "
         "evaluation corpus, Pride and Prejudice). Blocks chosen from the cosine-similarity table of "
-        f"{args.calib_samples} calibration windows (Emma) by `select_blocks`' dynamic programming (cost: the "
-        "summed 1 - cos of the blocks); rotate patches calibrated on the same windows, in order "
+        f"{args.calib_samples} calibration windows (Emma) by `select_blocks`' dynamic programming (cost: "
+        + ("the summed 1 - cos(X_start, X_end) of the blocks" if args.method == "cosine" else
+           "the summed Block Influence 1 - cos(X_l, X_l+1) of the removed layers")
+        + "); rotate patches calibrated on the same windows, in order "
         "(`estimate_cut_scales`), or each on the dense model (`estimate_scales` per block).",
         "",
         "| choice | blocks removed | table cost | layers | no patch | patch (in order) | patch (each on dense) |",

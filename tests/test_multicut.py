@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from test_surgery import reference_logits_cuts, rel_err, rotate_p64
+from test_surgery import check_generate_with_kv_cache, reference_logits_cuts, rel_err, rotate_p64
 from tiny_models import random_batches, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -130,19 +130,7 @@ def test_generate_with_kv_cache_matches_without(family):
     model = tiny_model(family, num_layers=10, hidden_size=64, seed=5)
     blocks = BLOCK_SETS["three"]
     prune_and_patch(model, blocks=blocks, scales=scales_for(blocks, seed=5))
-    prompt = random_batches(1, seqlen=6, seed=5)[0]
-    with torch.no_grad():
-        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
-        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
-        assert cached.shape == (1, 18)
-        assert torch.equal(cached, uncached)
-        full = model(cached, use_cache=False).logits
-        out = model(cached[:, :10], use_cache=True)
-        steps = [out.logits]
-        for t in range(10, 18):
-            out = model(cached[:, t:t + 1], cache=out.cache, use_cache=True)
-            steps.append(out.logits)
-    assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5
+    check_generate_with_kv_cache(model)
 
 
 @pytest.mark.parametrize("family, which", [("llama", "two"), ("qwen3", "three"), ("llama", "nested")])
@@ -155,11 +143,14 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, family, which):
     scales = [None if m == "dense" else s for m, s in zip(modes, scales_for(blocks, seed=6))]
     prune_and_patch(model, blocks=blocks, scales=scales, mode=modes, weight=weights)
     ids = random_batches(1, seqlen=14, seed=6)[0]
-    with torch.no_grad():
-        logits = model(ids).logits
-        with patch_disabled(model):
-            plain_logits = model(ids).logits
-        generated = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
+
+    @torch.no_grad()
+    def outputs(m):  # logits with and without the patches, greedy tokens
+        with patch_disabled(m):
+            plain = m(ids).logits
+        return m(ids).logits, plain, m.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
+
+    before = outputs(model)
     save_pruned(model, tmp_path)
     meta = json.loads((tmp_path / "linearpatch.json").read_text())
     assert meta["cuts"] == [{"start": s, "end": e, "mode": m} for (s, e), m in zip(blocks, modes)]
@@ -171,13 +162,11 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, family, which):
         name = "weight" if a.mode == "dense" else "scale"
         assert a.mode == b.mode and torch.equal(getattr(a, name), getattr(b, name))
     assert fusion_statuses(loaded) == fusion_statuses(model)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, logits)
-        assert torch.equal(loaded.generate(ids[:, :5], max_new_tokens=6, do_sample=False), generated)
+    assert all(torch.equal(a, b) for a, b in zip(outputs(loaded), before))
     plain, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
-        assert torch.equal(plain(ids).logits, plain_logits)
+        assert torch.equal(plain(ids).logits, before[1])
 
 
 def test_bad_blocks_fail_before_any_change():

@@ -177,6 +177,12 @@ def test_index_fields_config_and_print():
 def test_generate_with_kv_cache_matches_without(family):
     model = tiny_model(family, num_layers=6, hidden_size=64, seed=5)
     prune_and_patch(model, 2, 5, random_scales(64, seed=3))
+    check_generate_with_kv_cache(model)
+
+
+def check_generate_with_kv_cache(model):
+    """Greedy generation with the KV cache gives the tokens of generation without it, and step-by-step
+    decoding with the cache the logits of one full forward pass."""
     prompt = random_batches(1, seqlen=6, seed=5)[0]
     with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
