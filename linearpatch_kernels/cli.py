@@ -1,6 +1,7 @@
 """``linearpatch``: prune a model and patch the cut, evaluate it, or run the demo on SmolLM2.
 
     linearpatch prune --model PATH --num-prune N --out DIR   select, calibrate, prune, patch, save
+    linearpatch prune --model PATH --blocks 14:17,20:23 ...  several cuts (or --num-prune N --max-cuts K)
     linearpatch eval  --model PATH [--tasks arc_easy,...]    perplexity (and lm-eval accuracy)
     linearpatch distill --model DIR --teacher PATH --out DIR train the patch against the dense model
     linearpatch demo                                         the whole job on the embedded SmolLM2
