@@ -189,6 +189,7 @@ def test_bad_blocks_fail_before_any_change():
         (dict(blocks=[(1, 2.0)]), TypeError, "end must be an int"),
         (dict(blocks=[3]), TypeError, r"each block must be a \(start, end\) pair"),
         (dict(blocks=[(1, 2)], start=1, end=2), TypeError, "either start and end"),
+        (dict(start=[(1, 2), (3, 4)]), TypeError, r"for several blocks pass blocks=\[\(start, end\), ...\]"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):

@@ -673,6 +673,8 @@ def prune_and_patch(model: nn.Module, start: int | None = None, end: int | None 
             f"{num_layers} layers"
         )
     if blocks is None:
+        if isinstance(start, (list, tuple)):
+            raise TypeError("prune_and_patch: start must be an int; for several blocks pass blocks=[(start, end), ...]")
         blocks = [_check_block(start, end, num_layers)]
         scales, mode, weight = [scales], [mode], [weight]
     elif start is not None or end is not None:
@@ -720,10 +722,12 @@ def _cut_wrappers(layers: nn.ModuleList) -> list[PatchedDecoderLayer]:
 def _cut_wrapper(model: nn.Module, cut: int | None) -> PatchedDecoderLayer:
     found = _cut_wrappers(decoder_layers(model))
     if cut is None:
-        if len(found) != 1:
-            several = "; this model has several cuts: pass cut=k or use the plural form" if len(found) > 1 else ""
-            raise ValueError(f"expected exactly one patched layer in model.model.layers, found {len(found)}{several}; "
-                             "is this a model returned by prune_and_patch or load_pruned?")
+        if len(found) > 1:
+            raise ValueError(f"expected exactly one patched layer in model.model.layers, found {len(found)}; this model "
+                             "has several cuts: pass cut=k (0-based, in layer order) or use the plural form")
+        if not found:
+            raise ValueError("expected exactly one patched layer in model.model.layers, found 0; is this a model "
+                             "returned by prune_and_patch or load_pruned?")
         return found[0]
     if isinstance(cut, bool) or not isinstance(cut, int) or not 0 <= cut < len(found):
         raise ValueError(f"cut={cut!r}: this model has {len(found)} cut(s); accepted: 0 .. {len(found) - 1}")
