@@ -311,6 +311,17 @@ def test_cli_prune_blocks_then_eval(char_model_folder, tmp_path, capsys):
     assert row, stdout
     assert float(row.group(1)) == pytest.approx(direct_perplexity(pruned, windows), abs=1e-3)
 
+    # distill trains both patches of the checkpoint together (the dense model is the teacher).
+    distilled = tmp_path / "distilled"
+    assert main(["distill", "--model", str(out), "--teacher", str(char_model_folder), "--text", str(text),
+                 "--samples", "6", "--val-samples", "2", "--seqlen", "32", "--epochs", "2", "--batch-size", "2",
+                 "--train", "s", "--lr", "0.05", "--device", "cpu", "--out", str(distilled)]) == 0
+    after = load_pruned(distilled)
+    assert pruning_cuts(after.config.linearpatch) == pruning_cuts(pruned.config.linearpatch)
+    assert all(not torch.equal(a.scale, b.scale) for a, b in zip(get_patches(after), get_patches(pruned)))
+    record = json.loads((distilled / "distill.json").read_text())["result"]
+    assert record["best_val_loss"] <= record["initial_val_loss"]
+
 
 def test_cli_prune_selects_several_cuts(char_model_folder, tmp_path, capsys):
     from test_calibration import brute_force_best_cost, mean_token_cosine, residual_inputs_fp64
