@@ -23,6 +23,11 @@ from .model import (
     select_block,
     set_patch,
     set_patch_enabled,
+    estimate_cut_scales,
+    fusion_statuses,
+    get_patches,
+    select_blocks,
+    set_patches,
 )
 
 __version__ = "0.1.0"
@@ -47,6 +52,11 @@ __all__ = [
     "select_block",
     "set_patch",
     "set_patch_enabled",
+    "estimate_cut_scales",
+    "fusion_statuses",
+    "get_patches",
+    "select_blocks",
+    "set_patches",
     "available_backends",
     "build_info",
     "hadamard_matrix",

@@ -1,6 +1,7 @@
 """``linearpatch``: prune a model and patch the cut, evaluate it, or run the demo on SmolLM2.
 
     linearpatch prune --model PATH --num-prune N --out DIR   select, calibrate, prune, patch, save
+    linearpatch prune --model PATH --blocks 14:17,20:23 ...  several cuts (or --num-prune N --max-cuts K)
     linearpatch eval  --model PATH [--tasks arc_easy,...]    perplexity (and lm-eval accuracy)
     linearpatch distill --model DIR --teacher PATH --out DIR train the patch against the dense model
     linearpatch demo                                         the whole job on the embedded SmolLM2
@@ -76,9 +77,8 @@ class LoadedModel:
         dtype_name = str(dtype).removeprefix("torch.")
         what = f"{config.model_type}, {_layers(self.num_layers)}, d={config.hidden_size}, {dtype_name} on {device}"
         if self.record:
-            r = self.record
-            what += (f"; pruned: layers [{r['start']}, {r['end']}) of {r['num_layers_original']} removed, "
-                     f"patch mode {r['mode']}")
+            what += f"; pruned: layers {_blocks_text(self.record)} of {self.record['num_layers_original']} removed, " \
+                    f"patch mode {_modes_text(self.record)}"
         return f"{self.name} ({what})"
 
 
@@ -255,6 +255,10 @@ def cmd_prune(args) -> int:
     if loaded.record is not None:
         raise CliError(f"--model {args.model} is already a pruned checkpoint; prune the original model instead")
     print(f"model: {loaded.describe()}")
+    if args.blocks is not None or args.max_cuts > 1:
+        return _prune_cuts(args, loaded, out, t_total)
+    if args.num_prune is None:
+        raise CliError("give --num-prune N (layers to remove) or --blocks S:E,S:E (the blocks themselves)")
     num_layers = loaded.num_layers
     n = args.num_prune
     if not 1 <= n < num_layers:
@@ -287,12 +291,82 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _parse_blocks(value: str) -> list[tuple[int, int]]:
+    """``--blocks 14:17,20:23`` -> ``[(14, 17), (20, 23)]`` (original layer indices, end exclusive)."""
+    blocks = []
+    for part in value.split(","):
+        start, sep, end = part.strip().partition(":")
+        if not sep or not start.strip().isdigit() or not end.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected blocks as START:END[,START:END...] with non-negative ints, "
+                                             f"e.g. 14:17,20:23 (END exclusive); got {value!r}")
+        blocks.append((int(start), int(end)))
+    return blocks
+
+
+def _prune_cuts(args, loaded, out: Path, t_total: float) -> int:
+    """``prune --blocks ...`` or ``prune --num-prune N --max-cuts K``: several cuts, calibrated in order."""
+    from .model import estimate_cut_scales, prune_and_patch, save_pruned, select_blocks
+    from .model.surgery import check_blocks
+
+    num_layers = loaded.num_layers
+    if args.blocks is not None:
+        if args.start is not None or args.num_prune is not None or args.max_cuts > 1:
+            raise CliError("--blocks gives the blocks itself; leave out --start, --num-prune and --max-cuts")
+        try:
+            blocks = sorted(check_blocks(args.blocks, num_layers, "--blocks"))
+        except (TypeError, ValueError) as e:
+            raise CliError(str(e)) from None
+    else:
+        if args.start is not None:
+            raise CliError("--start gives one block; with --max-cuts use --blocks S:E,S:E to give several")
+        if args.num_prune is None or not 1 <= args.num_prune < num_layers:
+            raise CliError(f"--num-prune {args.num_prune}: the model has {num_layers} layers; accepted 1 .. "
+                           f"{num_layers - 1}")
+    _warn_if_deep(sum(e - s for s, e in blocks) if args.blocks is not None else args.num_prune, num_layers)
+    windows, described = _windows(loaded.tokenizer, args.calib_text, args.seqlen, args.samples, calibration=True)
+    print(f"calibration: {described}")
+    t0 = time.perf_counter()
+    if args.blocks is None:
+        blocks = select_blocks(loaded.model, windows, args.num_prune, args.max_cuts, args.selection)
+        print(f"blocks: {_blocks_text(blocks)} of {num_layers} (selection: {args.selection}, at most "
+              f"{args.max_cuts} cuts, {_seconds(t0)})")
+    else:
+        print(f"blocks: {_blocks_text(blocks)} of {num_layers} (given by --blocks; no selection pass)")
+    t0 = time.perf_counter()
+    scales = estimate_cut_scales(loaded.model, windows, blocks, args.mode)
+    for (s, e), x in zip(blocks, scales):
+        print(f"scales ({args.mode}) at the cut [{s}, {e}): {_scale_summary(x)}")
+    print(f"calibrated in order, one pass per cut ({_seconds(t0)})")
+    prune_and_patch(loaded.model, blocks=blocks, scales=scales, mode=args.mode)
+    t0 = time.perf_counter()
+    save_pruned(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
+    removed = sum(e - s for s, e in blocks)
+    print(f"saved: {out} ({_layers(num_layers - removed)}, {len(blocks)} cuts, patch {args.mode}; {_seconds(t0)})")
+    print(f"total time: {_seconds(t_total)}")
+    return 0
+
+
 # --- eval --------------------------------------------------------------------------------------
 
 
+def _blocks_text(blocks) -> str:
+    """Removed blocks as ``[10, 15)`` or ``[10, 13) + [20, 22)``; ``blocks``: pairs or a pruning record."""
+    if isinstance(blocks, dict):
+        from .model import pruning_cuts
+
+        blocks = [(c["start"], c["end"]) for c in pruning_cuts(blocks)]
+    return " + ".join(f"[{s}, {e})" for s, e in blocks)
+
+
+def _modes_text(record: dict) -> str:
+    from .model import pruning_cuts
+
+    return ", ".join(dict.fromkeys(c["mode"] for c in pruning_cuts(record)))
+
+
 def _pruned_label(record: dict, patched: bool) -> str:
-    block = f"pruned [{record['start']}, {record['end']})"
-    return f"{block} + patch ({record['mode']})" if patched else f"{block}, no patch"
+    block = f"pruned {_blocks_text(record)}"
+    return f"{block} + patch ({_modes_text(record)})" if patched else f"{block}, no patch"
 
 
 def cmd_eval(args) -> int:
@@ -511,12 +585,34 @@ def run_distill_command(args) -> int:
 # --- demo --------------------------------------------------------------------------------------
 
 
+def _two_cut_row(model, calib, evals, n: int, similarity) -> list[str] | None:
+    """The demo's row for the best model with exactly two cuts removing ``n`` layers in all (blocks from the
+    similarity table, rotate scales calibrated in order), or None when ``n`` layers cannot make two cuts."""
+    from .evaluation import perplexity
+    from .model import estimate_cut_scales, prune_and_patch
+    from .model.calibration import best_blocks, block_costs
+
+    try:
+        blocks = best_blocks(block_costs(similarity, "cosine"), n, 2, exact=True)
+    except ValueError:
+        return None
+    t0 = time.perf_counter()
+    scales = estimate_cut_scales(model, calib, blocks, "rotate")
+    pruned = prune_and_patch(copy.deepcopy(model), blocks=blocks, scales=scales, mode="rotate")
+    ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} in 2 cuts + rotate")
+    num_layers = int(model.config.num_hidden_layers)
+    return [f"pruned {n} in 2 cuts + patch (rotate)", str(num_layers - n), _blocks_text(blocks), f"{ppl:.2f}",
+            _seconds(t0)]
+
+
+
 def cmd_demo(args) -> int:
     import torch
 
     from .evaluation import perplexity
     from .model import (LinearPatch, estimate_scales, get_patch, load_pruned, patch_disabled, prune_and_patch,
                         save_pruned, set_patch)
+    from .model.calibration import pairwise_similarities
 
     t_total = time.perf_counter()
     device = _check_device(args.device)
@@ -541,6 +637,7 @@ def cmd_demo(args) -> int:
         dense_ppl = perplexity(model, evals, desc="perplexity: dense")
         rows = [["dense", str(num_layers), "-", f"{dense_ppl:.2f}", _seconds(t0)]]
         saved = None  # (n, folder, logits before saving) of the first pruned + rotate-patched model
+        similarity = None  # the residual-stream similarity table for the two-cut rows, measured once
         for n in args.num_prune:
             t0 = time.perf_counter()
             start, end, score = _choose_block(model, calib, n, "cosine")
@@ -570,6 +667,11 @@ def cmd_demo(args) -> int:
                     logits = pruned(input_ids=evals[0].to(device), use_cache=False).logits
                 saved = (n, folder, logits)
             del pruned
+            if similarity is None:
+                similarity = pairwise_similarities(model, calib)
+            two_cuts = _two_cut_row(model, calib, evals, n, similarity)
+            if two_cuts is not None:
+                rows.append(two_cuts)
 
         print()
         print(f"{loaded.name}: perplexity on {eval_what}")
@@ -623,11 +725,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="select a block, calibrate the patch, prune, patch and save")
     add_model_options(p)
-    p.add_argument("--num-prune", type=_positive_int, required=True, help="number of consecutive layers to remove")
+    p.add_argument("--num-prune", type=_positive_int, help="number of layers to remove (one block unless --max-cuts)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--selection", choices=("cosine", "block_influence"), default="cosine",
                        help="how to choose the block (default: %(default)s)")
     which.add_argument("--start", type=int, help="remove layers [START, START + N) instead of selecting")
+    p.add_argument("--blocks", type=_parse_blocks, metavar="S:E[,S:E...]",
+                   help="remove these blocks of layers (END exclusive), one patch per cut, e.g. 14:17,20:23")
+    p.add_argument("--max-cuts", type=_positive_int, default=1,
+                   help="select up to this many blocks removing --num-prune layers in all (default: %(default)s)")
     p.add_argument("--mode", choices=("rotate", "diag"), default="rotate",
                    help="rotate: P = H diag(s) H^T; diag: P = diag(s) (default: %(default)s)")
     p.add_argument("--calib-text", nargs="+", metavar="FILE",

@@ -5,11 +5,21 @@ The residual inputs for the references come from Hugging Face's own ``output_hid
 norm for ``X_L`` (``hidden_states[L]`` is the normed state).
 """
 
+import itertools
+
 import pytest
 import torch
 from tiny_models import random_batches, tiny_model
 
-from linearpatch_kernels import block_similarities, estimate_scales, hadamard_matrix, select_block
+from linearpatch_kernels import (
+    block_similarities,
+    estimate_cut_scales,
+    estimate_scales,
+    hadamard_matrix,
+    select_block,
+    select_blocks,
+)
+from linearpatch_kernels.model.calibration import best_blocks, pairwise_similarities
 
 
 def residual_inputs_fp64(model, input_ids):
@@ -158,3 +168,143 @@ def test_bad_arguments():
     for start, end in [(2, 2), (-1, 1), (1, 5), (0, 4)]:
         with pytest.raises(ValueError, match="is not prunable in a model of 4 layers"):
             estimate_scales(model, batches, start, end)
+
+
+# --- several cuts ----------------------------------------------------------------------------------
+
+
+def test_pairwise_similarities_match_fp64():
+    model = tiny_model("qwen3", num_layers=4, hidden_size=64, seed=7)
+    batches = random_batches(2, seqlen=9, seed=7)
+    table = pairwise_similarities(model, batches, progress=False)
+    xs_per_batch = [residual_inputs_fp64(model, ids) for ids in batches]
+    assert table.shape == (5, 5) and table.dtype == torch.float64
+    for i in range(5):
+        for j in range(5):
+            want = sum(mean_token_cosine(xs[i], xs[j]) for xs in xs_per_batch) / len(batches)
+            assert abs(table[i, j].item() - want) <= 1e-5
+
+
+def brute_force_best_cost(costs, num_prune, max_cuts, exact):
+    """Least summed cost over every set of disjoint, non-touching blocks, by enumeration."""
+    num_layers = costs.shape[0] - 1
+    blocks = [(s, e) for s in range(num_layers) for e in range(s + 1, num_layers + 1)]
+    best = float("inf")
+    for k in range(1, max_cuts + 1):
+        if exact and k != max_cuts:
+            continue
+        for chosen in itertools.combinations(blocks, k):
+            if sum(e - s for s, e in chosen) != num_prune:
+                continue
+            if any(b[0] <= a[1] for a, b in zip(chosen, chosen[1:])):  # sorted; must leave a gap
+                continue
+            best = min(best, sum(costs[s, e].item() for s, e in chosen))
+    return best
+
+
+def test_best_blocks_is_the_least_cost_choice():
+    num_layers = 7
+    g = torch.Generator().manual_seed(0)
+    costs = torch.rand(num_layers + 1, num_layers + 1, generator=g, dtype=torch.float64)
+    for num_prune in range(1, num_layers):
+        for max_cuts in (1, 2, 3):
+            for exact in (False, True):
+                want = brute_force_best_cost(costs, num_prune, max_cuts, exact)
+                if want == float("inf"):
+                    with pytest.raises(ValueError, match="disjoint, non-touching"):
+                        best_blocks(costs, num_prune, max_cuts, exact)
+                    continue
+                got = best_blocks(costs, num_prune, max_cuts, exact)
+                assert sum(e - s for s, e in got) == num_prune and len(got) <= max_cuts
+                assert not exact or len(got) == max_cuts
+                assert all(b[0] > a[1] for a, b in zip(got, got[1:]))
+                assert sum(costs[s, e].item() for s, e in got) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["cosine", "block_influence"])
+def test_select_blocks_with_one_cut_is_select_block(method):
+    model = tiny_model("llama", num_layers=6, hidden_size=64, seed=8)
+    batches = random_batches(2, seqlen=10, seed=8)
+    for n in (1, 3):
+        assert select_blocks(model, batches, n, 1, method, progress=False) == [
+            select_block(model, batches, n, method, progress=False)]
+
+
+@pytest.mark.parametrize("method", ["cosine", "block_influence"])
+def test_select_blocks_finds_two_blocks_that_do_nothing(method):
+    """Layers 1, 2 and 5 add nothing to the residual stream: removing 3 layers in at most 2 cuts takes
+    exactly those (cost 0), which no single block of 3 can match."""
+    model = tiny_model("llama", num_layers=8, hidden_size=48, seed=9)
+    with torch.no_grad():
+        for j in (1, 2, 5):
+            model.model.layers[j].self_attn.o_proj.weight.zero_()
+            model.model.layers[j].mlp.down_proj.weight.zero_()
+    batches = random_batches(2, seqlen=10, seed=9)
+    assert select_blocks(model, batches, 3, 2, method, progress=False) == [(1, 3), (5, 6)]
+    assert select_blocks(model, batches, 3, 3, method, progress=False) == [(1, 3), (5, 6)]
+
+
+def in_order_reference_scales(model, batches, blocks, rotate):
+    """Scales of each cut with the earlier blocks skipped and their fp64 patches applied by hooks."""
+    d = model.config.hidden_size
+    h = hadamard_matrix(d, dtype=torch.float64) if rotate else torch.eye(d, dtype=torch.float64)
+    layers = model.model.layers
+    handles, result = [], []
+    try:
+        for start, end in blocks:
+            total = torch.zeros(d, dtype=torch.float64)
+            for ids in batches:
+                seen = {}
+                for i, module in ((start, layers[start]), (end, layers[end] if end < len(layers) else model.model.norm)):
+                    handles.append(module.register_forward_pre_hook(
+                        lambda m, args, i=i: seen.__setitem__(i, args[0].double())))
+                with torch.no_grad():
+                    model(ids, use_cache=False)
+                for _ in range(2):
+                    handles.pop().remove()
+                x_start, x_end = seen[start].reshape(-1, d) @ h, seen[end].reshape(-1, d) @ h
+                total += x_end.abs().mean(0) / x_start.abs().mean(0)
+            s = total / len(batches)
+            result.append(s)
+            p64 = h @ torch.diag(s) @ h.T
+            handles += [layers[j].register_forward_hook(lambda m, args, out: args[0]) for j in range(start, end)]
+            handles.append(layers[start - 1].register_forward_hook(lambda m, args, out, p64=p64: (out.double() @ p64).float()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result
+
+
+@pytest.mark.parametrize("mode", ["rotate", "diag"])
+def test_cut_scales_are_calibrated_in_order(mode):
+    model = tiny_model("mistral", num_layers=8, hidden_size=64, seed=10)
+    batches = random_batches(2, seqlen=10, seed=10)
+    blocks = [(1, 3), (4, 5), (6, 8)]
+    # Given out of order: the result follows the order of the blocks.
+    got = estimate_cut_scales(model, batches, blocks[::-1], mode, progress=False)[::-1]
+    want = in_order_reference_scales(model, batches, blocks, rotate=(mode == "rotate"))
+    for s, w in zip(got, want):
+        assert s.dtype == torch.float32 and s.shape == (64,)
+        assert torch.allclose(s.double(), w, rtol=1e-4, atol=0)
+    # In order differs from calibrating every cut on the dense model (the point of doing it in order).
+    assert not torch.allclose(got[1], estimate_scales(model, batches, 4, 5, mode, progress=False), rtol=1e-3)
+    # One block is estimate_scales exactly; the model is left as it was.
+    assert torch.equal(estimate_cut_scales(model, batches, [(2, 5)], mode, progress=False)[0],
+                       estimate_scales(model, batches, 2, 5, mode, progress=False))
+    assert all(type(layer).__name__ == "MistralDecoderLayer" for layer in model.model.layers)
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in model.model.layers)
+
+
+def test_bad_multicut_arguments():
+    model = tiny_model("llama", num_layers=6, hidden_size=64)
+    batches = random_batches(1, seqlen=8)
+    with pytest.raises(ValueError, match="max_cuts must be a positive int, got 0"):
+        select_blocks(model, batches, 2, 0)
+    with pytest.raises(ValueError, match=r"num_prune=6 for a model of 6 layers"):
+        select_blocks(model, batches, 6, 2)
+    with pytest.raises(ValueError, match="unknown method"):
+        select_blocks(model, batches, 2, 2, "angular")
+    with pytest.raises(ValueError, match=r"estimate_cut_scales: blocks \[1, 3\) and \[2, 4\) overlap"):
+        estimate_cut_scales(model, batches, [(1, 3), (2, 4)])
+    with pytest.raises(ValueError, match="unknown mode 'dense'"):
+        estimate_cut_scales(model, batches, [(1, 3)], "dense")

@@ -22,6 +22,7 @@ from linearpatch_kernels import (
     set_patch,
     set_patch_enabled,
 )
+from linearpatch_kernels.model import pruning_cuts
 
 
 def rotate_p64(s: torch.Tensor) -> torch.Tensor:
@@ -31,28 +32,40 @@ def rotate_p64(s: torch.Tensor) -> torch.Tensor:
 
 def reference_logits(unpruned, input_ids, start, end, p64):
     """Logits of ``unpruned`` with layers [start, end) skipped and ``h @ p64`` at the cut (fp64 matmul)."""
+    return reference_logits_cuts(unpruned, input_ids, [(start, end, p64)])
+
+
+def reference_logits_cuts(unpruned, input_ids, cuts):
+    """Logits of ``unpruned`` with the layers of every ``(start, end, p64)`` in ``cuts`` skipped and
+    ``h @ p64`` applied at that cut: after layer ``start - 1``, or before layer ``end`` when ``start == 0``."""
     layers = unpruned.model.layers
 
-    def apply_p(h):
+    def apply_p(h, p64):
         return (h.double() @ p64).to(h.dtype)
 
     def skip(module, args, kwargs, out):
         h = args[0] if args else kwargs["hidden_states"]
         return h if isinstance(out, torch.Tensor) else (h, *out[1:])
 
-    def patch_output(module, args, out):
-        return apply_p(out) if isinstance(out, torch.Tensor) else (apply_p(out[0]), *out[1:])
+    def patch_output(p64):
+        def hook(module, args, out):
+            return apply_p(out, p64) if isinstance(out, torch.Tensor) else (apply_p(out[0], p64), *out[1:])
+        return hook
 
-    def patch_input(module, args, kwargs):
-        if args:
-            return (apply_p(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": apply_p(kwargs["hidden_states"])}
+    def patch_input(p64):
+        def hook(module, args, kwargs):
+            if args:
+                return (apply_p(args[0], p64), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": apply_p(kwargs["hidden_states"], p64)}
+        return hook
 
-    handles = [layers[j].register_forward_hook(skip, with_kwargs=True) for j in range(start, end)]
-    if start > 0:
-        handles.append(layers[start - 1].register_forward_hook(patch_output))
-    else:
-        handles.append(layers[end].register_forward_pre_hook(patch_input, with_kwargs=True))
+    handles = []
+    for start, end, p64 in cuts:
+        handles += [layers[j].register_forward_hook(skip, with_kwargs=True) for j in range(start, end)]
+        if start > 0:
+            handles.append(layers[start - 1].register_forward_hook(patch_output(p64)))
+        else:
+            handles.append(layers[end].register_forward_pre_hook(patch_input(p64), with_kwargs=True))
     try:
         with torch.no_grad():
             return unpruned(input_ids, use_cache=False).logits
@@ -152,7 +165,8 @@ def test_index_fields_config_and_print():
     assert model.config.layer_types == [old_types[i] for i in kept]
     assert [a.sliding_window is not None for a in attn] == [t == "sliding_attention" for t in model.config.layer_types]
     assert model.config.linearpatch == {
-        "record_version": 1, "start": 1, "end": 4, "mode": "rotate", "num_layers_original": 6, "hidden_size": 64,
+        "record_version": 2, "num_layers_original": 6, "hidden_size": 64,
+        "cuts": [{"start": 1, "end": 4, "mode": "rotate"}],
     }
     text = repr(model)
     assert "PatchedDecoderLayer(" in text and "LinearPatch(mode=rotate, hidden_size=64)" in text
@@ -163,6 +177,12 @@ def test_index_fields_config_and_print():
 def test_generate_with_kv_cache_matches_without(family):
     model = tiny_model(family, num_layers=6, hidden_size=64, seed=5)
     prune_and_patch(model, 2, 5, random_scales(64, seed=3))
+    check_generate_with_kv_cache(model)
+
+
+def check_generate_with_kv_cache(model):
+    """Greedy generation with the KV cache gives the tokens of generation without it, and step-by-step
+    decoding with the cache the logits of one full forward pass."""
     prompt = random_batches(1, seqlen=6, seed=5)[0]
     with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
@@ -232,7 +252,7 @@ def test_set_patch_swaps_in_a_dense_patch():
         before = model(ids).logits
         dense = LinearPatch(48, "dense", weight=get_patch(model).dense_matrix())
         set_patch(model, dense)
-        assert get_patch(model) is dense and model.config.linearpatch["mode"] == "dense"
+        assert get_patch(model) is dense and pruning_cuts(model.config.linearpatch)[0]["mode"] == "dense"
         assert rel_err(model(ids).logits, before) <= 1e-5
     with pytest.raises(ValueError, match="hidden_size 64 != model hidden_size 48"):
         set_patch(model, LinearPatch(64))

@@ -1,6 +1,7 @@
 """Model layer: the LinearPatch module, pruning surgery, calibration and checkpoints for Hugging Face LLMs."""
 
-from .calibration import BLOCK_METHODS, block_similarities, estimate_scales, select_block
+from .calibration import (BLOCK_METHODS, block_similarities, estimate_cut_scales, estimate_scales, select_block,
+                          select_blocks)
 from .checkpoint import load_pruned, save_pruned
 from .distill import DistillResult, distill_patch, topk_kl_loss, train_patch
 from .patch import PATCH_MODES, LinearPatch
@@ -11,13 +12,18 @@ from .surgery import (
     FusionStatus,
     PatchedDecoderLayer,
     fusion_status,
+    fusion_statuses,
     get_patch,
+    get_patches,
     patch_disabled,
     plain_layers,
     prune_and_patch,
+    pruning_cuts,
+    pruning_record,
     set_fused,
     set_patch,
     set_patch_enabled,
+    set_patches,
 )
 from .teacher_cache import TeacherCache, build_teacher_cache
 
@@ -47,6 +53,13 @@ __all__ = [
     "prune_and_patch",
     "save_pruned",
     "select_block",
+    "select_blocks",
     "set_patch",
     "set_patch_enabled",
+    "estimate_cut_scales",
+    "fusion_statuses",
+    "get_patches",
+    "pruning_cuts",
+    "pruning_record",
+    "set_patches",
 ]

@@ -14,6 +14,12 @@ A directory written by ``save_pruned`` holds:
   "hadamard": {"construction": "paley1(q=...)", "k": 36, "n": 16}, "package_version": "0.1.0"}``;
 * the tokenizer, when one is passed.
 
+A model with several cuts adds ``"cuts": [{"start", "end", "mode"}, ...]`` (original layer indices,
+sorted by ``start``) to ``linearpatch.json`` in place of the top-level ``start``/``end``/``mode``
+(``"hadamard"`` then describes the matrix of the rotate patches, ``null`` when there are none), and
+``linearpatch.safetensors`` holds one tensor per cut, ``cuts.{k}.scale`` or ``cuts.{k}.weight``.
+A one-cut checkpoint is written exactly as before.
+
 ``load_pruned`` checks all of it before building anything (files present, safetensors files complete,
 metadata consistent with the config and the patch tensor, same Hadamard construction) and raises
 ``FileNotFoundError`` / ``ValueError`` naming the path and what was expected.
@@ -32,7 +38,8 @@ from ..atomic_files import atomic_directory, check_new_directory
 from ..devices import resolve_device
 from ..hadamard import hadamard_factors
 from .patch import PATCH_MODES, LinearPatch
-from .surgery import SUPPORTED_MODEL_TYPES, _patch_wrapper, attach_patch, decoder_layers, plain_layers, pruning_record
+from .surgery import (SUPPORTED_MODEL_TYPES, attach_patches, check_blocks, cut_positions, decoder_layers, get_patches,
+                      plain_layers, pruning_cuts, pruning_record)
 
 __all__ = ["PATCH_FILE", "METADATA_FILE", "load_pruned", "save_pruned"]
 
@@ -62,11 +69,16 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     complete. ``directory`` must be new or an empty folder; ``overwrite=True`` replaces a non-empty one.
     ``extra_files`` (``{file name: text}``, e.g. a run record) are written into the same atomic save.
     """
-    wrapper = _patch_wrapper(model)
+    patches = get_patches(model)
     record = getattr(model.config, "linearpatch", None)
     if not isinstance(record, dict):
         raise ValueError("save_pruned: model.config.linearpatch is missing; prune the model with prune_and_patch first")
-    patch = wrapper.patch
+    cuts = pruning_cuts(record)
+    if len(cuts) != len(patches):
+        raise ValueError(f"save_pruned: config.linearpatch records {len(cuts)} cuts but the model holds "
+                         f"{len(patches)} patches")
+    for cut, patch in zip(cuts, patches):
+        cut["mode"] = patch.mode
     directory = check_new_directory(directory, overwrite, what="save_pruned: checkpoint folder")
 
     layers = decoder_layers(model)
@@ -75,25 +87,26 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     metadata = {
         "format": "linearpatch",
         "format_version": FORMAT_VERSION,
-        "start": int(record["start"]),
-        "end": int(record["end"]),
-        "mode": patch.mode,
+        **(cuts[0] if len(cuts) == 1 else {"cuts": cuts}),
         "num_layers_original": int(record["num_layers_original"]),
         "num_layers": len(layers),
         "hidden_size": d,
         "model_family": model.config.model_type,
-        "hadamard": _hadamard_record(d) if patch.mode == "rotate" else None,
+        "hadamard": _hadamard_record(d) if any(p.mode == "rotate" for p in patches) else None,
         "package_version": _package_version(),
     }
-    name = "weight" if patch.mode == "dense" else "scale"
-    tensor = getattr(patch, name).detach().to(device="cpu", dtype=torch.float32).contiguous()
+    tensors = {}
+    for k, patch in enumerate(patches):
+        name = "weight" if patch.mode == "dense" else "scale"
+        key = name if len(patches) == 1 else f"cuts.{k}.{name}"
+        tensors[key] = getattr(patch, name).detach().to(device="cpu", dtype=torch.float32).contiguous()
 
     from safetensors.torch import save_file
 
     with atomic_directory(directory, overwrite) as staging:
         with plain_layers(model):  # plain Hugging Face weight names while saving, fused cut or not
             model.save_pretrained(staging)
-        save_file({name: tensor}, str(staging / PATCH_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(staging / PATCH_FILE), metadata={"format": "pt"})
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -138,17 +151,33 @@ def _read_metadata(directory: Path) -> dict:
         raise ValueError(f"{path}: expected a JSON object with \"format\": \"linearpatch\"")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r}; this package reads {FORMAT_VERSION}")
-    for key in ("start", "end", "num_layers_original", "num_layers", "hidden_size"):
+    several = "cuts" in meta
+    for key in ("num_layers_original", "num_layers", "hidden_size") + (() if several else ("start", "end")):
         v = meta.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{path}: field {key!r} is {v!r}; expected a non-negative int")
-    if meta.get("mode") not in PATCH_MODES:
-        raise ValueError(f"{path}: field 'mode' is {meta.get('mode')!r}; accepted: {', '.join(PATCH_MODES)}")
-    start, end, total = meta["start"], meta["end"], meta["num_layers_original"]
-    if not 0 <= start < end <= total or meta["num_layers"] != total - (end - start) or meta["num_layers"] < 1:
-        raise ValueError(f"{path}: inconsistent block: start={start}, end={end}, num_layers_original={total}, "
-                         f"num_layers={meta['num_layers']}; expected 0 <= start < end <= num_layers_original and "
-                         "num_layers = num_layers_original - (end - start) >= 1")
+    cuts = meta["cuts"] if several else [{"start": meta["start"], "end": meta["end"], "mode": meta.get("mode")}]
+    if not isinstance(cuts, list) or not cuts or not all(isinstance(c, dict) for c in cuts):
+        raise ValueError(f"{path}: field 'cuts' is {cuts!r}; expected a list of {{start, end, mode}} objects")
+    for c in cuts:
+        if c.get("mode") not in PATCH_MODES:
+            raise ValueError(f"{path}: field 'mode' is {c.get('mode')!r}; accepted: {', '.join(PATCH_MODES)}")
+        for key in ("start", "end"):
+            if isinstance(c.get(key), bool) or not isinstance(c.get(key), int) or c[key] < 0:
+                raise ValueError(f"{path}: field {key!r} is {c.get(key)!r}; expected a non-negative int")
+    total = meta["num_layers_original"]
+    removed = sum(c["end"] - c["start"] for c in cuts)
+    try:
+        check_blocks([(c["start"], c["end"]) for c in cuts], total, "blocks")
+        consistent = meta["num_layers"] == total - removed
+    except ValueError:
+        consistent = False
+    if not consistent:
+        blocks = ", ".join(f"[{c['start']}, {c['end']})" for c in cuts)
+        raise ValueError(f"{path}: inconsistent block: {blocks} of num_layers_original={total}, "
+                         f"num_layers={meta['num_layers']}; expected disjoint blocks 0 <= start < end <= "
+                         "num_layers_original and num_layers = num_layers_original - removed layers >= 1")
+    meta["cuts"] = sorted(cuts, key=lambda c: c["start"])
     return meta
 
 
@@ -168,7 +197,7 @@ def _check_config(directory: Path, meta: dict):
     if config.num_hidden_layers != meta["num_layers"]:
         raise ValueError(f"{where}: num_layers {meta['num_layers']} but config.json has num_hidden_layers "
                          f"{config.num_hidden_layers}")
-    if meta["mode"] == "rotate":
+    if any(c["mode"] == "rotate" for c in meta["cuts"]):
         try:
             expected = _hadamard_record(meta["hidden_size"])
         except ValueError as e:
@@ -179,7 +208,7 @@ def _check_config(directory: Path, meta: dict):
     return config
 
 
-def _load_patch(directory: Path, meta: dict) -> LinearPatch:
+def _load_patches(directory: Path, meta: dict) -> list[LinearPatch]:
     from safetensors.torch import load_file
 
     path = directory / PATCH_FILE
@@ -187,15 +216,21 @@ def _load_patch(directory: Path, meta: dict) -> LinearPatch:
         raise FileNotFoundError(f"{path} not found; expected the patch tensor written by save_pruned")
     _check_safetensors_file(path)
     tensors = load_file(str(path))
-    d, mode = meta["hidden_size"], meta["mode"]
-    name, shape = ("weight", (d, d)) if mode == "dense" else ("scale", (d,))
-    if set(tensors) != {name}:
-        raise ValueError(f"{path}: holds tensors {sorted(tensors)}; expected exactly {name!r} for mode {mode!r}")
-    t = tensors[name]
-    if tuple(t.shape) != shape or t.dtype != torch.float32:
-        raise ValueError(f"{path}: {name!r} is {t.dtype} of shape {tuple(t.shape)}; expected float32 of shape {shape} "
-                         f"(hidden_size {d} in {METADATA_FILE})")
-    return LinearPatch(d, mode=mode, **{name: t})
+    d, cuts = meta["hidden_size"], meta["cuts"]
+    names = [("weight", (d, d)) if c["mode"] == "dense" else ("scale", (d,)) for c in cuts]
+    keys = [name if len(cuts) == 1 else f"cuts.{k}.{name}" for k, (name, _) in enumerate(names)]
+    if set(tensors) != set(keys):
+        modes = ", ".join(c["mode"] for c in cuts)
+        raise ValueError(f"{path}: holds tensors {sorted(tensors)}; expected exactly {', '.join(map(repr, keys))} "
+                         f"for mode(s) {modes}")
+    patches = []
+    for key, (name, shape), cut in zip(keys, names, cuts):
+        t = tensors[key]
+        if tuple(t.shape) != shape or t.dtype != torch.float32:
+            raise ValueError(f"{path}: {key!r} is {t.dtype} of shape {tuple(t.shape)}; expected float32 of shape "
+                             f"{shape} (hidden_size {d} in {METADATA_FILE})")
+        patches.append(LinearPatch(d, mode=cut["mode"], **{name: t}))
+    return patches
 
 
 def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu",
@@ -219,7 +254,7 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
                                 "weights written by save_pretrained")
     for p in model_files:
         _check_safetensors_file(p)
-    patch = _load_patch(directory, meta)
+    patches = _load_patches(directory, meta)
 
     from transformers import AutoModelForCausalLM
 
@@ -228,8 +263,7 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
     if len(decoder_layers(model)) != meta["num_layers"]:
         raise ValueError(f"{directory}: the loaded model has {len(decoder_layers(model))} layers; "
                          f"{METADATA_FILE} says {meta['num_layers']}")
-    model.config.linearpatch = pruning_record(meta["start"], meta["end"], meta["mode"], meta["num_layers_original"],
-                                              meta["hidden_size"])
+    model.config.linearpatch = pruning_record(meta["cuts"], meta["num_layers_original"], meta["hidden_size"])
     model.to(device)
-    attach_patch(model, meta["start"], patch, fuse=fuse)
+    attach_patches(model, cut_positions(meta["cuts"]), patches, fuse=fuse)
     return model.eval()

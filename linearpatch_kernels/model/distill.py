@@ -28,6 +28,11 @@ a GPU (fp16 with loss scaling where bf16 is unsupported), plain fp32 on the CPU.
 (the same KL on the last ``val_samples`` cached samples, never trained on) is measured before training
 and after every epoch (or every ``eval_every`` steps); training stops early after ``patience``
 validations without improvement, and the patch with the lowest validation loss is kept.
+
+A model with several cuts has its patches distilled jointly: every cut's ``s`` (or ``P``) is a
+parameter of the one optimizer, trained on the same loss at the model's output, and the kept state is
+the set of patches at the step of lowest validation loss. (Training them one at a time would fit each
+patch to a model whose other patches are still the training-free ones.)
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from ..atomic_files import check_new_directory
 from ..devices import resolve_device
 from .checkpoint import load_pruned, save_pruned
 from .patch import LinearPatch
-from .surgery import get_patch, module_execution_device, set_patch
+from .surgery import get_patches, module_execution_device, set_patch
 from .teacher_cache import MANIFEST_FILE, TeacherCache, build_teacher_cache, model_identity
 
 __all__ = [
@@ -181,19 +186,20 @@ def _autocast_dtype(device: torch.device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _prepare_patch(model: nn.Module, train: str) -> LinearPatch:
-    patch = get_patch(model)
+def _prepare_patches(model: nn.Module, train: str) -> list[LinearPatch]:
+    """The patch of every cut, ready to train: as they are for ``train="s"``, made dense for "dense"."""
+    patches = get_patches(model)
     if train == "s":
-        if patch.mode == "dense":
+        if any(patch.mode == "dense" for patch in patches):
             raise ValueError("train_patch: train='s' trains the scales of a 'rotate' or 'diag' patch, but this model's "
                              "patch is 'dense'; use train='dense' or start from a rotate/diag patch")
-        return patch
-    if patch.mode != "dense":
-        dense = LinearPatch(patch.hidden_size, mode="dense", weight=patch.dense_matrix())
-        dense.enabled = patch.enabled
-        set_patch(model, dense)
-        patch = get_patch(model)
-    return patch
+        return patches
+    for cut, patch in enumerate(patches):
+        if patch.mode != "dense":
+            dense = LinearPatch(patch.hidden_size, mode="dense", weight=patch.dense_matrix())
+            dense.enabled = patch.enabled
+            set_patch(model, dense, cut=cut)
+    return get_patches(model)
 
 
 def _cosine_with_warmup(total_steps: int):
@@ -262,8 +268,7 @@ def train_patch(model: nn.Module, cache: TeacherCache, *, train: str = "s", lr: 
     train_indices = list(range(num_train))
     val_indices = list(range(cache.num_samples - val_samples, cache.num_samples))
 
-    patch = _prepare_patch(model, train)
-    param = patch.scale if train == "s" else patch.weight
+    params = [patch.scale if train == "s" else patch.weight for patch in _prepare_patches(model, train)]
     device = module_execution_device(model.get_input_embeddings())
     autocast_dtype = _autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
@@ -272,12 +277,13 @@ def train_patch(model: nn.Module, cache: TeacherCache, *, train: str = "s", lr: 
     was_training = model.training
     for p in model.parameters():
         p.requires_grad_(False)
-    param.requires_grad_(True)
+    for param in params:
+        param.requires_grad_(True)
     model.eval()  # no dropout: the student must compute what it will compute at inference
 
     steps_per_epoch = math.ceil(num_train / batch_size)
     total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW([param], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(total_steps))
     generator = torch.Generator().manual_seed(seed)
     start_time = time.perf_counter()
@@ -286,7 +292,7 @@ def train_patch(model: nn.Module, cache: TeacherCache, *, train: str = "s", lr: 
     stopped_early = False
     try:
         initial = _validation_loss(model, cache, val_indices, batch_size, device, autocast_dtype)
-        best, best_step, best_state, bad = initial, 0, param.detach().clone(), 0
+        best, best_step, best_state, bad = initial, 0, [p.detach().clone() for p in params], 0
         history.append({"step": 0, "epoch": 0, "train_loss": None, "val_loss": initial, "lr": 0.0})
         log(f"distill ({train}): {num_train} training and {val_samples} validation samples of {cache.seqlen} tokens, "
             f"{total_steps} steps of {batch_size}, lr {lr:g}; validation loss before training {initial:.5f}")
@@ -319,7 +325,7 @@ def train_patch(model: nn.Module, cache: TeacherCache, *, train: str = "s", lr: 
                                 "lr": optimizer.param_groups[0]["lr"]})
                 running, running_count = 0.0, 0
                 if val < best:
-                    best, best_step, best_state, bad = val, step, param.detach().clone(), 0
+                    best, best_step, best_state, bad = val, step, [p.detach().clone() for p in params], 0
                 else:
                     bad += 1
                 bar.set_postfix(val=f"{val:.4f}", best_val=f"{best:.4f}")
@@ -331,7 +337,8 @@ def train_patch(model: nn.Module, cache: TeacherCache, *, train: str = "s", lr: 
                 break
         bar.close()
         with torch.no_grad():
-            param.copy_(best_state)
+            for param, state in zip(params, best_state):
+                param.copy_(state)
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)

@@ -1,8 +1,10 @@
-"""Layer pruning with a LinearPatch at the cut, for Hugging Face decoder stacks.
+"""Layer pruning with a LinearPatch at each cut, for Hugging Face decoder stacks.
 
 ``prune_and_patch(model, start, end, ...)`` deletes decoder layers ``[start, end)`` of a Llama,
 Mistral, Qwen2 or Qwen3 ``*ForCausalLM`` in place and puts a ``LinearPatch`` where the residual
-stream is cut, as a module inside ``model.model.layers``:
+stream is cut, as a module inside ``model.model.layers``; ``prune_and_patch(model, blocks=[(s1, e1),
+(s2, e2), ...], ...)`` does the same for several disjoint blocks at once, one patch per cut. For a
+cut at original layers ``[start, end)``:
 
 * ``start > 0``: the layer before the cut, ``layers[start - 1]``, is wrapped in a
   ``PatchedDecoderLayer`` that applies the patch to its output hidden states (the residual stream
@@ -11,11 +13,20 @@ stream is cut, as a module inside ``model.model.layers``:
 * ``start == 0``: there is no layer before the cut; the first remaining layer (old ``end``) is
   wrapped instead and the patch is applied to its input hidden states, on that layer's device.
 
+Several cuts: every block is deleted, then the stack is renumbered once, then one patch is attached
+per cut at its position among the kept layers (``cut_positions``: ``start_k`` minus the layers removed
+by the blocks before it). Blocks must be disjoint and must not touch (two touching blocks are one cut).
+When only one layer is kept between two cuts, that layer carries the second cut's patch and is also
+the layer after the first cut; if the first block starts at layer 0, that one layer has a patch on its
+input and one on its output (two nested ``PatchedDecoderLayer``).
+
 Being a module, the patch is saved, moved, compiled and printed like any layer; nothing is hooked.
 Everything keyed by the layer index is renumbered so that a KV cache lines up with the layers that
 remain: every submodule's ``layer_idx``, ``config.num_hidden_layers``, ``config.layer_types``,
 ``model.hf_device_map``. What was done is recorded in ``config.linearpatch`` (a dict, written to
-``config.json`` by ``save_pretrained``), which the checkpoint code reads back.
+``config.json`` by ``save_pretrained``): ``pruning_record`` makes it, with a list of cuts
+``[{"start", "end", "mode"}, ...]`` in original layer indices sorted by ``start``; ``pruning_cuts``
+reads it (and migrates the single-cut record of version 1).
 
 The fused cut (``fuse=True``, the default)
 ------------------------------------------
@@ -54,8 +65,9 @@ patch fuses again when the model asked for fusion.
 
 Fusion is applied only where it computes exactly what the unfused layers compute; otherwise the cut
 silently stays unfused (``PatchedDecoderLayer`` without the fused op). The reason is kept in
-``fusion_status(model)`` and shown by ``print(model)``. Fusion needs: a layer on each side of the cut
-(not ``start == 0``, not ``end == num_layers``), a "rotate" patch, transformers >= 5, A and B of a
+``fusion_status(model)`` (``fusion_statuses`` for every cut) and shown by ``print(model)``. Fusion
+needs: a layer on each side of the cut (not ``start == 0``, not ``end == num_layers``), a layer after
+the cut that does not carry the next cut's patch, a "rotate" patch, transformers >= 5, A and B of a
 supported decoder-layer class with the known submodules and forward arguments, B's
 ``input_layernorm`` a supported RMSNorm, and A, B and the patch on one device without accelerate
 hooks (offloaded weights are only loaded by those hooks when a module itself is called).
@@ -92,14 +104,21 @@ __all__ = [
     "FusionStatus",
     "PatchedDecoderLayer",
     "decoder_layers",
+    "check_blocks",
+    "cut_positions",
     "fusion_status",
+    "fusion_statuses",
     "get_patch",
+    "get_patches",
     "patch_disabled",
     "plain_layers",
     "prune_and_patch",
+    "pruning_cuts",
+    "pruning_record",
     "set_fused",
     "set_patch",
     "set_patch_enabled",
+    "set_patches",
 ]
 
 # Families whose decoder stack is ``model.model.layers`` of pre-norm residual layers taking the hidden
@@ -107,7 +126,7 @@ __all__ = [
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Recorded in ``config.linearpatch``; bump when its meaning changes.
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: a list of cuts; 1 held one cut's start/end/mode at the top
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -396,6 +415,12 @@ def _fusion_blocker(layers: nn.ModuleList, index: int, patch: LinearPatch) -> st
     before, after = layers[index], layers[index + 1]
     if isinstance(before, PatchedDecoderLayer):
         before = before.layer
+    if isinstance(before, PatchedDecoderLayer):
+        return ("the layer before the cut also carries the patch on its input of a block starting at layer 0; "
+                "the fused body would skip that patch")
+    if isinstance(after, PatchedDecoderLayer):
+        return ("the layer after the cut carries the next cut's patch (one layer between two cuts); "
+                "the next cut is fused instead where it can be")
     if isinstance(after, FusedCutNextLayer):
         after = after.layer
     for layer, which in ((before, "the layer before the cut"), (after, "the layer after the cut")):
@@ -417,13 +442,19 @@ def _fusion_blocker(layers: nn.ModuleList, index: int, patch: LinearPatch) -> st
     return None
 
 
-def _tail_index(layers: nn.ModuleList, wrapper: PatchedDecoderLayer) -> int:
-    return next(i for i, layer in enumerate(layers) if layer is wrapper)
+def _slot_index(layers: nn.ModuleList, wrapper: nn.Module) -> int:
+    """The slot of ``layers`` that holds ``wrapper``, directly or inside another wrapper."""
+    for i, layer in enumerate(layers):
+        m = layer
+        while isinstance(m, _LayerWrapper):
+            if m is wrapper:
+                return i
+            m = m.layer
+    raise ValueError("the patched layer is not in model.model.layers")
 
 
-def _unfuse(layers: nn.ModuleList, index: int, reason: str) -> None:
-    wrapper = layers[index]
-    if wrapper.fused and isinstance(layers[index + 1], FusedCutNextLayer):
+def _unfuse(layers: nn.ModuleList, index: int, wrapper: PatchedDecoderLayer, reason: str) -> None:
+    if wrapper.fused and index + 1 < len(layers) and isinstance(layers[index + 1], FusedCutNextLayer):
         layers[index + 1] = layers[index + 1].layer
     wrapper.fused = False
     wrapper.fusion_fallback = reason
@@ -434,7 +465,7 @@ def _unfuse(layers: nn.ModuleList, index: int, reason: str) -> None:
 def _plan_fusion(model: nn.Module, wrapper: PatchedDecoderLayer, fuse: bool) -> FusionStatus:
     """Fuse the cut at ``wrapper`` when ``fuse`` and the model allow it, else make it unfused."""
     layers = decoder_layers(model)
-    index = _tail_index(layers, wrapper)
+    index = _slot_index(layers, wrapper)
     wrapper.fuse_requested = fuse
     if wrapper.position == "input":
         reason = "no layer before the cut (start == 0: the patch is on the first layer's input)"
@@ -442,7 +473,7 @@ def _plan_fusion(model: nn.Module, wrapper: PatchedDecoderLayer, fuse: bool) -> 
         reason = "fuse=False"
     else:
         reason = _fusion_blocker(layers, index, wrapper.patch)
-    _unfuse(layers, index, reason)
+    _unfuse(layers, index, wrapper, reason)
     if reason is not None:
         return FusionStatus(False, reason)
     after = FusedCutNextLayer(layers[index + 1])
@@ -453,22 +484,92 @@ def _plan_fusion(model: nn.Module, wrapper: PatchedDecoderLayer, fuse: bool) -> 
     return FusionStatus(True, None)
 
 
-def _check_block(start, end, num_layers: int) -> tuple[int, int]:
+# --- blocks, cuts and the pruning record ---------------------------------------------------------------
+
+
+def _check_block(start, end, num_layers: int, caller: str = "prune_and_patch") -> tuple[int, int]:
     for name, v in (("start", start), ("end", end)):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"prune_and_patch: {name} must be an int, got {v!r}")
+            raise TypeError(f"{caller}: {name} must be an int, got {v!r}")
     if not 0 <= start < end <= num_layers:
-        raise ValueError(
-            f"prune_and_patch: block [start={start}, end={end}) is not a block of this model's {num_layers} layers; "
-            f"need 0 <= start < end <= {num_layers}"
-        )
+        what = "is empty" if start == end else f"is not a block of this model's {num_layers} layers"
+        raise ValueError(f"{caller}: block [start={start}, end={end}) {what}; need 0 <= start < end <= {num_layers}")
     if end - start == num_layers:
-        raise ValueError(f"prune_and_patch: [{start}, {end}) removes all {num_layers} layers; at least one must remain")
+        raise ValueError(f"{caller}: [{start}, {end}) removes all {num_layers} layers; at least one must remain")
     return start, end
 
 
-def _patched_layers(layers: nn.ModuleList) -> list[int]:
-    return [i for i, layer in enumerate(layers) if isinstance(layer, PatchedDecoderLayer)]
+def check_blocks(blocks, num_layers: int, caller: str = "prune_and_patch") -> list[tuple[int, int]]:
+    """``blocks`` (``[(start, end), ...]`` in any order) as a list of int pairs, in the order given, after
+    checking that each is a non-empty block of the model, that no two overlap or touch (two touching
+    blocks are one cut: pass their union) and that at least one layer remains; a clear error otherwise."""
+    if isinstance(blocks, (str, bytes, torch.Tensor)) or not hasattr(blocks, "__iter__"):
+        raise TypeError(f"{caller}: blocks must be a list of (start, end) pairs, got {type(blocks).__name__}")
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError(f"{caller}: blocks is empty; pass at least one (start, end) pair")
+    checked = []
+    for b in blocks:
+        if isinstance(b, (str, bytes)) or not hasattr(b, "__len__") or len(b) != 2:
+            raise TypeError(f"{caller}: each block must be a (start, end) pair of ints, got {b!r}")
+        checked.append(_check_block(b[0], b[1], num_layers, caller))
+    ordered = sorted(checked)
+    for (s1, e1), (s2, e2) in zip(ordered, ordered[1:]):
+        if s2 < e1:
+            raise ValueError(f"{caller}: blocks [{s1}, {e1}) and [{s2}, {e2}) overlap; blocks must be disjoint")
+        if s2 == e1:
+            raise ValueError(f"{caller}: blocks [{s1}, {e1}) and [{s2}, {e2}) touch, which makes one cut; "
+                             f"pass [{s1}, {e2}) as one block")
+    removed = sum(e - s for s, e in checked)
+    if removed >= num_layers:
+        raise ValueError(f"{caller}: the blocks remove all {num_layers} layers; at least one must remain")
+    return checked
+
+
+def cut_positions(cuts: list[dict]) -> list[int]:
+    """Where each cut (sorted by ``start``) sits in the pruned stack: the number of kept layers before it,
+    ``start_k - sum_{j<k} (end_j - start_j)``. The patch of cut ``k`` is on the output of kept layer
+    ``position - 1`` (on the input of kept layer 0 when the position is 0)."""
+    positions, removed = [], 0
+    for cut in cuts:
+        positions.append(cut["start"] - removed)
+        removed += cut["end"] - cut["start"]
+    return positions
+
+
+def pruning_record(cuts, num_layers_original: int, hidden_size: int) -> dict:
+    """The ``config.linearpatch`` dict that marks a model as pruned (and travels in config.json):
+    ``{"record_version", "num_layers_original", "hidden_size", "cuts": [{"start", "end", "mode"}, ...]}``
+    with ``start``/``end`` original layer indices and the cuts sorted by ``start``. ``cuts``: dicts with
+    those keys or ``(start, end, mode)`` triples. ``pruning_cuts`` reads it back."""
+    listed = [dict(c) if isinstance(c, dict) else {"start": c[0], "end": c[1], "mode": c[2]} for c in cuts]
+    listed = [{"start": int(c["start"]), "end": int(c["end"]), "mode": c["mode"]} for c in listed]
+    return {"record_version": RECORD_VERSION, "num_layers_original": int(num_layers_original),
+            "hidden_size": int(hidden_size), "cuts": sorted(listed, key=lambda c: c["start"])}
+
+
+def pruning_cuts(record) -> list[dict]:
+    """The cuts of a pruning record, ``[{"start", "end", "mode"}, ...]`` sorted by ``start``: the list form
+    (``"cuts"``), or the single-cut form of record version 1 (``"start"``, ``"end"``, ``"mode"`` at the
+    top), migrated. A clear ``ValueError`` when it is neither or the cuts are not a valid set of blocks."""
+    if not isinstance(record, dict):
+        raise ValueError(f"pruning record: expected a dict (config.linearpatch), got {type(record).__name__}")
+    if "cuts" in record:
+        cuts = record["cuts"]
+    elif {"start", "end", "mode"} <= set(record):
+        cuts = [{"start": record["start"], "end": record["end"], "mode": record["mode"]}]
+    else:
+        raise ValueError(f"pruning record: neither a 'cuts' list nor 'start', 'end' and 'mode' in {sorted(record)}")
+    if not isinstance(cuts, list) or not all(isinstance(c, dict) and {"start", "end", "mode"} <= set(c) for c in cuts):
+        raise ValueError(f"pruning record: 'cuts' must be a list of {{'start', 'end', 'mode'}} objects, got {cuts!r}")
+    total = record.get("num_layers_original")
+    if isinstance(total, bool) or not isinstance(total, int):
+        raise ValueError(f"pruning record: num_layers_original is {total!r}; expected an int")
+    check_blocks([(c["start"], c["end"]) for c in cuts], total, "pruning record")
+    for c in cuts:
+        if c["mode"] not in PATCH_MODES:
+            raise ValueError(f"pruning record: cut mode {c['mode']!r}; accepted: {', '.join(PATCH_MODES)}")
+    return sorted(({"start": c["start"], "end": c["end"], "mode": c["mode"]} for c in cuts), key=lambda c: c["start"])
 
 
 def _renumber_layers(model: nn.Module, layers: nn.ModuleList, kept: list[int]) -> None:
@@ -484,60 +585,86 @@ def _renumber_layers(model: nn.Module, layers: nn.ModuleList, kept: list[int]) -
         config.layer_types = [layer_types[i] for i in kept]
     device_map = getattr(model, "hf_device_map", None)
     if isinstance(device_map, dict):
+        new_index = {old: new for new, old in enumerate(kept)}
         new_map = {}
         for key, device in device_map.items():
             prefix = "model.layers."
             if key.startswith(prefix):
                 index, _, rest = key[len(prefix):].partition(".")
                 if index.isdigit():
-                    if int(index) not in kept:
+                    if int(index) not in new_index:
                         continue
-                    key = prefix + str(kept.index(int(index))) + ("." + rest if rest else "")
+                    key = prefix + str(new_index[int(index)]) + ("." + rest if rest else "")
             new_map[key] = device
         model.hf_device_map = new_map
 
 
-def attach_patch(model: nn.Module, start: int, patch: LinearPatch, fuse: bool = True) -> FusionStatus:
-    """Put ``patch`` at the cut of an already pruned stack: on the output of layer ``start - 1``, or on
-    the input of layer 0 when ``start == 0``. The patch is moved to that layer's execution device.
-    With ``fuse`` the cut runs the fused epilogue where it can (see the module docstring)."""
+def attach_patches(model: nn.Module, positions: list[int], patches: list[LinearPatch],
+                   fuse: bool = True) -> list[FusionStatus]:
+    """Put one patch per cut into an already pruned stack; ``positions`` (ascending) from ``cut_positions``.
+    A patch goes on the output of kept layer ``position - 1``, or on the input of layer 0 at position 0,
+    and is moved to that layer's execution device. All patches are attached before any cut is fused,
+    so each fusion decision sees its neighbours (a layer between two cuts carries the second patch).
+
+    A block starting at layer 0 followed by a block after exactly one kept layer puts two patches on
+    kept layer 0: its ``PatchedDecoderLayer`` (input) is wrapped by a second one (output)."""
     layers = decoder_layers(model)
-    if start == 0:
-        index, position = 0, "input"
-    else:
-        index, position = start - 1, "output"
-    layer = layers[index]
-    patch.to(module_execution_device(layer))
-    wrapper = PatchedDecoderLayer(layer, patch, position)
-    layers[index] = wrapper
-    return _plan_fusion(model, wrapper, fuse)
+    wrappers = []
+    for position, patch in zip(positions, patches):
+        index, where = (0, "input") if position == 0 else (position - 1, "output")
+        layer = layers[index]
+        patch.to(module_execution_device(layer))
+        wrapper = PatchedDecoderLayer(layer, patch, where)
+        layers[index] = wrapper
+        wrappers.append(wrapper)
+    return [_plan_fusion(model, wrapper, fuse) for wrapper in wrappers]
 
 
-def pruning_record(start: int, end: int, mode: str, num_layers_original: int, hidden_size: int) -> dict:
-    """The ``config.linearpatch`` dict that marks a model as pruned (and travels in config.json)."""
-    return {"record_version": RECORD_VERSION, "start": start, "end": end, "mode": mode,
-            "num_layers_original": num_layers_original, "hidden_size": hidden_size}
+def attach_patch(model: nn.Module, start: int, patch: LinearPatch, fuse: bool = True) -> FusionStatus:
+    """``attach_patches`` for one cut at kept position ``start``."""
+    return attach_patches(model, [start], [patch], fuse)[0]
 
 
-def prune_and_patch(model: nn.Module, start: int, end: int, scales: torch.Tensor | None = None,
-                    mode: str = "rotate", weight: torch.Tensor | None = None, fuse: bool = True) -> nn.Module:
-    """Delete decoder layers ``[start, end)`` of ``model`` in place and insert a ``LinearPatch`` at the cut.
+def _per_cut(value, count: int, name: str, single_ok) -> list:
+    """``value`` for each of ``count`` cuts: one value for all (where ``single_ok(value)``) or a list."""
+    if single_ok(value):
+        return [value] * count
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"prune_and_patch: {len(value)} {name} for {count} block(s); pass one per block "
+                             f"(in the order of blocks{', None for the identity' if name != 'modes' else ''})")
+        return list(value)
+    raise TypeError(f"prune_and_patch: {name} must be a list with one entry per block, got {type(value).__name__}")
+
+
+def prune_and_patch(model: nn.Module, start: int | None = None, end: int | None = None,
+                    scales: torch.Tensor | list | None = None, mode: str | list[str] = "rotate",
+                    weight: torch.Tensor | list | None = None, fuse: bool = True, *,
+                    blocks=None) -> nn.Module:
+    """Delete decoder layers from ``model`` in place and insert a ``LinearPatch`` at each cut.
+
+    One block: ``prune_and_patch(model, start, end, scales)`` removes ``[start, end)``. Several:
+    ``prune_and_patch(model, blocks=[(s1, e1), (s2, e2), ...], scales=[s_1, s_2, ...])`` removes every
+    block (original layer indices; disjoint, not touching, in any order) and patches every cut; then
+    ``scales``, ``mode`` and ``weight`` are lists in the order of ``blocks`` (``mode`` may be one string
+    for all, ``scales``/``weight`` ``None`` for all identities). The layers are deleted and renumbered
+    once for all cuts.
 
     ``mode`` is "rotate" (``P = H diag(scales) H^T``), "diag" (``P = diag(scales)``) or "dense"
     (``P = weight``, ``d x d``). ``scales=None`` / ``weight=None`` mean the identity, i.e. plain
     pruning with a patch that can be calibrated or trained later. ``fuse`` (default True) runs the
-    last residual add before the cut, the patch and the next layer's RMSNorm as one fused op where
-    the model and the cut allow it, and otherwise leaves the cut unfused (``fusion_status(model)``
-    says which and why). Returns ``model``.
+    last residual add before a cut, the patch and the next layer's RMSNorm as one fused op where
+    the model and the cut allow it, and otherwise leaves the cut unfused (``fusion_statuses(model)``
+    says which and why). Every argument is checked before the model is touched. Returns ``model``.
     """
     if not isinstance(fuse, bool):
         raise TypeError(f"prune_and_patch: fuse must be a bool, got {fuse!r}")
     layers = decoder_layers(model)
     config = model.config
-    if _patched_layers(layers) or getattr(config, "linearpatch", None) is not None:
+    if _cut_wrappers(layers) or getattr(config, "linearpatch", None) is not None:
         raise ValueError(
             "prune_and_patch: this model was already pruned (config.linearpatch is set); prune the original model "
-            "once with the whole block instead"
+            "once with every block instead"
         )
     num_layers = len(layers)
     if getattr(config, "num_hidden_layers", num_layers) != num_layers:
@@ -545,64 +672,143 @@ def prune_and_patch(model: nn.Module, start: int, end: int, scales: torch.Tensor
             f"prune_and_patch: config.num_hidden_layers is {config.num_hidden_layers} but model.model.layers holds "
             f"{num_layers} layers"
         )
-    start, end = _check_block(start, end, num_layers)
-    if mode not in PATCH_MODES:
-        raise ValueError(f"prune_and_patch: unknown mode {mode!r}; accepted: {', '.join(PATCH_MODES)}")
+    if blocks is None:
+        if isinstance(start, (list, tuple)):
+            raise TypeError("prune_and_patch: start must be an int; for several blocks pass blocks=[(start, end), ...]")
+        blocks = [_check_block(start, end, num_layers)]
+        scales, mode, weight = [scales], [mode], [weight]
+    elif start is not None or end is not None:
+        raise TypeError("prune_and_patch: give either start and end (one block) or blocks=[(start, end), ...], not both")
+    else:
+        blocks = check_blocks(blocks, num_layers)
+        scales = _per_cut(scales, len(blocks), "scales", lambda v: v is None)
+        mode = _per_cut(mode, len(blocks), "modes", lambda v: isinstance(v, str))
+        weight = _per_cut(weight, len(blocks), "weights", lambda v: v is None)
+    for m in mode:
+        if m not in PATCH_MODES:
+            raise ValueError(f"prune_and_patch: unknown mode {m!r}; accepted: {', '.join(PATCH_MODES)}")
     hidden_size = int(config.hidden_size)
-    patch = LinearPatch(hidden_size, mode=mode, scale=scales, weight=weight)
+    patches = [LinearPatch(hidden_size, mode=m, scale=s, weight=w) for m, s, w in zip(mode, scales, weight)]
 
-    kept = list(range(start)) + list(range(end, num_layers))
-    del layers[start:end]
+    order = sorted(range(len(blocks)), key=lambda k: blocks[k][0])
+    cuts = [{"start": blocks[k][0], "end": blocks[k][1], "mode": mode[k]} for k in order]
+    removed = {i for c in cuts for i in range(c["start"], c["end"])}
+    kept = [i for i in range(num_layers) if i not in removed]
+    for c in reversed(cuts):
+        del layers[c["start"]:c["end"]]
     _renumber_layers(model, layers, kept)
-    attach_patch(model, start, patch, fuse=fuse)
-    config.linearpatch = pruning_record(start, end, mode, num_layers, hidden_size)
+    attach_patches(model, cut_positions(cuts), [patches[k] for k in order], fuse=fuse)
+    config.linearpatch = pruning_record(cuts, num_layers, hidden_size)
     return model
 
 
+# --- reading and changing the cuts of a pruned model ---------------------------------------------------
+
+
+def _cut_wrappers(layers: nn.ModuleList) -> list[PatchedDecoderLayer]:
+    """The ``PatchedDecoderLayer`` of every cut, in cut order (an input patch before an output patch
+    on the same layer)."""
+    found = []
+    for layer in layers:
+        chain, m = [], layer
+        while isinstance(m, _LayerWrapper):
+            if isinstance(m, PatchedDecoderLayer):
+                chain.append(m)
+            m = m.layer
+        found.extend(reversed(chain))
+    return found
+
+
+def _cut_wrapper(model: nn.Module, cut: int | None) -> PatchedDecoderLayer:
+    found = _cut_wrappers(decoder_layers(model))
+    if cut is None:
+        if len(found) > 1:
+            raise ValueError(f"expected exactly one patched layer in model.model.layers, found {len(found)}; this model "
+                             "has several cuts: pass cut=k (0-based, in layer order) or use the plural form")
+        if not found:
+            raise ValueError("expected exactly one patched layer in model.model.layers, found 0; is this a model "
+                             "returned by prune_and_patch or load_pruned?")
+        return found[0]
+    if isinstance(cut, bool) or not isinstance(cut, int) or not 0 <= cut < len(found):
+        raise ValueError(f"cut={cut!r}: this model has {len(found)} cut(s); accepted: 0 .. {len(found) - 1}")
+    return found[cut]
+
+
 def _patch_wrapper(model: nn.Module) -> PatchedDecoderLayer:
-    layers = decoder_layers(model)
-    found = _patched_layers(layers)
-    if len(found) != 1:
-        raise ValueError(
-            f"expected exactly one patched layer in model.model.layers, found {len(found)}; "
-            "is this a model returned by prune_and_patch or load_pruned?"
-        )
-    return layers[found[0]]
+    return _cut_wrapper(model, None)
 
 
-def get_patch(model: nn.Module) -> LinearPatch:
-    """The ``LinearPatch`` module of a pruned model (to read, calibrate or train it)."""
-    return _patch_wrapper(model).patch
+def get_patch(model: nn.Module, cut: int | None = None) -> LinearPatch:
+    """The ``LinearPatch`` module of a pruned model (to read, calibrate or train it): of its only cut,
+    or of cut ``cut`` (0-based, in layer order) of a model with several."""
+    return _cut_wrapper(model, cut).patch
 
 
-def set_patch(model: nn.Module, patch: LinearPatch) -> None:
-    """Replace the patch of a pruned model (e.g. by a dense one for distillation); it is moved to
-    the device of the layer it is attached to and ``config.linearpatch["mode"]`` follows it.
+def get_patches(model: nn.Module) -> list[LinearPatch]:
+    """The ``LinearPatch`` of every cut of a pruned model, in layer order."""
+    found = _cut_wrappers(decoder_layers(model))
+    if not found:
+        raise ValueError("expected exactly one patched layer per cut in model.model.layers, found none; is this a "
+                         "model returned by prune_and_patch or load_pruned?")
+    return [w.patch for w in found]
+
+
+def set_patch(model: nn.Module, patch: LinearPatch, cut: int | None = None) -> None:
+    """Replace the patch of a pruned model's only cut, or of cut ``cut`` (e.g. by a dense one for
+    distillation); it is moved to the device of the layer it is attached to and the cut's mode in
+    ``config.linearpatch`` follows it.
 
     A fused cut stays fused only with a "rotate" patch: a "diag" or "dense" one turns the fusion off
     (``fusion_status`` says so), and a later "rotate" patch turns it back on."""
     if not isinstance(patch, LinearPatch):
         raise TypeError(f"set_patch: patch must be a LinearPatch, got {type(patch).__name__}")
-    wrapper = _patch_wrapper(model)
+    wrapper = _cut_wrapper(model, cut)
     if patch.hidden_size != model.config.hidden_size:
         raise ValueError(f"set_patch: patch hidden_size {patch.hidden_size} != model hidden_size {model.config.hidden_size}")
     wrapper.patch = patch.to(module_execution_device(wrapper.layer))
-    model.config.linearpatch = {**model.config.linearpatch, "mode": patch.mode}
+    record = model.config.linearpatch
+    cuts = pruning_cuts(record)
+    cuts[_cut_wrappers(decoder_layers(model)).index(wrapper)]["mode"] = patch.mode
+    model.config.linearpatch = pruning_record(cuts, record["num_layers_original"], model.config.hidden_size)
     _plan_fusion(model, wrapper, wrapper.fuse_requested)
 
 
-def set_fused(model: nn.Module, fuse: bool) -> FusionStatus:
-    """Turn the fused cut of a pruned model on (where possible) or off; returns the resulting status.
-    The logits are the same either way (up to rounding); only ``output_hidden_states[start]`` differs."""
+def set_patches(model: nn.Module, patches: list[LinearPatch]) -> None:
+    """``set_patch`` for every cut: ``patches[k]`` replaces the patch of cut ``k``."""
+    count = len(_cut_wrappers(decoder_layers(model)))
+    if not isinstance(patches, (list, tuple)) or len(patches) != count:
+        raise ValueError(f"set_patches: expected a list of {count} LinearPatch (one per cut), got {patches!r}")
+    for k, patch in enumerate(patches):
+        set_patch(model, patch, cut=k)
+
+
+def set_fused(model: nn.Module, fuse: bool):
+    """Turn the fused cuts of a pruned model on (where possible) or off. Returns the resulting
+    ``FusionStatus`` of a one-cut model, the list of them (one per cut) otherwise.
+    The logits are the same either way (up to rounding); only ``output_hidden_states`` at a cut differs."""
     if not isinstance(fuse, bool):
         raise TypeError(f"set_fused: fuse must be a bool, got {fuse!r}")
-    return _plan_fusion(model, _patch_wrapper(model), fuse)
+    wrappers = _cut_wrappers(decoder_layers(model))
+    if len(wrappers) <= 1:
+        return _plan_fusion(model, _patch_wrapper(model), fuse)
+    for wrapper in wrappers:  # all unfused first, so each decision below sees the final neighbours
+        _plan_fusion(model, wrapper, False)
+    return [_plan_fusion(model, wrapper, fuse) for wrapper in wrappers]
 
 
-def fusion_status(model: nn.Module) -> FusionStatus:
-    """``FusionStatus(fused, reason)`` of a pruned model's cut; ``reason`` says why it is not fused."""
-    wrapper = _patch_wrapper(model)
+def _status(wrapper: PatchedDecoderLayer) -> FusionStatus:
     return FusionStatus(wrapper.fused, None if wrapper.fused else wrapper.fusion_fallback)
+
+
+def fusion_status(model: nn.Module, cut: int | None = None) -> FusionStatus:
+    """``FusionStatus(fused, reason)`` of a pruned model's only cut (or cut ``cut``); ``reason`` says why
+    it is not fused."""
+    return _status(_cut_wrapper(model, cut))
+
+
+def fusion_statuses(model: nn.Module) -> list[FusionStatus]:
+    """``fusion_status`` of every cut, in layer order."""
+    return [_status(w) for w in _cut_wrappers(decoder_layers(model))]
 
 
 @contextlib.contextmanager
@@ -611,9 +817,11 @@ def plain_layers(model: nn.Module) -> Iterator[nn.Module]:
     ``model.model.layers`` (no patch, no fused cut: the plain pruned model, with Hugging Face's weight
     names, e.g. for ``save_pretrained``), then restores the wrappers."""
     layers = decoder_layers(model)
-    saved = {i: layer for i, layer in enumerate(layers) if isinstance(layer, (PatchedDecoderLayer, FusedCutNextLayer))}
+    saved = {i: layer for i, layer in enumerate(layers) if isinstance(layer, _LayerWrapper)}
     for i, layer in saved.items():
-        layers[i] = layer.layer
+        while isinstance(layer, _LayerWrapper):
+            layer = layer.layer
+        layers[i] = layer
     try:
         yield model
     finally:
@@ -622,17 +830,20 @@ def plain_layers(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def set_patch_enabled(model: nn.Module, enabled: bool) -> None:
-    """Turn the patch of a pruned model on or off (off: the plain pruned model, same weights)."""
-    get_patch(model).enabled = bool(enabled)
+    """Turn the patches of a pruned model on or off (off: the plain pruned model, same weights)."""
+    for patch in get_patches(model):
+        patch.enabled = bool(enabled)
 
 
 @contextlib.contextmanager
 def patch_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """``with patch_disabled(model): ...`` runs the pruned model without its patch, then restores it."""
-    patch = get_patch(model)
-    before = patch.enabled
-    patch.enabled = False
+    """``with patch_disabled(model): ...`` runs the pruned model without its patches, then restores them."""
+    patches = get_patches(model)
+    before = [patch.enabled for patch in patches]
+    for patch in patches:
+        patch.enabled = False
     try:
         yield model
     finally:
-        patch.enabled = before
+        for patch, enabled in zip(patches, before):
+            patch.enabled = enabled
