@@ -16,6 +16,7 @@ from tiny_models import tiny_model
 
 from linearpatch_kernels import load_pruned, prune_and_patch, save_pruned
 from linearpatch_kernels.atomic_files import atomic_directory, atomic_write_text, check_new_directory
+from linearpatch_kernels.model import pruning_cuts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,7 @@ def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
     kill_during_save(target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     reloaded = load_pruned(target)
-    assert reloaded.config.linearpatch["start"] == 1
+    assert pruning_cuts(reloaded.config.linearpatch)[0]["start"] == 1
     assert torch.equal(reloaded.model.layers[0].self_attn.q_proj.weight, old.model.layers[0].self_attn.q_proj.weight)
 
 
