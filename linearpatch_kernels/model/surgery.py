@@ -96,7 +96,10 @@ __all__ = [
     "get_patch",
     "patch_disabled",
     "plain_layers",
+    "cut_slots",
     "prune_and_patch",
+    "pruning_record",
+    "record_cuts",
     "set_fused",
     "set_patch",
     "set_patch_enabled",
@@ -107,7 +110,7 @@ __all__ = [
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Recorded in ``config.linearpatch``; bump when its meaning changes.
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: a list of cuts; 1 held one cut's start, end and mode at the top level
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -513,10 +516,62 @@ def attach_patch(model: nn.Module, start: int, patch: LinearPatch, fuse: bool = 
     return _plan_fusion(model, wrapper, fuse)
 
 
-def pruning_record(start: int, end: int, mode: str, num_layers_original: int, hidden_size: int) -> dict:
-    """The ``config.linearpatch`` dict that marks a model as pruned (and travels in config.json)."""
-    return {"record_version": RECORD_VERSION, "start": start, "end": end, "mode": mode,
-            "num_layers_original": num_layers_original, "hidden_size": hidden_size}
+def pruning_record(cuts: list[dict], num_layers_original: int, hidden_size: int) -> dict:
+    """The ``config.linearpatch`` dict that marks a model as pruned (and travels in config.json):
+    ``cuts`` is a list of ``{"start", "end", "mode"}`` in original layer indices; it is checked and
+    sorted by ``start`` (see ``record_cuts``)."""
+    record = {"record_version": RECORD_VERSION, "num_layers_original": int(num_layers_original),
+              "hidden_size": int(hidden_size),
+              "cuts": [{"start": int(c["start"]), "end": int(c["end"]), "mode": c["mode"]} for c in cuts]}
+    record["cuts"] = record_cuts(record)
+    return record
+
+
+def record_cuts(record) -> list[dict]:
+    """The cuts of a ``config.linearpatch`` record as a list of ``{"start", "end", "mode"}`` (original
+    layer indices) sorted by ``start``, after checking that they are non-overlapping blocks inside
+    ``[0, num_layers_original)`` that leave at least one layer. Accepts the first, single-cut form of
+    the record (``{"start", "end", "mode", "num_layers_original"}``) and returns it as a one-cut list."""
+    if not isinstance(record, dict):
+        raise ValueError(f"pruning record: expected a dict (config.linearpatch), got {type(record).__name__}")
+    total = record.get("num_layers_original")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"pruning record: num_layers_original is {total!r}; expected a positive int")
+    raw = record["cuts"] if "cuts" in record else [{k: record.get(k) for k in ("start", "end", "mode")}]
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"pruning record: cuts is {raw!r}; expected a non-empty list of {{start, end, mode}}")
+    cuts = []
+    for c in raw:
+        if not isinstance(c, dict):
+            raise ValueError(f"pruning record: cut {c!r} is not a dict with start, end and mode")
+        start, end, mode = c.get("start"), c.get("end"), c.get("mode")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (start, end)) or not 0 <= start < end <= total:
+            raise ValueError(f"pruning record: cut start={start!r}, end={end!r} is not a block of layers; expected "
+                             f"ints with 0 <= start < end <= num_layers_original ({total})")
+        if mode not in PATCH_MODES:
+            raise ValueError(f"pruning record: cut [{start}, {end}) has mode {mode!r}; accepted: {', '.join(PATCH_MODES)}")
+        cuts.append({"start": start, "end": end, "mode": mode})
+    cuts.sort(key=lambda c: c["start"])
+    for a, b in zip(cuts, cuts[1:]):
+        if b["start"] < a["end"]:
+            raise ValueError(f"pruning record: cuts [{a['start']}, {a['end']}) and [{b['start']}, {b['end']}) overlap")
+    if sum(c["end"] - c["start"] for c in cuts) >= total:
+        raise ValueError(f"pruning record: the cuts remove all {total} layers; at least one must remain")
+    return cuts
+
+
+def cut_slots(record) -> list[tuple[int, str]]:
+    """Where each cut's patch sits among the kept layers, as ``(kept index, position)`` per cut of
+    ``record_cuts(record)``: ``position="output"`` of the kept layer that was original layer
+    ``start - 1``, or ``"input"`` of kept layer 0 for a cut at the very start. Derived from the cuts,
+    never stored as the only truth."""
+    cuts = record_cuts(record)
+    removed_before = 0  # layers removed by earlier cuts
+    slots = []
+    for c in cuts:
+        slots.append((0, "input") if c["start"] == 0 else (c["start"] - 1 - removed_before, "output"))
+        removed_before += c["end"] - c["start"]
+    return slots
 
 
 def prune_and_patch(model: nn.Module, start: int, end: int, scales: torch.Tensor | None = None,
@@ -555,7 +610,7 @@ def prune_and_patch(model: nn.Module, start: int, end: int, scales: torch.Tensor
     del layers[start:end]
     _renumber_layers(model, layers, kept)
     attach_patch(model, start, patch, fuse=fuse)
-    config.linearpatch = pruning_record(start, end, mode, num_layers, hidden_size)
+    config.linearpatch = pruning_record([{"start": start, "end": end, "mode": mode}], num_layers, hidden_size)
     return model
 
 
@@ -577,7 +632,7 @@ def get_patch(model: nn.Module) -> LinearPatch:
 
 def set_patch(model: nn.Module, patch: LinearPatch) -> None:
     """Replace the patch of a pruned model (e.g. by a dense one for distillation); it is moved to
-    the device of the layer it is attached to and ``config.linearpatch["mode"]`` follows it.
+    the device of the layer it is attached to and the mode of the cut in ``config.linearpatch`` follows it.
 
     A fused cut stays fused only with a "rotate" patch: a "diag" or "dense" one turns the fusion off
     (``fusion_status`` says so), and a later "rotate" patch turns it back on."""
@@ -587,7 +642,8 @@ def set_patch(model: nn.Module, patch: LinearPatch) -> None:
     if patch.hidden_size != model.config.hidden_size:
         raise ValueError(f"set_patch: patch hidden_size {patch.hidden_size} != model hidden_size {model.config.hidden_size}")
     wrapper.patch = patch.to(module_execution_device(wrapper.layer))
-    model.config.linearpatch = {**model.config.linearpatch, "mode": patch.mode}
+    record = model.config.linearpatch
+    model.config.linearpatch = {**record, "cuts": [{**c, "mode": patch.mode} for c in record_cuts(record)]}
     _plan_fusion(model, wrapper, wrapper.fuse_requested)
 
 
