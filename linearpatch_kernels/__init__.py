@@ -12,6 +12,7 @@ from .model import (
     block_similarities,
     estimate_scales,
     get_patch,
+    is_pruned_checkpoint,
     load_pruned,
     patch_disabled,
     prune_and_patch,
@@ -19,6 +20,7 @@ from .model import (
     select_block,
     set_patch,
     set_patch_enabled,
+    upgrade_checkpoint,
 )
 
 __version__ = "0.1.0"
@@ -32,6 +34,7 @@ __all__ = [
     "block_similarities",
     "estimate_scales",
     "get_patch",
+    "is_pruned_checkpoint",
     "load_pruned",
     "patch_disabled",
     "prune_and_patch",
@@ -39,6 +42,7 @@ __all__ = [
     "select_block",
     "set_patch",
     "set_patch_enabled",
+    "upgrade_checkpoint",
     "available_backends",
     "hadamard_matrix",
     "hadamard_patch",

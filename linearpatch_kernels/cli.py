@@ -57,9 +57,7 @@ class LoadedModel:
         dtype_name = str(dtype).removeprefix("torch.")
         what = f"{config.model_type}, {self.num_layers} layers, d={config.hidden_size}, {dtype_name} on {device}"
         if self.record:
-            r = self.record
-            what += (f"; pruned: layers [{r['start']}, {r['end']}) of {r['num_layers_original']} removed, "
-                     f"patch mode {r['mode']}")
+            what += f"; pruned: {_cuts_text(self.record)} of {self.record['num_layers_original']} removed"
         return f"{self.name} ({what})"
 
 
@@ -114,22 +112,21 @@ def resolve_model_path(spec: str | None, option: str = "--model") -> tuple[str, 
 
 
 def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32", option: str = "--model") -> LoadedModel:
-    """Load ``--model``: a pruned checkpoint (``linearpatch.json``) with its patch, or a plain model."""
+    """Load ``--model``: a pruned checkpoint (any format version) with its patch, or a plain model."""
     torch_dtype = _torch_dtype(dtype)
     device = _check_device(device)
     name, path = resolve_model_path(spec, option)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import load_pruned
-    from .model.checkpoint import METADATA_FILE
+    from .model import is_pruned_checkpoint, load_pruned
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CliError(f"{option} {spec}: no usable tokenizer in {path} ({e}); the folder must hold the tokenizer "
                        "files (tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
-    if (path / METADATA_FILE).is_file():
+    if is_pruned_checkpoint(path):  # load_pruned refuses one whose patch is missing, never drops it
         model = load_pruned(path, device=device, dtype=torch_dtype)
         record = dict(model.config.linearpatch)
     else:
@@ -257,9 +254,20 @@ def cmd_prune(args) -> int:
 # --- eval --------------------------------------------------------------------------------------
 
 
+def _cuts_text(record: dict, modes: bool = True) -> str:
+    """``layers [10, 15) (rotate), [20, 22) (diag)`` for a pruning record."""
+    from .model.surgery import record_cuts
+
+    return "layers " + ", ".join(f"[{c['start']}, {c['end']})" + (f" ({c['mode']})" if modes else "")
+                                 for c in record_cuts(record))
+
+
 def _pruned_label(record: dict, patched: bool) -> str:
-    block = f"pruned [{record['start']}, {record['end']})"
-    return f"{block} + patch ({record['mode']})" if patched else f"{block}, no patch"
+    from .model.surgery import record_cuts
+
+    block = f"pruned {_cuts_text(record, modes=False)}"
+    modes = ", ".join(c["mode"] for c in record_cuts(record))
+    return f"{block} + patch ({modes})" if patched else f"{block}, no patch"
 
 
 def cmd_eval(args) -> int:
@@ -390,7 +398,7 @@ def run_distill_command(args) -> int:
     """The ``linearpatch distill`` handler: windows from the corpus, then ``distill_patch``."""
     import torch
 
-    from .model.checkpoint import METADATA_FILE
+    from .model.checkpoint import is_pruned_checkpoint
     from .model.distill import distill_patch, is_teacher_cache_dir
     from .model.teacher_cache import MANIFEST_FILE
 
@@ -407,8 +415,8 @@ def run_distill_command(args) -> int:
         raise FileNotFoundError(f"--teacher {args.teacher}: {teacher} holds neither a model (config.json) nor a "
                                 f"teacher cache ({MANIFEST_FILE})")
     student = Path(args.model).expanduser()
-    if not (student / METADATA_FILE).is_file():
-        raise FileNotFoundError(f"--model {args.model}: not a pruned checkpoint ({student / METADATA_FILE} not found); "
+    if not is_pruned_checkpoint(student):
+        raise FileNotFoundError(f"--model {args.model}: not a pruned checkpoint (its config.json records no pruning); "
                                 "create one with `linearpatch prune`")
     if args.device is not None:
         _check_device(args.device)

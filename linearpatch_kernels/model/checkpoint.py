@@ -43,12 +43,23 @@ from .surgery import (SUPPORTED_MODEL_TYPES, PatchedDecoderLayer, attach_patch, 
 
 __all__ = ["FORMAT_VERSION", "is_pruned_checkpoint", "load_pruned", "save_pruned", "upgrade_checkpoint", "validated_cuts"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = modeling_linearpatch.FORMAT_VERSION
 MODELING_FILE = "modeling_linearpatch.py"
 # Format version 1: the patch and its metadata in files of their own beside a plain checkpoint.
 PATCH_FILE = "linearpatch.safetensors"
 METADATA_FILE = "linearpatch.json"
 PATCH_PREFIX = "model.linearpatch."
+# Written into each checkpoint: transformers' refusal of the unknown architecture points at the folder.
+CHECKPOINT_README = """# A layer-pruned model with LinearPatch cuts ({arch})
+
+Written by the Python package `linearpatch-kernels`. Its patch is part of the model: load it with
+
+- `import linearpatch_kernels` and then `AutoModelForCausalLM.from_pretrained(path)`, or
+  `linearpatch_kernels.load_pruned(path)`;
+- without that package: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (runs
+  `modeling_linearpatch.py` from this folder);
+- vLLM: `pip install "linearpatch-kernels[vllm]"`, then `vllm serve path` or `vllm.LLM(path)`.
+"""
 
 
 def _package_version() -> str:
@@ -141,6 +152,7 @@ def _write_checkpoint(model: nn.Module, holders: nn.ModuleList, patched_config, 
             del inner.linearpatch
     patched_config.save_pretrained(directory)
     shutil.copyfile(Path(modeling_linearpatch.__file__), directory / MODELING_FILE)
+    (directory / "README.md").write_text(CHECKPOINT_README.format(arch=patched_config.architectures[0]))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -292,14 +304,13 @@ def validated_cuts(config, where="config.json") -> list[dict]:
         raise ValueError(f"{where}: linearpatch record format_version {got!r}; this package reads {FORMAT_VERSION} "
                          f"(and version 1 with {METADATA_FILE})")
     try:
-        record_cuts(record)
-        cuts = modeling_linearpatch.checkpoint_cuts(config)
+        modes = [c["mode"] for c in record_cuts(record)]
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{where}: {e}") from None
     if record.get("hidden_size") != config.hidden_size:
         raise ValueError(f"{where}: the linearpatch record has hidden_size {record.get('hidden_size')!r} but the "
                          f"config has {config.hidden_size}; the patch does not belong to this model")
-    if any(c["mode"] == "rotate" for c in cuts):
+    if "rotate" in modes:
         try:
             expected = _hadamard_record(config.hidden_size)
         except ValueError as e:
@@ -307,7 +318,10 @@ def validated_cuts(config, where="config.json") -> list[dict]:
         if record.get("hadamard") != expected:
             raise ValueError(f"{where}: the patch was calibrated with Hadamard matrix {record.get('hadamard')!r}; this "
                              f"package builds {expected!r} for d={config.hidden_size}, so the scales do not apply")
-    return cuts
+    try:
+        return modeling_linearpatch.checkpoint_cuts(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _read_cut_tensors(directory: Path, files: list[Path], cuts: list[dict], d: int) -> list[LinearPatch]:

@@ -39,6 +39,7 @@ from transformers import (
 )
 
 PATCH_MODES = ("rotate", "diag", "dense")
+FORMAT_VERSION = 2  # of the checkpoint layout described above
 MODEL_TYPE_PREFIX = "linearpatch_"
 
 
@@ -143,15 +144,31 @@ def checkpoint_cuts(config) -> list[dict]:
     if not isinstance(record, dict) or not isinstance(record.get("cuts"), list) or not record["cuts"]:
         raise ValueError(f"{type(config).__name__}: config.linearpatch with a non-empty 'cuts' list is missing; "
                          "this config does not describe a checkpoint written by linearpatch_kernels.save_pruned")
+    name = type(config).__name__
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{name}: linearpatch record format_version {record.get('format_version')!r}; this file "
+                         f"reads {FORMAT_VERSION}")
+    if record.get("hidden_size") != config.hidden_size:
+        raise ValueError(f"{name}: the linearpatch record has hidden_size {record.get('hidden_size')!r} but the "
+                         f"config has {config.hidden_size}")
+    for c in record["cuts"]:
+        ok = isinstance(c, dict) and all(type(c.get(k)) is int for k in ("start", "end"))
+        if not ok or not 0 <= c["start"] < c["end"]:
+            raise ValueError(f"{name}: cut {c!r} is not a block of layers; expected int start < end")
     cuts = sorted(record["cuts"], key=lambda c: c["start"])
+    hadamard = record.get("hadamard")
+    if any(c.get("mode") == "rotate" for c in cuts) and not (
+            isinstance(hadamard, dict) and hadamard.get("k", 0) * hadamard.get("n", 0) == config.hidden_size):
+        raise ValueError(f"{name}: a rotate patch needs the record's hadamard {{k, n}} with k * n = hidden_size "
+                         f"{config.hidden_size}; got {hadamard!r}")
     total = record.get("num_layers_original")
     kept = total - sum(c["end"] - c["start"] for c in cuts) if isinstance(total, int) else None
     if kept != config.num_hidden_layers:
-        raise ValueError(f"{type(config).__name__}: the cuts {[(c['start'], c['end']) for c in cuts]} of "
+        raise ValueError(f"{name}: the cuts {[(c['start'], c['end']) for c in cuts]} of "
                          f"{total} original layers leave {kept}, but num_hidden_layers is {config.num_hidden_layers}")
     for c, (index, position) in zip(cuts, kept_slots(cuts)):
         if (c.get("kept_index"), c.get("position")) != (index, position) or c.get("mode") not in PATCH_MODES:
-            raise ValueError(f"{type(config).__name__}: cut [{c['start']}, {c['end']}) records kept_index "
+            raise ValueError(f"{name}: cut [{c['start']}, {c['end']}) records kept_index "
                              f"{c.get('kept_index')!r}, position {c.get('position')!r}, mode {c.get('mode')!r}; its "
                              f"original indices put the patch at kept_index {index}, position {position!r}, and "
                              f"mode must be one of {', '.join(PATCH_MODES)}")
@@ -196,6 +213,18 @@ class _LinearPatchMixin:
                 layer.register_forward_hook(_patch_output(patch))
             else:
                 layer.register_forward_pre_hook(_patch_input(patch), with_kwargs=True)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, refusing a checkpoint that lacks a patch tensor (it
+        would otherwise be initialised like a missing weight and the cut silently run a wrong patch)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info.get("missing_keys", ()) if "linearpatch" in k)
+        if missing:
+            raise ValueError(f"{cls.__name__}: the checkpoint lacks the patch tensors {missing} that its "
+                             "config.json records; it is incomplete")
+        return (model, info) if want_info else model
 
 
 def _patched_family(family: str, base_config, base_model):
