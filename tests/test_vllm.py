@@ -1,0 +1,159 @@
+"""vLLM serves a format-2 checkpoint with its patch: greedy tokens from vLLM equal those of
+``load_pruned`` (transformers) and differ from the unpatched model's.
+
+vLLM runs in its own virtual environment (its CPU build pins another torch), as subprocesses of
+``tests/vllm_scripts/generate.py``; the transformers side runs here. The environment is
+``$LINEARPATCH_VLLM_PYTHON`` or ``~/.cache/linearpatch/vllm-venv`` (what ``.ci/vllm_check.sh`` builds);
+without it these tests skip.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from linearpatch_kernels import load_pruned, patch_disabled, prune_and_patch, save_pruned
+from linearpatch_kernels.integrations.vllm import TESTED_VLLM, check_vllm_version
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "vllm_scripts" / "generate.py"
+DEFAULT_VENV_PYTHON = Path.home() / ".cache" / "linearpatch" / "vllm-venv" / "bin" / "python"
+
+
+def vllm_python() -> str:
+    python = Path(os.environ.get("LINEARPATCH_VLLM_PYTHON", DEFAULT_VENV_PYTHON))
+    if not python.is_file():
+        pytest.skip(f"no vLLM environment at {python} (bash .ci/vllm_check.sh builds it)")
+    return str(python)
+
+
+def vllm_env(**extra) -> dict:
+    # The checkout's package first (the environment has it installed editable, with the plugin's
+    # entry point); the engine in this process.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
+            **extra}
+
+
+def run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None):
+    out = tmp_path / f"vllm-{tp}.json"
+    cmd = [vllm_python(), str(SCRIPT), str(checkpoint), str(out), "--prompts", json.dumps(prompts),
+           "--max-tokens", str(max_tokens), "--tp", str(tp)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env or vllm_env(), timeout=600)
+    return result, (json.loads(out.read_text()) if out.is_file() else None)
+
+
+def hf_greedy(model, prompts, max_tokens):
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens,
+                               eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+
+
+def check_against_transformers(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None):
+    result, out = run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=tp, env=env)
+    assert result.returncode == 0 and out is not None, result.stdout[-4000:] + result.stderr[-4000:]
+    model = load_pruned(checkpoint)
+    want = hf_greedy(model, prompts, max_tokens)
+    with patch_disabled(model):
+        unpatched = hf_greedy(model, prompts, max_tokens)
+    assert out["tokens"] == want
+    assert unpatched != want  # the prompts are ones where the patch changes the greedy tokens
+    return out
+
+
+def tiny_qwen3_checkpoint(directory):
+    """A random 6-layer Qwen3 (d=48: a Paley Hadamard size; head_dim 32, which vLLM's CPU attention
+    supports), layers [2, 4) cut with a rotate patch: a fused cut in vLLM."""
+    config = Qwen3Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, max_position_embeddings=128, initializer_range=0.2,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM._from_config(config, dtype=torch.float32).eval()
+    prune_and_patch(model, 2, 4, torch.rand(48) * 2 + 0.2)
+    save_pruned(model, directory)
+    return directory
+
+
+def test_version_range_is_checked():
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.3+cpu")
+    low = ".".join(map(str, TESTED_VLLM[0]))
+    with pytest.raises(RuntimeError, match=f"needs vLLM >= {low}, < 0.33.0.*this is vLLM 0.31.2"):
+        check_vllm_version("0.31.2")
+    with pytest.warns(UserWarning, match="tested with vLLM >= 0.32.0, < 0.33.0; this is vLLM 0.34.0"):
+        check_vllm_version("0.34.0")
+
+
+def test_importing_the_package_does_not_import_vllm():
+    code = "import sys, linearpatch_kernels; assert 'vllm' not in sys.modules, 'vllm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def test_tiny_qwen3_fused_cut(tmp_path):
+    vllm_python()
+    checkpoint = tiny_qwen3_checkpoint(tmp_path / "qwen3")
+    out = check_against_transformers(checkpoint, [[5, 6, 7, 8], [10, 20, 30]], 8, tmp_path)
+    assert out["cuts"] == [["fused: patch_add_rmsnorm with the next layer's input_layernorm"]]
+
+
+def test_tiny_llama_cut_after_the_last_layer(tmp_path):
+    """A diag patch on the last kept layer: the unfused path (the final norm is the model's)."""
+    vllm_python()
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=128, initializer_range=0.2,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.float32).eval()
+    prune_and_patch(model, 4, 6, torch.rand(64) * 2 + 0.2, mode="diag")
+    save_pruned(model, tmp_path / "llama")
+    out = check_against_transformers(tmp_path / "llama", [[5, 6, 7, 8], [40, 41, 3]], 8, tmp_path)
+    assert out["cuts"] == [["unfused: the cut is after the last layer (the final norm runs in the model's forward)"]]
+
+
+def test_record_naming_a_missing_layer_is_refused(tmp_path):
+    vllm_python()
+    checkpoint = tiny_qwen3_checkpoint(tmp_path / "bad")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["linearpatch"]["cuts"][0]["kept_index"] = 9
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    result, out = run_vllm(checkpoint, [[5, 6]], 2, tmp_path)
+    assert result.returncode != 0 and out is None
+    assert "records kept_index 9" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_default_model_pruned_and_patched(tmp_path):
+    """SmolLM2-135M (d=576 = 36 * 16, Paley): layers [20, 25) cut, rotate scales calibrated on the
+    package's corpus; vLLM and transformers give the same greedy continuation of English prompts."""
+    vllm_python()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from linearpatch_kernels import estimate_scales
+    from linearpatch_kernels.corpus import calibration_text, token_windows
+    from linearpatch_kernels.default_model import default_model_dir
+
+    folder = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    windows = token_windows(tokenizer, calibration_text(), 128, 8)
+    scales = estimate_scales(model, windows, 20, 25, "rotate")
+    prune_and_patch(model, 20, 25, scales)
+    save_pruned(model, tmp_path / "smollm2", tokenizer=tokenizer)
+    prompts = [tokenizer(t)["input_ids"] for t in (
+        "The capital of France is", "It is a truth universally acknowledged that",
+        "Once upon a time, in a small village,")]
+    check_against_transformers(tmp_path / "smollm2", prompts, 12, tmp_path)
+
+
+def test_tiny_qwen3_tensor_parallel_2(tmp_path):
+    """TP=2 on the CPU build: each rank applies the whole patch to its replicated residual stream.
+    (vLLM binds each CPU worker's threads to its own NUMA node by default; one node here, so the two
+    ranks get one core each by hand.)"""
+    vllm_python()
+    checkpoint = tiny_qwen3_checkpoint(tmp_path / "qwen3")
+    check_against_transformers(checkpoint, [[5, 6, 7, 8], [10, 20, 30]], 8, tmp_path, tp=2,
+                               env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND="0|1"))
