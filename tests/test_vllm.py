@@ -157,3 +157,20 @@ def test_tiny_qwen3_tensor_parallel_2(tmp_path):
     checkpoint = tiny_qwen3_checkpoint(tmp_path / "qwen3")
     check_against_transformers(checkpoint, [[5, 6, 7, 8], [10, 20, 30]], 8, tmp_path, tp=2,
                                env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND="0|1"))
+
+
+def test_pipeline_parallel_cut_placement(tmp_path):
+    """The patch is applied by the rank that holds the layer before the cut, and a cut at a rank
+    boundary is not fused (the next norm's weight is on the other rank). Checked on the plugin's
+    placement code directly: pipeline parallel on vLLM's CPU build fails inside vLLM's own runner
+    here, with or without this plugin."""
+    result = subprocess.run([vllm_python(), str(ROOT / "tests" / "vllm_scripts" / "check_pipeline_cuts.py")],
+                            capture_output=True, text=True, env=vllm_env(), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.split("REPORT ", 1)[1])
+    boundary = ["unfused: the cut is at a pipeline-parallel rank boundary"]
+    assert report["rank0"]["notes"] == report["rank1"]["notes"] == boundary
+    assert report["rank0"]["patched_here"] and not report["rank1"]["patched_here"]
+    assert report["rank0"]["handoff_is_patched_stream"]
+    # Both ranks hold the (small) patch tensors, so the checkpoint loads the same everywhere.
+    assert report["rank0"]["patch_tensors"] == report["rank1"]["patch_tensors"] == ["model.linearpatch.0.scale"]

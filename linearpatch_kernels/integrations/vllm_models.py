@@ -92,9 +92,10 @@ def _cut_layer_class(base: type) -> type:
 
 
 def _as_cut_layer(layer: nn.Module) -> nn.Module:
-    if not isinstance(type(layer), type) or type(layer).__name__.startswith("LinearPatchCut"):
-        return layer
-    layer.__class__ = _cut_layer_class(type(layer))
+    """Turn ``layer`` into an instance of its cut subclass, in place (its parameters, and so their
+    names for weight loading, stay as they are)."""
+    if type(layer) not in _CUT_LAYER_CLASSES.values():
+        layer.__class__ = _cut_layer_class(type(layer))
     return layer
 
 
@@ -102,7 +103,7 @@ def _fusable(layer: nn.Module) -> bool:
     """A layer whose body after its ``input_layernorm`` is ``_body_after_input_norm``, with a weighted
     vLLM ``RMSNorm`` as that norm."""
     base = type(layer)
-    if base.__name__.startswith("LinearPatchCut"):
+    if base in _CUT_LAYER_CLASSES.values():
         base = base.__mro__[1]
     norm = getattr(layer, "input_layernorm", None)
     return (base in _FUSABLE_LAYERS and type(norm) is RMSNorm and getattr(norm, "has_weight", True)

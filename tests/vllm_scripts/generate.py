@@ -1,6 +1,6 @@
 """Greedy generation with vLLM, run as a subprocess by tests/test_vllm.py in the vLLM environment.
 
-    python generate.py CHECKPOINT OUT.json --prompts '[[1, 2, 3], ...]' --max-tokens 8 [--tp 2]
+    python generate.py CHECKPOINT OUT.json --prompts '[[1, 2, 3], ...]' --max-tokens 8 [--tp 2] [--pp 2]
 
 Writes ``{"tokens": [[...], ...], "cuts": [...]}`` (``cuts``: how the plugin runs each cut, when the
 checkpoint is patched and the engine runs in this process).
@@ -17,6 +17,7 @@ def main() -> None:
     parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=128)
     args = parser.parse_args()
@@ -25,7 +26,7 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=args.checkpoint, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
-              tensor_parallel_size=args.tp, skip_tokenizer_init=True, seed=0,
+              tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, skip_tokenizer_init=True, seed=0,
               gpu_memory_utilization=0.08)  # on the CPU backend: the share of RAM for the KV cache
     prompts = [TokensPrompt(prompt_token_ids=p) for p in json.loads(args.prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, detokenize=False)
