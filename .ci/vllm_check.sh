@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The vLLM environment for tests/test_vllm.py: vLLM's CPU build in its own venv (it pins
 # torch==2.13.0+cpu and transformers<5.20, so it cannot share the main environment), cached under
-# ~/.cache so that reruns reuse it, with this checkout installed editable (the plugin's entry point).
+# ~/.cache so that reruns reuse it, with lm-eval and this checkout installed editable (the plugin's
+# entry point).
 # torchvision, torchaudio and torchcodec come with vLLM's requirements but do not load with that
 # torch; vLLM runs without them, so they are removed.
 set -euo pipefail
@@ -15,6 +16,8 @@ if ! "$VENV/bin/python" -c "import importlib.metadata as m; assert m.version('vl
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "$VLLM_SPEC" "torch==2.13.0"
 fi
+# lm-eval, for `lm_eval --model vllm` on a checkpoint (tests/test_vllm.py)
+"$VENV/bin/python" -c "import lm_eval" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet "lm_eval==0.4.13"
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 LINEARPATCH_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
 # The plugin's entry point is visible to vLLM and its models import against this vLLM.

@@ -114,7 +114,7 @@ def test_without_package_or_trust_remote_code_loading_is_refused(tmp_path):
 
 def test_lm_eval_hf_model_scores_the_patched_checkpoint(tmp_path):
     pytest.importorskip("lm_eval")
-    from test_evaluation import char_ids, char_tokenizer, tiny_char_model, write_mc_task
+    from test_evaluation import char_tokenizer, tiny_char_model, write_mc_task
 
     docs = write_mc_task(tmp_path)
     model = prune_and_patch(tiny_char_model(num_layers=4, seed=7), 1, 3,
@@ -128,23 +128,34 @@ def test_lm_eval_hf_model_scores_the_patched_checkpoint(tmp_path):
            "--output_path", str(tmp_path / "out"), "--log_samples"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    samples = [json.loads(line) for f in sorted((tmp_path / "out").rglob("samples_tiny_mc_*.jsonl"))
+
+    check_lm_eval_samples(tmp_path / "out", tmp_path / "ckpt", docs, tolerance=1e-4)
+
+
+def choice_loglikelihoods(model, doc) -> list[float]:
+    """sum log p(" " + choice | question) per choice, in fp64 from the model's logits (lm-eval's
+    multiple-choice score, with the character tokenizer of test_evaluation)."""
+    from test_evaluation import char_ids
+
+    out = []
+    with torch.no_grad():
+        for choice in doc["choices"]:
+            context, continuation = char_ids(doc["question"]), char_ids(" " + choice)
+            logp = torch.log_softmax(model(input_ids=torch.tensor([context + continuation])).logits[0].double(), -1)
+            out.append(sum(float(logp[len(context) + k - 1, t]) for k, t in enumerate(continuation)))
+    return out
+
+
+def check_lm_eval_samples(out_dir, checkpoint, docs, tolerance):
+    """lm-eval's logged per-choice log-likelihoods are those of the patched model (``load_pruned``)
+    and not those of the same model without its patch."""
+    samples = [json.loads(line) for f in sorted(Path(out_dir).rglob("samples_tiny_mc_*.jsonl"))
                for line in f.read_text().splitlines()]
     assert len(samples) == len(docs)
-
-    def loglikelihoods(m, doc):
-        out = []
-        with torch.no_grad():
-            for choice in doc["choices"]:
-                context, continuation = char_ids(doc["question"]), char_ids(" " + choice)
-                logp = torch.log_softmax(m(input_ids=torch.tensor([context + continuation])).logits[0].double(), -1)
-                out.append(sum(float(logp[len(context) + k - 1, t]) for k, t in enumerate(continuation)))
-        return out
-
-    reloaded = load_pruned(tmp_path / "ckpt")
+    model = load_pruned(checkpoint)
     for sample in samples:
         doc = docs[sample["doc_id"]]
         got = [float(r[0][0]) for r in sample["resps"]]
-        assert got == pytest.approx(loglikelihoods(reloaded, doc), rel=1e-4, abs=1e-4)
-        with patch_disabled(reloaded):
-            assert got != pytest.approx(loglikelihoods(reloaded, doc), rel=1e-4, abs=1e-4)
+        assert got == pytest.approx(choice_loglikelihoods(model, doc), rel=tolerance, abs=tolerance)
+        with patch_disabled(model):
+            assert got != pytest.approx(choice_loglikelihoods(model, doc), rel=tolerance, abs=tolerance)

@@ -321,3 +321,33 @@ def test_diag_patch_saves_for_a_size_without_a_hadamard_matrix(tmp_path):
     ids = random_batches(1, seqlen=8, seed=2)[0]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_pruning_record_is_a_list_of_cuts_and_reads_the_single_cut_form():
+    from linearpatch_kernels.model.modeling_linearpatch import kept_slots
+    from linearpatch_kernels.model.surgery import cut_slots, pruning_record, record_cuts
+
+    record = pruning_record([{"start": 20, "end": 22, "mode": "diag"}, {"start": 10, "end": 15, "mode": "rotate"}], 30, 576)
+    assert record["cuts"] == [{"start": 10, "end": 15, "mode": "rotate"}, {"start": 20, "end": 22, "mode": "diag"}]
+    old = {"record_version": 1, "start": 10, "end": 15, "mode": "rotate", "num_layers_original": 30, "hidden_size": 576}
+    assert record_cuts(old) == [{"start": 10, "end": 15, "mode": "rotate"}]
+    # Where each patch sits among the kept layers, derived from the original indices: the kept
+    # index of layer start - 1 (earlier cuts shift it), or the input of kept layer 0.
+    for cuts, want in [
+        ([(10, 15)], [(9, "output")]),
+        ([(10, 15), (20, 22)], [(9, "output"), (14, "output")]),
+        ([(0, 2), (5, 7), (9, 10)], [(0, "input"), (2, "output"), (4, "output")]),
+    ]:
+        cut_dicts = [{"start": s, "end": e, "mode": "rotate"} for s, e in cuts]
+        assert cut_slots(pruning_record(cut_dicts, 30, 576)) == want
+        assert kept_slots(cut_dicts) == want  # the standalone modeling file derives the same
+    for bad, message in [
+        ({"num_layers_original": 30, "cuts": [{"start": 5, "end": 9, "mode": "rotate"}, {"start": 8, "end": 10, "mode": "rotate"}]},
+         r"\[5, 9\) and \[8, 10\) overlap"),
+        ({"num_layers_original": 30, "cuts": [{"start": 25, "end": 31, "mode": "rotate"}]}, "0 <= start < end <= num_layers_original"),
+        ({"num_layers_original": 4, "cuts": [{"start": 0, "end": 4, "mode": "diag"}]}, "remove all 4 layers"),
+        ({"num_layers_original": 30, "cuts": []}, "non-empty list"),
+        ({"cuts": [{"start": 1, "end": 2, "mode": "diag"}]}, "num_layers_original is None"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            record_cuts(bad)

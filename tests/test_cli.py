@@ -91,8 +91,7 @@ def test_prune_then_eval_subprocess(tiny_folder, tmp_path):
     assert re.search(r"total time: \d+\.\d s", result.stdout)
 
     pruned = load_pruned(out)
-    record = pruned.config.linearpatch
-    assert (record["start"], record["end"], record["mode"]) == (start, start + NUM_PRUNE, "rotate")
+    assert pruned.config.linearpatch["cuts"] == [{"start": start, "end": start + NUM_PRUNE, "mode": "rotate"}]
     assert pruned.config.num_hidden_layers == NUM_LAYERS - NUM_PRUNE
     torch.testing.assert_close(get_patch(pruned).scale.double(), scales, rtol=1e-5, atol=1e-6)
     assert (out / "tokenizer.json").is_file()
@@ -123,7 +122,7 @@ def test_prune_with_given_start_and_diag_mode(tiny_folder, tmp_path, capsys):
     xs = [residual_inputs_fp64(model, ids[:, k * 32:(k + 1) * 32]) for k in range(2)]
     want = torch.stack([x[2][0].abs().mean(0) / x[0][0].abs().mean(0) for x in xs]).mean(0)
     pruned = load_pruned(out)
-    assert pruned.config.linearpatch["mode"] == "diag"
+    assert pruned.config.linearpatch["cuts"][0]["mode"] == "diag"
     torch.testing.assert_close(get_patch(pruned).scale.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -201,7 +200,7 @@ def test_demo_on_a_tiny_model(tiny_folder, tmp_path, capsys):
                  "--eval-samples", "2", "--seqlen", "32", "--max-new-tokens", "6", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "reloaded: logits identical" in stdout
-    assert load_pruned(out).config.linearpatch["mode"] == "rotate"
+    assert load_pruned(out).config.linearpatch["cuts"][0]["mode"] == "rotate"
 
     model = tiny_char_model(num_layers=NUM_LAYERS, seed=11)
     ids = torch.tensor([char_tokenizer()(corpus.evaluation_text()[:200]).input_ids])

@@ -240,7 +240,7 @@ def test_set_patch_dense_unfuses_and_rotate_refuses():
         set_patch(fused, dense)
         status = fusion_status(fused)
         assert not status.fused and "'dense'" in status.reason
-        assert get_patch(fused) is dense and fused.config.linearpatch["mode"] == "dense"
+        assert get_patch(fused) is dense and fused.config.linearpatch["cuts"][0]["mode"] == "dense"
         assert not any(isinstance(layer, FusedCutNextLayer) for layer in fused.model.layers)
         with OpRecorder() as rec:
             assert rel_err(fused(ids).logits, before) <= 1e-5

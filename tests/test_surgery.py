@@ -152,7 +152,8 @@ def test_index_fields_config_and_print():
     assert model.config.layer_types == [old_types[i] for i in kept]
     assert [a.sliding_window is not None for a in attn] == [t == "sliding_attention" for t in model.config.layer_types]
     assert model.config.linearpatch == {
-        "record_version": 1, "start": 1, "end": 4, "mode": "rotate", "num_layers_original": 6, "hidden_size": 64,
+        "record_version": 2, "num_layers_original": 6, "hidden_size": 64,
+        "cuts": [{"start": 1, "end": 4, "mode": "rotate"}],
     }
     text = repr(model)
     assert "PatchedDecoderLayer(" in text and "LinearPatch(mode=rotate, hidden_size=64)" in text
@@ -232,7 +233,7 @@ def test_set_patch_swaps_in_a_dense_patch():
         before = model(ids).logits
         dense = LinearPatch(48, "dense", weight=get_patch(model).dense_matrix())
         set_patch(model, dense)
-        assert get_patch(model) is dense and model.config.linearpatch["mode"] == "dense"
+        assert get_patch(model) is dense and model.config.linearpatch["cuts"][0]["mode"] == "dense"
         assert rel_err(model(ids).logits, before) <= 1e-5
     with pytest.raises(ValueError, match="hidden_size 64 != model hidden_size 48"):
         set_patch(model, LinearPatch(64))

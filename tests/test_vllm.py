@@ -174,3 +174,33 @@ def test_pipeline_parallel_cut_placement(tmp_path):
     assert report["rank0"]["handoff_is_patched_stream"]
     # Both ranks hold the (small) patch tensors, so the checkpoint loads the same everywhere.
     assert report["rank0"]["patch_tensors"] == report["rank1"]["patch_tensors"] == ["model.linearpatch.0.scale"]
+
+
+def test_lm_eval_vllm_model_scores_the_patched_checkpoint(tmp_path):
+    """``lm_eval --model vllm`` on the checkpoint (in the vLLM environment, offline, on a task this
+    test writes): its per-choice log-likelihoods are the patched model's, not the unpatched one's."""
+    python = vllm_python()
+    if subprocess.run([python, "-c", "import lm_eval"], capture_output=True).returncode != 0:
+        pytest.skip("lm_eval is not installed in the vLLM environment")
+    from test_architectures import check_lm_eval_samples
+    from test_evaluation import CHAR_VOCAB_SIZE, char_tokenizer, write_mc_task
+
+    docs = write_mc_task(tmp_path)
+    # Two heads of 32: vLLM's CPU attention has no kernel for the usual tiny head size of 16.
+    config = LlamaConfig(vocab_size=CHAR_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         initializer_range=0.2, tie_word_embeddings=False, pad_token_id=2, bos_token_id=1,
+                         eos_token_id=2)
+    torch.manual_seed(7)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.float32).eval()
+    prune_and_patch(model, 1, 3, torch.rand(64, generator=torch.Generator().manual_seed(3)) * 1.5 + 0.25)
+    save_pruned(model, tmp_path / "ckpt", tokenizer=char_tokenizer())
+    model_args = (f"pretrained={tmp_path / 'ckpt'},dtype=float32,enforce_eager=True,max_model_len=128,"
+                  "gpu_memory_utilization=0.08")
+    cmd = [python, "-m", "lm_eval", "run", "--model", "vllm", "--model_args", model_args, "--tasks", "tiny_mc",
+           "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"), "--log_samples"]
+    env = vllm_env(HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # fp32 in both; vLLM's CPU kernels sum in another order than PyTorch's
+    check_lm_eval_samples(tmp_path / "out", tmp_path / "ckpt", docs, tolerance=1e-3)
