@@ -6,7 +6,7 @@
     linearpatch demo                                         the whole job on the embedded SmolLM2
 
 ``--model`` is a local Hugging Face model folder, a checkpoint written by ``linearpatch prune``
-(recognised by its ``linearpatch.json``), or ``default`` for the embedded SmolLM2-135M-Instruct.
+(recognised by the pruning record in its ``config.json``), or ``default`` for the embedded SmolLM2-135M-Instruct.
 Nothing is downloaded: the Hugging Face Hub is switched to offline mode before transformers loads.
 """
 

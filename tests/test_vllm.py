@@ -197,7 +197,7 @@ def test_lm_eval_vllm_model_scores_the_patched_checkpoint(tmp_path):
     save_pruned(model, tmp_path / "ckpt", tokenizer=char_tokenizer())
     model_args = (f"pretrained={tmp_path / 'ckpt'},dtype=float32,enforce_eager=True,max_model_len=128,"
                   "gpu_memory_utilization=0.08")
-    cmd = [python, "-m", "lm_eval", "run", "--model", "vllm", "--model_args", model_args, "--tasks", "tiny_mc",
+    cmd = [python, str(ROOT / "tests" / "vllm_scripts" / "lm_eval_cli.py"), "run", "--model", "vllm", "--model_args", model_args, "--tasks", "tiny_mc",
            "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"), "--log_samples"]
     env = vllm_env(HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

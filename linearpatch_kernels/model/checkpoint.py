@@ -27,6 +27,7 @@ as version 2. Every loader checks the record against the files before building a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -360,6 +361,7 @@ def _read_cut_tensors(directory: Path, files: list[Path], cuts: list[dict], d: i
     return patches
 
 
+@functools.lru_cache(maxsize=None)
 def _base_model_class(family: str):
     """The family's ``*ForCausalLM``, told to expect the ``model.linearpatch.*`` tensors it does not load
     (``load_pruned`` reads them itself), so that loading reports no unexpected weights."""
