@@ -254,19 +254,19 @@ def cmd_prune(args) -> int:
 # --- eval --------------------------------------------------------------------------------------
 
 
-def _cuts_text(record: dict, modes: bool = True) -> str:
+def _cuts_text(record: dict) -> str:
     """``layers [10, 15) (rotate), [20, 22) (diag)`` for a pruning record."""
     from .model.surgery import record_cuts
 
-    return "layers " + ", ".join(f"[{c['start']}, {c['end']})" + (f" ({c['mode']})" if modes else "")
-                                 for c in record_cuts(record))
+    return "layers " + ", ".join(f"[{c['start']}, {c['end']}) ({c['mode']})" for c in record_cuts(record))
 
 
 def _pruned_label(record: dict, patched: bool) -> str:
     from .model.surgery import record_cuts
 
-    block = f"pruned {_cuts_text(record, modes=False)}"
-    modes = ", ".join(c["mode"] for c in record_cuts(record))
+    cuts = record_cuts(record)
+    block = "pruned " + ", ".join(f"[{c['start']}, {c['end']})" for c in cuts)
+    modes = ", ".join(c["mode"] for c in cuts)
     return f"{block} + patch ({modes})" if patched else f"{block}, no patch"
 
 
