@@ -20,12 +20,13 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=128)
+    parser.add_argument("--compile", action="store_true", help="vLLM's torch.compile mode instead of eager")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=args.checkpoint, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
+    llm = LLM(model=args.checkpoint, dtype=args.dtype, enforce_eager=not args.compile, max_model_len=args.max_model_len,
               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, skip_tokenizer_init=True, seed=0,
               gpu_memory_utilization=0.08)  # on the CPU backend: the share of RAM for the KV cache
     prompts = [TokensPrompt(prompt_token_ids=p) for p in json.loads(args.prompts)]
