@@ -39,10 +39,10 @@ def vllm_env(**extra) -> dict:
             **extra}
 
 
-def run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None):
+def run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None, compile=False):
     out = tmp_path / f"vllm-{tp}.json"
     cmd = [vllm_python(), str(SCRIPT), str(checkpoint), str(out), "--prompts", json.dumps(prompts),
-           "--max-tokens", str(max_tokens), "--tp", str(tp)]
+           "--max-tokens", str(max_tokens), "--tp", str(tp)] + (["--compile"] if compile else [])
     result = subprocess.run(cmd, capture_output=True, text=True, env=env or vllm_env(), timeout=600)
     return result, (json.loads(out.read_text()) if out.is_file() else None)
 
@@ -53,8 +53,8 @@ def hf_greedy(model, prompts, max_tokens):
                                eos_token_id=None)[0, len(p):].tolist() for p in prompts]
 
 
-def check_against_transformers(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None):
-    result, out = run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=tp, env=env)
+def check_against_transformers(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None, compile=False):
+    result, out = run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=tp, env=env, compile=compile)
     assert result.returncode == 0 and out is not None, result.stdout[-4000:] + result.stderr[-4000:]
     model = load_pruned(checkpoint)
     want = hf_greedy(model, prompts, max_tokens)
@@ -97,6 +97,16 @@ def test_tiny_qwen3_fused_cut(tmp_path):
     vllm_python()
     checkpoint = tiny_qwen3_checkpoint(tmp_path / "qwen3")
     out = check_against_transformers(checkpoint, [[5, 6, 7, 8], [10, 20, 30]], 8, tmp_path)
+    assert out["cuts"] == [["fused: patch_add_rmsnorm with the next layer's input_layernorm"]]
+
+
+def test_tiny_qwen3_fused_cut_under_torch_compile(tmp_path):
+    """vLLM's torch.compile mode (the CPU build compiles the model ahead of time): the cut's layers
+    and the patch_add_rmsnorm op trace (the op has a fake kernel) and give the same tokens."""
+    vllm_python()
+    checkpoint = tiny_qwen3_checkpoint(tmp_path / "qwen3")
+    env = vllm_env(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"))  # compile from scratch, not from a cache
+    out = check_against_transformers(checkpoint, [[5, 6, 7, 8], [10, 20, 30]], 8, tmp_path, env=env, compile=True)
     assert out["cuts"] == [["fused: patch_add_rmsnorm with the next layer's input_layernorm"]]
 
 
