@@ -16,6 +16,7 @@ from .model import (
     block_similarities,
     estimate_scales,
     get_patch,
+    is_pruned_checkpoint,
     load_pruned,
     patch_disabled,
     prune_and_patch,
@@ -28,6 +29,7 @@ from .model import (
     get_patches,
     select_blocks,
     set_patches,
+    upgrade_checkpoint,
 )
 
 __version__ = "0.1.0"
@@ -45,6 +47,7 @@ __all__ = [
     "block_similarities",
     "estimate_scales",
     "get_patch",
+    "is_pruned_checkpoint",
     "load_pruned",
     "patch_disabled",
     "prune_and_patch",
@@ -57,6 +60,7 @@ __all__ = [
     "get_patches",
     "select_blocks",
     "set_patches",
+    "upgrade_checkpoint",
     "available_backends",
     "build_info",
     "hadamard_matrix",

@@ -7,7 +7,7 @@
     linearpatch demo                                         the whole job on the embedded SmolLM2
 
 ``--model`` is a local Hugging Face model folder, a checkpoint written by ``linearpatch prune``
-(recognised by its ``linearpatch.json``), or ``default`` for the embedded SmolLM2-135M-Instruct.
+(recognised by the pruning record in its ``config.json``), or ``default`` for the embedded SmolLM2-135M-Instruct.
 Nothing is downloaded: the Hugging Face Hub is switched to offline mode before transformers loads.
 """
 
@@ -130,22 +130,21 @@ def resolve_model_path(spec: str | None, option: str = "--model") -> tuple[str, 
 
 
 def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32", option: str = "--model") -> LoadedModel:
-    """Load ``--model``: a pruned checkpoint (``linearpatch.json``) with its patch, or a plain model."""
+    """Load ``--model``: a pruned checkpoint (any format version) with its patch, or a plain model."""
     torch_dtype = _torch_dtype(dtype)
     device = _check_device(device)
     name, path = resolve_model_path(spec, option)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import load_pruned
-    from .model.checkpoint import METADATA_FILE
+    from .model import is_pruned_checkpoint, load_pruned
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CliError(f"{option} {spec}: no usable tokenizer in {path} ({e}); the folder must hold the tokenizer "
                        "files (tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
-    if (path / METADATA_FILE).is_file():
+    if is_pruned_checkpoint(path):  # load_pruned refuses one whose patch is missing, never drops it
         model = load_pruned(path, device=device, dtype=torch_dtype)
         record = dict(model.config.linearpatch)
     else:
@@ -548,7 +547,7 @@ def run_distill_command(args) -> int:
     import torch
 
     from .default_model import cached_model_dir
-    from .model.checkpoint import METADATA_FILE
+    from .model.checkpoint import is_pruned_checkpoint
     from .model.distill import check_out_dir, distill_patch, is_teacher_cache_dir
 
     for name in ("samples", "val_samples", "seqlen", "topk", "epochs", "batch_size", "chunk_size"):
@@ -557,8 +556,8 @@ def run_distill_command(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     device = _check_device(args.device)
     student = Path(args.model).expanduser()
-    if not (student / METADATA_FILE).is_file():
-        raise FileNotFoundError(f"--model {args.model}: not a pruned checkpoint ({student / METADATA_FILE} not found); "
+    if not is_pruned_checkpoint(student):
+        raise FileNotFoundError(f"--model {args.model}: not a pruned checkpoint (its config.json records no pruning); "
                                 "create one with `linearpatch prune`")
     # Where the output goes is checked before the teacher is loaded or converted: the output is new
     # (or --overwrite), writable, and never an input.

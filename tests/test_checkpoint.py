@@ -1,11 +1,12 @@
-"""save_pruned / load_pruned: round trips with identical logits, plain Hugging Face loading, bad checkpoints."""
+"""save_pruned / load_pruned: round trips with identical logits, the stored format, format-1 checkpoints, bad checkpoints."""
 
 import json
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_models import random_batches, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -17,6 +18,7 @@ from linearpatch_kernels import (
     prune_and_patch,
     save_pruned,
 )
+from linearpatch_kernels.model import is_pruned_checkpoint, plain_layers, upgrade_checkpoint
 
 
 def pruned_model(family, d, start, end, mode, dtype=torch.float32, seed=0):
@@ -41,26 +43,35 @@ def test_round_trip_gives_identical_logits(tmp_path, family, d, start, end, mode
     ids = random_batches(1, seqlen=14, seed=1)[0]
     with torch.no_grad():
         logits = model(ids).logits
-        with patch_disabled(model):
-            plain_logits = model(ids).logits
         generated = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
 
     save_pruned(model, tmp_path)
-    assert {"config.json", "model.safetensors", "linearpatch.json", "linearpatch.safetensors"} <= {
-        p.name for p in tmp_path.iterdir()
-    }
-    meta = json.loads((tmp_path / "linearpatch.json").read_text())
-    assert meta["start"] == start and meta["end"] == end and meta["mode"] == mode
-    assert meta["num_layers_original"] == 6 and meta["num_layers"] == 6 - (end - start)
-    assert meta["hidden_size"] == d and meta["model_family"] == family
-    assert meta["package_version"] == __version__
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "modeling_linearpatch.py"}
+    assert not (tmp_path / "linearpatch.json").exists()  # format 2: config.json is the only record
+    config = json.loads((tmp_path / "config.json").read_text())
+    arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    assert config["model_type"] == f"linearpatch_{family}"
+    assert config["architectures"] == [f"LinearPatch{arch}ForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_linearpatch.LinearPatch{arch}ForCausalLM"
+    record = config["linearpatch"]
+    kept_index, position = (0, "input") if start == 0 else (start - 1, "output")
+    assert record["cuts"] == [{"start": start, "end": end, "mode": mode, "kept_index": kept_index, "position": position}]
+    assert record["num_layers_original"] == 6 and config["num_hidden_layers"] == 6 - (end - start)
+    assert record["hidden_size"] == d and record["base_model_type"] == family
+    assert record["format_version"] == 2 and record["package_version"] == __version__
     if mode == "rotate":
-        assert meta["hadamard"]["construction"] == ("sylvester" if d == 64 else "paley1(q=11)")
+        assert record["hadamard"]["construction"] == ("sylvester" if d == 64 else "paley1(q=11)")
     else:  # only the rotated patch depends on a Hadamard matrix
-        assert meta["hadamard"] is None
+        assert record["hadamard"] is None
+    # The patch is an ordinary named fp32 tensor of the model's safetensors (and for rotate, the
+    # Hadamard factor it was calibrated with).
+    name = "weight" if mode == "dense" else "scale"
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.linearpatch.")}
+    assert torch.equal(stored[f"model.linearpatch.0.{name}"], getattr(get_patch(model), name))
+    assert set(stored) == {f"model.linearpatch.0.{name}"} | ({"model.linearpatch.0.hadamard_k"} if mode == "rotate" else set())
 
     loaded = load_pruned(tmp_path)
-    name = "weight" if mode == "dense" else "scale"
     assert getattr(get_patch(loaded), name).dtype == torch.float32
     assert torch.equal(getattr(get_patch(loaded), name), getattr(get_patch(model), name))
     assert loaded.config.linearpatch == model.config.linearpatch
@@ -69,13 +80,55 @@ def test_round_trip_gives_identical_logits(tmp_path, family, d, start, end, mode
         assert torch.equal(loaded(ids).logits, logits)
         assert torch.equal(loaded.generate(ids[:, :5], max_new_tokens=6, do_sample=False), generated)
 
-    # The weights are a plain Hugging Face checkpoint: from_pretrained loads the pruned model
-    # (without the patch) with no missing or unexpected keys.
-    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert len(plain.model.layers) == 6 - (end - start)
+
+def write_format_1(model, directory):
+    """A checkpoint as the first release wrote it (a plain family checkpoint, the patch and its
+    metadata in linearpatch.safetensors / linearpatch.json), to test reading and upgrading it."""
+    record = model.config.linearpatch
+    (cut,) = record["cuts"]
+    patch = get_patch(model)
+    name = "weight" if patch.mode == "dense" else "scale"
+    with plain_layers(model):
+        model.config.linearpatch = {"record_version": 1, **cut, "num_layers_original": record["num_layers_original"],
+                                    "hidden_size": record["hidden_size"]}
+        try:
+            model.save_pretrained(directory)
+        finally:
+            model.config.linearpatch = record
+    save_file({name: getattr(patch, name).detach().contiguous()}, str(directory / "linearpatch.safetensors"))
+    d = record["hidden_size"]
+    hadamard = None
+    if patch.mode == "rotate":
+        from linearpatch_kernels.hadamard import hadamard_factors
+
+        f = hadamard_factors(d)
+        hadamard = {"construction": f.construction, "k": f.k, "n": f.n}
+    meta = {"format": "linearpatch", "format_version": 1, **cut, "num_layers_original": record["num_layers_original"],
+            "num_layers": len(model.model.layers), "hidden_size": d, "model_family": model.config.model_type,
+            "hadamard": hadamard, "package_version": "0.1.0"}
+    (directory / "linearpatch.json").write_text(json.dumps(meta))
+
+
+def test_format_1_checkpoint_loads_and_upgrades(tmp_path):
+    model = pruned_model("llama", 48, 2, 4, "rotate")
+    ids = random_batches(1, seqlen=10, seed=3)[0]
     with torch.no_grad():
-        assert torch.equal(plain(ids).logits, plain_logits)
+        logits = model(ids).logits
+    write_format_1(model, tmp_path / "v1")
+    loaded = load_pruned(tmp_path / "v1")
+    assert loaded.config.linearpatch == model.config.linearpatch  # migrated to the list of cuts
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+    upgrade_checkpoint(tmp_path / "v1", tmp_path / "v2")
+    assert json.loads((tmp_path / "v2" / "config.json").read_text())["model_type"] == "linearpatch_llama"
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "v2")(ids).logits, logits)
+    # Without its metadata, a format-1 checkpoint whose config.json records the pruning is refused
+    # (load_pruned, and so the CLI, which loads any checkpoint that records a pruning with it).
+    (tmp_path / "v1" / "linearpatch.json").unlink()
+    assert is_pruned_checkpoint(tmp_path / "v1")
+    with pytest.raises(FileNotFoundError, match="linearpatch.json not found, but config.json records a pruning"):
+        load_pruned(tmp_path / "v1")
 
 
 def test_load_with_another_dtype_keeps_the_patch_fp32(tmp_path):
@@ -109,7 +162,7 @@ def test_tokenizer_is_saved_with_the_model(tmp_path):
 
 
 def test_save_refuses_an_unpruned_model(tmp_path):
-    with pytest.raises(ValueError, match="expected exactly one patched layer"):
+    with pytest.raises(ValueError, match="model.config.linearpatch is missing"):
         save_pruned(tiny_model("llama", num_layers=4), tmp_path)
 
 
@@ -127,11 +180,23 @@ def checkpoint_copy(good_checkpoint, tmp_path):
     return directory
 
 
-def edit_metadata(directory, **changes):
-    path = directory / "linearpatch.json"
-    meta = json.loads(path.read_text())
-    meta.update(changes)
-    path.write_text(json.dumps(meta))
+def edit_record(directory, cut=None, **changes):
+    """Change fields of config.json's linearpatch record (``cut``: fields of its first cut)."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["linearpatch"].update(changes)
+    if cut:
+        config["linearpatch"]["cuts"][0].update(cut)
+    path.write_text(json.dumps(config))
+
+
+def edit_tensors(directory, drop=(), **replace):
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in drop:
+        del tensors[name]
+    tensors.update(replace)
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def truncate(path, keep_fraction=0.5):
@@ -146,11 +211,12 @@ def test_good_checkpoint_loads(good_checkpoint):
 def test_missing_directory_and_files(tmp_path, checkpoint_copy):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         load_pruned(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="linearpatch.json not found.*not a LinearPatch checkpoint"):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_pruned(tmp_path)
-    (checkpoint_copy / "linearpatch.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="linearpatch.safetensors not found"):
-        load_pruned(checkpoint_copy)
+    model = tiny_model("llama", num_layers=3)
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="not a LinearPatch checkpoint.*model_type 'llama'"):
+        load_pruned(tmp_path / "plain")
 
 
 def test_missing_model_weights(checkpoint_copy):
@@ -165,62 +231,74 @@ def test_missing_config(checkpoint_copy):
         load_pruned(checkpoint_copy)
 
 
-@pytest.mark.parametrize("name", ["linearpatch.safetensors", "model.safetensors"])
 @pytest.mark.parametrize("keep", [0.5, 0.999, 0.0001])
-def test_truncated_safetensors(checkpoint_copy, name, keep):
-    truncate(checkpoint_copy / name, keep)
-    with pytest.raises(ValueError, match=f"{name}: .*(truncated|too short)"):
+def test_truncated_safetensors(checkpoint_copy, keep):
+    truncate(checkpoint_copy / "model.safetensors", keep)
+    with pytest.raises(ValueError, match="model.safetensors: .*(truncated|too short)"):
         load_pruned(checkpoint_copy)
 
 
 def test_garbled_safetensors_header(checkpoint_copy):
-    path = checkpoint_copy / "linearpatch.safetensors"
+    path = checkpoint_copy / "model.safetensors"
     data = bytearray(path.read_bytes())
     data[8:12] = b"\xff\xfe{{"
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="linearpatch.safetensors: unreadable safetensors header"):
-        load_pruned(checkpoint_copy)
-
-
-def test_bad_metadata_json(checkpoint_copy):
-    (checkpoint_copy / "linearpatch.json").write_text('{"format": "linearpatch", "start": 2,')
-    with pytest.raises(ValueError, match="linearpatch.json: not valid JSON"):
+    with pytest.raises(ValueError, match="model.safetensors: unreadable safetensors header"):
         load_pruned(checkpoint_copy)
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    "changes, cut, message",
     [
-        ({"format": "other"}, '"format": "linearpatch"'),
-        ({"format_version": 7}, "format_version 7; this package reads 1"),
-        ({"mode": "hadamard"}, "field 'mode' is 'hadamard'"),
-        ({"start": "2"}, "field 'start' is '2'; expected a non-negative int"),
-        ({"end": 5}, "inconsistent block"),
-        ({"hidden_size": 64}, "hidden_size 64 but config.json has hidden_size 48"),
-        ({"model_family": "qwen2"}, "model_family 'qwen2' but config.json has model_type 'llama'"),
-        ({"hadamard": {"construction": "sylvester", "k": 1, "n": 48}}, "calibrated with Hadamard matrix"),
+        ({"format_version": 7}, None, "format_version 7; this package reads 2"),
+        ({}, {"mode": "hadamard"}, "mode 'hadamard'"),
+        ({}, {"start": "2"}, "start must be an int"),
+        ({}, {"end": 5}, "leave 3, but num_hidden_layers is 4"),
+        ({}, {"start": 3, "end": 5}, "records kept_index 1.*put the patch at kept_index 2"),  # moved cut
+        ({}, {"kept_index": 7}, "records kept_index 7"),  # a layer that is not there
+        ({"num_layers_original": 9}, None, "leave 7, but num_hidden_layers is 4"),
+        ({"hidden_size": 64}, None, "hidden_size 64 but the config has 48"),
+        ({"hadamard": {"construction": "sylvester", "k": 1, "n": 48}}, None, "calibrated with Hadamard matrix"),
     ],
 )
-def test_inconsistent_metadata(checkpoint_copy, changes, message):
-    edit_metadata(checkpoint_copy, **changes)
+def test_record_that_disagrees_with_the_checkpoint_is_refused(checkpoint_copy, changes, cut, message):
+    edit_record(checkpoint_copy, cut, **changes)
     with pytest.raises(ValueError, match=message):
         load_pruned(checkpoint_copy)
+    with pytest.raises(ValueError):  # the Auto classes (registered by the package) refuse it as well
+        AutoModelForCausalLM.from_pretrained(checkpoint_copy)
 
 
-def test_patch_of_the_wrong_hidden_size(checkpoint_copy):
-    save_file({"scale": torch.ones(64)}, str(checkpoint_copy / "linearpatch.safetensors"))
-    with pytest.raises(ValueError, match=r"'scale' is torch.float32 of shape \(64,\); expected float32 of shape \(48,\)"):
+def test_patch_tensors_that_disagree_with_the_record_are_refused(checkpoint_copy, tmp_path):
+    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.scale": torch.ones(64)})
+    with pytest.raises(ValueError, match=r"'model.linearpatch.0.scale' is torch.float32 of shape \(64,\); the record's "
+                                         r"cut \[2, 4\) mode 'rotate' needs float32 of shape \(48,\)"):
         load_pruned(checkpoint_copy)
-    save_file({"weight": torch.eye(48)}, str(checkpoint_copy / "linearpatch.safetensors"))
-    with pytest.raises(ValueError, match=r"holds tensors \['weight'\]; expected exactly 'scale'"):
+    edit_tensors(checkpoint_copy, drop=["model.linearpatch.0.scale"])
+    with pytest.raises(ValueError, match="'model.linearpatch.0.scale' is missing"):
+        load_pruned(checkpoint_copy)
+    with pytest.raises(ValueError, match=r"lacks the patch tensors \['model.linearpatch.0.scale'\]"):
+        AutoModelForCausalLM.from_pretrained(checkpoint_copy)
+    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.scale": torch.ones(48),
+                                     "model.linearpatch.0.hadamard_k": -torch.ones(12, 12)})
+    with pytest.raises(ValueError, match="hadamard_k is not the Hadamard factor"):
+        load_pruned(checkpoint_copy)
+    from linearpatch_kernels.hadamard import hadamard_factors
+
+    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.hadamard_k": hadamard_factors(48).h_k.float(),
+                                     "model.linearpatch.1.scale": torch.ones(48)})
+    with pytest.raises(ValueError, match=r"patch tensors \['model.linearpatch.1.scale'\] belong to no cut"):
         load_pruned(checkpoint_copy)
 
 
-def test_diag_patch_saves_for_a_size_without_a_hadamard_matrix(tmp_path):
-    # d = 52 has no Hadamard matrix here: a diag patch must still save and load, complete.
-    from linearpatch_kernels import is_supported_size
+def test_rotate_record_for_a_size_without_a_hadamard_matrix_is_refused(tmp_path):
+    _, directory = save_diag_52(tmp_path)
+    edit_record(directory, {"mode": "rotate"})
+    with pytest.raises(ValueError, match="a rotate patch with hidden_size 52: .*52"):
+        load_pruned(directory)
 
-    assert not is_supported_size(52)
+
+def save_diag_52(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     # Two heads of 26 (RoPE needs an even head size).
@@ -230,7 +308,34 @@ def test_diag_patch_saves_for_a_size_without_a_hadamard_matrix(tmp_path):
     model = LlamaForCausalLM(config).eval()
     prune_and_patch(model, 1, 2, torch.full((52,), 1.5), mode="diag")
     save_pruned(model, tmp_path / "ckpt")
-    loaded = load_pruned(tmp_path / "ckpt")
+    return model, tmp_path / "ckpt"
+
+
+def test_diag_patch_saves_for_a_size_without_a_hadamard_matrix(tmp_path):
+    # d = 52 has no Hadamard matrix here: a diag patch must still save and load, complete.
+    from linearpatch_kernels import is_supported_size
+
+    assert not is_supported_size(52)
+    model, directory = save_diag_52(tmp_path)
+    loaded = load_pruned(directory)
     ids = random_batches(1, seqlen=8, seed=2)[0]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_cut_slots_follow_from_the_original_indices():
+    """Where each patch sits among the kept layers, derived from the original indices: the kept
+    index of layer start - 1 (earlier cuts shift it), or the input of kept layer 0. The package and
+    the standalone modeling file saved in checkpoints derive the same."""
+    from linearpatch_kernels.model.modeling_linearpatch import kept_slots
+    from linearpatch_kernels.model.surgery import cut_slots, pruning_cuts, pruning_record
+
+    for cuts, want in [
+        ([(10, 15)], [(9, "output")]),
+        ([(10, 15), (20, 22)], [(9, "output"), (14, "output")]),
+        ([(0, 2), (5, 7), (9, 10)], [(0, "input"), (2, "output"), (4, "output")]),
+        ([(0, 2), (3, 5)], [(0, "input"), (0, "output")]),
+    ]:
+        cut_dicts = pruning_cuts(pruning_record([(s, e, "rotate") for s, e in reversed(cuts)], 30, 576))
+        assert cut_slots(cut_dicts) == want
+        assert kept_slots(cut_dicts) == want

@@ -349,7 +349,9 @@ def test_save_load_round_trip(tmp_path, dtype):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         names = list(f.keys())
     assert "model.layers.2.input_layernorm.weight" in names
-    assert not any(".layer." in n or "patch" in n for n in names)  # the plain Hugging Face layout
+    # The plain Hugging Face layout, plus the patch as the checkpoint's own named tensor
+    assert not any(".layer." in n or ".patch." in n for n in names)
+    assert "model.linearpatch.0.scale" in names
     assert fusion_status(fused).fused and isinstance(fused.model.layers[2], FusedCutNextLayer)  # restored
     loaded = load_pruned(tmp_path)
     assert fusion_status(loaded).fused

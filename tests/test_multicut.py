@@ -154,9 +154,11 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, family, which):
 
     before = outputs(model)
     save_pruned(model, tmp_path)
-    meta = json.loads((tmp_path / "linearpatch.json").read_text())
-    assert meta["cuts"] == [{"start": s, "end": e, "mode": m} for (s, e), m in zip(blocks, modes)]
-    assert "start" not in meta and meta["num_layers"] == len(kept_layers(blocks, 10))
+    config = json.loads((tmp_path / "config.json").read_text())
+    meta = config["linearpatch"]
+    assert [{k: c[k] for k in ("start", "end", "mode")} for c in meta["cuts"]] == \
+        [{"start": s, "end": e, "mode": m} for (s, e), m in zip(blocks, modes)]
+    assert config["model_type"] == f"linearpatch_{family}" and config["num_hidden_layers"] == len(kept_layers(blocks, 10))
 
     loaded = load_pruned(tmp_path)
     assert loaded.config.linearpatch == model.config.linearpatch
@@ -165,10 +167,11 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, family, which):
         assert a.mode == b.mode and torch.equal(getattr(a, name), getattr(b, name))
     assert fusion_statuses(loaded) == fusion_statuses(model)
     assert all(torch.equal(a, b) for a, b in zip(outputs(loaded), before))
-    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    # The Auto classes give the patched model too (every cut from a hook, unfused).
+    auto, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
-        assert torch.equal(plain(ids).logits, before[1])
+        torch.testing.assert_close(auto(ids).logits, before[0], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_blocks_fail_before_any_change():

@@ -6,6 +6,7 @@ CPU cores, so it is marked slow like the other end-to-end runs on SmolLM2.
 """
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -32,4 +33,5 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch, capsys):
         patched = float(re.search(r"^patched ([\d.]+)$", out, re.M).group(1))
         plain = float(re.search(r"^plain pruning ([\d.]+)$", out, re.M).group(1))
         assert patched < plain, out  # the README's claim: the patch helps the pruned model
-        assert (tmp_path / "pruned" / "linearpatch.json").is_file()
+        config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+        assert config["model_type"] == "linearpatch_llama" and config["linearpatch"]["cuts"]

@@ -1,8 +1,9 @@
 """Model layer: the LinearPatch module, pruning surgery, calibration and checkpoints for Hugging Face LLMs."""
 
+from . import architectures as _architectures  # noqa: F401  (registers the patched classes with transformers)
 from .calibration import (BLOCK_METHODS, block_similarities, estimate_cut_scales, estimate_scales, select_block,
                           select_blocks)
-from .checkpoint import load_pruned, save_pruned
+from .checkpoint import is_pruned_checkpoint, load_pruned, save_pruned, upgrade_checkpoint
 from .distill import DistillResult, distill_patch, topk_kl_loss, train_patch
 from .patch import PATCH_MODES, LinearPatch
 from .surgery import (
@@ -48,7 +49,9 @@ __all__ = [
     "block_similarities",
     "estimate_scales",
     "get_patch",
+    "is_pruned_checkpoint",
     "load_pruned",
+    "upgrade_checkpoint",
     "patch_disabled",
     "prune_and_patch",
     "save_pruned",

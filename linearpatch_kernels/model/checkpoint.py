@@ -1,34 +1,37 @@
-"""Save and load a pruned + patched model as an ordinary Hugging Face checkpoint plus the patch.
+"""Save and load a pruned + patched model as a self-describing Hugging Face checkpoint.
 
-A directory written by ``save_pruned`` holds:
+A directory written by ``save_pruned`` (format version 2) is an ordinary checkpoint of a *patched
+architecture* (see ``modeling_linearpatch``), so that every loader either applies the patch or refuses:
 
-* what ``model.save_pretrained`` writes for the pruned model with the wrappers taken out, so the
-  weight names are the plain Hugging Face ones (``model.layers.3.self_attn.q_proj.weight``) and
-  ``AutoModelForCausalLM.from_pretrained(directory)`` loads the pruned model *without* the patch;
-  ``config.json`` carries the ``linearpatch`` record of the pruning;
-* ``linearpatch.safetensors``: the patch parameter in fp32, ``scale`` ``[d]`` (rotate/diag) or
-  ``weight`` ``[d, d]`` (dense);
-* ``linearpatch.json``: the metadata, e.g.
-  ``{"format": "linearpatch", "format_version": 1, "start": 10, "end": 15, "mode": "rotate",
-  "num_layers_original": 30, "num_layers": 25, "hidden_size": 576, "model_family": "llama",
-  "hadamard": {"construction": "paley1(q=...)", "k": 36, "n": 16}, "package_version": "0.1.0"}``;
+* ``config.json``: the family's config with ``model_type`` ``"linearpatch_<family>"``,
+  ``architectures`` ``["LinearPatch<Family>ForCausalLM"]``, ``auto_map`` pointing at the modeling file,
+  and the record ``"linearpatch"``: ``{"format_version": 2, "record_version", "num_layers_original",
+  "hidden_size", "base_model_type", "cuts": [{"start", "end", "mode", "kept_index", "position"}],
+  "hadamard": {"construction", "k", "n"} | null, "package_version"}``;
+* the safetensors weights with the family's weight names (``model.layers.3.self_attn.q_proj.weight``),
+  plus, per cut ``c``, ``model.linearpatch.{c}.scale`` / ``.weight`` (fp32) and, for a rotate patch,
+  ``model.linearpatch.{c}.hadamard_k`` (the ``K x K`` Hadamard factor the scales were calibrated with);
+* ``modeling_linearpatch.py``, for ``from_pretrained(path, trust_remote_code=True)`` without the package;
 * the tokenizer, when one is passed.
 
-A model with several cuts adds ``"cuts": [{"start", "end", "mode"}, ...]`` (original layer indices,
-sorted by ``start``) to ``linearpatch.json`` in place of the top-level ``start``/``end``/``mode``
-(``"hadamard"`` then describes the matrix of the rotate patches, ``null`` when there are none), and
-``linearpatch.safetensors`` holds one tensor per cut, ``cuts.{k}.scale`` or ``cuts.{k}.weight``.
-A one-cut checkpoint is written exactly as before.
+Loading it: ``load_pruned`` (the patch as a module in the stack, fused cut, ``get_patch`` and friends);
+``AutoModelForCausalLM.from_pretrained`` with this package imported (it registers the patched classes);
+the same with ``trust_remote_code=True`` without the package; vLLM through the plugin in
+``linearpatch_kernels.integrations.vllm``. transformers without either refuses the unknown model type.
 
-``load_pruned`` checks all of it before building anything (files present, safetensors files complete,
-metadata consistent with the config and the patch tensor, same Hadamard construction) and raises
+Format version 1 (``linearpatch.json`` + ``linearpatch.safetensors`` beside a plain family checkpoint,
+written by the first release: one cut's ``start``/``end``/``mode`` and tensor ``scale``/``weight``, or a
+``cuts`` list and tensors ``cuts.{k}.scale``/``.weight``) is still read by ``load_pruned``;
+``upgrade_checkpoint`` rewrites one as version 2. Every loader checks the record against the files before building anything and raises
 ``FileNotFoundError`` / ``ValueError`` naming the path and what was expected.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,15 +40,30 @@ from torch import nn
 from ..atomic_files import atomic_directory, check_new_directory
 from ..devices import resolve_device
 from ..hadamard import hadamard_factors
+from . import modeling_linearpatch
 from .patch import PATCH_MODES, LinearPatch
-from .surgery import (SUPPORTED_MODEL_TYPES, attach_patches, check_blocks, cut_positions, decoder_layers, get_patches,
-                      plain_layers, pruning_cuts, pruning_record)
+from .surgery import (SUPPORTED_MODEL_TYPES, attach_patches, check_blocks, cut_positions, cut_slots, decoder_layers,
+                      get_patches, plain_layers, pruning_cuts, pruning_record)
 
-__all__ = ["PATCH_FILE", "METADATA_FILE", "load_pruned", "save_pruned"]
+__all__ = ["FORMAT_VERSION", "is_pruned_checkpoint", "load_pruned", "save_pruned", "upgrade_checkpoint", "validated_cuts"]
 
+FORMAT_VERSION = modeling_linearpatch.FORMAT_VERSION
+MODELING_FILE = "modeling_linearpatch.py"
+# Format version 1: the patch and its metadata in files of their own beside a plain checkpoint.
 PATCH_FILE = "linearpatch.safetensors"
 METADATA_FILE = "linearpatch.json"
-FORMAT_VERSION = 1
+PATCH_PREFIX = "model.linearpatch."
+# Written into each checkpoint: transformers' refusal of the unknown architecture points at the folder.
+CHECKPOINT_README = """# A layer-pruned model with LinearPatch cuts ({arch})
+
+Written by the Python package `linearpatch-kernels`. Its patch is part of the model: load it with
+
+- `import linearpatch_kernels` and then `AutoModelForCausalLM.from_pretrained(path)`, or
+  `linearpatch_kernels.load_pruned(path)`;
+- without that package: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (runs
+  `modeling_linearpatch.py` from this folder);
+- vLLM: `pip install "linearpatch-kernels[vllm]"`, then `vllm serve path` or `vllm.LLM(path)`.
+"""
 
 
 def _package_version() -> str:
@@ -59,9 +77,14 @@ def _hadamard_record(d: int) -> dict:
     return {"construction": f.construction, "k": f.k, "n": f.n}
 
 
+def _class_name(model_type: str) -> str:
+    return modeling_linearpatch.PATCHED_ARCHITECTURES[model_type][1].__name__
+
+
 def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False,
                 extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``model`` (returned by ``prune_and_patch`` or ``load_pruned``) to ``directory``; returns the path.
+    """Write ``model`` (returned by ``prune_and_patch`` or ``load_pruned``) to ``directory`` as a
+    checkpoint of its patched architecture (module docstring); returns the path.
 
     The checkpoint is written into a hidden staging folder beside ``directory`` and renamed into
     place at the end, so an interrupted save (an exception, Ctrl-C, a killed process, a full disk)
@@ -69,50 +92,100 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     complete. ``directory`` must be new or an empty folder; ``overwrite=True`` replaces a non-empty one.
     ``extra_files`` (``{file name: text}``, e.g. a run record) are written into the same atomic save.
     """
-    patches = get_patches(model)
     record = getattr(model.config, "linearpatch", None)
     if not isinstance(record, dict):
         raise ValueError("save_pruned: model.config.linearpatch is missing; prune the model with prune_and_patch first")
+    family = model.config.model_type
+    if family not in modeling_linearpatch.PATCHED_ARCHITECTURES:
+        raise ValueError(f"save_pruned: model_type {family!r}; accepted: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    # Everything that can fail is computed before the first file is written.
     cuts = pruning_cuts(record)
+    patches = get_patches(model)
     if len(cuts) != len(patches):
         raise ValueError(f"save_pruned: config.linearpatch records {len(cuts)} cuts but the model holds "
                          f"{len(patches)} patches")
-    for cut, patch in zip(cuts, patches):
-        cut["mode"] = patch.mode
     directory = check_new_directory(directory, overwrite, what="save_pruned: checkpoint folder")
-
-    layers = decoder_layers(model)
     d = int(model.config.hidden_size)
-    # Everything that can fail is computed before the first file is written.
-    metadata = {
-        "format": "linearpatch",
-        "format_version": FORMAT_VERSION,
-        **(cuts[0] if len(cuts) == 1 else {"cuts": cuts}),
-        "num_layers_original": int(record["num_layers_original"]),
-        "num_layers": len(layers),
-        "hidden_size": d,
-        "model_family": model.config.model_type,
-        "hadamard": _hadamard_record(d) if any(p.mode == "rotate" for p in patches) else None,
-        "package_version": _package_version(),
-    }
-    tensors = {}
-    for k, patch in enumerate(patches):
-        name = "weight" if patch.mode == "dense" else "scale"
-        key = name if len(patches) == 1 else f"cuts.{k}.{name}"
-        tensors[key] = getattr(patch, name).detach().to(device="cpu", dtype=torch.float32).contiguous()
-
-    from safetensors.torch import save_file
-
+    rotate = any(p.mode == "rotate" for p in patches)
+    hadamard = _hadamard_record(d) if rotate else None
+    disk_cuts = [{**c, "mode": p.mode, "kept_index": index, "position": position}
+                 for c, p, (index, position) in zip(cuts, patches, cut_slots(cuts))]
+    disk_record = {**pruning_record(cuts, record["num_layers_original"], d), "format_version": FORMAT_VERSION,
+                   "base_model_type": family, "cuts": disk_cuts, "hadamard": hadamard,
+                   "package_version": _package_version()}
+    holders = nn.ModuleList()
+    for p in patches:
+        holder = nn.Module()
+        if p.mode == "dense":
+            holder.weight = p.weight
+        else:
+            holder.scale = p.scale
+        if p.mode == "rotate":
+            holder.register_buffer("hadamard_k", hadamard_factors(d).h_k.to(device=p.scale.device, dtype=torch.float32))
+        holders.append(holder)
+    config_cls, model_cls = modeling_linearpatch.PATCHED_ARCHITECTURES[family]
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    patched_config = config_cls.from_dict({**fields, "linearpatch": disk_record})
+    patched_config.architectures = [model_cls.__name__]
+    patched_config.auto_map = {"AutoConfig": f"modeling_linearpatch.{config_cls.__name__}",
+                               "AutoModelForCausalLM": f"modeling_linearpatch.{model_cls.__name__}"}
     with atomic_directory(directory, overwrite) as staging:
-        with plain_layers(model):  # plain Hugging Face weight names while saving, fused cut or not
-            model.save_pretrained(staging)
-        save_file(tensors, str(staging / PATCH_FILE), metadata={"format": "pt"})
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        _write_checkpoint(model, holders, patched_config, staging, tokenizer)
         for file_name, text in (extra_files or {}).items():
             (staging / file_name).write_text(text)
     return directory
+
+
+def _write_checkpoint(model: nn.Module, holders: nn.ModuleList, patched_config, directory: Path, tokenizer) -> None:
+    """All of ``save_pruned``'s writing, into the (staging) folder ``directory``: the plain family
+    weights with the patch tensors added under ``model.linearpatch.*``, the patched config over the
+    family's, the modeling file, the tokenizer."""
+    inner = model.model
+    with plain_layers(model):
+        inner.linearpatch = holders
+        try:
+            model.save_pretrained(directory)
+        finally:
+            del inner.linearpatch
+    patched_config.save_pretrained(directory)
+    shutil.copyfile(Path(modeling_linearpatch.__file__), directory / MODELING_FILE)
+    (directory / "README.md").write_text(CHECKPOINT_README.format(arch=patched_config.architectures[0]))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def upgrade_checkpoint(source: str | os.PathLike, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Rewrite a checkpoint of format version 1 (``linearpatch.json`` beside a plain family checkpoint)
+    as version 2 in ``directory`` (tokenizer included when ``source`` has one); returns the path.
+    ``directory`` must be new or empty (``overwrite=True`` replaces it) and never ``source`` itself."""
+    if Path(directory).resolve() == Path(source).resolve():
+        raise ValueError(f"upgrade_checkpoint: the output {directory} is the source checkpoint; write the upgraded "
+                         "checkpoint to a new folder (then replace the old one if you wish)")
+    check_new_directory(directory, overwrite, what="upgrade_checkpoint: output folder")
+    model = load_pruned(source, fuse=False)
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    return save_pruned(model, directory, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def is_pruned_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` claims to hold a pruned model (of any format version): its ``config.json``
+    names a patched architecture or records a pruning, or it has the version-1 metadata file. Such a
+    directory must be loaded by ``load_pruned``, which refuses it if any part is missing."""
+    directory = Path(directory)
+    if (directory / METADATA_FILE).is_file():
+        return True
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and ("linearpatch" in raw or str(raw.get("model_type", "")).startswith(
+        modeling_linearpatch.MODEL_TYPE_PREFIX))
 
 
 def _check_safetensors_file(path: Path) -> None:
@@ -149,8 +222,9 @@ def _read_metadata(directory: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e}); expected the metadata written by save_pruned") from None
     if not isinstance(meta, dict) or meta.get("format") != "linearpatch":
         raise ValueError(f"{path}: expected a JSON object with \"format\": \"linearpatch\"")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}; this package reads {FORMAT_VERSION}")
+    if meta.get("format_version") != 1:
+        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}; {METADATA_FILE} exists only in format "
+                         "version 1")
     several = "cuts" in meta
     for key in ("num_layers_original", "num_layers", "hidden_size") + (() if several else ("start", "end")):
         v = meta.get(key)
@@ -233,27 +307,118 @@ def _load_patches(directory: Path, meta: dict) -> list[LinearPatch]:
     return patches
 
 
-def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None, fuse: bool = True) -> nn.Module:
-    """Load a checkpoint written by ``save_pruned``: the pruned ``*ForCausalLM`` with its patch in place,
-    on ``device``, weights in ``dtype`` (``None``: as saved); the patch stays fp32. ``fuse`` applies
-    the fused cut where possible, as ``prune_and_patch`` does (the checkpoint itself is the same
-    either way: fusion is a way of running the model, not part of its weights)."""
-    if not isinstance(fuse, bool):
-        raise TypeError(f"load_pruned: fuse must be a bool, got {fuse!r}")
-    device = resolve_device(device, "load_pruned: device")
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint directory written by save_pruned")
+def _weight_files(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.glob("*.safetensors") if p.name != PATCH_FILE)
+    if not files:
+        raise FileNotFoundError(f"{directory}: no model weights (*.safetensors); expected the weights written by "
+                                "save_pruned")
+    for p in files:
+        _check_safetensors_file(p)
+    return files
+
+
+def validated_cuts(config, where="config.json") -> list[dict]:
+    """The cuts of a patched (format version 2) config as stored, ``{"start", "end", "mode",
+    "kept_index", "position"}`` sorted by ``start``, after checking the record against the config: the
+    cuts fit the original and kept layer counts, each stored position is the one derived from the
+    cuts, the hidden size matches, and a rotate patch's hidden size has this package's Hadamard matrix.
+    Used by every loader of this package (``load_pruned``, the vLLM models)."""
+    record = getattr(config, "linearpatch", None)
+    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
+        got = record.get("format_version") if isinstance(record, dict) else record
+        raise ValueError(f"{where}: linearpatch record format_version {got!r}; this package reads {FORMAT_VERSION} "
+                         f"(and version 1 with {METADATA_FILE})")
+    try:
+        modes = [c["mode"] for c in pruning_cuts(record)]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if record.get("hidden_size") != config.hidden_size:
+        raise ValueError(f"{where}: the linearpatch record has hidden_size {record.get('hidden_size')!r} but the "
+                         f"config has {config.hidden_size}; the patch does not belong to this model")
+    if "rotate" in modes:
+        try:
+            expected = _hadamard_record(config.hidden_size)
+        except ValueError as e:
+            raise ValueError(f"{where}: a rotate patch with hidden_size {config.hidden_size}: {e}") from None
+        if record.get("hadamard") != expected:
+            raise ValueError(f"{where}: the patch was calibrated with Hadamard matrix {record.get('hadamard')!r}; this "
+                             f"package builds {expected!r} for d={config.hidden_size}, so the scales do not apply")
+    try:
+        return modeling_linearpatch.checkpoint_cuts(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _read_cut_tensors(directory: Path, files: list[Path], cuts: list[dict], d: int) -> list[LinearPatch]:
+    """The patch of each cut from the ``model.linearpatch.{c}.*`` tensors, checked against the record."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.startswith(PATCH_PREFIX):
+                    found[name] = f.get_tensor(name)
+    patches = []
+    expected_names = set()
+    for c, cut in enumerate(cuts):
+        mode = cut["mode"]
+        name, shape = ("weight", (d, d)) if mode == "dense" else ("scale", (d,))
+        want = {f"{PATCH_PREFIX}{c}.{name}": shape}
+        if mode == "rotate":
+            k = hadamard_factors(d).k
+            want[f"{PATCH_PREFIX}{c}.hadamard_k"] = (k, k)
+        for key, shape_ in want.items():
+            t = found.get(key)
+            if t is None or tuple(t.shape) != shape_ or t.dtype != torch.float32:
+                what = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+                raise ValueError(f"{directory}: tensor {key!r} is {what}; the record's cut [{cut['start']}, "
+                                 f"{cut['end']}) mode {mode!r} needs float32 of shape {shape_}")
+        if mode == "rotate" and not torch.equal(found[f"{PATCH_PREFIX}{c}.hadamard_k"].double(), hadamard_factors(d).h_k):
+            raise ValueError(f"{directory}: {PATCH_PREFIX}{c}.hadamard_k is not the Hadamard factor this package builds "
+                             f"for d={d}; the scales do not apply")
+        expected_names.update(want)
+        patches.append(LinearPatch(d, mode=mode, **{name: found[f"{PATCH_PREFIX}{c}.{name}"]}))
+    extra = sorted(set(found) - expected_names)
+    if extra:
+        raise ValueError(f"{directory}: patch tensors {extra} belong to no cut of the record ({len(cuts)} cut(s))")
+    return patches
+
+
+@functools.lru_cache(maxsize=None)
+def _base_model_class(family: str):
+    """The family's ``*ForCausalLM``, told to expect the ``model.linearpatch.*`` tensors it does not load
+    (``load_pruned`` reads them itself), so that loading reports no unexpected weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(family))]
+    return type(base.__name__, (base,), {"_keys_to_ignore_on_load_unexpected": [r"^model\.linearpatch\."],
+                                         "__module__": base.__module__, "__qualname__": base.__qualname__})
+
+
+def _load_v2(directory: Path, dtype: torch.dtype | None):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    cuts = validated_cuts(config, directory / "config.json")
+    files = _weight_files(directory)
+    d = int(config.hidden_size)
+    patches = _read_cut_tensors(directory, files, cuts, d)
+    family = config.linearpatch.get("base_model_type")
+    if family != config.model_type[len(modeling_linearpatch.MODEL_TYPE_PREFIX):]:
+        raise ValueError(f"{directory / 'config.json'}: base_model_type {family!r} does not match model_type "
+                         f"{config.model_type!r}")
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map", "linearpatch")}
+    base_config = AutoConfig.for_model(family, **fields)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = _base_model_class(family).from_pretrained(directory, config=base_config, **kwargs)
+    return model, cuts, patches, config.linearpatch["num_layers_original"]
+
+
+def _load_v1(directory: Path, dtype: torch.dtype | None):
     meta = _read_metadata(directory)
     config = _check_config(directory, meta)
-    weight_files = sorted(directory.glob("*.safetensors"))
-    model_files = [p for p in weight_files if p.name != PATCH_FILE]
-    if not model_files:
-        raise FileNotFoundError(f"{directory}: no model weights (*.safetensors besides {PATCH_FILE}); expected the "
-                                "weights written by save_pretrained")
-    for p in model_files:
-        _check_safetensors_file(p)
+    _weight_files(directory)
     patches = _load_patches(directory, meta)
 
     from transformers import AutoModelForCausalLM
@@ -263,7 +428,41 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
     if len(decoder_layers(model)) != meta["num_layers"]:
         raise ValueError(f"{directory}: the loaded model has {len(decoder_layers(model))} layers; "
                          f"{METADATA_FILE} says {meta['num_layers']}")
-    model.config.linearpatch = pruning_record(meta["cuts"], meta["num_layers_original"], meta["hidden_size"])
+    return model, meta["cuts"], patches, meta["num_layers_original"]
+
+
+def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None, fuse: bool = True) -> nn.Module:
+    """Load a checkpoint written by ``save_pruned`` (format version 2, or 1): the pruned ``*ForCausalLM``
+    with its patches in place as modules of the stack, on ``device``, weights in ``dtype`` (``None``:
+    as saved); the patches stay fp32. ``fuse`` applies the fused cut where possible, as
+    ``prune_and_patch`` does (the checkpoint itself is the same either way: fusion is a way of running
+    the model, not part of its weights)."""
+    if not isinstance(fuse, bool):
+        raise TypeError(f"load_pruned: fuse must be a bool, got {fuse!r}")
+    device = resolve_device(device, "load_pruned: device")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint directory written by save_pruned")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'config.json'} not found; expected the model config written by save_pruned")
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{directory / 'config.json'}: not valid JSON ({e})") from None
+    if str(raw.get("model_type", "")).startswith(modeling_linearpatch.MODEL_TYPE_PREFIX):
+        model, cuts, patches, total = _load_v2(directory, dtype)
+    elif (directory / METADATA_FILE).is_file():
+        model, cuts, patches, total = _load_v1(directory, dtype)
+    elif "linearpatch" in raw:
+        raise FileNotFoundError(f"{directory / METADATA_FILE} not found, but config.json records a pruning: a format "
+                                f"version 1 checkpoint missing its patch metadata ({METADATA_FILE}, {PATCH_FILE}); "
+                                "refusing to load the pruned model without its patch")
+    else:
+        raise FileNotFoundError(f"{directory}: not a LinearPatch checkpoint written by save_pruned (config.json has "
+                                f"model_type {raw.get('model_type')!r}, no linearpatch record, no {METADATA_FILE})")
+    d = int(model.config.hidden_size)
+    model.config.linearpatch = pruning_record(cuts, total, d)
     model.to(device)
-    attach_patches(model, cut_positions(meta["cuts"]), patches, fuse=fuse)
+    attach_patches(model, cut_positions(pruning_cuts(model.config.linearpatch)), patches, fuse=fuse)
     return model.eval()

@@ -1,0 +1,1 @@
+"""Integrations with serving engines; each is imported only when that engine loads it."""
