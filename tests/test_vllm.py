@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from linearpatch_kernels import load_pruned, patch_disabled, prune_and_patch, save_pruned
 from linearpatch_kernels.integrations.vllm import TESTED_VLLM, check_vllm_version
@@ -122,6 +122,27 @@ def test_tiny_llama_cut_after_the_last_layer(tmp_path):
     save_pruned(model, tmp_path / "llama")
     out = check_against_transformers(tmp_path / "llama", [[5, 6, 7, 8], [40, 41, 3]], 8, tmp_path)
     assert out["cuts"] == [["unfused: the cut is after the last layer (the final norm runs in the model's forward)"]]
+
+
+def test_tiny_mistral_three_cuts(tmp_path):
+    """Several cuts in one model (a Mistral of 10 layers, d=64): one at the very start (input of kept
+    layer 0, unfused), a rotate cut in the middle (fused), a diag cut after the last kept layer."""
+    vllm_python()
+    config = MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=10,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+                           initializer_range=0.2, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, sliding_window=None)
+    torch.manual_seed(2)
+    model = MistralForCausalLM._from_config(config, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(2)
+    scales = [torch.rand(64, generator=g) * 2 + 0.2 for _ in range(3)]
+    prune_and_patch(model, blocks=[(4, 6), (0, 1), (8, 10)], scales=[scales[1], scales[0], scales[2]],
+                    mode=["rotate", "rotate", "diag"])
+    save_pruned(model, tmp_path / "mistral")
+    out = check_against_transformers(tmp_path / "mistral", [[5, 6, 7, 8], [40, 41, 3], [9, 60, 61, 17, 4]], 8, tmp_path)
+    notes = out["cuts"][0]
+    assert len(notes) == 3 and notes[1] == "fused: patch_add_rmsnorm with the next layer's input_layernorm", notes
+    assert notes[0].startswith("unfused") and notes[2].startswith("unfused: the cut is after the last layer"), notes
 
 
 def test_record_naming_a_missing_layer_is_refused(tmp_path):
