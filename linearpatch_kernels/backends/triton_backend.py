@@ -78,9 +78,10 @@ MAX_TILE = 1 << 14
 # With K > 1 each warp also holds the dot's H_K operand (up to 128 registers per thread at K_PAD = 64),
 # so a row keeps to 32 values per thread at 8 warps: 16 warps cap a thread at 128 registers (spills).
 MAX_TILE_DOT = 1 << 13
-MAX_K_PAD = 64  # H_K up to 64 x 64 on tensor cores; larger K go to the add network
-# The add network unrolls K * K signed adds per column: H_84 (7,056) already takes Triton minutes to
-# compile per kernel, H_252 (63,504) far more; such K go to another backend.
+MAX_K_PAD = 64  # H_K up to 64 x 64 on tensor cores; larger K go to another backend
+# The add network unrolls K * K signed terms per column and transform. Measured compile times (2
+# shared cores): H_36's patch kernels 40-100 s, a bare single H_84 network (7,056 terms) 26 s, and the
+# patch kernels hold two; H_252 (63,504) far more. Larger K go to another backend.
 MAX_K_NETWORK = 64
 MAX_NETWORK_WARPS = 8
 MAX_PREFILL_ROWS = 64
