@@ -5,8 +5,8 @@
 # build). Fails on a compile error, a spill, or shared memory over the architecture's limit or over
 # the backend's own estimate, for any configuration the automatic choice can pick.
 # Compiled kernels and their measurements are cached under ~/.cache (reruns: seconds; a cold cache:
-# about 4 minutes on 2 quiet cores for the dot kernels, plus 10-100 s of CPU per add-network kernel of
-# d = 9216, 18 of them). The report goes to $TRITON_AOT_OUT (default: a temporary folder).
+# about 10 minutes on 2 shared cores, most of it the 18 add-network kernels of d = 9216 at 10-100 s of
+# CPU each). The report goes to $TRITON_AOT_OUT (default: a temporary folder).
 # Environment: PYTHON (default python), TRITON_CACHE_DIR, TRITON_AOT_OUT, JOBS (default: cores),
 # TRITON_AOT_ARGS (extra arguments, e.g. "--dtypes bf16,fp32" for a smaller matrix).
 set -euo pipefail
