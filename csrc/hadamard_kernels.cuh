@@ -928,18 +928,22 @@ kron_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
 //
 // A block owns a tile of P whole rows (P d fp32 in shared memory, 4 words of padding per 32 so that
 // every access below is conflict-free or nearly so) and loops over tiles (persistent grid):
-//   1. global -> registers (16-byte vectors, consecutive threads on consecutive vectors), H_N over
-//      the bits inside a vector, -> shared memory;
-//   2. H_N over the remaining bits of n, in passes of up to 3 bits: a thread takes 8 float4 at
+//   1. global -> registers (16-byte vectors; a thread takes R of them U vectors apart in one K-row,
+//      consecutive threads on consecutive vectors, so loads are coalesced), H_N over the bits of n
+//      inside a vector and the top log2 R bits, -> shared memory (the epilogue adds `update` here);
+//   2. H_N over the remaining bits of n, in passes of up to 3 bits: a thread takes 2**B float4 at
 //      stride 2**S, butterflies them, writes them back;
 //   3. the column pass: a thread takes C adjacent columns of every K-row of one row, applies H_K,
 //      and for the patch * s and H_K again (the stages commute, so both H_K run back to back
 //      without leaving registers);
-//   4. (patch) step 2 again; 5. shared memory -> registers, H_N over the vector bits, * out_scale,
-//      16-byte stores.
+//   4. (patch) step 2 again; 5. shared memory -> registers, (patch) H_N over the bits of step 1,
+//      * out_scale, 16-byte stores;
+//   6. (fused epilogue) step 5 leaves h in shared memory instead; warp w sums the squares of rows
+//      w, w + 8, ... in a fixed order (deterministic), then h and normed leave as 16-byte vectors
+//      (the norm weight read through the L1 cache, 16 bytes at a time).
 // Every loop over work items has a compile-time trip count and is unrolled (a guard, not a loop,
 // covers the last partial round), so the row-tile loop is the kernel's only loop.
-// The fused epilogue and the other (K, N) pairs use kron_kernel.
+// The other (K, N) pairs use kron_kernel.
 
 __host__ __device__ constexpr int mod_pow(int base, int exp, int mod) {
   long long result = 1, b = base % mod;
@@ -1020,11 +1024,17 @@ __device__ __forceinline__ void apply_h_k(const float (&x)[K], float (&out)[K]) 
 }
 
 // (K, log2 N) pairs with a kfast_kernel instance: the K > 1 hidden sizes of real models up to K = 60
-// (576, 896, 960, 1536, 3072, 3584, 5120). Each pair is its own kernel (the code is unrolled for
-// both), so the list stays short; other pairs run kron_kernel.
+// (576, 896, 960, 1536, 3072, 3584, 5120; 24576 = 12 x 2048 would need 110 KiB per tile, more than
+// sm_86/89 allow). Each pair is its own kernel per op and dtype (the code is unrolled for both), so
+// the list stays short; other pairs run kron_kernel (K up to 252, correct, unspilled, slower).
+// linearpatch_kernels/backends/cuda_backend.py mirrors this list (_FAST_SIZES).
+// The fused epilogue only up to K = 36: at K = 60 (fp32) its column pass and row sums spill on sm_80.
+constexpr int kFastEpilogueMaxK = 36;
+template <Op kOp>
 __host__ __device__ constexpr bool kfast_size(int k, int log2_n) {
-  return (k == 36 && log2_n == 4) || (k == 28 && log2_n == 5) || (k == 60 && log2_n == 4) ||
-         (k == 12 && (log2_n == 7 || log2_n == 8)) || (k == 28 && log2_n == 7) || (k == 20 && log2_n == 8);
+  return ((k == 36 && log2_n == 4) || (k == 28 && log2_n == 5) || (k == 60 && log2_n == 4) ||
+          (k == 12 && (log2_n == 7 || log2_n == 8)) || (k == 28 && log2_n == 7) || (k == 20 && log2_n == 8)) &&
+         (kOp != Op::kAddPatchRmsNorm || k <= kFastEpilogueMaxK);
 }
 
 constexpr int kFastThreads = 256;
@@ -1101,15 +1111,36 @@ __device__ __forceinline__ void kfast_passes(float* z) {
   }
 }
 
+// Steps 1, 5 and 6 visit the tile's items of R vectors (a K-row `seg` and its first column `n`), the
+// threads taking consecutive items: f(seg, n) for each item of this thread, unrolled (a compile-time
+// count; a guard, not a loop, for the last partial round).
+template <class L, class F>
+__device__ __forceinline__ void kfast_vector_items(F&& f) {
+  constexpr int kItems = L::P * L::K * L::U, kRounds = ceil_div(kItems, kFastThreads);
+#pragma unroll
+  for (int round = 0; round < kRounds; ++round) {
+    const int item = threadIdx.x + round * kFastThreads;
+    if (kItems % kFastThreads != 0 && item >= kItems) break;
+    f(item / L::U, (item % L::U) * L::V);
+  }
+}
+
+// Shared memory of kfast_kernel in floats: the tile, then (epilogue) one rstd per row of the tile.
+template <class L, Op kOp>
+__host__ __device__ constexpr int kfast_shared_floats() {
+  return L::kTileWords + (kOp == Op::kAddPatchRmsNorm ? round_up4(L::P) : 0);
+}
+
 template <typename T, int K, int kLogN, Op kOp>
 __global__ void __launch_bounds__(kFastThreads)
-kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s, int64_t rows, float out_scale) {
+kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s, int64_t rows, float out_scale,
+             EpilogueOperands<T> e) {
   using L = FastLayout<T, K, kLogN>;
-  constexpr bool kPatch = kOp == Op::kPatch;
-  static_assert(kOp != Op::kAddPatchRmsNorm, "the fused epilogue runs kron_kernel");
+  constexpr bool kPatch = kOp != Op::kTransform;
+  constexpr bool kEpilogue = kOp == Op::kAddPatchRmsNorm;
   extern __shared__ float4 smem4[];
   float* const z = reinterpret_cast<float*>(smem4);
-  constexpr int kVecs = L::P * K * L::U, kVecRounds = ceil_div(kVecs, kFastThreads);
+  float* const rstd = z + L::kTileWords;  // epilogue only
   constexpr int kCols = L::P * L::N / L::C, kColRounds = ceil_div(kCols, kFastThreads);
   const int64_t tiles = (rows + L::P - 1) / L::P;
 
@@ -1117,17 +1148,19 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
     const int64_t row0 = tile * L::P;
     const int nrows = int(rows - row0 < L::P ? rows - row0 : L::P);
     // 1. load, butterflies over the bits in registers, to shared memory (rows past the end as zeros).
-#pragma unroll
-    for (int round = 0; round < kVecRounds; ++round) {
-      const int item = threadIdx.x + round * kFastThreads;
-      if (kVecs % kFastThreads != 0 && item >= kVecs) break;
-      const int seg = item / L::U, n = (item % L::U) * L::V;
+    kfast_vector_items<L>([&](int seg, int n) {
       float v[L::R * L::V];
 #pragma unroll
       for (int r = 0; r < L::R; ++r) {
         float(&vr)[L::V] = vec_at<L::V>(v, r);
         if (seg < nrows * K) {
           load_vec(x + row0 * L::D + seg * L::N + n + r * L::U * L::V, vr);
+          if constexpr (kEpilogue) {
+            float u[L::V];
+            load_vec(e.update + row0 * L::D + seg * L::N + n + r * L::U * L::V, u);
+#pragma unroll
+            for (int i = 0; i < L::V; ++i) vr[i] += u[i];
+          }
         } else {
 #pragma unroll
           for (int i = 0; i < L::V; ++i) vr[i] = 0.f;
@@ -1137,7 +1170,7 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
       float* const out = z + seg * L::kSegWords + L::word(n);
 #pragma unroll
       for (int r = 0; r < L::R; ++r) store_f32(out + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
-    }
+    });
     __syncthreads();
     kfast_passes<L>(z);
     // 3. the column pass.
@@ -1187,21 +1220,64 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
     __syncthreads();
     if constexpr (kPatch) kfast_passes<L>(z);
     // 5. (patch) butterflies over the bits in registers; * out_scale (1/d for the patch), store.
-#pragma unroll
-    for (int round = 0; round < kVecRounds; ++round) {
-      const int item = threadIdx.x + round * kFastThreads;
-      if (kVecs % kFastThreads != 0 && item >= kVecs) break;
-      const int seg = item / L::U, n = (item % L::U) * L::V;
+    kfast_vector_items<L>([&](int seg, int n) {
       float v[L::R * L::V];
-      const float* const in = z + seg * L::kSegWords + L::word(n);
+      float* const in = z + seg * L::kSegWords + L::word(n);
 #pragma unroll
       for (int r = 0; r < L::R; ++r) load_f32(in + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
       if constexpr (kPatch) butterflies_over<0, L::kLogV + L::kLogR>(v);  // the second transform's
-      if (seg < nrows * K) {
+      if constexpr (kEpilogue) {
+        // h stays in shared memory (in place) for the row sums of step 6.
+#pragma unroll
+        for (int i = 0; i < L::R * L::V; ++i) v[i] *= out_scale;
+#pragma unroll
+        for (int r = 0; r < L::R; ++r) store_f32(in + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
+      } else if (seg < nrows * K) {
 #pragma unroll
         for (int r = 0; r < L::R; ++r)
           store_vec(y + row0 * L::D + seg * L::N + n + r * L::U * L::V, vec_at<L::V>(v, r), out_scale);
       }
+    });
+    if constexpr (kEpilogue) {
+      // 6. RMSNorm: warp w sums rows w, w + 8, ... (fixed slices per lane, then across the lanes:
+      // deterministic), then h and normed leave as 16-byte vectors.
+      __syncthreads();
+      constexpr int kWarps = kFastThreads / 32, kQuads = K * L::N / 4, kPerLane = ceil_div(kQuads, 32);
+      const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+      for (int j = 0; j < ceil_div(L::P, kWarps); ++j) {
+        const int r = warp + j * kWarps;
+        if (L::P % kWarps != 0 && r >= L::P) break;
+        float acc = 0.f;
+#pragma unroll
+        for (int q = 0; q < kPerLane; ++q) {
+          const int quad = lane + 32 * q;
+          if (kQuads % 32 != 0 && quad >= kQuads) break;
+          const int k = quad / (L::N / 4), n = 4 * (quad % (L::N / 4));
+          const float4 h = *reinterpret_cast<const float4*>(z + r * L::kRowWords + k * L::kSegWords + L::word(n));
+          acc = fmaf(h.x, h.x, acc);
+          acc = fmaf(h.y, h.y, acc);
+          acc = fmaf(h.z, h.z, acc);
+          acc = fmaf(h.w, h.w, acc);
+        }
+        acc = sum_over_lanes<32>(acc);
+        if (lane == 0) rstd[r] = rsqrtf(acc * (1.f / L::D) + e.eps);
+      }
+      __syncthreads();
+      kfast_vector_items<L>([&](int seg, int n) {
+        if (seg < nrows * K) {
+          const float* const in = z + seg * L::kSegWords + L::word(n);
+          const int64_t off = row0 * L::D + seg * L::N + n;
+          const float* const w = e.weight + (seg % K) * L::N + n;
+#pragma unroll
+          for (int r = 0; r < L::R; ++r) {
+            float h[L::V];
+            load_f32(in + L::word(r * L::U * L::V), h);
+            const int at = r * L::U * L::V;
+            store_h_and_normed(y + off + at, e.normed + off + at, w + at, h, rstd[seg / K]);
+          }
+        }
+      });
     }
     __syncthreads();  // the tile's reads are done before the next tile's writes
   }
@@ -1367,7 +1443,7 @@ template <typename T, int K, int kLogN, Op kOp>
 std::string launch_kfast(const HadamardArgs& a) {
   using L = FastLayout<T, K, kLogN>;
   auto kernel = kfast_kernel<T, K, kLogN, kOp>;
-  constexpr size_t smem = sizeof(float) * size_t(L::kTileWords);
+  constexpr size_t smem = sizeof(float) * size_t(kfast_shared_floats<L, kOp>());
   const LaunchShape shape{kFastThreads, smem};
   KernelSetup setup;
   std::string err = cached_setup(kernel, &shape, 1, a.device, setup);
@@ -1377,7 +1453,7 @@ std::string launch_kfast(const HadamardArgs& a) {
   const int64_t tiles = (a.rows + L::P - 1) / L::P;
   const int64_t blocks = tiles < setup.resident_blocks ? tiles : setup.resident_blocks;
   kernel<<<unsigned(blocks), kFastThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(
-      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale);
+      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
   return launch_error("hadamard kfast_kernel");
 }
 
@@ -1387,7 +1463,7 @@ bool launch_kfast_if_compiled(const HadamardArgs& a, std::string& err) {
   bool launched = false;
   auto one = [&](auto k_constant) {
     constexpr int K = decltype(k_constant)::value;
-    if constexpr (kfast_size(K, kLogN) && kOp != Op::kAddPatchRmsNorm) {
+    if constexpr (kfast_size<kOp>(K, kLogN)) {
       if (!launched && a.k == K) {
         err = launch_kfast<T, K, kLogN, kOp>(a);
         launched = true;
