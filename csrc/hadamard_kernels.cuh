@@ -20,11 +20,14 @@
 // Consecutive lanes read consecutive 16-byte vectors, so every load and store is coalesced.
 // Everything is computed in fp32; x and y are fp32, fp16 or bf16.
 //
-// Two kernels:
-//  * pow2_kernel (K == 1): each group of G * W threads owns one row; the row never leaves the
-//    registers except for the warp stage (N > 8192 in 16-bit, N > 4096 in fp32).
-//  * kron_kernel (K > 1): a block owns `rows_per_block` rows in shared memory (fp32). H_N runs
-//    per segment in registers as above; H_K runs as 4 x 4 output tiles read from shared memory.
+// Four kernels (launch_op picks one):
+//  * row_kernel (K == 1, N <= 8192): registers and shared-memory transposes, no shuffles;
+//  * pow2_kernel (K == 1, N = 16384, 32768): each group of G * W threads owns one row; the row never
+//    leaves the registers except for the warp stage;
+//  * kfast_kernel (K > 1 at the sizes of kfast_size): H_K as compile-time +-1 add/subtract code
+//    over a shared-memory tile of rows;
+//  * kron_kernel (the other K > 1): a block owns `rows_per_block` rows in shared memory (fp32). H_N
+//    runs per segment in registers as above; H_K runs as 4 x 4 output tiles read from shared memory.
 // Each is instantiated per operator (Op); hadamard_*.cu hold transform and patch, and
 // patch_add_rmsnorm_*.cu the epilogue, so that they compile in parallel.
 #pragma once
