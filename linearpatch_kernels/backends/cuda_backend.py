@@ -41,7 +41,7 @@ import torch
 
 from ..hadamard import hadamard_factors
 from .cuda_toolkit import find_cuda_home
-from .gpu_limits import shared_memory_limit
+from .gpu_limits import arch_name, shared_memory_limit
 
 NAME = "cuda"
 MAX_D = 32768
@@ -174,17 +174,13 @@ def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, in
     if f.n < MIN_POW2_FACTOR:
         return (f"hidden size {d} = {f.k} x {f.n}: the CUDA kernels need the power-of-two factor to be at least "
                 f"{MIN_POW2_FACTOR} (16-byte vectors along each row of the {f.k} x 2**m view)")
-    if capability is None:
-        return None
-    capability = tuple(capability)
-    arch = f"sm_{capability[0]}{capability[1]}"
-    if capability < MIN_CAPABILITY:
-        return f"the CUDA kernels need compute capability 8.0 or newer, not {arch}"
-    limit = shared_memory_limit(capability)
-    kernel, _, smem = launch_plan(op, dtype, d, rows, limit)
-    if smem > limit:
+    if capability is not None and tuple(capability) < MIN_CAPABILITY:
+        return f"the CUDA kernels need compute capability 8.0 or newer, not {arch_name(capability)}"
+    limit = shared_memory_limit(capability) if capability is not None else None
+    kernel, _, smem = launch_plan(op, dtype, d, rows, limit or 0)
+    if limit is not None and smem > limit:
         return (f"hidden size {d} = {f.k} x {f.n}: {op} ({kernel}) needs {smem} bytes of shared memory per block, "
-                f"more than the {limit} of {arch}")
+                f"more than the {limit} of {arch_name(capability)}")
     return None
 
 

@@ -14,3 +14,8 @@ DEFAULT_SHARED_MEMORY = 101_376  # the smallest of the table, for an unlisted ar
 
 def shared_memory_limit(capability: tuple[int, int]) -> int:
     return SHARED_MEMORY_PER_BLOCK.get(tuple(capability), DEFAULT_SHARED_MEMORY)
+
+
+def arch_name(capability: tuple[int, int]) -> str:
+    """``sm_86`` for compute capability (8, 6)."""
+    return f"sm_{capability[0]}{capability[1]}"
