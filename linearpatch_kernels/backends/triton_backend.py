@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from ..hadamard import hadamard_factors
+from .gpu_limits import SHARED_MEMORY_PER_BLOCK, shared_memory_limit  # noqa: F401 (the table, re-exported)
 
 NAME = "triton"
 # Set when the kernels below were created: the interpreter is chosen at decoration time.
@@ -59,13 +60,6 @@ _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # GPUs the kernels are compiled and checked for (tf32 tensor-core dot, opt-in shared memory).
 MIN_CAPABILITY = (8, 0)
-# Opt-in shared memory per block in bytes, by compute capability (CUDA programming guide, "Compute
-# capabilities"): the one table both the automatic choice and the ahead-of-time check use.
-SHARED_MEMORY_PER_BLOCK = {
-    (8, 0): 166_912, (8, 6): 101_376, (8, 7): 166_912, (8, 9): 101_376,
-    (9, 0): 232_448, (10, 0): 232_448, (10, 3): 232_448, (12, 0): 101_376, (12, 1): 101_376,
-}
-_DEFAULT_SHARED_MEMORY = 101_376  # the smallest of the table, for an unlisted architecture
 
 # fp32 values of the row tile per program in a prefill launch: 32 per thread at 4 warps. Larger
 # tiles only raise the shared memory of the layout conversions (which scale with the tile).
@@ -224,10 +218,6 @@ def resource_estimate(config: LaunchConfig, dtype: torch.dtype, op: str = "hadam
         buffers = 2 + (dtype == torch.float32) + 2 * (op == "patch_add_rmsnorm")
         shared = buffers * tile_bytes + 4 * config.K_PAD**2
     return dict(shared_bytes=shared, values_per_thread=config.tile // (32 * config.num_warps))
-
-
-def shared_memory_limit(capability: tuple[int, int]) -> int:
-    return SHARED_MEMORY_PER_BLOCK.get(tuple(capability), _DEFAULT_SHARED_MEMORY)
 
 
 def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, int] | None,
