@@ -4,8 +4,9 @@
 #
 #   OUT=<results folder> benchmarks/gpu_check.sh [WHEEL]        (from anywhere; OUT is required)
 #
-# WHEEL defaults to the newest dist/linearpatch_kernels-*+cu*.whl (e.g. built elsewhere
-# with scripts/build_wheel.sh: that also checks that a wheel built against another torch loads).
+# WHEEL defaults to the newest dist/linearpatch_kernels-*+cu*.whl (e.g. built elsewhere with
+# `python scripts/build_wheels.py --cuda cu13`: that also checks that a wheel built against another
+# torch loads).
 # Without a wheel, or if it does not load, the extension is built from csrc/ on this machine for its
 # GPU only (dist/ is not tracked: bring the wheel along). Steps, logged to stdout and
 # $OUT/gpu_check.log, most important first:
@@ -239,9 +240,10 @@ fi
 if wants sanitizer; then
 step "5. compute-sanitizer"
 cat > "$scratch/small_cases.py" <<'PY'
-# Every kernel family on small inputs: pow2 (registers; the warp stage at 16384 and 32768), kron
-# (K > 1: several rows per block at 576, one at 5120, several tile rounds at 24576), 3 rows (a partial
-# block), all dtypes; transform, patch and the fused epilogue patch_add_rmsnorm. fp64 references on
+# Every kernel family on small inputs: row (64, 4096), pow2 (the warp stage at 16384 and 32768), kfast
+# (K > 1 transform and patch at 576 and 5120: a partial row tile), kron (the epilogue at 576 and 5120,
+# every op at 24576), 3 rows (a partial block), all dtypes; transform, patch and the fused epilogue
+# patch_add_rmsnorm. fp64 references on
 # the CPU, so that the only GPU work is ours and the copies.
 import torch
 import linearpatch_kernels as lp

@@ -21,9 +21,10 @@
    column says whether enough warps are resident to hide it. Bank conflicts are not modelled.
 
 ``--check`` exits 1 if the bf16 or fp16 patch at d = 4096 or 8192 models above ``--max-ratio``
-(default 1.10) x copy on H200, if any kernel spills, or if a launch's shared memory exceeds its
-architecture's per-block limit (sm_80 166,912 B, sm_90 232,448 B). ``--max-ratio 0`` turns the
-ratio gate off (the spill and shared-memory gates stay).
+(default 1.10) x copy on H200, or at the K > 1 sizes d = 576 and 5120 above ``--max-ratio-k``
+(default 1.50; a lower bound there fails too), if any kernel spills, or if a launch's shared memory
+exceeds its architecture's per-block limit (sm_80 166,912 B, sm_90 232,448 B). ``--max-ratio 0`` /
+``--max-ratio-k 0`` turn a ratio gate off (the spill and shared-memory gates stay).
 
     python benchmarks/sass_budget.py [--arch 90 --arch 80] [--json PATH] [--out DIR] [--check]
 """
@@ -79,6 +80,7 @@ OPS = ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm")
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 STREAMS = {"hadamard_transform": (1, 1), "hadamard_patch": (1, 1), "patch_add_rmsnorm": (2, 2)}  # (inputs, outputs)
 GATE_SIZES = (4096, 8192)
+K_GATE_SIZES = (576, 5120)  # K > 1 (K = 36, N = 16 and K = 20, N = 256), gated at --max-ratio-k
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,7 +438,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def check(rows: list[dict], max_ratio: float) -> list[str]:
+def check(rows: list[dict], max_ratio: float, max_ratio_k: float = 0.0) -> list[str]:
     failures = []
     for r in rows:
         where = f"{r['gpu']} {r['op']} {r['dtype']} d={r['d']} {r['kernel']}"
@@ -450,6 +452,9 @@ def check(rows: list[dict], max_ratio: float) -> list[str]:
         if (max_ratio > 0 and r["gpu"] == "H200" and r["op"] == "hadamard_patch" and r["dtype"] in ("bfloat16", "float16")
                 and r["d"] in GATE_SIZES and (r.get("ratio") is None or r["ratio"] > max_ratio)):
             failures.append(f"{where}: modelled {r.get('ratio')} x copy > {max_ratio}")
+        if (max_ratio_k > 0 and r["gpu"] == "H200" and r["op"] == "hadamard_patch" and r["dtype"] in ("bfloat16", "float16")
+                and r["d"] in K_GATE_SIZES and (r.get("ratio") is None or r["ratio"] > max_ratio_k or r.get("lower_bound"))):
+            failures.append(f"{where}: modelled {'>=' if r.get('lower_bound') else ''}{r.get('ratio')} x copy > {max_ratio_k}")
     return failures
 
 
@@ -460,6 +465,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write table.md and budget.json into this folder")
     parser.add_argument("--check", action="store_true", help="exit 1 on a modelled ratio, spill or shared-memory failure")
     parser.add_argument("--max-ratio", type=float, default=1.10, help="ratio gate for --check (0: off)")
+    parser.add_argument("--max-ratio-k", type=float, default=1.50,
+                        help=f"ratio gate for --check on the K > 1 patch at d = {K_GATE_SIZES} (0: off)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                         / "linearpatch_kernels" / "sass")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
@@ -478,13 +485,14 @@ def main(argv=None) -> int:
         (args.out / "table.md").write_text(table + "\n")
         (args.out / "budget.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.check:
-        failures = check(rows, args.max_ratio)
+        failures = check(rows, args.max_ratio, args.max_ratio_k)
         for f in failures:
             print(f"sass_budget: FAIL {f}")
         if failures:
             return 1
         print(f"sass_budget: OK (no spills, shared memory within limits"
-              + (f", bf16/fp16 patch at d = {GATE_SIZES} <= {args.max_ratio} x copy on H200)" if args.max_ratio > 0 else ")"))
+              + (f", bf16/fp16 patch at d = {GATE_SIZES} <= {args.max_ratio} x copy on H200" if args.max_ratio > 0 else "")
+              + (f", at d = {K_GATE_SIZES} <= {args.max_ratio_k} x copy" if args.max_ratio_k > 0 else "") + ")")
     return 0
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
@@ -63,18 +64,20 @@ SASS_OPS = ("HMMA", "HGMMA", "FADD", "FFMA", "FMUL", "SHFL", "LDS", "STS", "LDG"
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def _kernel_and_signature(op: str, dtype: str, d: int):
-    """The JIT function, its argument types and the values the launcher passes as specialization."""
+def _kernel_and_signature(op: str, dtype: str, d: int, network: bool):
+    """The JIT function, its argument types and the values the launcher passes as specialization
+    (the add-network kernels take no H_K pointer: H_K is their constexpr sign table)."""
     io = "*" + dtype
+    h_k = {} if network else {"h_k_ptr": "*fp32"}
     if op == "patch_add_rmsnorm":
-        fn = tb._patch_add_rmsnorm_kernel
-        sig = {"r_ptr": io, "u_ptr": io, "h_ptr": io, "n_ptr": io, "h_k_ptr": "*fp32", "s_ptr": "*fp32",
+        fn = tb._patch_add_rmsnorm_parts_kernel if network else tb._patch_add_rmsnorm_kernel
+        sig = {"r_ptr": io, "u_ptr": io, "h_ptr": io, "n_ptr": io, **h_k, "s_ptr": "*fp32",
                "w_ptr": io, "rows": "i32", "r_row_stride": "i32", "u_row_stride": "i32", "inv_d": "fp32",
                "eps": "fp32"}
         extra = {}
     else:
-        fn = tb._hadamard_kernel
-        sig = {"x_ptr": io, "y_ptr": io, "h_k_ptr": "*fp32", "s_ptr": "*fp32", "rows": "i32",
+        fn = tb._hadamard_parts_kernel if network else tb._hadamard_kernel
+        sig = {"x_ptr": io, "y_ptr": io, **h_k, "s_ptr": "*fp32", "rows": "i32",
                "x_row_stride": "i32", "out_scale": "fp32"}
         extra = {"PATCH": op == "hadamard_patch"}
     # What the launcher's specialization sees for contiguous rows: 16-byte aligned pointers, and a
@@ -86,7 +89,7 @@ def _kernel_and_signature(op: str, dtype: str, d: int):
 
 
 def compile_kernel(op: str, dtype: str, d: int, config: tb.LaunchConfig, arch: int):
-    fn, sig, extra, aligned = _kernel_and_signature(op, dtype, d)
+    fn, sig, extra, aligned = _kernel_and_signature(op, dtype, d, config.NETWORK)
     constexprs = {**extra, **config.constexprs()}
     for name in constexprs:
         sig[name] = "constexpr"
@@ -106,7 +109,7 @@ def measure(kernel) -> dict:
         sass = subprocess.run([str(_BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
                               check=True).stdout
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
-    opcodes = collections.Counter(m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    opcodes = collections.Counter(m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
     return {
         "registers": int(usage.get("REG", 0)),
         "local_bytes": int(usage.get("LOCAL", 0)) + int(usage.get("STACK", 0)),
@@ -148,7 +151,7 @@ def plan(sizes, dtypes, ops) -> list[dict]:
                         config = tb.launch_config(d, n_rows, sm_count)
                         row = {"target": target, "arch": arch, "limit": tb.shared_memory_limit(capability),
                                "op": op, "dtype": dtype, "d": d, "regime": regime, "launch": config,
-                               "config": {**config.constexprs(), "num_warps": config.num_warps},
+                               "config": {**dataclasses.asdict(config), "num_warps": config.num_warps},
                                "estimate_shared_bytes": tb.resource_estimate(config, DTYPES[dtype], op)["shared_bytes"]}
                         if reason is not None:
                             row["refused"] = reason
@@ -220,12 +223,15 @@ def run(sizes, dtypes, ops, out: Path, jobs: int) -> int:
 def _markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# Triton kernels compiled ahead of time (triton {meta['triton']})", "",
              "Written by `python scripts/triton_aot.py`. Decode = 1 row, prefill = 16,384 rows; the launch",
-             "configuration is the one the backend picks; `refused` = the backend sends the input elsewhere.", "",
+             "configuration is the one the backend picks; `refused` = the backend sends the input elsewhere.",
+             "K_PAD = K and `H_K: adds`: the unpadded row with H_K as a +-1 add network, else H_K is a",
+             "tensor-core dot on the row padded to K_PAD rows.", "",
              "| target | op | dtype | d | regime | BLOCK_M x K_PAD x N / warps | regs | local B | smem B (est.) | SASS | HMMA+HGMMA | SHFL | LDS+STS | BAR | verdict |",
              "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         c = r["config"]
-        shape = f"{c['BLOCK_M']}x{c['K_PAD']}x{c['N']} / {c['num_warps']}"
+        h_k = " (H_K: adds)" if c["NETWORK"] else ""
+        shape = f"{c['BLOCK_M']}x{c['K_PAD']}x{c['N']} / {c['num_warps']}{h_k}"
         head = f"| {r['target']} | {r['op']} | {r['dtype']} | {r['d']} | {r['regime']} | {shape} |"
         if "refused" in r:
             lines.append(f"{head} | | | | | | | | | refused: {r['refused']} |")

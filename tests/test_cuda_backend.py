@@ -103,6 +103,57 @@ def test_sizes_beyond_the_compiled_range_are_explained():
     assert reason is not None and "32768" in reason
 
 
+SM80, SM86, SM90 = (8, 0), (8, 6), (9, 0)
+
+
+@pytest.mark.parametrize("op", cuda_backend.OPS)
+def test_every_launch_fits_sm80_and_sm90(op):
+    for capability in (SM80, SM90):
+        for d in (8, 64, 576, 896, 960, 1536, 2016, 3072, 3584, 4096, 5120, 5376, 8192, 16384, 24576, 32256, 32768):
+            for rows in (1, 7, 1 << 20):
+                assert cuda_backend.unsupported_reason_for(torch.bfloat16, d, capability, op, rows) is None, (capability, d)
+
+
+def test_sm86_refuses_only_what_exceeds_its_shared_memory():
+    """sm_86/89 allow 99 KiB per block: d = 32768 (pow2_kernel, 128 KiB) goes elsewhere, with the
+    numbers; 8192 fits by dropping row_kernel to 64-thread blocks; 24576 and 32256 (kron_kernel, one
+    row of fp32 per block: 96 and 126 KiB) fit with one row, not with the 126 KiB the last one needs."""
+    reason = cuda_backend.unsupported_reason_for(torch.bfloat16, 32768, SM86)
+    assert reason is not None and "131072 bytes of shared memory" in reason and "101376 of sm_86" in reason
+    assert cuda_backend.launch_plan("hadamard_patch", torch.bfloat16, 8192, 100, 101_376)[1] == 64
+    assert cuda_backend.launch_plan("hadamard_patch", torch.bfloat16, 8192, 100, 232_448)[1] == 128
+    assert cuda_backend.unsupported_reason_for(torch.bfloat16, 16384, SM86) is None
+    assert cuda_backend.unsupported_reason_for(torch.bfloat16, 24576, SM86) is None
+    assert "shared memory" in cuda_backend.unsupported_reason_for(torch.bfloat16, 32256, SM86)
+    # An unlisted architecture gets the smallest limit of the table.
+    assert cuda_backend.unsupported_reason_for(torch.bfloat16, 32768, (8, 8)) is not None
+
+
+def test_old_gpus_are_refused():
+    reason = cuda_backend.unsupported_reason_for(torch.float16, 4096, (7, 5))
+    assert reason is not None and "8.0 or newer" in reason and "sm_75" in reason
+
+
+def test_automatic_choice_uses_the_device_capability(monkeypatch):
+    """A CUDA tensor stand-in (device, dtype, shape) and a fake capability: the backend asks the
+    device, and its answer depends on it."""
+    from types import SimpleNamespace
+
+    capability = {"value": SM90}
+    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: capability["value"])
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(2, 3, 32768))
+    assert cuda_backend.unsupported_reason(x) is None
+    assert cuda_backend.unsupported_reason(x, op="patch_add_rmsnorm") is None
+    capability["value"] = SM86
+    assert "shared memory" in cuda_backend.unsupported_reason(x)
+    assert cuda_backend.unsupported_reason(SimpleNamespace(device=x.device, dtype=x.dtype, shape=(5, 5120))) is None
+
+
+def test_launch_plan_rejects_unknown_ops():
+    with pytest.raises(ValueError, match="unknown op"):
+        cuda_backend.launch_plan("hadamard", torch.float32, 4096, 1, 232_448)
+
+
 def test_cpu_tensors_are_refused_and_never_chosen():
     x = llm_like(4, 64)
     assert not cuda_backend.is_available("cpu")

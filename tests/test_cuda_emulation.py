@@ -103,7 +103,7 @@ def k_gt_1_sizes():
 
 K_SIZES = k_gt_1_sizes()
 LARGEST_K = max(K_SIZES)
-KRON_SIZES = sorted({96, 576, 896, 960, 3072, 5120, 5376, 12 * 2048,  # model sizes, N = 8 .. 2048
+KRON_SIZES = sorted({96, 576, 896, 960, 1536, 3072, 3584, 5120, 5376, 12 * 2048,  # model sizes, N = 8 .. 2048
                      K_SIZES[LARGEST_K][0], K_SIZES[LARGEST_K][-1]})  # the largest K, smallest and largest d
 POW2_SIZES = tuple(1 << m for m in range(3, 16))
 
@@ -192,6 +192,34 @@ def test_one_kernel_instance_for_growing_sizes(fresh, op):
             h, n = fresh.patch_add_rmsnorm(x, u, h_k, s, w, EPS)
             h_ref, n_ref = epilogue_reference(x, u, s, w, EPS)
             assert rel_err(h, h_ref) <= 1e-5 and rel_err(n, n_ref) <= 1e-5, d
+
+
+SM86 = dict(smem_optin=101_376, cc=(8, 6))
+
+
+@pytest.mark.parametrize("arch", (emulate.SM90, emulate.SM80, SM86), ids=("sm90", "sm80", "sm86"))
+def test_backend_launch_plan_is_the_launchers(fresh, arch):
+    """cuda_backend.launch_plan (what the automatic choice checks against the device's shared memory)
+    is the choice the C++ launchers make: kernel, block size and shared memory of every op, dtype and
+    size, and a refusal exactly where it says the launch does not fit."""
+    from linearpatch_kernels.backends import cuda_backend
+
+    fresh.configure(arch=arch)
+    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    for d in sorted(set(POW2_SIZES) | set(KRON_SIZES) | {1536, 2016, 3584, 32256}):
+        k = hadamard_factors(d).k
+        for op in cuda_backend.OPS:
+            for dtype in DTYPES:
+                for rows in (1, 5, 16384):
+                    kernel, threads, smem = cuda_backend.launch_plan(op, dtype, d, rows, arch["smem_optin"])
+                    where = (op, dtype, d, rows)
+                    if smem > arch["smem_optin"]:
+                        with pytest.raises(emulate.EmulationError, match="shared memory"):
+                            fresh.launches_of(op, names[dtype], d, rows, k)
+                        continue
+                    (launch,) = fresh.launches_of(op, names[dtype], d, rows, k)
+                    assert f"{len(kernel)}{kernel}" in launch["symbol"], (where, launch)
+                    assert launch["block"] == (threads, 1, 1) and launch["smem"] == smem, (where, launch)
 
 
 def test_nan_and_inf_propagate(fresh):

@@ -136,6 +136,13 @@ def test_check_gates():
     assert "spills" in sb.check([{**base, "spill_bytes": 4}], 1.10)[0]
     assert "shared memory" in sb.check([{**base, "arch": 80, "gpu": "A100", "smem": 170_000}], 1.10)[0]
     assert "launch failed" not in sb.check([{**base, "error": "x"}], 1.10)[0] and sb.check([{**base, "error": "x"}], 1.10)
+    # K > 1: d = 576 and 5120 against the second threshold; a lower bound (inner loops counted once) fails.
+    k_row = {**base, "d": 5120, "ratio": 1.4, "lower_bound": False}
+    assert sb.check([k_row], 1.10, 1.50) == [] and sb.check([{**k_row, "d": 576}], 1.10, 1.50) == []
+    assert "modelled 1.6" in sb.check([{**k_row, "ratio": 1.6}], 1.10, 1.50)[0]
+    assert "modelled >=1.4" in sb.check([{**k_row, "lower_bound": True}], 1.10, 1.50)[0]
+    assert sb.check([{**k_row, "ratio": 1.6}], 1.10, 0) == []  # gate off
+    assert sb.check([{**k_row, "ratio": 1.6, "d": 960}], 1.10, 1.50) == []  # only d = 576, 5120
 
 
 def test_short_kernel_names():

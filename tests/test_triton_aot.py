@@ -59,3 +59,11 @@ def test_verdicts_flag_spills_and_shared_memory():
     assert over == ["shared memory 131072 B over the 101376 B of sm_86"]
     assert "over the backend's estimate" in problems({**ok, "shared_bytes": 70_000})[0]
     assert problems({**ok, "error": "OutOfResources: shared memory"}) == ["compile error OutOfResources: shared memory"]
+
+
+def test_plan_compiles_the_add_network_where_the_padded_dot_cannot_run():
+    rows = _script().plan([9216, 18432], ["bf16"], ["hadamard_patch"])
+    by_d = {d: [r for r in rows if r["d"] == d] for d in (9216, 18432)}
+    assert by_d[9216] and all("refused" not in r and r["config"]["NETWORK"] for r in by_d[9216])
+    assert all(r["config"]["K_PAD"] == 36 and r["estimate_shared_bytes"] == 4 * 32 * 256 for r in by_d[9216])
+    assert by_d[18432] and all("18432 values per row" in r["refused"] for r in by_d[18432])

@@ -15,6 +15,7 @@ import linearpatch_kernels as lp
 from linearpatch_kernels import backends
 from linearpatch_kernels.backends import cuda_backend, select_backend
 from linearpatch_kernels.backends import triton_backend as tb
+from linearpatch_kernels.hadamard import hadamard_factors
 from reference import llm_like, positive_scales, reference_patch, reference_transform, rel_err
 
 SM80, SM86, SM90 = (8, 0), (8, 6), (9, 0)
@@ -33,6 +34,7 @@ def fake_gpu(monkeypatch):
     state = {"capability": SM90, "cuda_built": True}
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.setattr(tb, "device_capability", lambda index: state["capability"])
+    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: state["capability"])
     monkeypatch.setattr(tb, "is_available", lambda device: torch.device(device).type == "cuda")
     monkeypatch.setattr(cuda_backend, "is_available", lambda device: state["cuda_built"])
     return state
@@ -59,6 +61,18 @@ def test_launch_config_pads_k_for_the_tensor_core_dot():
     c = tb.launch_config(1536, 1, 132)  # 12 x 128
     assert (c.K, c.K_PAD) == (12, 16)
     assert tb.launch_config(4096, 1, 132).K_PAD == 1
+
+
+def test_rows_the_padded_dot_cannot_hold_run_unpadded_with_an_add_network():
+    decode, prefill = tb.launch_config(9216, 1, 132), tb.launch_config(9216, 16384, 132)  # 36 x 256
+    for c in (decode, prefill):
+        assert c.NETWORK and (c.K, c.K_PAD, c.N) == (36, 36, 256) and c.tile == c.BLOCK_M * 9216
+        assert c.num_warps * 32 <= c.BLOCK_M * c.N  # no part replicated across threads
+    signs = decode.constexprs()["SIGNS"]
+    h_36 = torch.tensor([1.0 if c == "+" else -1.0 for c in signs]).view(36, 36)
+    assert torch.equal(h_36, hadamard_factors(9216).h_k.float())
+    assert not tb.launch_config(576, 1, 132).NETWORK  # 36 x 16: the tensor-core dot (padded to 64)
+    assert not tb.launch_config(4096, 1, 132).NETWORK
 
 
 def test_shared_memory_estimate_grows_with_the_tile():
@@ -94,8 +108,13 @@ def test_limits_per_architecture(monkeypatch):
                 assert reason(torch.bfloat16, d, cap, op) is None
         assert "252 x 1: H_252 is padded to 256 x 256" in reason(torch.bfloat16, 252, cap)
         assert "H_252" in reason(torch.bfloat16, 32256, cap)
-        assert "padded to 32768 values per row" in reason(torch.bfloat16, 18432, cap)  # 36 x 512 -> 64 x 512
-        assert "beside the H_36 operand" in reason(torch.bfloat16, 9216, cap)  # 36 x 256 -> 64 x 256
+        # 36 x 512 and 20 x 1024: unpadded rows still over what a program holds in registers.
+        assert "is 18432 values per row, more than the 16384" in reason(torch.bfloat16, 18432, cap)
+        assert "is 20480 values per row, more than the 16384" in reason(torch.bfloat16, 20480, cap)
+        # 36 x 256 (padded: 64 x 256, over the dot's 8192) runs unpadded with H_36 as an add network.
+        for op in ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"):
+            assert reason(torch.bfloat16, 9216, cap, op) is None and reason(torch.float32, 9216, cap, op) is None
+        assert "7056 signed adds per column" in reason(torch.bfloat16, 5376, cap)  # 84 x 64
         assert "without spilling" in reason(torch.bfloat16, 32768, cap)
     assert "compute capability 8.0 or newer" in reason(torch.float16, 4096, (7, 5))
     assert "float64" in reason(torch.float64, 4096, SM90)
@@ -121,8 +140,10 @@ def test_sizes_no_gpu_kernel_can_launch_route_to_a_backend_that_runs_them(fake_g
         assert name != "triton"
         chosen = backends.get_backend(name)
         assert chosen.unsupported_reason(x) is None
-        # 252 = 252 x 1 is below the CUDA kernels' 8-wide rows: the torch backend takes it.
-        assert name == ("cuda" if cuda_built and d != 252 else "torch")
+        # 252 = 252 x 1 is below the CUDA kernels' 8-wide rows, and 32256 and 32768 need 126 and 128 KiB
+        # of shared memory per block, more than sm_86 has: the torch backend takes those.
+        too_big = capability == SM86 and d in (32256, 32768)
+        assert name == ("cuda" if cuda_built and d != 252 and not too_big else "torch")
 
 
 def test_automatic_choice_follows_the_architecture(fake_gpu, monkeypatch):
@@ -132,7 +153,8 @@ def test_automatic_choice_follows_the_architecture(fake_gpu, monkeypatch):
     fake_gpu["capability"] = (7, 5)
     assert select_backend(x).NAME == "torch"
     fake_gpu["capability"] = SM86
-    monkeypatch.setitem(tb.SHARED_MEMORY_PER_BLOCK, SM86, 32768)
+    # One table for both backends (gpu_limits): 40 KiB still holds the CUDA kernels at 4096 (37,280 B).
+    monkeypatch.setitem(tb.SHARED_MEMORY_PER_BLOCK, SM86, 40_960)
     assert select_backend(x).NAME == "torch"
     assert select_backend(cuda_input(4096)).NAME == "triton"
     fake_gpu["cuda_built"] = True
@@ -147,6 +169,39 @@ def test_forced_triton_says_why_before_launching(fake_gpu):
         with pytest.raises(ValueError, match=r"H_252 is padded to 256 x 256"):
             select_backend(cuda_input(252))
         assert select_backend(cuda_input(5120)).NAME == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# The add network on the unpadded row (H_N on power-of-two groups of parts, H_K as +-1 adds)
+
+
+def _all_ops_match_fp64(d, dtype, tol, rows=3):
+    x = llm_like(rows, d, dtype, seed=3, device=DEVICE)
+    s = positive_scales(d, device=DEVICE)
+    w = (torch.rand(d, device=DEVICE) + 0.5).to(dtype)
+    with lp.use_backend("triton"):
+        y = lp.hadamard_patch(x, s)
+        t = lp.hadamard_transform(x, 0.5)
+        h, n = lp.patch_add_rmsnorm(x, x, s, w, eps=1e-6)
+    h_ref = reference_patch(x.double() * 2, s)
+    n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert rel_err(y, reference_patch(x, s)) <= tol
+    assert rel_err(t, reference_transform(x, 0.5)) <= tol
+    assert rel_err(h, h_ref) <= tol and rel_err(n, n_ref) <= tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_add_network_matches_fp64(dtype, tol):
+    assert tb.launch_config(9216, 3).NETWORK  # 36 x 256 = 32 + 4 parts
+    _all_ops_match_fp64(9216, dtype, tol)
+
+
+# K = 12, 20, 28, 36, 60 (8+4, 16+4, 16+8+4, 32+4, 32+16+8+4 parts), N from 1 to 16.
+@pytest.mark.parametrize("d", [12, 24, 160, 112, 576, 960])
+def test_add_network_for_every_group_decomposition_of_k(monkeypatch, d):
+    monkeypatch.setattr(tb, "MAX_TILE_DOT", 1)  # every K > 1 takes the add network
+    assert tb.launch_config(d, 3).NETWORK
+    _all_ops_match_fp64(d, torch.float32, 1e-5, rows=5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 
 extern "C" const char* emu_last_diagnostic();
 extern "C" void emu_clear_diagnostic();
+extern "C" int emu_device_ordinal();
 
 namespace {
 std::string message;
@@ -33,7 +34,7 @@ const char* emu_launch(int op, int dtype, const void* x, void* y, const float* h
   const double d = double(int64_t(k) << log2_n);
   // P = H diag(s) H^T with orthonormal H = H_d / sqrt(d): both 1/sqrt(d) go into one 1/d.
   args.out_scale = op == 0 ? float(transform_scale) : float(1.0 / d);
-  args.device = 0;
+  args.device = emu_device_ordinal();  // the op binding passes the tensor's device
   args.stream = nullptr;
   if (op == 2) {
     args.update = update;

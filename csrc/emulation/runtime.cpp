@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "include/emulated_cuda.h"
@@ -125,8 +126,13 @@ struct Device {
   int cc_major = 9, cc_minor = 0;
   int occupancy_blocks = 2;  // what cudaOccupancyMaxActiveBlocksPerMultiprocessor answers
   uint64_t seed = 1;
+  // Each distinct configuration (SM count, limits, capability) is another GPU to the launchers, so
+  // that what they cache per device (block shape, shared-memory opt-in, resident blocks) is worked
+  // out again, as on a machine with several GPUs.
+  int ordinal = 0;
 };
 Device device;
+std::map<std::tuple<int, int, int, int>, int> device_ordinals{{{4, 232448, 9, 0}, 0}};
 cudaError_t last_error = cudaSuccess;
 std::string diagnostic;                    // why the last failed launch failed
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
@@ -632,13 +638,13 @@ const char* cudaGetErrorString(cudaError_t err) {
 }
 
 cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
+  *d = emu::device.ordinal;
   return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+cudaError_t cudaSetDevice(int d) { return d == emu::device.ordinal ? cudaSuccess : cudaErrorInvalidDevice; }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d) {
-  if (d != 0) return cudaErrorInvalidDevice;
+  if (d != emu::device.ordinal) return cudaErrorInvalidDevice;
   switch (attr) {
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; break;
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; break;
@@ -691,6 +697,10 @@ void emu_configure(uint64_t seed, int sm_count, int smem_optin, int cc_major, in
   emu::device.smem_optin = smem_optin;
   emu::device.cc_major = cc_major;
   emu::device.cc_minor = cc_minor;
+  const auto key = std::make_tuple(sm_count, smem_optin, cc_major, cc_minor);
+  const auto known = emu::device_ordinals.find(key);
+  emu::device.ordinal = known != emu::device_ordinals.end() ? known->second : int(emu::device_ordinals.size());
+  emu::device_ordinals.emplace(key, emu::device.ordinal);
   emu::launches = 0;
 }
 
@@ -708,6 +718,7 @@ const char* emu_launch_record(int i, unsigned* dims, uint64_t* smem) {
 }
 
 const char* emu_last_diagnostic() { return emu::diagnostic.c_str(); }
+int emu_device_ordinal() { return emu::device.ordinal; }
 void emu_clear_diagnostic() { emu::diagnostic.clear(); }
 
 // The host conversions, for their own test against torch's.

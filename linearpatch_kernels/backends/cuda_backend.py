@@ -22,8 +22,9 @@ Where the library comes from, first that works:
 3. otherwise the backend is unavailable (one warning) and CUDA tensors go to triton.
 
 Coverage: ``d = K * 2**m <= 32768`` with ``2**m >= 8`` (a 16-byte vector never straddles two rows
-of the ``K x 2**m`` view), fp32/fp16/bf16, GPUs of compute capability 8.0 or newer (at most 128 KiB
-of shared memory per block, within every such GPU's limit).
+of the ``K x 2**m`` view), fp32/fp16/bf16, GPUs of compute capability 8.0 or newer whose per-block
+shared memory holds the launch (``launch_plan`` mirrors the launchers' choice; ``d = 32768`` needs
+128 KiB: not on sm_86/89/120, whose 99 KiB send it to another backend).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from ..hadamard import hadamard_factors
 from .cuda_toolkit import find_cuda_home
+from .gpu_limits import arch_name, shared_memory_limit
 
 NAME = "cuda"
 MAX_D = 32768
@@ -64,8 +66,106 @@ _prebuilt_error: str | None = None  # why the prebuilt library did not load, als
 # Coverage
 
 
-def unsupported_reason_for(dtype: torch.dtype, d: int) -> str | None:
-    """Why the CUDA kernels cannot take rows of ``d`` elements of ``dtype`` (None if they can)."""
+OPS = ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm")
+
+
+# The launchers' choice of kernel and shared memory (csrc/hadamard_kernels.cuh, launch_op and the
+# launch_* functions below it), mirrored here so that the automatic choice knows, without a GPU and
+# before loading the library, whether a launch fits a device. tests/test_cuda_emulation.py checks it
+# against the emulated launchers' own launch records for every op, dtype and size.
+
+_ROW_THREADS = 128  # row_kernel: 128 threads per block, 64 where that does not fit
+_MAX_ROW_LOG2_N = 13
+_FAST_THREADS = 256  # kfast_kernel
+# (K, log2 N) of the kfast_kernel instances (kfast_size); other K > 1 sizes run kron_kernel.
+_FAST_SIZES = {(36, 4), (28, 5), (60, 4), (12, 7), (12, 8), (28, 7), (20, 8)}
+_FAST_EPILOGUE_MAX_K = 36  # kFastEpilogueMaxK
+_KRON_WARPS = 8
+
+
+def _vector_log2(dtype: torch.dtype) -> int:
+    return 2 if dtype == torch.float32 else 3  # 16-byte vectors: 4 fp32 or 8 fp16/bf16
+
+
+def _round_up4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+def _row_kernel_floats(op: str, log_v: int, log_n: int, threads: int) -> int:
+    # RowLayout: the transpose buffer's padded word of the last column, per row of the block.
+    n = 1 << log_n
+    log_r = max(log_v, (log_n + 1) // 2)
+    log_t = log_n - log_r
+    high = log_v + log_t
+    s1, c1 = log_v + 2, (4 if log_v == 3 else 0)
+
+    def word_c1(i: int) -> int:
+        return i + c1 * (i >> s1)
+
+    c2 = ((1 << log_v) - word_c1(1 << high)) & 31
+    buffer = (word_c1(n - 1) + c2 * ((n - 1) >> high) + 4) // 4 * 4
+    epilogue = op == "patch_add_rmsnorm"
+    return ((n if op != "hadamard_transform" else 0) + (n if epilogue and log_n <= 12 else 0)
+            + (2 * _ROW_THREADS // 32 if epilogue else 0) + threads // (1 << log_t) * buffer)
+
+
+def _pow2_kernel_floats(op: str, log_v: int, log_n: int) -> int:
+    bits = log_n - log_v  # Layout<T, log_n, 7>: vectors in registers, lanes, then warps
+    log_g0 = min(bits, 3)
+    log_r = min(7 - log_v, bits - log_g0)
+    log_g = log_g0 + min(5 - log_g0, bits - log_g0 - log_r)
+    warps = 1 << (bits - log_r - log_g)
+    if warps == 1:
+        return 0
+    return (1 << log_n) + (4 * ((warps + 3) // 4) if op == "patch_add_rmsnorm" else 0)
+
+
+def _fast_kernel_floats(op: str, k: int, log_n: int) -> int:
+    n = 1 << log_n
+    columns = 4 if k <= 12 else (2 if k <= 28 else 1)
+    rows = 1  # of the tile: enough column items for every thread
+    while rows * n // columns < _FAST_THREADS:
+        rows *= 2
+    # padded K-rows of the tile, then (epilogue) one rstd per row
+    return rows * k * (n + 4 * (n >> 5)) + (_round_up4(rows) if op == "patch_add_rmsnorm" else 0)
+
+
+def _kron_kernel_floats(op: str, d: int, rows: int) -> int:
+    per_block = min(max(8192 // d, 1), rows)
+    extra = _round_up4(max(per_block, _KRON_WARPS)) + _round_up4(per_block) if op == "patch_add_rmsnorm" else 0
+    return per_block * d + extra
+
+
+def launch_plan(op: str, dtype: torch.dtype, d: int, rows: int, smem_limit: int) -> tuple[str, int, int]:
+    """(kernel, threads per block, dynamic shared memory in bytes) of the launch the C++ launcher makes
+    for ``rows`` rows of ``d`` elements on a device allowing ``smem_limit`` bytes per block. Where no
+    block shape fits, the last candidate (the launcher then reports the shortfall)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    f = hadamard_factors(d)
+    log_v = _vector_log2(dtype)
+    if f.k == 1 and f.log2_n <= _MAX_ROW_LOG2_N:
+        for threads in (_ROW_THREADS, _ROW_THREADS // 2):
+            smem = 4 * _row_kernel_floats(op, log_v, f.log2_n, threads)
+            if smem <= smem_limit:
+                break
+        return "row_kernel", threads, smem
+    if f.k == 1:
+        bits = f.log2_n - log_v
+        log_g0 = min(bits, 3)
+        log_r = min(7 - log_v, bits - log_g0)
+        log_g = log_g0 + min(5 - log_g0, bits - log_g0 - log_r)
+        threads = 32 << (bits - log_r - log_g) if bits - log_r - log_g > 0 else 128
+        return "pow2_kernel", threads, 4 * _pow2_kernel_floats(op, log_v, f.log2_n)
+    if (f.k, f.log2_n) in _FAST_SIZES and (op != "patch_add_rmsnorm" or f.k <= _FAST_EPILOGUE_MAX_K):
+        return "kfast_kernel", _FAST_THREADS, 4 * _fast_kernel_floats(op, f.k, f.log2_n)
+    return "kron_kernel", 256, 4 * _kron_kernel_floats(op, d, max(rows, 1))
+
+
+def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, int] | None = None,
+                           op: str = "hadamard_patch", rows: int = 1 << 30) -> str | None:
+    """Why the CUDA kernels cannot run ``op`` on ``rows`` rows of ``d`` elements of ``dtype`` on a GPU
+    of compute capability ``capability`` (``None``: the sizes and dtypes only). ``None`` if they can."""
     if dtype not in IO_DTYPES:
         return f"it takes float32, float16 or bfloat16 (fp32 math inside), not {dtype}; use the torch backend for float64"
     if d > MAX_D:
@@ -74,13 +174,29 @@ def unsupported_reason_for(dtype: torch.dtype, d: int) -> str | None:
     if f.n < MIN_POW2_FACTOR:
         return (f"hidden size {d} = {f.k} x {f.n}: the CUDA kernels need the power-of-two factor to be at least "
                 f"{MIN_POW2_FACTOR} (16-byte vectors along each row of the {f.k} x 2**m view)")
+    if capability is not None and tuple(capability) < MIN_CAPABILITY:
+        return f"the CUDA kernels need compute capability 8.0 or newer, not {arch_name(capability)}"
+    limit = shared_memory_limit(capability) if capability is not None else None
+    kernel, _, smem = launch_plan(op, dtype, d, rows, limit or 0)
+    if limit is not None and smem > limit:
+        return (f"hidden size {d} = {f.k} x {f.n}: {op} ({kernel}) needs {smem} bytes of shared memory per block, "
+                f"more than the {limit} of {arch_name(capability)}")
     return None
 
 
-def unsupported_reason(x: torch.Tensor) -> str | None:
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def unsupported_reason(x: torch.Tensor, op: str = "hadamard_patch") -> str | None:
     if x.device.type != "cuda":
         return f"it runs on CUDA tensors only, not {x.device.type}"
-    return unsupported_reason_for(x.dtype, int(x.shape[-1]))
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    rows = 1
+    for size in x.shape[:-1]:
+        rows *= int(size)
+    return unsupported_reason_for(x.dtype, int(x.shape[-1]), device_capability(index), op, rows=max(rows, 1))
 
 
 # ------------------------------------------------------------------------------------------------

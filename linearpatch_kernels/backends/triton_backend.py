@@ -19,6 +19,13 @@ and are never stored), so a block is a ``(BLOCK_M, K_PAD, N)`` register tensor.
   ``input_precision="tf32x3"`` (whose third product, ``hi * lo(H_K)``, is zero here) and without
   the fp32 FMA path of ``"ieee"`` (hundreds of registers, spills).
 
+Rows whose padded tile is too large for the dot (``K_PAD * N`` over ``MAX_TILE_DOT``, e.g. 9216 =
+36 x 256 -> 64 x 256) take a second pair of kernels that never pads: the row is a tuple of its ``K``
+parts ``X[k, :]``, each a (BLOCK_M, N) tensor. ``H_N`` runs on groups of parts of the power-of-two
+sizes in K's binary digits (36 = 32 + 4), each group stacked into one tile by a tree of ``join``s, so
+the butterfly is unrolled once per group; ``H_K`` is then ``K * (K - 1)`` fp32 adds and subtractions
+per column unrolled from the sign table of ``H_K`` (a constexpr string), with no multiplications.
+
 The patch is ``transform -> * s / d -> transform`` (``H`` is symmetric) without leaving registers.
 
 What a configuration needs on a GPU (shared memory for the layout conversions and the dot
@@ -43,6 +50,7 @@ import triton
 import triton.language as tl
 
 from ..hadamard import hadamard_factors
+from .gpu_limits import SHARED_MEMORY_PER_BLOCK, shared_memory_limit  # noqa: F401 (the table, re-exported)
 
 NAME = "triton"
 # Set when the kernels below were created: the interpreter is chosen at decoration time.
@@ -52,13 +60,6 @@ _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # GPUs the kernels are compiled and checked for (tf32 tensor-core dot, opt-in shared memory).
 MIN_CAPABILITY = (8, 0)
-# Opt-in shared memory per block in bytes, by compute capability (CUDA programming guide, "Compute
-# capabilities"): the one table both the automatic choice and the ahead-of-time check use.
-SHARED_MEMORY_PER_BLOCK = {
-    (8, 0): 166_912, (8, 6): 101_376, (8, 7): 166_912, (8, 9): 101_376,
-    (9, 0): 232_448, (10, 0): 232_448, (10, 3): 232_448, (12, 0): 101_376, (12, 1): 101_376,
-}
-_DEFAULT_SHARED_MEMORY = 101_376  # the smallest of the table, for an unlisted architecture
 
 # fp32 values of the row tile per program in a prefill launch: 32 per thread at 4 warps. Larger
 # tiles only raise the shared memory of the layout conversions (which scale with the tile).
@@ -72,6 +73,11 @@ MAX_TILE = 1 << 14
 # so a row keeps to 32 values per thread at 8 warps: 16 warps cap a thread at 128 registers (spills).
 MAX_TILE_DOT = 1 << 13
 MAX_K_PAD = 64  # H_K up to 64 x 64 on tensor cores; larger K go to another backend
+# The add network unrolls K * K signed terms per column and transform. Measured compile times (2
+# shared cores): H_36's patch kernels 40-100 s, a bare single H_84 network (7,056 terms) 26 s, and the
+# patch kernels hold two; H_252 (63,504) far more. Larger K go to another backend.
+MAX_K_NETWORK = 64
+MAX_NETWORK_WARPS = 8
 MAX_PREFILL_ROWS = 64
 PROGRAMS_PER_SM = 4  # resident programs per multiprocessor in the persistent launch
 
@@ -85,6 +91,9 @@ class LaunchConfig:
     LOG2_N: int
     num_warps: int
     RESIDENT: bool  # persistent: s (and the norm weight) held in registers across row blocks; else one block per program
+    # H_K as a +-1 add network over the K unpadded (BLOCK_M, N) parts of the row (K_PAD == K) instead
+    # of the tensor-core dot on the row padded to K_PAD rows.
+    NETWORK: bool = False
 
     @property
     def tile(self) -> int:
@@ -92,8 +101,18 @@ class LaunchConfig:
         return self.BLOCK_M * self.K_PAD * self.N
 
     def constexprs(self) -> dict:
+        if self.NETWORK:
+            return dict(BLOCK_M=self.BLOCK_M, K=self.K, N=self.N, LOG2_N=self.LOG2_N, RESIDENT=self.RESIDENT,
+                        SIGNS=_sign_table(self.K * self.N))
         return dict(BLOCK_M=self.BLOCK_M, K=self.K, K_PAD=self.K_PAD, N=self.N, LOG2_N=self.LOG2_N,
                     RESIDENT=self.RESIDENT)
+
+
+@functools.lru_cache(maxsize=None)
+def _sign_table(d: int) -> str:
+    """``H_K`` row-major as a string of ``+``/``-``: one hashable constexpr from which the add network
+    is unrolled at compile time (a tuple of K * K ints would be hashed element by element per launch)."""
+    return "".join("+" if v > 0 else "-" for v in hadamard_factors(d).h_k.flatten().tolist())
 
 
 def is_available(device: torch.device) -> bool:
@@ -132,6 +151,8 @@ def launch_config(d: int, rows: int, sm_count: int | None = None) -> LaunchConfi
     such block per multiprocessor.
     """
     f = hadamard_factors(d)
+    if _uses_network(f):
+        return _network_launch_config(f, rows, sm_count)
     k_pad = _padded_k(f.k)
     padded = k_pad * f.n
     min_m = 1 if f.k == 1 else max(1, 16 // f.n)  # tl.dot's M dimension (BLOCK_M * N) must be >= 16
@@ -148,6 +169,31 @@ def launch_config(d: int, rows: int, sm_count: int | None = None) -> LaunchConfi
     return LaunchConfig(block_m, f.k, k_pad, f.n, f.log2_n, num_warps, resident)
 
 
+def _uses_network(f) -> bool:
+    """H_K as an add network where the padded dot cannot run: K_PAD over the dot's limit, or the
+    padded row over what a program holds beside the dot's operand (9216 = 36 x 256 pads to 16384)."""
+    k_pad = _padded_k(f.k)
+    return 1 < f.k <= MAX_K_NETWORK and (k_pad > MAX_K_PAD or k_pad * f.n > MAX_TILE_DOT)
+
+
+def _power_of_two_below(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def _network_launch_config(f, rows: int, sm_count: int | None) -> LaunchConfig:
+    # The row is K parts of (BLOCK_M, N): one warp per 32 values of a part, so that no part is
+    # replicated across threads and each thread holds K values of the row per row of the block.
+    real = f.k * f.n
+    if sm_count is None:
+        block_m = _power_of_two_below(max(1, INTERPRET_TILE // real))
+    else:
+        big = _power_of_two_below(max(1, min(MAX_PREFILL_ROWS, PREFILL_TILE_DOT // real)))
+        block_m = big if rows >= big * sm_count else 1
+    num_warps = max(1, min(MAX_NETWORK_WARPS, block_m * f.n // 32))
+    resident = sm_count is None or (block_m + 1) * real <= 32 * 32 * num_warps
+    return LaunchConfig(block_m, f.k, f.k, f.n, f.log2_n, num_warps, resident, NETWORK=True)
+
+
 def resource_estimate(config: LaunchConfig, dtype: torch.dtype, op: str = "hadamard_patch") -> dict:
     """Shared memory (bytes) and fp32 tile values per thread that a configuration needs on a GPU.
 
@@ -160,16 +206,18 @@ def resource_estimate(config: LaunchConfig, dtype: torch.dtype, op: str = "hadam
     configuration the backend accepts.
     """
     tile_bytes = 4 * config.tile
+    if config.NETWORK:
+        # The add network runs in registers; shared memory holds the butterfly's layout conversion of
+        # the largest group of parts, (BLOCK_M, G, N) fp32 with G the largest power of two <= K.
+        group = 1 << (config.K.bit_length() - 1)
+        return dict(shared_bytes=4 * config.BLOCK_M * group * config.N,
+                    values_per_thread=config.tile // (32 * config.num_warps))
     if config.K == 1 or not config.RESIDENT:
         shared = tile_bytes + (4 * config.K_PAD**2 if config.K > 1 else 0)
     else:
         buffers = 2 + (dtype == torch.float32) + 2 * (op == "patch_add_rmsnorm")
         shared = buffers * tile_bytes + 4 * config.K_PAD**2
     return dict(shared_bytes=shared, values_per_thread=config.tile // (32 * config.num_warps))
-
-
-def shared_memory_limit(capability: tuple[int, int]) -> int:
-    return SHARED_MEMORY_PER_BLOCK.get(tuple(capability), _DEFAULT_SHARED_MEMORY)
 
 
 def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, int] | None,
@@ -187,12 +235,18 @@ def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, in
     if capability < MIN_CAPABILITY:
         return f"the Triton kernels need compute capability 8.0 or newer (tf32 tensor cores), not {arch}"
     if k_pad > MAX_K_PAD:
-        return (f"hidden size {d} = {f.k} x {f.n}: H_{f.k} is padded to {k_pad} x {k_pad}, more than the "
-                f"{MAX_K_PAD} x {MAX_K_PAD} the kernels hold on chip")
-    if k_pad * f.n > MAX_TILE:
+        return (f"hidden size {d} = {f.k} x {f.n}: H_{f.k} is padded to {k_pad} x {k_pad} for the tensor-core "
+                f"dot, more than the {MAX_K_PAD} x {MAX_K_PAD} the kernels hold on chip, and as an add network "
+                f"of {f.k * f.k} signed adds per column it is over the {MAX_K_NETWORK * MAX_K_NETWORK} that "
+                f"compile in reasonable time")
+    if _uses_network(f):
+        if f.k * f.n > MAX_TILE:
+            return (f"hidden size {d} = {f.k} x {f.n} is {d} values per row, more than the {MAX_TILE} a program "
+                    f"holds in registers without spilling")
+    elif k_pad * f.n > MAX_TILE:
         return (f"hidden size {d} = {f.k} x {f.n} is padded to {k_pad * f.n} values per row, more than the "
                 f"{MAX_TILE} a program holds in registers without spilling")
-    if f.k > 1 and k_pad * f.n > MAX_TILE_DOT:
+    elif f.k > 1 and k_pad * f.n > MAX_TILE_DOT:
         return (f"hidden size {d} = {f.k} x {f.n} is padded to {k_pad * f.n} values per row, more than the "
                 f"{MAX_TILE_DOT} a program holds beside the H_{f.k} operand of its tensor-core dot without spilling")
     limit = shared_memory_limit(capability)
@@ -357,6 +411,184 @@ def _patch_add_rmsnorm_kernel(r_ptr, u_ptr, h_ptr, n_ptr, h_k_ptr, s_ptr, w_ptr,
                                  u_row_stride, inv_d, eps, BLOCK_M, K, K_PAD, N, LOG2_N)
 
 
+# ---------------------------------------------------------------------------------------------
+# K > 1 without padding: the row as a tuple of K parts X[k, :] of shape (BLOCK_M, N), H_K as +-1 adds.
+
+
+@triton.jit
+def _h_k_network(parts, K: tl.constexpr, SIGNS: tl.constexpr):
+    """``(H_K X)[i] = sum_j H_K[i, j] X[j]`` unrolled from the sign table: K * (K - 1) fp32 adds per
+    column, each exact up to its own rounding (like the fp32 accumulation of the dot), no padding."""
+    out = ()
+    for i in tl.static_range(K):
+        acc = parts[0]
+        if SIGNS[i * K] == "-":
+            acc = -acc
+        for j in tl.static_range(1, K):
+            if SIGNS[i * K + j] == "+":
+                acc = acc + parts[j]
+            else:
+                acc = acc - parts[j]
+        out = out + (acc,)
+    return out
+
+
+@triton.jit
+def _wht_part_group(parts, LO: tl.constexpr, LOG2_G: tl.constexpr, BLOCK_M: tl.constexpr, N: tl.constexpr,
+                    LOG2_N: tl.constexpr):
+    """``H_N`` on the ``2**LOG2_G`` parts ``LO, LO + 1, ...``, stacked into one (BLOCK_M, N, G) tile by a
+    tree of joins (flat index ``2 * i + half`` at every level) so that the butterfly is unrolled once
+    per group, not once per part; split back by the inverse tree."""
+    G: tl.constexpr = 1 << LOG2_G
+    level = ()
+    for i in tl.static_range(G):
+        level = level + (parts[LO + i],)
+    for lvl in tl.static_range(LOG2_G):
+        joined = ()
+        for i in tl.static_range(G >> (lvl + 1)):
+            joined = joined + (tl.reshape(tl.join(level[2 * i], level[2 * i + 1]), (BLOCK_M, N, 2 << lvl)),)
+        level = joined
+    x = level[0]
+    if LOG2_G > 0:
+        x = tl.reshape(tl.permute(x, (0, 2, 1)), (BLOCK_M * G, N))
+        x = tl.permute(tl.reshape(_wht_last_axis(x, BLOCK_M * G, N, LOG2_N), (BLOCK_M, G, N)), (0, 2, 1))
+        level = (x,)
+        for lvl in tl.static_range(LOG2_G):
+            split = ()
+            for i in tl.static_range(1 << lvl):
+                if (G >> lvl) == 2:
+                    a, b = tl.split(level[i])
+                else:
+                    a, b = tl.split(tl.reshape(level[i], (BLOCK_M, N, G >> (lvl + 1), 2)))
+                split = split + (a, b)
+            level = split
+    else:
+        level = (_wht_last_axis(x, BLOCK_M, N, LOG2_N),)
+    return level
+
+
+@triton.jit
+def _transform_parts(parts, BLOCK_M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, LOG2_N: tl.constexpr,
+                     SIGNS: tl.constexpr):
+    """``H_K X H_N`` on the K parts (rows of X) of every row of the block. ``H_N`` runs on groups of
+    parts of power-of-two sizes from the binary digits of K (36 = 32 + 4): no padding rows."""
+    if LOG2_N > 0:
+        out = ()
+        for b in tl.static_range(7, -1, -1):  # K <= MAX_K_NETWORK < 256
+            if (K >> b) & 1:
+                out = out + _wht_part_group(parts, (K >> (b + 1)) << (b + 1), b, BLOCK_M, N, LOG2_N)
+        parts = out
+    return _h_k_network(parts, K, SIGNS)
+
+
+@triton.jit
+def _load_parts(ptr, row, row_stride, row_mask, K: tl.constexpr, N: tl.constexpr):
+    nn = tl.arange(0, N)
+    parts = ()
+    for k in tl.static_range(K):
+        x = tl.load(ptr + row[:, None] * row_stride + (k * N + nn)[None, :], mask=row_mask[:, None], other=0.0)
+        parts = parts + (x.to(tl.float32),)
+    return parts
+
+
+@triton.jit
+def _load_vector_parts(ptr, K: tl.constexpr, N: tl.constexpr):
+    """A length-d vector (s, the norm weight) as K fp32 (1, N) parts."""
+    nn = tl.arange(0, N)
+    parts = ()
+    for k in tl.static_range(K):
+        parts = parts + (tl.load(ptr + k * N + nn).to(tl.float32)[None, :],)
+    return parts
+
+
+@triton.jit
+def _store_parts(ptr, parts, row, row_mask, K: tl.constexpr, N: tl.constexpr):
+    nn = tl.arange(0, N)
+    for k in tl.static_range(K):
+        tl.store(ptr + row[:, None] * (K * N) + (k * N + nn)[None, :], parts[k].to(ptr.dtype.element_ty),
+                 mask=row_mask[:, None])
+
+
+@triton.jit
+def _scale_parts(parts, s, factor, K: tl.constexpr):
+    out = ()
+    for k in tl.static_range(K):
+        out = out + (parts[k] * (s[k] * factor),)
+    return out
+
+
+@triton.jit
+def _hadamard_parts_block(block, x_ptr, y_ptr, s, rows, x_row_stride, out_scale, PATCH: tl.constexpr,
+                          BLOCK_M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, LOG2_N: tl.constexpr,
+                          SIGNS: tl.constexpr):
+    row = tl.arange(0, BLOCK_M).to(tl.int64) + block * BLOCK_M
+    row_mask = row < rows
+    x = _transform_parts(_load_parts(x_ptr, row, x_row_stride, row_mask, K, N), BLOCK_M, K, N, LOG2_N, SIGNS)
+    if PATCH:
+        x = _transform_parts(_scale_parts(x, s, out_scale, K), BLOCK_M, K, N, LOG2_N, SIGNS)
+    else:
+        out = ()
+        for k in tl.static_range(K):
+            out = out + (x[k] * out_scale,)
+        x = out
+    _store_parts(y_ptr, x, row, row_mask, K, N)
+
+
+@triton.jit(do_not_specialize=["rows"])
+def _hadamard_parts_kernel(x_ptr, y_ptr, s_ptr, rows, x_row_stride, out_scale, PATCH: tl.constexpr,
+                           BLOCK_M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, LOG2_N: tl.constexpr,
+                           RESIDENT: tl.constexpr, SIGNS: tl.constexpr):
+    s = ()
+    if PATCH:
+        s = _load_vector_parts(s_ptr, K, N)
+    if RESIDENT:  # persistent: s loaded once, the program walks row blocks
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+            _hadamard_parts_block(block, x_ptr, y_ptr, s, rows, x_row_stride, out_scale, PATCH, BLOCK_M, K, N,
+                                  LOG2_N, SIGNS)
+    else:
+        _hadamard_parts_block(tl.program_id(0), x_ptr, y_ptr, s, rows, x_row_stride, out_scale, PATCH, BLOCK_M, K,
+                              N, LOG2_N, SIGNS)
+
+
+@triton.jit
+def _patch_add_rmsnorm_parts_block(block, r_ptr, u_ptr, h_ptr, n_ptr, s, w, rows, r_row_stride, u_row_stride,
+                                   inv_d, eps, BLOCK_M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                                   LOG2_N: tl.constexpr, SIGNS: tl.constexpr):
+    row = tl.arange(0, BLOCK_M).to(tl.int64) + block * BLOCK_M
+    row_mask = row < rows
+    r = _load_parts(r_ptr, row, r_row_stride, row_mask, K, N)
+    u = _load_parts(u_ptr, row, u_row_stride, row_mask, K, N)
+    x = ()
+    for k in tl.static_range(K):
+        x = x + (r[k] + u[k],)
+    x = _transform_parts(_scale_parts(_transform_parts(x, BLOCK_M, K, N, LOG2_N, SIGNS), s, inv_d, K),
+                         BLOCK_M, K, N, LOG2_N, SIGNS)
+    _store_parts(h_ptr, x, row, row_mask, K, N)
+    sq = tl.sum(x[0] * x[0], axis=1)
+    for k in tl.static_range(1, K):
+        sq += tl.sum(x[k] * x[k], axis=1)
+    rstd = tl.math.rsqrt(sq * inv_d + eps)[:, None]
+    out = ()
+    for k in tl.static_range(K):
+        out = out + (x[k] * rstd * w[k],)
+    _store_parts(n_ptr, out, row, row_mask, K, N)
+
+
+@triton.jit(do_not_specialize=["rows"])
+def _patch_add_rmsnorm_parts_kernel(r_ptr, u_ptr, h_ptr, n_ptr, s_ptr, w_ptr, rows, r_row_stride, u_row_stride,
+                                    inv_d, eps, BLOCK_M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                                    LOG2_N: tl.constexpr, RESIDENT: tl.constexpr, SIGNS: tl.constexpr):
+    s = _load_vector_parts(s_ptr, K, N)
+    w = _load_vector_parts(w_ptr, K, N)
+    if RESIDENT:  # persistent: s and w loaded once, the program walks row blocks
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+            _patch_add_rmsnorm_parts_block(block, r_ptr, u_ptr, h_ptr, n_ptr, s, w, rows, r_row_stride, u_row_stride,
+                                           inv_d, eps, BLOCK_M, K, N, LOG2_N, SIGNS)
+    else:
+        _patch_add_rmsnorm_parts_block(tl.program_id(0), r_ptr, u_ptr, h_ptr, n_ptr, s, w, rows, r_row_stride,
+                                       u_row_stride, inv_d, eps, BLOCK_M, K, N, LOG2_N, SIGNS)
+
+
 @functools.lru_cache(maxsize=64)
 def _h_k(d: int, device: torch.device) -> torch.Tensor:
     return hadamard_factors(d).h_k.to(device=device, dtype=torch.float32).contiguous()
@@ -387,6 +619,10 @@ def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> to
     h_k = _h_k(d, x.device)
     s = scale if scale is not None else h_k  # unused when PATCH is False; any valid pointer
     with device_guard(x.device):
+        if config.NETWORK:
+            _hadamard_parts_kernel[grid](x2, y, s, rows, x2.stride(0), out_scale, PATCH=scale is not None,
+                                         num_warps=config.num_warps, **config.constexprs())
+            return y.view(x.shape)
         _hadamard_kernel[grid](x2, y, h_k, s, rows, x2.stride(0), out_scale, PATCH=scale is not None,
                                num_warps=config.num_warps, **config.constexprs())
     return y.view(x.shape)
@@ -409,6 +645,12 @@ def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch
     n = torch.empty_like(h)
     grid, config = _grid(residual, rows, d)
     with device_guard(residual.device):
+        if config.NETWORK:
+            _patch_add_rmsnorm_parts_kernel[grid](
+                r2, u2, h, n, scale.to(torch.float32), norm_weight, rows, r2.stride(0), u2.stride(0), 1.0 / d,
+                float(eps), num_warps=config.num_warps, **config.constexprs(),
+            )
+            return h.view(residual.shape), n.view(residual.shape)
         _patch_add_rmsnorm_kernel[grid](
             r2, u2, h, n, _h_k(d, residual.device), scale.to(torch.float32), norm_weight, rows,
             r2.stride(0), u2.stride(0), 1.0 / d, float(eps), num_warps=config.num_warps, **config.constexprs(),
