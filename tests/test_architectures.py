@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, random_batches, tiny_model
+from tiny_models import random_batches, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from linearpatch_kernels import hadamard_matrix, load_pruned, patch_disabled, prune_and_patch, save_pruned

@@ -14,7 +14,6 @@ from linearpatch_kernels import (
     __version__,
     get_patch,
     load_pruned,
-    patch_disabled,
     prune_and_patch,
     save_pruned,
 )
