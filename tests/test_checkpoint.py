@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from linearpatch_kernels import (
     __version__,
     get_patch,
+    get_patches,
     load_pruned,
     prune_and_patch,
     save_pruned,
@@ -82,27 +83,33 @@ def test_round_trip_gives_identical_logits(tmp_path, family, d, start, end, mode
 
 def write_format_1(model, directory):
     """A checkpoint as the first release wrote it (a plain family checkpoint, the patch and its
-    metadata in linearpatch.safetensors / linearpatch.json), to test reading and upgrading it."""
+    metadata in linearpatch.safetensors / linearpatch.json), to test reading and upgrading it.
+    With several cuts, as the version with the list of cuts wrote it: ``"cuts"`` in both records and
+    tensors ``cuts.{k}.scale`` / ``.weight``."""
     record = model.config.linearpatch
-    (cut,) = record["cuts"]
-    patch = get_patch(model)
-    name = "weight" if patch.mode == "dense" else "scale"
+    cuts = record["cuts"]
+    patches = get_patches(model)
+    names = ["weight" if p.mode == "dense" else "scale" for p in patches]
+    one = len(cuts) == 1
+    fields = cuts[0] if one else {"cuts": cuts}
     with plain_layers(model):
-        model.config.linearpatch = {"record_version": 1, **cut, "num_layers_original": record["num_layers_original"],
-                                    "hidden_size": record["hidden_size"]}
+        model.config.linearpatch = {"record_version": 1 if one else 2, **fields,
+                                    "num_layers_original": record["num_layers_original"], "hidden_size": record["hidden_size"]}
         try:
             model.save_pretrained(directory)
         finally:
             model.config.linearpatch = record
-    save_file({name: getattr(patch, name).detach().contiguous()}, str(directory / "linearpatch.safetensors"))
+    tensors = {name if one else f"cuts.{k}.{name}": getattr(p, name).detach().contiguous()
+               for k, (p, name) in enumerate(zip(patches, names))}
+    save_file(tensors, str(directory / "linearpatch.safetensors"))
     d = record["hidden_size"]
     hadamard = None
-    if patch.mode == "rotate":
+    if any(p.mode == "rotate" for p in patches):
         from linearpatch_kernels.hadamard import hadamard_factors
 
         f = hadamard_factors(d)
         hadamard = {"construction": f.construction, "k": f.k, "n": f.n}
-    meta = {"format": "linearpatch", "format_version": 1, **cut, "num_layers_original": record["num_layers_original"],
+    meta = {"format": "linearpatch", "format_version": 1, **fields, "num_layers_original": record["num_layers_original"],
             "num_layers": len(model.model.layers), "hidden_size": d, "model_family": model.config.model_type,
             "hadamard": hadamard, "package_version": "0.1.0"}
     (directory / "linearpatch.json").write_text(json.dumps(meta))
@@ -128,6 +135,31 @@ def test_format_1_checkpoint_loads_and_upgrades(tmp_path):
     assert is_pruned_checkpoint(tmp_path / "v1")
     with pytest.raises(FileNotFoundError, match="linearpatch.json not found, but config.json records a pruning"):
         load_pruned(tmp_path / "v1")
+
+
+def test_format_1_checkpoint_with_several_cuts_loads_and_upgrades(tmp_path):
+    model = tiny_model("qwen3", num_layers=8, hidden_size=64, seed=1)
+    g = torch.Generator().manual_seed(0)
+    prune_and_patch(model, blocks=[(5, 7), (1, 3)], scales=[torch.rand(64, generator=g) + 0.5 for _ in range(2)],
+                    mode=["diag", "rotate"])
+    ids = random_batches(1, seqlen=9, seed=2)[0]
+    with torch.no_grad():
+        logits = model(ids).logits
+    write_format_1(model, tmp_path / "v1")
+    assert "cuts" in json.loads((tmp_path / "v1" / "linearpatch.json").read_text())
+    loaded = load_pruned(tmp_path / "v1")
+    assert loaded.config.linearpatch == model.config.linearpatch
+    upgrade_checkpoint(tmp_path / "v1", tmp_path / "v2")
+    cuts = json.loads((tmp_path / "v2" / "config.json").read_text())["linearpatch"]["cuts"]
+    assert [(c["start"], c["end"], c["mode"], c["kept_index"], c["position"]) for c in cuts] == \
+        [(1, 3, "rotate", 0, "output"), (5, 7, "diag", 2, "output")]
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "v2")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+        assert torch.equal(load_pruned(tmp_path / "v2")(ids).logits, logits)
+        torch.testing.assert_close(auto(ids).logits, logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="is the source checkpoint"):
+        upgrade_checkpoint(tmp_path / "v1", tmp_path / "v1")
 
 
 def test_load_with_another_dtype_keeps_the_patch_fp32(tmp_path):
