@@ -359,7 +359,7 @@ def test_cut_slots_follow_from_the_original_indices():
     index of layer start - 1 (earlier cuts shift it), or the input of kept layer 0. The package and
     the standalone modeling file saved in checkpoints derive the same."""
     from linearpatch_kernels.model.modeling_linearpatch import kept_slots
-    from linearpatch_kernels.model.surgery import cut_slots, pruning_cuts, pruning_record
+    from linearpatch_kernels.model.surgery import cut_positions, pruning_cuts, pruning_record
 
     for cuts, want in [
         ([(10, 15)], [(9, "output")]),
@@ -368,5 +368,7 @@ def test_cut_slots_follow_from_the_original_indices():
         ([(0, 2), (3, 5)], [(0, "input"), (0, "output")]),
     ]:
         cut_dicts = pruning_cuts(pruning_record([(s, e, "rotate") for s, e in reversed(cuts)], 30, 576))
-        assert cut_slots(cut_dicts) == want
+        # the package's own placement: the patch of a cut at kept position p is on the output of
+        # kept layer p - 1, or on the input of kept layer 0 when p == 0
+        assert [(0, "input") if p == 0 else (p - 1, "output") for p in cut_positions(cut_dicts)] == want
         assert kept_slots(cut_dicts) == want

@@ -13,7 +13,7 @@ import torch
 
 import linearpatch_kernels as lp
 from linearpatch_kernels import backends
-from linearpatch_kernels.backends import cuda_backend, select_backend
+from linearpatch_kernels.backends import cuda_backend, gpu_limits, select_backend
 from linearpatch_kernels.backends import triton_backend as tb
 from linearpatch_kernels.hadamard import hadamard_factors
 from reference import llm_like, positive_scales, reference_patch, reference_transform, rel_err
@@ -119,7 +119,7 @@ def test_limits_per_architecture(monkeypatch):
     assert "compute capability 8.0 or newer" in reason(torch.float16, 4096, (7, 5))
     assert "float64" in reason(torch.float64, 4096, SM90)
     # Shared memory per block is checked against the architecture's limit (here a made-up small one).
-    monkeypatch.setitem(tb.SHARED_MEMORY_PER_BLOCK, SM86, 32768)
+    monkeypatch.setitem(gpu_limits.SHARED_MEMORY_PER_BLOCK, SM86, 32768)
     assert reason(torch.bfloat16, 16384, SM86) == (
         "hidden size 16384 = 1 x 16384 needs 65536 bytes of shared memory per block, more than the 32768 of sm_86")
     assert reason(torch.bfloat16, 16384, SM80) is None
@@ -154,7 +154,7 @@ def test_automatic_choice_follows_the_architecture(fake_gpu, monkeypatch):
     assert select_backend(x).NAME == "torch"
     fake_gpu["capability"] = SM86
     # One table for both backends (gpu_limits): 40 KiB still holds the CUDA kernels at 4096 (37,280 B).
-    monkeypatch.setitem(tb.SHARED_MEMORY_PER_BLOCK, SM86, 40_960)
+    monkeypatch.setitem(gpu_limits.SHARED_MEMORY_PER_BLOCK, SM86, 40_960)
     assert select_backend(x).NAME == "torch"
     assert select_backend(cuda_input(4096)).NAME == "triton"
     fake_gpu["cuda_built"] = True

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ..hadamard import hadamard_factors
-from .gpu_limits import SHARED_MEMORY_PER_BLOCK, shared_memory_limit  # noqa: F401 (the table, re-exported)
+from .gpu_limits import shared_memory_limit
 
 NAME = "triton"
 # Set when the kernels below were created: the interpreter is chosen at decoration time.

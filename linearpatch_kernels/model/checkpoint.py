@@ -42,7 +42,7 @@ from ..devices import resolve_device
 from ..hadamard import hadamard_factors
 from . import modeling_linearpatch
 from .patch import PATCH_MODES, LinearPatch
-from .surgery import (SUPPORTED_MODEL_TYPES, attach_patches, check_blocks, cut_positions, cut_slots, decoder_layers,
+from .surgery import (SUPPORTED_MODEL_TYPES, attach_patches, check_blocks, cut_positions, decoder_layers,
                       get_patches, plain_layers, pruning_cuts, pruning_record)
 
 __all__ = ["FORMAT_VERSION", "is_pruned_checkpoint", "load_pruned", "save_pruned", "upgrade_checkpoint", "validated_cuts"]
@@ -77,10 +77,6 @@ def _hadamard_record(d: int) -> dict:
     return {"construction": f.construction, "k": f.k, "n": f.n}
 
 
-def _class_name(model_type: str) -> str:
-    return modeling_linearpatch.PATCHED_ARCHITECTURES[model_type][1].__name__
-
-
 def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False,
                 extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (returned by ``prune_and_patch`` or ``load_pruned``) to ``directory`` as a
@@ -109,7 +105,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     rotate = any(p.mode == "rotate" for p in patches)
     hadamard = _hadamard_record(d) if rotate else None
     disk_cuts = [{**c, "mode": p.mode, "kept_index": index, "position": position}
-                 for c, p, (index, position) in zip(cuts, patches, cut_slots(cuts))]
+                 for c, p, (index, position) in zip(cuts, patches, modeling_linearpatch.kept_slots(cuts))]
     disk_record = {**pruning_record(cuts, record["num_layers_original"], d), "format_version": FORMAT_VERSION,
                    "base_model_type": family, "cuts": disk_cuts, "hadamard": hadamard,
                    "package_version": _package_version()}
@@ -464,5 +460,5 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
     d = int(model.config.hidden_size)
     model.config.linearpatch = pruning_record(cuts, total, d)
     model.to(device)
-    attach_patches(model, cut_positions(pruning_cuts(model.config.linearpatch)), patches, fuse=fuse)
+    attach_patches(model, cut_positions(model.config.linearpatch["cuts"]), patches, fuse=fuse)
     return model.eval()

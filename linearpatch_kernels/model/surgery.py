@@ -112,7 +112,6 @@ __all__ = [
     "get_patches",
     "patch_disabled",
     "plain_layers",
-    "cut_slots",
     "prune_and_patch",
     "pruning_cuts",
     "pruning_record",
@@ -536,14 +535,6 @@ def cut_positions(cuts: list[dict]) -> list[int]:
         positions.append(cut["start"] - removed)
         removed += cut["end"] - cut["start"]
     return positions
-
-
-def cut_slots(cuts: list[dict]) -> list[tuple[int, str]]:
-    """Where each cut's patch sits among the kept layers, ``(kept index, "output" | "input")`` per cut of
-    ``cuts`` (sorted by ``start``, see ``pruning_cuts``): on the output of the kept layer that was
-    original layer ``start - 1``, or on the input of kept layer 0 for a cut at the very start. Derived
-    from the cuts (``cut_positions``), never stored as the only truth."""
-    return [(0, "input") if p == 0 else (p - 1, "output") for p in cut_positions(cuts)]
 
 
 def pruning_record(cuts, num_layers_original: int, hidden_size: int) -> dict:
