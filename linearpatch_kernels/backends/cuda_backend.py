@@ -109,12 +109,16 @@ def _row_kernel_floats(op: str, log_v: int, log_n: int, threads: int) -> int:
             + (2 * _ROW_THREADS // 32 if epilogue else 0) + threads // (1 << log_t) * buffer)
 
 
-def _pow2_kernel_floats(op: str, log_v: int, log_n: int) -> int:
+def _pow2_log2_warps(log_v: int, log_n: int) -> int:
     bits = log_n - log_v  # Layout<T, log_n, 7>: vectors in registers, lanes, then warps
     log_g0 = min(bits, 3)
     log_r = min(7 - log_v, bits - log_g0)
     log_g = log_g0 + min(5 - log_g0, bits - log_g0 - log_r)
-    warps = 1 << (bits - log_r - log_g)
+    return bits - log_r - log_g
+
+
+def _pow2_kernel_floats(op: str, log_v: int, log_n: int) -> int:
+    warps = 1 << _pow2_log2_warps(log_v, log_n)
     if warps == 1:
         return 0
     return (1 << log_n) + (4 * ((warps + 3) // 4) if op == "patch_add_rmsnorm" else 0)
@@ -151,11 +155,8 @@ def launch_plan(op: str, dtype: torch.dtype, d: int, rows: int, smem_limit: int)
                 break
         return "row_kernel", threads, smem
     if f.k == 1:
-        bits = f.log2_n - log_v
-        log_g0 = min(bits, 3)
-        log_r = min(7 - log_v, bits - log_g0)
-        log_g = log_g0 + min(5 - log_g0, bits - log_g0 - log_r)
-        threads = 32 << (bits - log_r - log_g) if bits - log_r - log_g > 0 else 128
+        log_warps = _pow2_log2_warps(log_v, f.log2_n)
+        threads = 32 << log_warps if log_warps > 0 else 128
         return "pow2_kernel", threads, 4 * _pow2_kernel_floats(op, log_v, f.log2_n)
     if (f.k, f.log2_n) in _FAST_SIZES and (op != "patch_add_rmsnorm" or f.k <= _FAST_EPILOGUE_MAX_K):
         return "kfast_kernel", _FAST_THREADS, 4 * _fast_kernel_floats(op, f.k, f.log2_n)
