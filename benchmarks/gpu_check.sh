@@ -17,11 +17,18 @@
 #      triton patch and transform, the dense bf16 matmul, the paper's fp32 matmul, a device-to-device
 #      copy; also decode sizes and d=5120; the fused epilogue vs add + patch + RMSNorm at 4096 and
 #      16384 rows (target: >= 1.3x faster); copy ratios of the cuda ops over d = 576 .. 32768 and the
-#      three dtypes beside the SASS model's (benchmarks/sass_budget.py) (JSON and a table in $OUT);
-#   5. compute-sanitizer memcheck, racecheck and synccheck on small cases of every kernel family;
-#   6. the JIT fallback (a source tree without the compiled library compiles csrc/ at first use).
-# STEPS="tests timings sanitizer jit" (the default) picks steps 3-6, e.g. STEPS=timings for a rerun;
-# each step has its own time limit (6, 2.5 + 5, 3 x 2.5 and 4 minutes; a normal run takes far less).
+#      three dtypes beside the SASS model's (benchmarks/sass_budget.py), Triton's bf16 patch and
+#      epilogue beside them (JSON and a table in $OUT);
+#   5. tests/test_triton_backend.py on the GPU: the Triton kernels compiled for this GPU vs fp64, the
+#      sizes Triton refuses routed to a backend that runs them, the fp32-inside backward;
+#   6. compute-sanitizer memcheck, racecheck and synccheck on small cases of every kernel family;
+#   7. the JIT fallback (a source tree without the compiled library compiles csrc/ at first use).
+# STEPS="tests timings triton sanitizer jit" (the default) picks steps 3-7, e.g. STEPS=timings for a
+# rerun. Each step has its own time limit (6, 5, 4, 3 x 2.5 and 4 minutes; a normal run takes far
+# less), and the whole run stops starting steps after GPU_CHECK_SECONDS (default 480).
+# SASS_MODEL=<sass_model.json> reuses a model written elsewhere by
+# `python benchmarks/sass_budget.py --arch 90 --json F` (it needs only nvcc, not the GPU) instead of
+# building it here. Tests use pytest-xdist (up to 8 workers) when it is installed.
 # Exit status: 0 when every step passed, else the number of failed steps.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the results}
@@ -32,8 +39,13 @@ python=${PYTHON:-python3}
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/linearpatch-gpu-check.XXXXXX")
 site="$scratch/site"
 failed=0
-steps=" ${STEPS:-tests timings sanitizer jit} "
+steps=" ${STEPS:-tests timings triton sanitizer jit} "
 wants() { [[ "$steps" == *" $1 "* ]]; }
+deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))
+# limit SECONDS: a step's time limit, cut to what is left of GPU_CHECK_SECONDS (at least 1: `timeout 0`
+# would mean no limit).
+limit() { local left=$(( deadline - $(date +%s) )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
+xdist=()
 step() { echo; echo "=== $(date +%H:%M:%S) $* ==="; }
 fail() { echo "FAILED: $*"; failed=$((failed + 1)); }
 
@@ -66,21 +78,31 @@ fi
 export PYTHONPATH="$site"
 cd "$scratch"  # never import the package from the source tree below
 
+"$python" -c "import xdist" 2>/dev/null && xdist=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
+# run_tests NAME SECONDS: one test file on the GPU, its junit XML in $OUT.
+run_tests() {
+    timeout "$(limit "$2")" "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" -rs --durations=10 \
+        --junitxml="$OUT/$1.xml" "$root/tests/$1.py" || fail "tests/$1.py"
+}
+
 if wants tests; then
 step "3. tests/test_cuda_backend.py"
-timeout 360 "$python" -m pytest -q -p no:cacheprovider -rs --durations=10 --junitxml="$OUT/test_cuda_backend.xml" \
-    "$root/tests/test_cuda_backend.py" || fail "tests/test_cuda_backend.py"
+run_tests test_cuda_backend 360
 fi
 
 if wants timings; then
 step "4. timings"
 # The SASS budget's modelled copy ratios (built here with nvcc for sm_90), printed beside the measured ones.
-if [ -f "$root/benchmarks/sass_budget.py" ]; then
-    (cd "$root" && timeout 150 "$python" benchmarks/sass_budget.py --arch 90 --json "$OUT/sass_model.json" \
+if [ -n "${SASS_MODEL:-}" ] && [ -f "$SASS_MODEL" ]; then
+    cp "$SASS_MODEL" "$OUT/sass_model.json"
+    [ -f "${SASS_MODEL%.json}.txt" ] && cp "${SASS_MODEL%.json}.txt" "$OUT/sass_model.txt"
+    echo "SASS model from $SASS_MODEL"
+elif [ -f "$root/benchmarks/sass_budget.py" ]; then
+    (cd "$root" && timeout "$(limit 150)" "$python" benchmarks/sass_budget.py --arch 90 --json "$OUT/sass_model.json" \
         > "$OUT/sass_model.txt") \
         || echo "the SASS model did not run: no modelled column"
 fi
-timeout 300 "$python" - "$OUT" <<'PY' || fail "timings"
+timeout "$(limit 300)" "$python" - "$OUT" <<'PY' || fail "timings"
 import json
 import statistics
 import sys
@@ -95,10 +117,16 @@ torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def median_ms(fn, reps=50, warmup=5):
-    """Median of per-call CUDA event times; a 256 MB write between calls evicts the L2 (60 MB)."""
+    """Median of per-call CUDA event times; a 256 MB write between calls evicts the L2 (60 MB).
+    A case that raises is reported and timed as NaN, so that one failing case keeps the others' rows."""
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    for _ in range(warmup):
-        fn()
+    try:
+        for _ in range(warmup):
+            fn()
+    except Exception as e:  # noqa: BLE001 -- reported, the failure counted at the end
+        errors.append(repr(e))
+        print("FAILED case:", repr(e)[:300], flush=True)
+        return float("nan")
     times = []
     for _ in range(reps):
         flush.zero_()
@@ -113,7 +141,38 @@ def median_ms(fn, reps=50, warmup=5):
 
 from linearpatch_kernels.backends import cuda_backend, triton_backend
 
-results = []
+results, sweep, speedups, errors = [], [], {}, []
+meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
+            method="median of 50 CUDA-event timings per call, 5 warm-ups, L2 flushed between calls")
+
+
+def save():
+    """Write (and print) what has been measured so far: a step cut short keeps its rows."""
+    lines = [f"{'d':>5} {'rows':>6}  {'case':<28} {'median ms':>10} {'GB/s (r+w)':>11} {'x copy':>7}"]
+    for r in results:
+        lines.append(f"{r['d']:>5} {r['rows']:>6}  {r['case']:<28} {r['median_ms']:>10.4f} "
+                     f"{r['gb_per_s_read_plus_write']:>11.0f} {r['ratio_to_copy']:>7.2f}")
+    for rows, x in speedups.items():
+        verdict = "met" if x >= TARGET else "MISSED"
+        lines.append(f"fused epilogue vs separate add + patch + RMSNorm, d=4096 x {rows} rows bf16: "
+                     f"{x:.2f}x faster (target >= {TARGET}x: {verdict})")
+    sweep_lines = [f"{'op':<24} {'dtype':<9} {'d':>6} {'rows':>7} {'median ms':>10} {'x copy':>7} {'model':>6}"]
+    for r in sweep:
+        m = f"{r['modelled_ratio']:.2f}" if r["modelled_ratio"] is not None else "-"
+        sweep_lines.append(f"{r['op']:<24} {r['dtype']:<9} {r['d']:>6} {r['rows']:>7} {r['median_ms']:>10.4f} "
+                           f"{r['ratio_to_copy']:>7.2f} {m:>6}")
+    sweep_lines.append("x copy: median time / median time of a copy of x (the epilogue moves two tensors in and "
+                       "two out: its floor is 2); model: the SASS budget's H200 estimate (benchmarks/sass_budget.py), "
+                       "same basis")
+    table = "\n".join(lines + [""] + sweep_lines + [f"failed cases: {len(errors)}"])
+    with open(f"{out}/gpu_timings.json", "w") as f:
+        json.dump(dict(meta=meta, results=results, copy_ratios=sweep, errors=errors), f, indent=1)
+    with open(f"{out}/gpu_timings.txt", "w") as f:
+        f.write(table + "\n")
+    return table
+
+
+TARGET = 1.3
 for d, rows_list in ((4096, (16384, 4096, 64, 1)), (5120, (16384,))):
     s = 0.5 + torch.rand(d, device="cuda")
     h = hadamard_matrix(d, device="cuda")
@@ -140,12 +199,13 @@ for d, rows_list in ((4096, (16384, 4096, 64, 1)), (5120, (16384,))):
             gbps = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
             results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
                                 gb_per_s_read_plus_write=gbps, ratio_to_copy=ms / copy_ms))
+        print(f"timed d={d} x {rows} rows", flush=True)
+save()
 
 # The fused interface epilogue against what it replaces: the residual add, the patch (cuda backend)
 # and Hugging Face's RMSNorm, as separate ops. Traffic counted for the fused op: read residual and
 # update, write h and normed (4 tensors); the copy moves 2.
 EPS = 1e-6
-TARGET = 1.3
 d = 4096
 s = 0.5 + torch.rand(d, device="cuda")
 w = (0.5 + torch.rand(d, device="cuda")).to(torch.bfloat16)
@@ -180,6 +240,7 @@ for rows in (4096, 16384):
         results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
                             gb_per_s_read_plus_write=moved / (ms * 1e-3) / 1e9, ratio_to_copy=ms / times["copy"],
                             fused_speedup_over_separate=speedups[rows] if name == "epilogue: cuda fused" else None))
+save()
 
 # Copy ratios of the cuda ops over the sizes and dtypes, beside the SASS model's (step 4 writes
 # $OUT/sass_model.json first when benchmarks/sass_budget.py is there). 2**26 elements per tensor.
@@ -189,9 +250,9 @@ try:
                  for m in json.load(f) if m.get("gpu") == "H200" and m.get("ratio") is not None}
 except (OSError, KeyError, TypeError, ValueError, AttributeError):
     model = {}
-sweep = []
+TRITON_SWEEP = (576, 4096, 5120, 9216, 16384)  # bf16 only: each size compiles for the GPU first
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
-    for dim in (576, 1024, 2048, 4096, 5120, 8192, 16384, 32768):
+    for dim in (576, 1024, 2048, 4096, 5120, 8192, 9216, 16384, 32768):
         rows = (1 << 26) // dim
         x = torch.randn(rows, dim, device="cuda", dtype=dtype)
         u = torch.randn(rows, dim, device="cuda", dtype=dtype)
@@ -204,41 +265,28 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
             "transform": lambda: cuda_backend.hadamard_transform(x, 0.5),
             "patch_add_rmsnorm": lambda: cuda_backend.patch_add_rmsnorm(x, u, s, w, EPS),
         }
+        if dtype == torch.bfloat16 and dim in TRITON_SWEEP:
+            ops["triton patch"] = lambda: triton_backend.hadamard_patch(x, s)
+            ops["triton patch_add_rmsnorm"] = lambda: triton_backend.patch_add_rmsnorm(x, u, s, w, EPS)
         for op, fn in ops.items():
             ms = median_ms(fn)
             name = str(dtype).removeprefix("torch.")
             sweep.append(dict(op=op, dtype=name, d=dim, rows=rows, median_ms=ms, copy_ms=copy_ms,
                               ratio_to_copy=ms / copy_ms, modelled_ratio=model.get((op, name, dim))))
         del x, u, y
-sweep_lines = [f"{'op':<18} {'dtype':<9} {'d':>6} {'rows':>7} {'median ms':>10} {'x copy':>7} {'model':>6}"]
-for r in sweep:
-    m = f"{r['modelled_ratio']:.2f}" if r["modelled_ratio"] is not None else "-"
-    sweep_lines.append(f"{r['op']:<18} {r['dtype']:<9} {r['d']:>6} {r['rows']:>7} {r['median_ms']:>10.4f} "
-                       f"{r['ratio_to_copy']:>7.2f} {m:>6}")
-sweep_lines.append("x copy: median time / median time of a copy of x (the epilogue moves two tensors in and two "
-                   "out: its floor is 2); model: the SASS budget's H200 estimate (benchmarks/sass_budget.py), same basis")
-
-lines = [f"{'d':>5} {'rows':>6}  {'case':<28} {'median ms':>10} {'GB/s (r+w)':>11} {'x copy':>7}"]
-for r in results:
-    lines.append(f"{r['d']:>5} {r['rows']:>6}  {r['case']:<28} {r['median_ms']:>10.4f} "
-                 f"{r['gb_per_s_read_plus_write']:>11.0f} {r['ratio_to_copy']:>7.2f}")
-for rows, x in speedups.items():
-    verdict = "met" if x >= TARGET else "MISSED"
-    lines.append(f"fused epilogue vs separate add + patch + RMSNorm, d={d} x {rows} rows bf16: "
-                 f"{x:.2f}x faster (target >= {TARGET}x: {verdict})")
-table = "\n".join(lines + [""] + sweep_lines)
-print(table)
-meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
-            method="median of 50 CUDA-event timings per call, 5 warm-ups, L2 flushed between calls")
-with open(f"{out}/gpu_timings.json", "w") as f:
-    json.dump(dict(meta=meta, results=results, copy_ratios=sweep), f, indent=1)
-with open(f"{out}/gpu_timings.txt", "w") as f:
-    f.write(table + "\n")
+    save()
+print(save())
+sys.exit(1 if errors else 0)
 PY
 fi
 
+if wants triton; then
+step "5. tests/test_triton_backend.py (compiled for this GPU)"
+run_tests test_triton_backend 240
+fi
+
 if wants sanitizer; then
-step "5. compute-sanitizer"
+step "6. compute-sanitizer"
 cat > "$scratch/small_cases.py" <<'PY'
 # Every kernel family on small inputs: row (64, 4096), pow2 (the warp stage at 16384 and 32768), kfast
 # (K > 1 transform and patch at 576 and 5120: a partial row tile), kron (the epilogue at 576 and 5120,
@@ -287,7 +335,7 @@ PY
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
         # One cudaMalloc per tensor, so that memcheck sees every out-of-bounds access.
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit 150)" compute-sanitizer --tool "$tool" --error-exitcode 3 \
             "$python" "$scratch/small_cases.py" 2>&1 | tail -n 5
         [ "${PIPESTATUS[0]}" -eq 0 ] || fail "compute-sanitizer --tool $tool"
     done
@@ -297,8 +345,8 @@ fi
 fi
 
 if wants jit; then
-step "6. JIT fallback (source tree without the compiled library)"
-(PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) timeout 240 "$python" - <<'PY'
+step "7. JIT fallback (source tree without the compiled library)"
+(PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) timeout "$(limit 240)" "$python" - <<'PY'
 import time
 import torch
 from linearpatch_kernels.backends import cuda_backend as c

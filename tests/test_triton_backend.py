@@ -251,3 +251,42 @@ def test_programs_walk_many_row_blocks(d):
     h_ref = reference_patch(x.double() * 2, s)
     n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
     assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# On a real GPU: the sizes no Triton kernel launches run elsewhere, and the backward keeps fp32 inside
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", [252, 5376, 18432, 20480, 32256, 32768])
+def test_gpu_sizes_triton_refuses_run_on_the_automatic_choice(d):
+    x = llm_like(3, d, torch.bfloat16, seed=d, device="cuda")
+    s = positive_scales(d, device="cuda")
+    w = torch.rand(d, device="cuda") + 0.5
+    chosen = select_backend(x)
+    assert chosen.NAME != "triton" and chosen.unsupported_reason(x) is None
+    assert tb.unsupported_reason(x) is not None
+    y = lp.hadamard_patch(x, s)
+    h, n = lp.patch_add_rmsnorm(x, x, s, w, eps=1e-6)
+    h_ref = reference_patch(x.double() * 2, s)
+    n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert rel_err(y, reference_patch(x, s)) <= 1e-2
+    assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", [576, 4096, 9216])
+def test_gpu_triton_backward_matches_fp64(d):
+    x = llm_like(5, d, torch.bfloat16, seed=3, device="cuda").requires_grad_()
+    s = positive_scales(d, device="cuda").requires_grad_()
+    g = llm_like(5, d, torch.bfloat16, seed=4, device="cuda")
+    with lp.use_backend("triton"):
+        (lp.hadamard_patch(x, s).float() * g.float()).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    s64 = s.detach().double().requires_grad_()
+    (reference_patch(x64, s64) * g.double()).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and s.grad.dtype == torch.float32
+    assert rel_err(x.grad, x64.grad) <= 1e-2
+    assert rel_err(s.grad, s64.grad) <= 1e-3  # fp32 inside: no bf16 rounding before the product
