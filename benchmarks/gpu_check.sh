@@ -29,6 +29,9 @@
 # SASS_MODEL=<sass_model.json> reuses a model written elsewhere by
 # `python benchmarks/sass_budget.py --arch 90 --json F` (it needs only nvcc, not the GPU) instead of
 # building it here. Tests use pytest-xdist (up to 8 workers) when it is installed.
+# GPU_CHECK_TIMINGS="ops epilogue sweep" (the default) picks the parts of step 4;
+# GPU_CHECK_TRITON_SWEEP="576 4096 5120 16384" the sizes of its bf16 Triton rows (each compiles at
+# first use: d = 9216's add network takes minutes on an H200, so it is left out by default).
 # Exit status: 0 when every step passed, else the number of failed steps.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the results}
@@ -104,6 +107,7 @@ elif [ -f "$root/benchmarks/sass_budget.py" ]; then
 fi
 timeout "$(limit 300)" "$python" - "$OUT" <<'PY' || fail "timings"
 import json
+import os
 import statistics
 import sys
 
@@ -141,6 +145,8 @@ def median_ms(fn, reps=50, warmup=5):
 
 from linearpatch_kernels.backends import cuda_backend, triton_backend
 
+# Loads the library (its ops are registered at load): every part below calls the kernels directly.
+assert cuda_backend.is_available(torch.device("cuda")), cuda_backend._load_error
 results, sweep, speedups, errors = [], [], {}, []
 meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
             method="median of 50 CUDA-event timings per call, 5 warm-ups, L2 flushed between calls")
@@ -173,74 +179,77 @@ def save():
 
 
 TARGET = 1.3
-for d, rows_list in ((4096, (16384, 4096, 64, 1)), (5120, (16384,))):
-    s = 0.5 + torch.rand(d, device="cuda")
-    h = hadamard_matrix(d, device="cuda")
-    p_fp32 = ((h * s.double()) @ h.T).float()  # the dense patch H diag(s) H^T
-    p_bf16 = p_fp32.to(torch.bfloat16)
-    del h
-    for rows in rows_list:
-        x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty_like(x)
-        assert cuda_backend.is_available(x.device), cuda_backend._load_error
-        cases = {
-            "copy": lambda: y.copy_(x),
-            "cuda patch": lambda: cuda_backend.hadamard_patch(x, s),
-            "triton patch": lambda: triton_backend.hadamard_patch(x, s),
-            "cuda transform": lambda: cuda_backend.hadamard_transform(x, d ** -0.5),
-            "triton transform": lambda: triton_backend.hadamard_transform(x, d ** -0.5),
-            "public op, auto backend": lambda: lp.hadamard_patch(x, s),
-            "dense bf16 matmul": lambda: x @ p_bf16,
-            "paper: fp32 matmul + casts": lambda: (x.float() @ p_fp32).to(torch.bfloat16),
-        }
-        copy_ms = median_ms(cases["copy"])
-        for name, fn in cases.items():
-            ms = copy_ms if name == "copy" else median_ms(fn)
-            gbps = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-            results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
-                                gb_per_s_read_plus_write=gbps, ratio_to_copy=ms / copy_ms))
-        print(f"timed d={d} x {rows} rows", flush=True)
-save()
-
-# The fused interface epilogue against what it replaces: the residual add, the patch (cuda backend)
-# and Hugging Face's RMSNorm, as separate ops. Traffic counted for the fused op: read residual and
-# update, write h and normed (4 tensors); the copy moves 2.
+PARTS = os.environ.get("GPU_CHECK_TIMINGS", "ops epilogue sweep").split()
 EPS = 1e-6
-d = 4096
-s = 0.5 + torch.rand(d, device="cuda")
-w = (0.5 + torch.rand(d, device="cuda")).to(torch.bfloat16)
+if "ops" in PARTS:
+    for d, rows_list in ((4096, (16384, 4096, 64, 1)), (5120, (16384,))):
+        s = 0.5 + torch.rand(d, device="cuda")
+        h = hadamard_matrix(d, device="cuda")
+        p_fp32 = ((h * s.double()) @ h.T).float()  # the dense patch H diag(s) H^T
+        p_bf16 = p_fp32.to(torch.bfloat16)
+        del h
+        for rows in rows_list:
+            x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty_like(x)
+            assert cuda_backend.is_available(x.device), cuda_backend._load_error
+            cases = {
+                "copy": lambda: y.copy_(x),
+                "cuda patch": lambda: cuda_backend.hadamard_patch(x, s),
+                "triton patch": lambda: triton_backend.hadamard_patch(x, s),
+                "cuda transform": lambda: cuda_backend.hadamard_transform(x, d ** -0.5),
+                "triton transform": lambda: triton_backend.hadamard_transform(x, d ** -0.5),
+                "public op, auto backend": lambda: lp.hadamard_patch(x, s),
+                "dense bf16 matmul": lambda: x @ p_bf16,
+                "paper: fp32 matmul + casts": lambda: (x.float() @ p_fp32).to(torch.bfloat16),
+            }
+            copy_ms = median_ms(cases["copy"])
+            for name, fn in cases.items():
+                ms = copy_ms if name == "copy" else median_ms(fn)
+                gbps = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+                results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
+                                    gb_per_s_read_plus_write=gbps, ratio_to_copy=ms / copy_ms))
+            print(f"timed d={d} x {rows} rows", flush=True)
+    save()
+
+if "epilogue" in PARTS:
+    # The fused interface epilogue against what it replaces: the residual add, the patch (cuda backend)
+    # and Hugging Face's RMSNorm, as separate ops. Traffic counted for the fused op: read residual and
+    # update, write h and normed (4 tensors); the copy moves 2.
+    d = 4096
+    s = 0.5 + torch.rand(d, device="cuda")
+    w = (0.5 + torch.rand(d, device="cuda")).to(torch.bfloat16)
 
 
-def separate(r, u):
-    h = cuda_backend.hadamard_patch(r + u, s)
-    hf = h.float()
-    return h, w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(h.dtype)
+    def separate(r, u):
+        h = cuda_backend.hadamard_patch(r + u, s)
+        hf = h.float()
+        return h, w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(h.dtype)
 
 
-speedups = {}
-for rows in (4096, 16384):
-    r = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
-    u = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(r)
-    fused_h, fused_n = cuda_backend.patch_add_rmsnorm(r, u, s, w, EPS)
-    sep_h, sep_n = separate(r, u)
-    agree = float((fused_n.double() - sep_n.double()).norm() / sep_n.double().norm())
-    assert agree < 1e-2, f"fused and separate epilogues disagree at {rows} rows: {agree:.1e}"
-    cases = {
-        "copy": lambda: y.copy_(r),
-        "epilogue: cuda fused": lambda: cuda_backend.patch_add_rmsnorm(r, u, s, w, EPS),
-        "epilogue: triton fused": lambda: triton_backend.patch_add_rmsnorm(r, u, s, w, EPS),
-        "epilogue: separate (cuda)": lambda: separate(r, u),
-        "epilogue: public op, auto": lambda: lp.patch_add_rmsnorm(r, u, s, w, EPS),
-    }
-    times = {name: median_ms(fn) for name, fn in cases.items()}
-    speedups[rows] = times["epilogue: separate (cuda)"] / times["epilogue: cuda fused"]
-    for name, ms in times.items():
-        moved = (2 if name == "copy" else 4) * r.numel() * r.element_size()
-        results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
-                            gb_per_s_read_plus_write=moved / (ms * 1e-3) / 1e9, ratio_to_copy=ms / times["copy"],
-                            fused_speedup_over_separate=speedups[rows] if name == "epilogue: cuda fused" else None))
-save()
+    speedups = {}
+    for rows in (4096, 16384):
+        r = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+        u = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty_like(r)
+        fused_h, fused_n = cuda_backend.patch_add_rmsnorm(r, u, s, w, EPS)
+        sep_h, sep_n = separate(r, u)
+        agree = float((fused_n.double() - sep_n.double()).norm() / sep_n.double().norm())
+        assert agree < 1e-2, f"fused and separate epilogues disagree at {rows} rows: {agree:.1e}"
+        cases = {
+            "copy": lambda: y.copy_(r),
+            "epilogue: cuda fused": lambda: cuda_backend.patch_add_rmsnorm(r, u, s, w, EPS),
+            "epilogue: triton fused": lambda: triton_backend.patch_add_rmsnorm(r, u, s, w, EPS),
+            "epilogue: separate (cuda)": lambda: separate(r, u),
+            "epilogue: public op, auto": lambda: lp.patch_add_rmsnorm(r, u, s, w, EPS),
+        }
+        times = {name: median_ms(fn) for name, fn in cases.items()}
+        speedups[rows] = times["epilogue: separate (cuda)"] / times["epilogue: cuda fused"]
+        for name, ms in times.items():
+            moved = (2 if name == "copy" else 4) * r.numel() * r.element_size()
+            results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
+                                gb_per_s_read_plus_write=moved / (ms * 1e-3) / 1e9, ratio_to_copy=ms / times["copy"],
+                                fused_speedup_over_separate=speedups[rows] if name == "epilogue: cuda fused" else None))
+    save()
 
 # Copy ratios of the cuda ops over the sizes and dtypes, beside the SASS model's (step 4 writes
 # $OUT/sass_model.json first when benchmarks/sass_budget.py is there). 2**26 elements per tensor.
@@ -250,8 +259,9 @@ try:
                  for m in json.load(f) if m.get("gpu") == "H200" and m.get("ratio") is not None}
 except (OSError, KeyError, TypeError, ValueError, AttributeError):
     model = {}
-TRITON_SWEEP = (576, 4096, 5120, 9216, 16384)  # bf16 only: each size compiles for the GPU first
-for dtype in (torch.bfloat16, torch.float16, torch.float32):
+# bf16 only: each size compiles for the GPU first (the 9216 add network takes minutes to compile)
+TRITON_SWEEP = [int(v) for v in os.environ.get("GPU_CHECK_TRITON_SWEEP", "576 4096 5120 16384").split()]
+for dtype in (torch.bfloat16, torch.float16, torch.float32) if "sweep" in PARTS else ():
     for dim in (576, 1024, 2048, 4096, 5120, 8192, 9216, 16384, 32768):
         rows = (1 << 26) // dim
         x = torch.randn(rows, dim, device="cuda", dtype=dtype)
@@ -274,7 +284,7 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
             sweep.append(dict(op=op, dtype=name, d=dim, rows=rows, median_ms=ms, copy_ms=copy_ms,
                               ratio_to_copy=ms / copy_ms, modelled_ratio=model.get((op, name, dim))))
         del x, u, y
-    save()
+        save()
 print(save())
 sys.exit(1 if errors else 0)
 PY
