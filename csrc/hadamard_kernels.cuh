@@ -77,8 +77,8 @@ __device__ __forceinline__ void load_vec(const float* p, float (&v)[4]) {
   v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
 }
 
-__device__ __forceinline__ void load_vec(const __half* p, float (&v)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+// 16 bytes as loaded (8 fp16 or bf16 values) -> fp32; the pointer type only picks the format.
+__device__ __forceinline__ void unpack_vec(const uint4 raw, const __half*, float (&v)[8]) {
   const __half2* h = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -87,14 +87,21 @@ __device__ __forceinline__ void load_vec(const __half* p, float (&v)[8]) {
   }
 }
 
-__device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&v)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void unpack_vec(const uint4 raw, const __nv_bfloat16*, float (&v)[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const float2 f = __bfloat1622float2(h[j]);
     v[2 * j] = f.x; v[2 * j + 1] = f.y;
   }
+}
+
+__device__ __forceinline__ void load_vec(const __half* p, float (&v)[8]) {
+  unpack_vec(*reinterpret_cast<const uint4*>(p), p, v);
+}
+
+__device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&v)[8]) {
+  unpack_vec(*reinterpret_cast<const uint4*>(p), p, v);
 }
 
 __device__ __forceinline__ void store_vec(float* p, const float (&v)[4], float c) {
@@ -591,14 +598,40 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   const float4* const s4 = reinterpret_cast<const float4*>(s_l1) + t;
   const float4* const w4 = reinterpret_cast<const float4*>(w_l0) + t;
   const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
+  const int64_t step = int64_t(gridDim.x) * rows_per_iter;
 
-  for (int64_t base = int64_t(blockIdx.x) * rows_per_iter; base < rows; base += int64_t(gridDim.x) * rows_per_iter) {
+  // Software pipelining: the next row's 16-byte vectors are loaded as they are (no conversion) before
+  // this row's butterflies start, so that their memory latency overlaps this row's work instead of
+  // stalling the warp at the top of the loop. For fp16/bf16 rows of up to 8 vectors per thread
+  // (N <= 4096), transform and patch: 32 more registers, within what keeps the blocks that shared
+  // memory allows resident.
+  constexpr bool kPrefetch = !kEpilogue && sizeof(T) == 2 && L::R / L::V <= 8;
+  uint4 ahead[kPrefetch ? L::R / L::V : 1];
+  auto load_ahead = [&](int64_t r) {
+    if (r < rows) {
+#pragma unroll
+      for (int jt = 0; jt < L::R / L::V; ++jt)
+        ahead[jt] = *reinterpret_cast<const uint4*>(x + r * L::N + g0 + L::l0_reg(jt * L::V));
+    }
+  };
+  if constexpr (kPrefetch) load_ahead(int64_t(blockIdx.x) * rows_per_iter + slot);
+
+  for (int64_t base = int64_t(blockIdx.x) * rows_per_iter; base < rows; base += step) {
     const int64_t row = base + slot;
     const bool active = row < rows;  // idle rows of the last group compute on zeros, store nothing
     float v[L::R];
 #pragma unroll
     for (int jt = 0; jt < L::R / L::V; ++jt) {
       float(&vj)[L::V] = vec_at<L::V>(v, jt);
+      if constexpr (kPrefetch) {
+        if (active) {
+          unpack_vec(ahead[jt], x, vj);
+        } else {
+#pragma unroll
+          for (int i = 0; i < L::V; ++i) vj[i] = 0.f;
+        }
+        continue;
+      }
       if (active) {
         load_vec(x + row * L::N + g0 + L::l0_reg(jt * L::V), vj);
         if constexpr (kEpilogue) {
@@ -612,6 +645,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
         for (int i = 0; i < L::V; ++i) vj[i] = 0.f;
       }
     }
+    if constexpr (kPrefetch) load_ahead(row + step);
     butterflies_over<0, L::kLogR>(v);  // A, first transform
 
     if constexpr (L::kLogT > 0) {
