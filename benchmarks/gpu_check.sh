@@ -19,13 +19,14 @@
 #      16384 rows (target: >= 1.3x faster); copy ratios of the cuda ops over d = 576 .. 32768 and the
 #      three dtypes beside the SASS model's (benchmarks/sass_budget.py), Triton's bf16 patch and
 #      epilogue beside them (JSON and a table in $OUT);
-#   5. tests/test_triton_backend.py on the GPU: the Triton kernels compiled for this GPU vs fp64, the
-#      sizes Triton refuses routed to a backend that runs them, the fp32-inside backward;
-#   6. compute-sanitizer memcheck, racecheck and synccheck on small cases of every kernel family;
-#   7. the JIT fallback (a source tree without the compiled library compiles csrc/ at first use).
-# STEPS="tests timings triton sanitizer jit" (the default) picks steps 3-7, e.g. STEPS=timings for a
-# rerun. Each step has its own time limit (6, 5, 4, 3 x 2.5 and 4 minutes; a normal run takes far
-# less), and the whole run stops starting steps after GPU_CHECK_SECONDS (default 480).
+#   5. compute-sanitizer memcheck, racecheck and synccheck on small cases of every kernel family;
+#   6. the JIT fallback (a source tree without the compiled library compiles csrc/ at first use);
+#   7. tests/test_triton_backend.py on the GPU: the Triton kernels compiled for this GPU vs fp64, the
+#      sizes Triton refuses routed to a backend that runs them, the fp32-inside backward (last: its
+#      d = 9216 kernels take minutes to compile at first use).
+# STEPS="tests timings sanitizer jit triton" (the default) picks steps 3-7, e.g. STEPS=timings for a
+# rerun. Each step has its own time limit (6, 5, 3 x 2.5, 4 and 4 minutes), cut to what is left of
+# GPU_CHECK_SECONDS (default 480) for the whole run.
 # SASS_MODEL=<sass_model.json> reuses a model written elsewhere by
 # `python benchmarks/sass_budget.py --arch 90 --json F` (it needs only nvcc, not the GPU) instead of
 # building it here. Tests use pytest-xdist (up to 8 workers) when it is installed.
@@ -42,7 +43,7 @@ python=${PYTHON:-python3}
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/linearpatch-gpu-check.XXXXXX")
 site="$scratch/site"
 failed=0
-steps=" ${STEPS:-tests timings triton sanitizer jit} "
+steps=" ${STEPS:-tests timings sanitizer jit triton} "
 wants() { [[ "$steps" == *" $1 "* ]]; }
 deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))
 # limit SECONDS: a step's time limit, cut to what is left of GPU_CHECK_SECONDS (at least 1: `timeout 0`
@@ -290,13 +291,8 @@ sys.exit(1 if errors else 0)
 PY
 fi
 
-if wants triton; then
-step "5. tests/test_triton_backend.py (compiled for this GPU)"
-run_tests test_triton_backend 240
-fi
-
 if wants sanitizer; then
-step "6. compute-sanitizer"
+step "5. compute-sanitizer"
 cat > "$scratch/small_cases.py" <<'PY'
 # Every kernel family on small inputs: row (64, 4096), pow2 (the warp stage at 16384 and 32768), kfast
 # (K > 1 transform and patch at 576 and 5120: a partial row tile), kron (the epilogue at 576 and 5120,
@@ -355,7 +351,7 @@ fi
 fi
 
 if wants jit; then
-step "7. JIT fallback (source tree without the compiled library)"
+step "6. JIT fallback (source tree without the compiled library)"
 (PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) timeout "$(limit 240)" "$python" - <<'PY'
 import time
 import torch
@@ -385,6 +381,11 @@ print(f"JIT-built patch_add_rmsnorm, d=5120 bf16: rel. error {err:.1e}")
 assert err < 1e-2
 PY
 ) || fail "JIT fallback"
+fi
+
+if wants triton; then
+step "7. tests/test_triton_backend.py (compiled for this GPU)"
+run_tests test_triton_backend 240
 fi
 
 step "done: $failed failed step(s)"
