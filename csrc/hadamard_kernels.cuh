@@ -600,18 +600,24 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
   const int64_t step = int64_t(gridDim.x) * rows_per_iter;
 
-  // Software pipelining: the next row's 16-byte vectors are loaded as they are (no conversion) before
-  // this row's butterflies start, so that their memory latency overlaps this row's work instead of
-  // stalling the warp at the top of the loop. For fp16/bf16 rows of up to 8 vectors per thread
-  // (N <= 4096), transform and patch: 32 more registers, within what keeps the blocks that shared
-  // memory allows resident.
-  constexpr bool kPrefetch = !kEpilogue && sizeof(T) == 2 && L::R / L::V <= 8;
-  uint4 ahead[kPrefetch ? L::R / L::V : 1];
+  // Software pipelining: the next row's 16-byte vectors are loaded as they are (no conversion) while
+  // this row is computed, so that their memory latency overlaps this row's work instead of stalling
+  // the warp at the top of the loop. It costs 32 registers per tensor (fp16/bf16, 8 vectors per
+  // thread), so it is used only where shared memory, not registers, bounds the resident blocks
+  // (sm_90 ptxas: the patch at N = 2048 and 4096 goes to 128 registers, 4 blocks either way; the
+  // epilogue at 4096 to 168, 3 blocks either way). Elsewhere (the transform, N <= 1024, the epilogue
+  // at 2048) it would cost resident warps; which wins there is for a GPU measurement to say.
+  constexpr bool kPrefetch = sizeof(T) == 2 && L::R / L::V <= 8 &&
+                             ((kOp == Op::kPatch && L::kLogN >= 11) || (kEpilogue && L::kLogN == 12));
+  uint4 ahead[kPrefetch ? L::R / L::V : 1], ahead_u[kPrefetch && kEpilogue ? L::R / L::V : 1];
   auto load_ahead = [&](int64_t r) {
     if (r < rows) {
 #pragma unroll
-      for (int jt = 0; jt < L::R / L::V; ++jt)
+      for (int jt = 0; jt < L::R / L::V; ++jt) {
         ahead[jt] = *reinterpret_cast<const uint4*>(x + r * L::N + g0 + L::l0_reg(jt * L::V));
+        if constexpr (kEpilogue)
+          ahead_u[jt] = *reinterpret_cast<const uint4*>(e.update + r * L::N + g0 + L::l0_reg(jt * L::V));
+      }
     }
   };
   if constexpr (kPrefetch) load_ahead(int64_t(blockIdx.x) * rows_per_iter + slot);
@@ -626,6 +632,12 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       if constexpr (kPrefetch) {
         if (active) {
           unpack_vec(ahead[jt], x, vj);
+          if constexpr (kEpilogue) {
+            float u[L::V];
+            unpack_vec(ahead_u[jt], x, u);
+#pragma unroll
+            for (int i = 0; i < L::V; ++i) vj[i] += u[i];
+          }
         } else {
 #pragma unroll
           for (int i = 0; i < L::V; ++i) vj[i] = 0.f;
