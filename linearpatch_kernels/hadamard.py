@@ -196,6 +196,14 @@ def hadamard_factors(d: int) -> HadamardFactors:
                            h_k=torch.from_numpy(h.astype(np.float64)))
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_h_k(d: int, device: torch.device) -> torch.Tensor:
+    """``H_K`` of ``d`` as the kernels read it: float32, contiguous, on ``device``, made once per size
+    and device. A copy from host memory on every call would be a host-to-device copy from pageable
+    memory, which waits for the stream: a GPU sync per op, and an error under CUDA graph capture."""
+    return hadamard_factors(d).h_k.to(device=device, dtype=torch.float32).contiguous()
+
+
 def _sylvester(n: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:

@@ -4,7 +4,7 @@ import scipy.linalg
 import torch
 
 from linearpatch_kernels import hadamard_matrix, is_supported_size
-from linearpatch_kernels.hadamard import MAX_K, hadamard_factors
+from linearpatch_kernels.hadamard import MAX_K, hadamard_factors, kernel_h_k
 
 MODEL_SIZES = [576, 896, 960, 1536, 2304, 3072, 3584, 5120, 5376]
 POWERS_OF_TWO = [2**i for i in range(16)]  # 1 ... 32768
@@ -64,3 +64,12 @@ def test_unsupported_size_suggests_real_sizes():
 def test_non_integer_size_is_a_type_error():
     with pytest.raises(TypeError):
         hadamard_factors(64.0)
+
+
+@pytest.mark.parametrize("d", [64, 576, 5120])
+def test_kernel_factor_is_made_once_per_size_and_device(d):
+    """The kernels' H_K is built once: a host copy per call would sync the GPU stream every op."""
+    h = kernel_h_k(d, torch.device("cpu"))
+    assert h.dtype == torch.float32 and h.is_contiguous()
+    assert torch.equal(h.double(), hadamard_factors(d).h_k)
+    assert kernel_h_k(d, torch.device("cpu")) is h

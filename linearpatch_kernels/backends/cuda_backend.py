@@ -9,8 +9,9 @@ The compiled library registers three low-level operators for the CUDA dispatch k
   (``norm_weight`` float32: converted here, so that the kernel reads one weight layout)
 
 ``h_k`` is the symmetric +-1 factor ``H_K`` of ``H_d = H_K (x) H_N`` as a float32 ``(K, K)`` tensor
-on the input's device (``[[1.]]`` for powers of two), cached here per size and device. The public
-``linearpatch::*`` ops (``ops.py``) validate, handle autograd and fake tensors, and call this module.
+on the input's device (``[[1.]]`` for powers of two), made once per size and device
+(``hadamard.kernel_h_k``). The public ``linearpatch::*`` ops (``ops.py``) validate, handle autograd
+and fake tensors, and call this module.
 
 Where the library comes from, first that works:
 
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ..hadamard import hadamard_factors
+from ..hadamard import hadamard_factors, kernel_h_k
 from .cuda_toolkit import find_cuda_home
 from .gpu_limits import arch_name, shared_memory_limit
 
@@ -342,22 +343,17 @@ def is_available(device: torch.device) -> bool:
 # The ops
 
 
-@functools.lru_cache(maxsize=None)
-def _h_k(d: int, device: torch.device) -> torch.Tensor:
-    return hadamard_factors(d).h_k.to(device=device, dtype=torch.float32)
-
-
 def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.ops.linearpatch_cuda.hadamard_transform(x, _h_k(int(x.shape[-1]), x.device), float(scale))
+    return torch.ops.linearpatch_cuda.hadamard_transform(x, kernel_h_k(int(x.shape[-1]), x.device), float(scale))
 
 
 def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.ops.linearpatch_cuda.hadamard_patch(x, _h_k(int(x.shape[-1]), x.device), scale)
+    return torch.ops.linearpatch_cuda.hadamard_patch(x, kernel_h_k(int(x.shape[-1]), x.device), scale)
 
 
 def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
                       norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     # The kernel reads the weight as fp32; a weight in another dtype costs one cast of d elements.
     return torch.ops.linearpatch_cuda.patch_add_rmsnorm(
-        residual, update, _h_k(int(residual.shape[-1]), residual.device), scale,
+        residual, update, kernel_h_k(int(residual.shape[-1]), residual.device), scale,
         norm_weight.to(torch.float32), float(eps))

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hadamard import hadamard_factors
+from ..hadamard import hadamard_factors, kernel_h_k
 from .gpu_limits import shared_memory_limit
 
 NAME = "triton"
@@ -590,10 +590,6 @@ def _patch_add_rmsnorm_parts_kernel(r_ptr, u_ptr, h_ptr, n_ptr, s_ptr, w_ptr, ro
 
 
 @functools.lru_cache(maxsize=64)
-def _h_k(d: int, device: torch.device) -> torch.Tensor:
-    return hadamard_factors(d).h_k.to(device=device, dtype=torch.float32).contiguous()
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a (rows, d) matrix with unit stride along d (a view when possible)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -616,7 +612,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> to
     rows = x2.shape[0]
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
     grid, config = _grid(x, rows, d)
-    h_k = _h_k(d, x.device)
+    h_k = kernel_h_k(d, x.device)
     s = scale if scale is not None else h_k  # unused when PATCH is False; any valid pointer
     with device_guard(x.device):
         if config.NETWORK:
@@ -652,7 +648,7 @@ def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch
             )
             return h.view(residual.shape), n.view(residual.shape)
         _patch_add_rmsnorm_kernel[grid](
-            r2, u2, h, n, _h_k(d, residual.device), scale.to(torch.float32), norm_weight, rows,
+            r2, u2, h, n, kernel_h_k(d, residual.device), scale.to(torch.float32), norm_weight, rows,
             r2.stride(0), u2.stride(0), 1.0 / d, float(eps), num_warps=config.num_warps, **config.constexprs(),
         )
     return h.view(residual.shape), n.view(residual.shape)
