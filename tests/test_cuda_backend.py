@@ -425,6 +425,30 @@ def test_gpu_runs_on_the_current_stream():
 
 
 @needs_gpu
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+@pytest.mark.parametrize("d", (4096, 5120))
+def test_gpu_ops_replay_in_a_cuda_graph(backend, d):
+    """Decode steps run under CUDA graphs (vLLM): no op may sync or copy from the host per call."""
+    x = llm_like(8, d, dtype=torch.bfloat16, device="cuda")
+    s = positive_scales(d, device="cuda")
+    w = torch.rand(d, device="cuda") + 0.5
+    with lp.use_backend(backend):
+        lp.hadamard_patch(x, s), lp.patch_add_rmsnorm(x, x, s, w, 1e-6)  # compile / load outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = lp.hadamard_patch(x, s)
+            h, n = lp.patch_add_rmsnorm(x, x, s, w, 1e-6)
+    x.copy_(llm_like(8, d, dtype=torch.bfloat16, seed=5, device="cuda"))  # new input, same buffer
+    graph.replay()
+    torch.cuda.synchronize()
+    h_ref = reference_patch(x.double() * 2, s)
+    n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert rel_err(y, reference_patch(x, s)) <= 1e-2
+    assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
+
+
+@needs_gpu
 @pytest.mark.parametrize("d", (256, 4096, 8192))
 def test_gpu_persistent_blocks_loop_over_many_row_groups(d):
     # The K = 1 kernel runs one grid of resident blocks that loops over groups of rows: many more
