@@ -232,6 +232,19 @@ def test_launches_run_under_the_device_guard(monkeypatch):
     assert seen == [x.device, x.device]
 
 
+def test_strided_input_is_read_afresh_on_every_call():
+    """A transposed input is copied to unit stride per call; an in-place update between two calls
+    must show in the second result (no input or copy of it may be cached)."""
+    x = llm_like(64, 5, device=DEVICE).t()  # (5, 64) with stride (1, 5)
+    s = positive_scales(64, device=DEVICE)
+    with lp.use_backend("triton"):
+        first = lp.hadamard_patch(x, s)
+        x.mul_(-2.0)
+        second = lp.hadamard_patch(x, s)
+    assert rel_err(first, reference_patch(x / -2.0, s)) <= 1e-5
+    assert rel_err(second, reference_patch(x, s)) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # Persistent rows: each program walks several row blocks (interpreter: 4 programs)
 

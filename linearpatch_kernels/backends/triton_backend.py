@@ -589,7 +589,6 @@ def _patch_add_rmsnorm_parts_kernel(r_ptr, u_ptr, h_ptr, n_ptr, s_ptr, w_ptr, ro
                                        u_row_stride, inv_d, eps, BLOCK_M, K, N, LOG2_N, SIGNS)
 
 
-@functools.lru_cache(maxsize=64)
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a (rows, d) matrix with unit stride along d (a view when possible)."""
     x2 = x.reshape(-1, x.shape[-1])
