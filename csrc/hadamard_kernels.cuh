@@ -542,10 +542,29 @@ __host__ __device__ constexpr int row_shared_floats(int threads) {
          (kOp == Op::kAddPatchRmsNorm ? 2 * kRowThreads / 32 : 0) + threads / L::T * L::kBufferFloats;
 }
 
+// Software pipelining in row_kernel: the next row's 16-byte vectors are loaded as they are (no
+// conversion) while this row is computed, so that their memory latency overlaps this row's work
+// instead of stalling the warp at the top of the loop. It costs 32 registers per tensor (fp16/bf16,
+// 8 vectors per thread), so it is used only where shared memory, not registers, bounds the resident
+// blocks: the patch at N = 2048 and 4096 (4 blocks of 128 threads per SM on sm_90, so at most 128
+// registers) and the epilogue at 4096 (3 blocks, at most 170 registers); row_min_blocks makes the
+// compiler keep to those counts. Elsewhere (the transform, N <= 1024, the epilogue at 2048) it would
+// cost resident warps; which wins there is for a GPU measurement to say.
+template <class L, Op kOp>
+__host__ __device__ constexpr bool row_prefetches() {
+  return L::V == 8 && L::R / L::V <= 8 &&
+         ((kOp == Op::kPatch && L::kLogN >= 11) || (kOp == Op::kAddPatchRmsNorm && L::kLogN == 12));
+}
+
+template <class L, Op kOp>
+__host__ __device__ constexpr int row_min_blocks() {
+  return !row_prefetches<L, kOp>() ? 1 : kOp == Op::kPatch ? 4 : 3;
+}
+
 // Persistent: the grid covers the multiprocessors once (see launch_rows); each block stages s (and
 // the norm weight) once and then loops over groups of blockDim.x / T rows.
 template <typename T, int kLogN, Op kOp>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, row_min_blocks<RowLayout<T, kLogN>, kOp>())
 row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s, int64_t rows,
            float out_scale, EpilogueOperands<T> e) {
   using L = RowLayout<T, kLogN>;
@@ -569,8 +588,8 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   if constexpr (kPatch) {
     // A gather of N values, N / blockDim.x per thread (32 at N = 4096): loaded in batches of
     // kRowStageBatch independent loads before any is stored, so that a thread waits for one memory
-    // round trip per batch instead of one per value (measured on H200 before: ~16 us per block, the
-    // whole time of a decode-sized patch).
+    // round trip per batch instead of one per value (before: ~16 us per block on an H200, inferred
+    // from a one-row patch taking 21.1 us against the transform's 4.8 us).
     for (int first = 0; first < L::N; first += kRowStageBatch * blockDim.x) {  // the same trip count for every thread
       float sv[kRowStageBatch], wv[kRowStageBatch];
 #pragma unroll
@@ -600,23 +619,17 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
   const int64_t step = int64_t(gridDim.x) * rows_per_iter;
 
-  // Software pipelining: the next row's 16-byte vectors are loaded as they are (no conversion) while
-  // this row is computed, so that their memory latency overlaps this row's work instead of stalling
-  // the warp at the top of the loop. It costs 32 registers per tensor (fp16/bf16, 8 vectors per
-  // thread), so it is used only where shared memory, not registers, bounds the resident blocks
-  // (sm_90 ptxas: the patch at N = 2048 and 4096 goes to 128 registers, 4 blocks either way; the
-  // epilogue at 4096 to 168, 3 blocks either way). Elsewhere (the transform, N <= 1024, the epilogue
-  // at 2048) it would cost resident warps; which wins there is for a GPU measurement to say.
-  constexpr bool kPrefetch = sizeof(T) == 2 && L::R / L::V <= 8 &&
-                             ((kOp == Op::kPatch && L::kLogN >= 11) || (kEpilogue && L::kLogN == 12));
+  constexpr bool kPrefetch = row_prefetches<L, kOp>();
   uint4 ahead[kPrefetch ? L::R / L::V : 1], ahead_u[kPrefetch && kEpilogue ? L::R / L::V : 1];
   auto load_ahead = [&](int64_t r) {
-    if (r < rows) {
+    if constexpr (kPrefetch) {
+      if (r < rows) {
 #pragma unroll
-      for (int jt = 0; jt < L::R / L::V; ++jt) {
-        ahead[jt] = *reinterpret_cast<const uint4*>(x + r * L::N + g0 + L::l0_reg(jt * L::V));
-        if constexpr (kEpilogue)
-          ahead_u[jt] = *reinterpret_cast<const uint4*>(e.update + r * L::N + g0 + L::l0_reg(jt * L::V));
+        for (int jt = 0; jt < L::R / L::V; ++jt) {
+          ahead[jt] = *reinterpret_cast<const uint4*>(x + r * L::N + g0 + L::l0_reg(jt * L::V));
+          if constexpr (kEpilogue)
+            ahead_u[jt] = *reinterpret_cast<const uint4*>(e.update + r * L::N + g0 + L::l0_reg(jt * L::V));
+        }
       }
     }
   };

@@ -168,6 +168,15 @@ def test_results_do_not_depend_on_the_schedule(fresh, d):
             assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("d", (2048, 4096))
+def test_next_row_prefetch_across_many_row_groups(fresh, d, dtype):
+    """One SM: each block of row_kernel walks many row groups, so the prefetched next row (patch at
+    2048/4096, epilogue at 4096) is used across iterations, and the last group is partial."""
+    fresh.configure(seed=3, sm_count=1)
+    check_all_ops(fresh, d, dtype, (41,))
+
+
 @pytest.mark.parametrize("d", (4096, 5120, 32768))
 def test_sm80_shared_memory_limit(fresh, d):
     """With sm_80's opt-in limit (166,912 B per block) the launchers still fit and stay correct."""
