@@ -3,6 +3,7 @@
 import torch
 
 from linearpatch_kernels import hadamard_matrix
+from linearpatch_kernels.hadamard import hadamard_factors
 
 
 def reference_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -40,3 +41,23 @@ def positive_scales(d: int, seed: int = 1, device="cpu") -> torch.Tensor:
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm())
+
+
+def factored_reference(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``x . H_d * scale`` in fp64 from the Kronecker form, for sizes too big for a dense matrix:
+    butterflies over the N axis of the (rows, K, N) view, then H_K over the K axis."""
+    d = x.shape[-1]
+    f = hadamard_factors(d)
+    y = x.double().reshape(-1, f.k, f.n)
+    h = 1
+    while h < f.n:
+        y = y.reshape(y.shape[0], f.k, f.n // (2 * h), 2, h)
+        y = torch.stack((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=3)
+        h *= 2
+    y = torch.einsum("kj,rjn->rkn", f.h_k.to(y.device), y.reshape(-1, f.k, f.n))
+    return (y * scale).reshape(x.shape)
+
+
+def factored_patch_reference(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    return factored_reference(factored_reference(x) * s.double()) / d

@@ -13,7 +13,8 @@ import torch
 import linearpatch_kernels as lp
 from linearpatch_kernels.backends import cuda_backend, cuda_toolkit, select_backend
 from linearpatch_kernels.hadamard import hadamard_factors, is_supported_size
-from reference import llm_like, positive_scales, reference_patch, reference_transform, rel_err
+from reference import (factored_patch_reference, factored_reference, llm_like, positive_scales, reference_patch,
+                       reference_transform, rel_err)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -27,26 +28,6 @@ def load_setup_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def factored_reference(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``x . H_d * scale`` in fp64 from the Kronecker form, for sizes too big for a dense matrix:
-    butterflies over the N axis of the (rows, K, N) view, then H_K over the K axis."""
-    d = x.shape[-1]
-    f = hadamard_factors(d)
-    y = x.double().reshape(-1, f.k, f.n)
-    h = 1
-    while h < f.n:
-        y = y.reshape(y.shape[0], f.k, f.n // (2 * h), 2, h)
-        y = torch.stack((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=3)
-        h *= 2
-    y = torch.einsum("kj,rjn->rkn", f.h_k.to(y.device), y.reshape(-1, f.k, f.n))
-    return (y * scale).reshape(x.shape)
-
-
-def factored_patch_reference(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    d = x.shape[-1]
-    return factored_reference(factored_reference(x) * s.double()) / d
 
 
 def epilogue_reference(residual, update, scale, weight, eps):

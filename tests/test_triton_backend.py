@@ -16,7 +16,8 @@ from linearpatch_kernels import backends
 from linearpatch_kernels.backends import cuda_backend, gpu_limits, select_backend
 from linearpatch_kernels.backends import triton_backend as tb
 from linearpatch_kernels.hadamard import hadamard_factors
-from reference import llm_like, positive_scales, reference_patch, reference_transform, rel_err
+from reference import (factored_patch_reference, llm_like, positive_scales, reference_patch, reference_transform,
+                       rel_err)
 
 SM80, SM86, SM90 = (8, 0), (8, 6), (9, 0)
 # Where the Triton kernels really run here: a GPU, else the CPU under the interpreter.
@@ -283,14 +284,17 @@ def test_gpu_sizes_triton_refuses_run_on_the_automatic_choice(d):
     assert tb.unsupported_reason(x) is not None
     y = lp.hadamard_patch(x, s)
     h, n = lp.patch_add_rmsnorm(x, x, s, w, eps=1e-6)
-    h_ref = reference_patch(x.double() * 2, s)
+    # The Kronecker-form fp64 reference: a dense H of 32768 would take gigabytes per call.
+    h_ref = factored_patch_reference(x.double() * 2, s)
     n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
-    assert rel_err(y, reference_patch(x, s)) <= 1e-2
+    assert rel_err(y, factored_patch_reference(x, s)) <= 1e-2
     assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
 
 
+# 9216's add-network kernels take minutes to compile for a GPU; the add network's numbers are checked
+# above (test_add_network_matches_fp64), the backward's fp32 contract here on the dot and K = 1 paths.
 @needs_gpu
-@pytest.mark.parametrize("d", [576, 4096, 9216])
+@pytest.mark.parametrize("d", [576, 4096, 5120])
 def test_gpu_triton_backward_matches_fp64(d):
     x = llm_like(5, d, torch.bfloat16, seed=3, device="cuda").requires_grad_()
     s = positive_scales(d, device="cuda").requires_grad_()
