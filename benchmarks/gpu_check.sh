@@ -327,20 +327,13 @@ cat > "$scratch/small_cases.py" <<'PY'
 # every op at 24576), 3 rows (a partial block), all dtypes; transform, patch and the fused epilogue
 # patch_add_rmsnorm. fp64 references on
 # the CPU, so that the only GPU work is ours and the copies.
+import sys
+
 import torch
 import linearpatch_kernels as lp
-from linearpatch_kernels.hadamard import hadamard_factors
 
-
-def transform64(x):
-    f = hadamard_factors(x.shape[-1])
-    y = x.double().reshape(-1, f.k, f.n)
-    h = 1
-    while h < f.n:
-        y = y.reshape(y.shape[0], f.k, f.n // (2 * h), 2, h)
-        y = torch.stack((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=3)
-        h *= 2
-    return torch.einsum("kj,rjn->rkn", f.h_k, y.reshape(-1, f.k, f.n)).reshape(x.shape)
+sys.path.insert(0, sys.argv[1])  # the tests folder: its fp64 Kronecker-form reference
+from reference import factored_reference as transform64
 
 
 def rel(a, b):
@@ -370,7 +363,7 @@ if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
         # One cudaMalloc per tensor, so that memcheck sees every out-of-bounds access.
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit 150)" compute-sanitizer --tool "$tool" --error-exitcode 3 \
-            "$python" "$scratch/small_cases.py" 2>&1 | tail -n 5
+            "$python" "$scratch/small_cases.py" "$root/tests" 2>&1 | tail -n 5
         [ "${PIPESTATUS[0]}" -eq 0 ] || fail "compute-sanitizer --tool $tool"
     done
 else
