@@ -1206,6 +1206,54 @@ __device__ __forceinline__ void kfast_vector_items(F&& f) {
   }
 }
 
+// Step 1 split in two so that a tile's global loads can be in flight during the previous tile's
+// shared-memory passes: kfast_fetch issues the loads of the tile at row0 into registers (16 raw bytes
+// per vector, zeros past the last row), kfast_deposit converts them, does the butterflies over the
+// bits in registers and writes the tile to shared memory. A persistent block has few warps (one or
+// two 256-thread blocks per SM at the large sizes), so without this HBM idles while it computes.
+template <class L>
+struct FastPrefetch {
+  static constexpr int kRounds = ceil_div(L::P * L::K * L::U, kFastThreads);
+  static constexpr int kVectors = kRounds * L::R;  // uint4 registers per thread: 4 words each
+  // Only where the raw vectors fit beside the column pass (at most 32 words per thread held).
+  static constexpr bool kEnabled = kVectors * 4 <= 32;
+};
+
+template <typename T, class L>
+__device__ __forceinline__ void kfast_fetch(const T* __restrict__ x, int64_t row0, int nrows,
+                                            uint4 (&raw)[FastPrefetch<L>::kVectors]) {
+#pragma unroll
+  for (int round = 0; round < FastPrefetch<L>::kRounds; ++round) {
+    const int item = threadIdx.x + round * kFastThreads;
+    const int seg = item / L::U, n = (item % L::U) * L::V;
+#pragma unroll
+    for (int r = 0; r < L::R; ++r) {
+      uint4& q = raw[round * L::R + r];
+      if (item < L::P * L::K * L::U && seg < nrows * L::K)
+        q = *reinterpret_cast<const uint4*>(x + row0 * L::D + seg * L::N + n + r * L::U * L::V);
+      else
+        q = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+template <typename T, class L>
+__device__ __forceinline__ void kfast_deposit(const uint4 (&raw)[FastPrefetch<L>::kVectors], float* z) {
+#pragma unroll
+  for (int round = 0; round < FastPrefetch<L>::kRounds; ++round) {
+    const int item = threadIdx.x + round * kFastThreads;
+    if (L::P * L::K * L::U % kFastThreads != 0 && item >= L::P * L::K * L::U) break;
+    const int seg = item / L::U, n = (item % L::U) * L::V;
+    float v[L::R * L::V];
+#pragma unroll
+    for (int r = 0; r < L::R; ++r) load_vec(reinterpret_cast<const T*>(&raw[round * L::R + r]), vec_at<L::V>(v, r));
+    butterflies_over<0, L::kLogV + L::kLogR>(v);
+    float* const out = z + seg * L::kSegWords + L::word(n);
+#pragma unroll
+    for (int r = 0; r < L::R; ++r) store_f32(out + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
+  }
+}
+
 // Shared memory of kfast_kernel in floats: the tile, then (epilogue) one rstd per row of the tile.
 template <class L, Op kOp>
 __host__ __device__ constexpr int kfast_shared_floats() {
@@ -1225,11 +1273,25 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
   constexpr int kCols = L::P * L::N / L::C, kColRounds = ceil_div(kCols, kFastThreads);
   const int64_t tiles = (rows + L::P - 1) / L::P;
 
+  // The epilogue also reads `update`, so it keeps the loads in step 1 (its registers are spent).
+  constexpr bool kPrefetch = FastPrefetch<L>::kEnabled && !kEpilogue;
+  uint4 next[FastPrefetch<L>::kVectors];
+  auto rows_from = [&](int64_t r0) { return int(rows - r0 < L::P ? rows - r0 : L::P); };
+  if constexpr (kPrefetch) {
+    if (blockIdx.x < tiles) kfast_fetch<T, L>(x, int64_t(blockIdx.x) * L::P, rows_from(int64_t(blockIdx.x) * L::P), next);
+  }
+
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t row0 = tile * L::P;
-    const int nrows = int(rows - row0 < L::P ? rows - row0 : L::P);
+    const int nrows = rows_from(row0);
     // 1. load, butterflies over the bits in registers, to shared memory (rows past the end as zeros).
-    kfast_vector_items<L>([&](int seg, int n) {
+    if constexpr (kPrefetch) {
+      kfast_deposit<T, L>(next, z);
+      __syncthreads();
+      // The next tile's loads go out now and land during this tile's passes.
+      const int64_t following = tile + gridDim.x;
+      if (following < tiles) kfast_fetch<T, L>(x, following * L::P, rows_from(following * L::P), next);
+    } else kfast_vector_items<L>([&](int seg, int n) {
       float v[L::R * L::V];
 #pragma unroll
       for (int r = 0; r < L::R; ++r) {
@@ -1252,7 +1314,7 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
 #pragma unroll
       for (int r = 0; r < L::R; ++r) store_f32(out + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
     });
-    __syncthreads();
+    if constexpr (!kPrefetch) __syncthreads();
     kfast_passes<L>(z);
     // 3. the column pass.
 #pragma unroll
