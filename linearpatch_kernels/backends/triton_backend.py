@@ -125,8 +125,9 @@ def is_available(device: torch.device) -> bool:
 
 
 def _padded_k(k: int) -> int:
-    # tl.dot needs every dimension >= 16.
-    return 1 if k == 1 else max(16, triton.next_power_of_2(k))
+    # tl.dot needs every dimension >= 16. (Plain Python: triton.next_power_of_2 is a jit-wrapped
+    # function that costs ~7 us per call on the host, and this runs on every launch.)
+    return 1 if k == 1 else max(16, 1 << (k - 1).bit_length())
 
 
 def _num_warps(tile: int, k_pad: int) -> int:
@@ -601,7 +602,7 @@ def _grid(x: torch.Tensor, rows: int, d: int) -> tuple[tuple[int], LaunchConfig]
     sm_count = _sm_count(_index(x.device)) if x.device.type == "cuda" else None
     config = launch_config(d, rows, sm_count)
     programs = 4 if sm_count is None else sm_count * PROGRAMS_PER_SM
-    blocks = triton.cdiv(rows, config.BLOCK_M)
+    blocks = -(-rows // config.BLOCK_M)
     return (min(blocks, programs) if config.RESIDENT else blocks,), config
 
 
