@@ -60,7 +60,9 @@ TARGETS = (
     ("sm_86", 80, (8, 6), 84),
     ("sm_90", 90, (9, 0), 132),
 )
-SASS_OPS = ("HMMA", "HGMMA", "FADD", "FFMA", "FMUL", "SHFL", "LDS", "STS", "LDG", "STG", "BAR", "MUFU", "LDL", "STL")
+# LDGSTS: cp.async copies global -> shared, how the pipelined row-block loop issues the next block's loads.
+SASS_OPS = ("HMMA", "HGMMA", "FADD", "FFMA", "FMUL", "SHFL", "LDS", "STS", "LDG", "LDGSTS", "STG", "BAR", "MUFU", "LDL",
+            "STL")
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -126,7 +128,7 @@ def _cache_path() -> Path:
 
 
 def _source_hash() -> str:
-    text = Path(tb.__file__).read_text() + triton.__version__
+    text = Path(tb.__file__).read_text() + triton.__version__ + ",".join(SASS_OPS)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -148,7 +150,8 @@ def plan(sizes, dtypes, ops) -> list[dict]:
                 for d in sizes:
                     reason = tb.unsupported_reason_for(DTYPES[dtype], d, capability)
                     for regime, n_rows in REGIMES.items():
-                        config = tb.launch_config(d, n_rows, sm_count)
+                        config = tb.launch_config(d, n_rows, sm_count, DTYPES[dtype], op,
+                                                  tb.shared_memory_limit(capability))
                         row = {"target": target, "arch": arch, "limit": tb.shared_memory_limit(capability),
                                "op": op, "dtype": dtype, "d": d, "regime": regime, "launch": config,
                                "config": {**dataclasses.asdict(config), "num_warps": config.num_warps},
@@ -225,14 +228,15 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
              "Written by `python scripts/triton_aot.py`. Decode = 1 row, prefill = 16,384 rows; the launch",
              "configuration is the one the backend picks; `refused` = the backend sends the input elsewhere.",
              "K_PAD = K and `H_K: adds`: the unpadded row with H_K as a +-1 add network, else H_K is a",
-             "tensor-core dot on the row padded to K_PAD rows.", "",
-             "| target | op | dtype | d | regime | BLOCK_M x K_PAD x N / warps | regs | local B | smem B (est.) | SASS | HMMA+HGMMA | SHFL | LDS+STS | BAR | verdict |",
-             "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "tensor-core dot on the row padded to K_PAD rows. Stages 2: the row-block loop is software-pipelined",
+             "(the next block's loads issued as cp.async copies, LDGSTS, before the current block is computed).", "",
+             "| target | op | dtype | d | regime | BLOCK_M x K_PAD x N / warps | stages | regs | local B | smem B (est.) | SASS | HMMA+HGMMA | SHFL | LDS+STS | LDGSTS | BAR | verdict |",
+             "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         c = r["config"]
         h_k = " (H_K: adds)" if c["NETWORK"] else ""
         shape = f"{c['BLOCK_M']}x{c['K_PAD']}x{c['N']} / {c['num_warps']}{h_k}"
-        head = f"| {r['target']} | {r['op']} | {r['dtype']} | {r['d']} | {r['regime']} | {shape} |"
+        head = f"| {r['target']} | {r['op']} | {r['dtype']} | {r['d']} | {r['regime']} | {shape} | {c['STAGES']} |"
         if "refused" in r:
             lines.append(f"{head} | | | | | | | | | refused: {r['refused']} |")
         elif "error" in r:
@@ -241,7 +245,8 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
             s = r["sass"]
             verdict = "**" + "; ".join(r["problems"]) + "**" if "problems" in r else "ok"
             lines.append(f"{head} {r['registers']} | {r['local_bytes']} | {r['shared_bytes']} ({r['estimate_shared_bytes']}) | "
-                         f"{r['sass_total']} | {s['HMMA'] + s['HGMMA']} | {s['SHFL']} | {s['LDS'] + s['STS']} | {s['BAR']} | {verdict} |")
+                         f"{r['sass_total']} | {s['HMMA'] + s['HGMMA']} | {s['SHFL']} | {s['LDS'] + s['STS']} | {s['LDGSTS']} | "
+                         f"{s['BAR']} | {verdict} |")
     lines += ["", f"Failures: {len(meta['failures'])}."]
     return "\n".join(lines) + "\n"
 

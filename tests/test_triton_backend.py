@@ -6,6 +6,7 @@ the resource estimate bounds what the compiler really allocates is checked by
 ``scripts/triton_aot.py`` (and ``test_triton_aot.py``); the kernels' numbers by ``test_ops.py``.
 """
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -77,19 +78,52 @@ def test_rows_the_padded_dot_cannot_hold_run_unpadded_with_an_add_network():
 
 
 def test_shared_memory_estimate_grows_with_the_tile():
+    # Pipelined persistent loop: the fp32 conversion scratch, plus the next block's cp.async target in
+    # the input dtype, one per tensor loaded per block.
     small, large = tb.launch_config(4096, 1, 132), tb.launch_config(16384, 1, 132)
-    assert tb.resource_estimate(small, torch.bfloat16)["shared_bytes"] == 4 * 4096
-    assert tb.resource_estimate(large, torch.float32, "patch_add_rmsnorm")["shared_bytes"] == 4 * 16384
-    # K > 1 in the persistent loop (576 prefill): the dot's operand tile, fp32's own load layout and
-    # the epilogue's buffers stay live beside the conversion scratch and H_36 (padded to 64 x 64).
+    assert small.STAGES == large.STAGES == 2
+    assert tb.resource_estimate(small, torch.bfloat16)["shared_bytes"] == 4 * 4096 + 2 * 4096
+    assert tb.resource_estimate(large, torch.float32, "patch_add_rmsnorm")["shared_bytes"] == 4 * 16384 + 2 * 4 * 16384
+    # K > 1 (576 prefill): plus H_36, padded to 64 x 64.
     k36 = tb.launch_config(576, 16384, 132)
-    assert k36.RESIDENT and k36.BLOCK_M == 2
-    assert tb.resource_estimate(k36, torch.bfloat16)["shared_bytes"] == 2 * 4 * k36.tile + 4 * 64 * 64
-    assert tb.resource_estimate(k36, torch.float32)["shared_bytes"] == 3 * 4 * k36.tile + 4 * 64 * 64
-    assert tb.resource_estimate(k36, torch.bfloat16, "patch_add_rmsnorm")["shared_bytes"] == 4 * 4 * k36.tile + 4 * 64 * 64
-    # One row per program (2304 = 36 x 64 decode): the conversion scratch and H_36 only.
+    assert k36.RESIDENT and k36.STAGES == 2 and k36.BLOCK_M == 2
+    assert tb.resource_estimate(k36, torch.bfloat16)["shared_bytes"] == 4 * k36.tile + 2 * k36.tile + 4 * 64 * 64
+    assert tb.resource_estimate(k36, torch.float32, "patch_add_rmsnorm")["shared_bytes"] == (
+        4 * k36.tile + 2 * 4 * k36.tile + 4 * 64 * 64)
+    # Unpipelined and persistent with K > 1: the dot's operand tile, fp32's own load layout and the
+    # epilogue's buffers stay live beside the conversion scratch and H_K.
+    unpiped = dataclasses.replace(k36, STAGES=1)
+    assert tb.resource_estimate(unpiped, torch.bfloat16)["shared_bytes"] == 2 * 4 * k36.tile + 4 * 64 * 64
+    assert tb.resource_estimate(unpiped, torch.float32)["shared_bytes"] == 3 * 4 * k36.tile + 4 * 64 * 64
+    assert tb.resource_estimate(unpiped, torch.bfloat16, "patch_add_rmsnorm")["shared_bytes"] == (
+        4 * 4 * k36.tile + 4 * 64 * 64)
+    # One row per program (2304 = 36 x 64: H_64's operand leaves no registers for s): the conversion
+    # scratch and H_36 only, no loop to pipeline.
     row = tb.launch_config(2304, 1, 132)
-    assert not row.RESIDENT and tb.resource_estimate(row, torch.float32)["shared_bytes"] == 4 * 4096 + 4 * 64 * 64
+    assert not row.RESIDENT and row.STAGES == 1
+    assert tb.resource_estimate(row, torch.float32)["shared_bytes"] == 4 * 4096 + 4 * 64 * 64
+
+
+def test_row_block_loop_is_pipelined_where_its_buffers_fit_the_device():
+    sm80, sm86 = gpu_limits.shared_memory_limit(SM80), gpu_limits.shared_memory_limit(SM86)
+    # d = 5120 (20 x 256, padded to 32 x 256): s stays in registers and the loop is pipelined (before,
+    # one block per program: load, compute and store in sequence, one program per multiprocessor).
+    for dtype in (torch.bfloat16, torch.float32):
+        for op in ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"):
+            c = tb.launch_config(5120, 16384, 132, dtype, op, sm80)
+            assert c.RESIDENT and c.STAGES == 2
+            assert tb.resource_estimate(c, dtype, op)["shared_bytes"] <= sm80
+    # Where the pipeline's buffers would not fit, the same row block without them.
+    for d, dtype, op in ((16384, torch.float32, "hadamard_patch"), (16384, torch.bfloat16, "patch_add_rmsnorm"),
+                         (5120, torch.float32, "patch_add_rmsnorm")):
+        piped = tb.launch_config(d, 16384, 84, dtype, op)
+        assert piped.STAGES == 2 and tb.resource_estimate(piped, dtype, op)["shared_bytes"] > sm86
+        c = tb.launch_config(d, 16384, 84, dtype, op, sm86)
+        assert c.STAGES == 1 and c.BLOCK_M == piped.BLOCK_M and c.num_warps == piped.num_warps
+        assert tb.resource_estimate(c, dtype, op)["shared_bytes"] <= sm86
+        assert tb.unsupported_reason_for(dtype, d, SM86, op) is None
+    # The add network (9216) is not pipelined.
+    assert tb.launch_config(9216, 16384, 132).STAGES == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,6 +94,9 @@ class LaunchConfig:
     # H_K as a +-1 add network over the K unpadded (BLOCK_M, N) parts of the row (K_PAD == K) instead
     # of the tensor-core dot on the row padded to K_PAD rows.
     NETWORK: bool = False
+    # Stages of the row-block loop (``tl.range(num_stages=...)``): at 2 the compiler issues the next
+    # row block's loads (cp.async into shared memory) before the current block is computed.
+    STAGES: int = 2
 
     @property
     def tile(self) -> int:
@@ -103,9 +106,9 @@ class LaunchConfig:
     def constexprs(self) -> dict:
         if self.NETWORK:
             return dict(BLOCK_M=self.BLOCK_M, K=self.K, N=self.N, LOG2_N=self.LOG2_N, RESIDENT=self.RESIDENT,
-                        SIGNS=_sign_table(self.K * self.N))
+                        STAGES=self.STAGES, SIGNS=_sign_table(self.K * self.N))
         return dict(BLOCK_M=self.BLOCK_M, K=self.K, K_PAD=self.K_PAD, N=self.N, LOG2_N=self.LOG2_N,
-                    RESIDENT=self.RESIDENT)
+                    RESIDENT=self.RESIDENT, STAGES=self.STAGES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,14 +145,24 @@ def _num_warps(tile: int, k_pad: int) -> int:
     return 8 if tile <= 8192 else 16
 
 
-def launch_config(d: int, rows: int, sm_count: int | None = None) -> LaunchConfig:
-    """The configuration the launcher uses for ``rows`` rows of ``d`` on a GPU with ``sm_count``
-    multiprocessors (``None``: the interpreter).
+def launch_config(d: int, rows: int, sm_count: int | None = None, dtype: torch.dtype = torch.float32,
+                  op: str = "hadamard_patch", shared_limit: int | None = None) -> LaunchConfig:
+    """The configuration the launcher uses for ``rows`` rows of ``d`` (``dtype``, ``op``) on a GPU with
+    ``sm_count`` multiprocessors and ``shared_limit`` bytes of shared memory per block (``None``: no
+    limit; ``sm_count=None``: the interpreter).
 
     Two row-block sizes per ``d``, so that a new batch size never compiles a new kernel: one row
     per block (or the least ``tl.dot`` takes when ``K > 1``) for decode, and the prefill block of
     ``PREFILL_TILE`` values (at most ``MAX_PREFILL_ROWS`` rows) once there are enough rows for one
     such block per multiprocessor.
+
+    Latency: a program holds 4-8 warps and few programs fit on a multiprocessor (1 at d = 5120, 163-255
+    registers per thread), so a program that loads a block, computes it and stores it leaves HBM idle
+    while it computes. Where ``s`` (and the norm weight) stay in registers across blocks, the
+    row-block loop is software-pipelined (``STAGES = 2``): the compiler issues the next block's loads
+    as cp.async copies into shared memory before computing the current block, at the price of one
+    tile of the input dtype per loaded tensor in shared memory. Where that does not fit
+    ``shared_limit``, the unpipelined configuration of the same size is used.
     """
     f = hadamard_factors(d)
     if _uses_network(f):
@@ -163,11 +176,19 @@ def launch_config(d: int, rows: int, sm_count: int | None = None) -> LaunchConfi
         big = max(min_m, min(MAX_PREFILL_ROWS, (PREFILL_TILE if f.k == 1 else PREFILL_TILE_DOT) // padded))
         block_m = big if rows >= big * sm_count else min_m
     num_warps = _num_warps(block_m * padded, k_pad)
-    # Persistent programs hold s (and the norm weight) beside the tile across row blocks: only while
-    # both fit in 64 values per thread (32 with K > 1, whose dot needs registers of its own).
+    # Persistent programs hold s (and the norm weight) beside the tile across row blocks while both
+    # fit in 64 values per thread; 32 where the dot's H_K operand is 64 x 64 (K_PAD = 64 holds up to
+    # 128 registers per thread of its own: 2304 = 36 x 64 spills on sm_80 at 64).
     # (Under the interpreter registers do not matter: always persistent, so the tests walk blocks.)
-    resident = sm_count is None or (block_m + 1) * padded <= (64 if f.k == 1 else 32) * 32 * num_warps
-    return LaunchConfig(block_m, f.k, k_pad, f.n, f.log2_n, num_warps, resident)
+    fits = (block_m + 1) * padded <= (32 if k_pad == 64 else 64) * 32 * num_warps
+    pipelined = LaunchConfig(block_m, f.k, k_pad, f.n, f.log2_n, num_warps, True, STAGES=2)
+    if sm_count is None or (fits and (shared_limit is None or
+                                      resource_estimate(pipelined, dtype, op)["shared_bytes"] <= shared_limit)):
+        return pipelined
+    # Unpipelined: s in registers across blocks only within 32 values per thread with K > 1 (the
+    # dot's operands need registers too), else re-read from the cache for every block.
+    resident = (block_m + 1) * padded <= (64 if f.k == 1 else 32) * 32 * num_warps
+    return LaunchConfig(block_m, f.k, k_pad, f.n, f.log2_n, num_warps, resident, STAGES=1)
 
 
 def _uses_network(f) -> bool:
@@ -192,7 +213,7 @@ def _network_launch_config(f, rows: int, sm_count: int | None) -> LaunchConfig:
         block_m = big if rows >= big * sm_count else 1
     num_warps = max(1, min(MAX_NETWORK_WARPS, block_m * f.n // 32))
     resident = sm_count is None or (block_m + 1) * real <= 32 * 32 * num_warps
-    return LaunchConfig(block_m, f.k, f.k, f.n, f.log2_n, num_warps, resident, NETWORK=True)
+    return LaunchConfig(block_m, f.k, f.k, f.n, f.log2_n, num_warps, resident, NETWORK=True, STAGES=1)
 
 
 def resource_estimate(config: LaunchConfig, dtype: torch.dtype, op: str = "hadamard_patch") -> dict:
@@ -200,9 +221,11 @@ def resource_estimate(config: LaunchConfig, dtype: torch.dtype, op: str = "hadam
 
     Shared memory holds tile-sized fp32 buffers (``4 * BLOCK_M * K_PAD * N`` bytes each), as many as
     Triton keeps live at once: one layout-conversion scratch, plus ``H_K`` (``4 * K_PAD**2``) when
-    ``K > 1``. In the persistent loop with ``K > 1`` the dot's operand tile stays live too, one more
-    buffer for fp32 input (the loaded tile in its own layout) and two more in the epilogue (its two
-    loads and the norm's reduction). The counts are what Triton 3.6-3.8 allocates;
+    ``K > 1``. A pipelined loop (``STAGES = 2``) adds, per tensor loaded per block (``x``; the
+    epilogue's ``residual`` and ``update``), one tile in the input dtype: the next block's cp.async
+    target. Unpipelined with ``K > 1`` in the persistent loop, the dot's operand tile stays live too,
+    one more buffer for fp32 input (the loaded tile in its own layout) and two more in the epilogue
+    (its two loads and the norm's reduction). The counts are what Triton 3.6-3.8 allocates;
     ``scripts/triton_aot.py`` checks that this bounds the compiler's allocation for every
     configuration the backend accepts.
     """
@@ -213,11 +236,15 @@ def resource_estimate(config: LaunchConfig, dtype: torch.dtype, op: str = "hadam
         group = 1 << (config.K.bit_length() - 1)
         return dict(shared_bytes=4 * config.BLOCK_M * group * config.N,
                     values_per_thread=config.tile // (32 * config.num_warps))
-    if config.K == 1 or not config.RESIDENT:
-        shared = tile_bytes + (4 * config.K_PAD**2 if config.K > 1 else 0)
+    h_k = 4 * config.K_PAD**2 if config.K > 1 else 0
+    if config.STAGES > 1:
+        loads = 2 if op == "patch_add_rmsnorm" else 1
+        shared = tile_bytes + h_k + (config.STAGES - 1) * loads * config.tile * dtype.itemsize
+    elif config.K == 1 or not config.RESIDENT:
+        shared = tile_bytes + h_k
     else:
         buffers = 2 + (dtype == torch.float32) + 2 * (op == "patch_add_rmsnorm")
-        shared = buffers * tile_bytes + 4 * config.K_PAD**2
+        shared = buffers * tile_bytes + h_k
     return dict(shared_bytes=shared, values_per_thread=config.tile // (32 * config.num_warps))
 
 
@@ -252,7 +279,8 @@ def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, in
                 f"{MAX_TILE_DOT} a program holds beside the H_{f.k} operand of its tensor-core dot without spilling")
     limit = shared_memory_limit(capability)
     for rows in (1, 1 << 30):  # the decode and the prefill configuration
-        need = resource_estimate(launch_config(d, rows, sm_count=1), dtype, op)["shared_bytes"]
+        config = launch_config(d, rows, 1, dtype, op, limit)
+        need = resource_estimate(config, dtype, op)["shared_bytes"]
         if need > limit:
             return (f"hidden size {d} = {f.k} x {f.n} needs {need} bytes of shared memory per block, more than "
                     f"the {limit} of {arch}")
@@ -365,13 +393,13 @@ def _hadamard_block(block, x_ptr, y_ptr, h_k, s, rows, x_row_stride, out_scale, 
 @triton.jit(do_not_specialize=["rows"])
 def _hadamard_kernel(x_ptr, y_ptr, h_k_ptr, s_ptr, rows, x_row_stride, out_scale,
                      PATCH: tl.constexpr, BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                     N: tl.constexpr, LOG2_N: tl.constexpr, RESIDENT: tl.constexpr):
+                     N: tl.constexpr, LOG2_N: tl.constexpr, RESIDENT: tl.constexpr, STAGES: tl.constexpr):
     h_k = _load_h_k(h_k_ptr, K, K_PAD)
     s = tl.zeros((1, 1), dtype=tl.float32)
     if PATCH:
         s = _load_row_vector(s_ptr, K, K_PAD, N)
-    if RESIDENT:  # persistent: s and H_K loaded once, the program walks row blocks
-        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+    if RESIDENT:  # persistent: s and H_K loaded once, the program walks row blocks (pipelined: STAGES)
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
             _hadamard_block(block, x_ptr, y_ptr, h_k, s, rows, x_row_stride, out_scale, PATCH, BLOCK_M, K, K_PAD,
                             N, LOG2_N)
     else:  # rows too large to keep s beside them for a loop: one block per program
@@ -398,13 +426,14 @@ def _patch_add_rmsnorm_block(block, r_ptr, u_ptr, h_ptr, n_ptr, h_k, s, w, rows,
 def _patch_add_rmsnorm_kernel(r_ptr, u_ptr, h_ptr, n_ptr, h_k_ptr, s_ptr, w_ptr, rows, r_row_stride,
                               u_row_stride, inv_d, eps,
                               BLOCK_M: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                              N: tl.constexpr, LOG2_N: tl.constexpr, RESIDENT: tl.constexpr):
+                              N: tl.constexpr, LOG2_N: tl.constexpr, RESIDENT: tl.constexpr,
+                              STAGES: tl.constexpr):
     """h = (r + u) H diag(s / d) H, n = h * rsqrt(mean(h^2) + eps) * w: two reads, two writes per row."""
     h_k = _load_h_k(h_k_ptr, K, K_PAD)
     s = _load_row_vector(s_ptr, K, K_PAD, N)
     w = _load_row_vector(w_ptr, K, K_PAD, N)
-    if RESIDENT:  # persistent: s, w and H_K loaded once, the program walks row blocks
-        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+    if RESIDENT:  # persistent: s, w and H_K loaded once, the program walks row blocks (pipelined: STAGES)
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
             _patch_add_rmsnorm_block(block, r_ptr, u_ptr, h_ptr, n_ptr, h_k, s, w, rows, r_row_stride,
                                      u_row_stride, inv_d, eps, BLOCK_M, K, K_PAD, N, LOG2_N)
     else:  # rows too large to keep s and w beside them for a loop: one block per program
@@ -538,12 +567,12 @@ def _hadamard_parts_block(block, x_ptr, y_ptr, s, rows, x_row_stride, out_scale,
 @triton.jit(do_not_specialize=["rows"])
 def _hadamard_parts_kernel(x_ptr, y_ptr, s_ptr, rows, x_row_stride, out_scale, PATCH: tl.constexpr,
                            BLOCK_M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, LOG2_N: tl.constexpr,
-                           RESIDENT: tl.constexpr, SIGNS: tl.constexpr):
+                           RESIDENT: tl.constexpr, STAGES: tl.constexpr, SIGNS: tl.constexpr):
     s = ()
     if PATCH:
         s = _load_vector_parts(s_ptr, K, N)
     if RESIDENT:  # persistent: s loaded once, the program walks row blocks
-        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
             _hadamard_parts_block(block, x_ptr, y_ptr, s, rows, x_row_stride, out_scale, PATCH, BLOCK_M, K, N,
                                   LOG2_N, SIGNS)
     else:
@@ -578,11 +607,12 @@ def _patch_add_rmsnorm_parts_block(block, r_ptr, u_ptr, h_ptr, n_ptr, s, w, rows
 @triton.jit(do_not_specialize=["rows"])
 def _patch_add_rmsnorm_parts_kernel(r_ptr, u_ptr, h_ptr, n_ptr, s_ptr, w_ptr, rows, r_row_stride, u_row_stride,
                                     inv_d, eps, BLOCK_M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-                                    LOG2_N: tl.constexpr, RESIDENT: tl.constexpr, SIGNS: tl.constexpr):
+                                    LOG2_N: tl.constexpr, RESIDENT: tl.constexpr, STAGES: tl.constexpr,
+                                    SIGNS: tl.constexpr):
     s = _load_vector_parts(s_ptr, K, N)
     w = _load_vector_parts(w_ptr, K, N)
     if RESIDENT:  # persistent: s and w loaded once, the program walks row blocks
-        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
             _patch_add_rmsnorm_parts_block(block, r_ptr, u_ptr, h_ptr, n_ptr, s, w, rows, r_row_stride, u_row_stride,
                                            inv_d, eps, BLOCK_M, K, N, LOG2_N, SIGNS)
     else:
@@ -596,11 +626,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _grid(x: torch.Tensor, rows: int, d: int) -> tuple[tuple[int], LaunchConfig]:
+def _grid(x: torch.Tensor, rows: int, d: int, op: str) -> tuple[tuple[int], LaunchConfig]:
     """Persistent launch: at most ``PROGRAMS_PER_SM`` programs per multiprocessor, each walking
     row blocks (under the interpreter, 4 programs: few, and the row-block loop is exercised)."""
-    sm_count = _sm_count(_index(x.device)) if x.device.type == "cuda" else None
-    config = launch_config(d, rows, sm_count)
+    if x.device.type == "cuda":
+        index = _index(x.device)
+        sm_count, limit = _sm_count(index), shared_memory_limit(device_capability(index))
+    else:
+        sm_count = limit = None
+    config = launch_config(d, rows, sm_count, x.dtype, op, limit)
     programs = 4 if sm_count is None else sm_count * PROGRAMS_PER_SM
     blocks = -(-rows // config.BLOCK_M)
     return (min(blocks, programs) if config.RESIDENT else blocks,), config
@@ -611,7 +645,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> to
     x2 = _rows(x)
     rows = x2.shape[0]
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
-    grid, config = _grid(x, rows, d)
+    grid, config = _grid(x, rows, d, "hadamard_transform" if scale is None else "hadamard_patch")
     h_k = kernel_h_k(d, x.device)
     s = scale if scale is not None else h_k  # unused when PATCH is False; any valid pointer
     with device_guard(x.device):
@@ -639,7 +673,7 @@ def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch
     rows = r2.shape[0]
     h = torch.empty((rows, d), dtype=residual.dtype, device=residual.device)
     n = torch.empty_like(h)
-    grid, config = _grid(residual, rows, d)
+    grid, config = _grid(residual, rows, d, "patch_add_rmsnorm")
     with device_guard(residual.device):
         if config.NETWORK:
             _patch_add_rmsnorm_parts_kernel[grid](
