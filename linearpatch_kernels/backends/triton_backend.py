@@ -2,7 +2,9 @@
 
 A program owns ``BLOCK_M`` rows at a time and walks over row blocks (persistent rows: ``s``, the
 norm weight and ``H_K`` are loaded once per program, not once per row; rows too large to keep ``s``
-beside them in registers get one block per program instead). Row ``r`` is loaded as a
+beside them in registers get one block per program instead). The persistent loop is
+software-pipelined where shared memory allows (``STAGES``, see ``launch_config``): the next block's
+loads are in flight while the current block is computed. Row ``r`` is loaded as a
 ``(K_PAD, N)`` tile (``d = K * N``, ``N = 2**m``, ``K_PAD`` the power of two >= 16 above ``K``:
 ``tl.arange`` and ``tl.dot`` need power-of-two shapes; the padding rows are masked loads of zero
 and are never stored), so a block is a ``(BLOCK_M, K_PAD, N)`` register tensor.
