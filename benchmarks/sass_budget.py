@@ -64,17 +64,18 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DUSE_CUDA", "-D
 #    device-to-device copy on an H200 (project design notes, section 8; spec 4.8 TB/s).
 #  * A100 (SXM4 80 GB): 108 SMs, boost 1.41 GHz; HBM spec 2.039 TB/s, copy taken as 1.75 TB/s, an
 #    assumed 86 % of spec (the H200's copy/spec ratio is 90 %): a model number, not a measurement.
-#  * Per-SM limits: 65,536 registers, 64 resident warps, 32 resident blocks; shared memory per SM
+#  * Per-SM limits (occupancy, linearpatch_kernels/backends/gpu_limits.py): 65,536 registers, 64 resident
+#    warps, 32 resident blocks; shared memory per SM
 #    228 KiB (sm_90) / 164 KiB (sm_80), per block (opt-in) 232,448 / 166,912 B, 1 KiB reserved
 #    per block (CUDA C++ Programming Guide, "Compute Capabilities").
 GPUS = {
     "H200": dict(arch=90, sms=132, clock_hz=1.98e9, copy_bytes_per_s=4.3e12, issue_per_clk=4, shfl_lanes_per_clk=32,
-                 smem_bytes_per_clk=128, smem_per_sm=233472, smem_per_block=232448),
+                 smem_bytes_per_clk=128, smem_per_block=232448),
     "A100": dict(arch=80, sms=108, clock_hz=1.41e9, copy_bytes_per_s=1.75e12, issue_per_clk=4, shfl_lanes_per_clk=32,
-                 smem_bytes_per_clk=128, smem_per_sm=167936, smem_per_block=166912),
+                 smem_bytes_per_clk=128, smem_per_block=166912),
 }
 SMEM_LIMIT = {90: 232448, 80: 166912}
-REGS_PER_SM, MAX_WARPS, MAX_BLOCKS, RESERVED_SMEM = 65536, 64, 32, 1024
+MAX_WARPS = 64  # resident warps per SM on sm_80 and sm_90 (occupancy: gpu_limits.resident_blocks)
 
 OPS = ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm")
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -303,15 +304,22 @@ def executed_path(code: list[Instruction]) -> Path_:
 # ------------------------------------------------------------------------------------------------
 # Model
 
+def _gpu_limits():
+    """linearpatch_kernels/backends/gpu_limits.py, loaded by path (no torch import): its per-SM tables."""
+    spec = importlib.util.spec_from_file_location("linearpatch_gpu_limits",
+                                                  ROOT / "linearpatch_kernels" / "backends" / "gpu_limits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GPU_LIMITS = _gpu_limits()
+
+
 def occupancy(registers: int, threads: int, smem: int, gpu: dict) -> tuple[int, float]:
     """(resident blocks per SM, resident warps / 64) from registers, threads and shared memory."""
-    warps = math.ceil(threads / 32)
-    regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
-    by_regs = (REGS_PER_SM // regs_per_warp) // warps
-    by_warps = MAX_WARPS // warps
-    by_smem = gpu["smem_per_sm"] // (smem + RESERVED_SMEM) if smem else MAX_BLOCKS
-    blocks = max(0, min(by_regs, by_warps, by_smem, MAX_BLOCKS))
-    return blocks, blocks * warps / MAX_WARPS
+    blocks = GPU_LIMITS.resident_blocks((gpu["arch"] // 10, gpu["arch"] % 10), registers, threads, smem)
+    return blocks, blocks * math.ceil(threads / 32) / MAX_WARPS
 
 
 def model_row(op: str, dtype: str, d: int, launch: dict, res: Resources, path: Path_, gpu: dict) -> dict:

@@ -126,6 +126,47 @@ def test_row_block_loop_is_pipelined_where_its_buffers_fit_the_device():
     assert tb.launch_config(9216, 16384, 132).STAGES == 1
 
 
+def test_resident_blocks_per_architecture():
+    blocks = gpu_limits.resident_blocks
+    assert blocks(SM90, 206, 256, 53_248) == 1      # 5120 patch: 206 registers -> 6,656 per warp, 9 warps
+    assert blocks(SM90, 96, 128, 24_576) == 5       # 4096 patch: registers (3,072 per warp: 21 warps)
+    assert blocks(SM90, 32, 128, 0) == 16           # 64 resident warps
+    assert blocks(SM86, 32, 128, 0) == 12           # 48 resident warps on sm_86
+    assert blocks(SM86, 16, 32, 0) == 16            # 16 resident blocks on sm_86
+    assert blocks(SM90, 40, 128, 100_000) == 2      # shared memory: 233,472 // (100,000 + 1,024)
+    assert blocks(SM86, 40, 128, 100_000) == 1      # 102,400 per SM
+    assert blocks(SM80, 255, 512, 0) == 0           # 16 warps of 255 registers do not fit
+    assert blocks((7, 5), 32, 128, 0) == 12         # unlisted: the smallest limits of the tables
+
+
+def test_persistent_grid_follows_the_compiled_kernels_occupancy(fake_gpu, monkeypatch):
+    monkeypatch.setattr(tb, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(tb, "_programs_per_sm", {})
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(16384, 5120))
+    grid, config, key = tb._grid(x, 16384, 5120, "hadamard_patch")
+    assert config.RESIDENT and grid == (132 * tb.PROGRAMS_PER_SM,)  # before the first launch
+    # What the compiler made of this kernel for sm_90 (the AOT report): 206 registers, 53,248 B.
+    tb._record_occupancy(key, SimpleNamespace(n_regs=206, metadata=SimpleNamespace(shared=53_248)), config)
+    assert tb._grid(x, 16384, 5120, "hadamard_patch")[0] == (132,)
+    # Recorded once per kernel: a later report does not change it.
+    tb._record_occupancy(key, SimpleNamespace(n_regs=32, metadata=SimpleNamespace(shared=0)), config)
+    assert tb._grid(x, 16384, 5120, "hadamard_patch")[0] == (132,)
+    # Another op, another norm-weight dtype, another device: kernels of their own.
+    assert tb._grid(x, 16384, 5120, "hadamard_transform")[0] == (132 * tb.PROGRAMS_PER_SM,)
+    grid, config, key = tb._grid(x, 16384, 5120, "patch_add_rmsnorm", (torch.float32,))
+    assert grid == (132 * tb.PROGRAMS_PER_SM,)
+    tb._record_occupancy(key, SimpleNamespace(n_regs=96, metadata=SimpleNamespace(shared=24_576)), config)
+    assert tb._grid(x, 16384, 5120, "patch_add_rmsnorm", (torch.float32,))[0] == (132 * 2,)  # 8 warps of 96
+    assert tb._grid(x, 16384, 5120, "patch_add_rmsnorm", (torch.bfloat16,))[0] == (132 * tb.PROGRAMS_PER_SM,)
+    other = SimpleNamespace(device=torch.device("cuda", 1), dtype=torch.bfloat16, shape=(16384, 5120))
+    assert tb._grid(other, 16384, 5120, "hadamard_patch")[0] == (132 * tb.PROGRAMS_PER_SM,)
+    # Never more programs than row blocks; no record without the compiled kernel's numbers.
+    assert tb._grid(x, 3, 5120, "hadamard_patch")[0] == (3,)
+    grid, config, key = tb._grid(x, 16384, 4096, "hadamard_patch")
+    tb._record_occupancy(key, None, config)
+    assert key not in tb._programs_per_sm
+
+
 # ---------------------------------------------------------------------------------------------
 # What the backend accepts per architecture
 

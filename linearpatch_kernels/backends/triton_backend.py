@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from ..hadamard import hadamard_factors, kernel_h_k
-from .gpu_limits import shared_memory_limit
+from .gpu_limits import resident_blocks, shared_memory_limit
 
 NAME = "triton"
 # Set when the kernels below were created: the interpreter is chosen at decoration time.
@@ -81,7 +81,7 @@ MAX_K_PAD = 64  # H_K up to 64 x 64 on tensor cores; larger K go to another back
 MAX_K_NETWORK = 64
 MAX_NETWORK_WARPS = 8
 MAX_PREFILL_ROWS = 64
-PROGRAMS_PER_SM = 4  # resident programs per multiprocessor in the persistent launch
+PROGRAMS_PER_SM = 4  # programs per multiprocessor in a persistent launch until the compiled kernel's occupancy is known
 
 
 @dataclass(frozen=True)
@@ -628,18 +628,41 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _grid(x: torch.Tensor, rows: int, d: int, op: str) -> tuple[tuple[int], LaunchConfig]:
-    """Persistent launch: at most ``PROGRAMS_PER_SM`` programs per multiprocessor, each walking
-    row blocks (under the interpreter, 4 programs: few, and the row-block loop is exercised)."""
-    if x.device.type == "cuda":
-        index = _index(x.device)
-        sm_count, limit = _sm_count(index), shared_memory_limit(device_capability(index))
-    else:
-        sm_count = limit = None
-    config = launch_config(d, rows, sm_count, x.dtype, op, limit)
-    programs = 4 if sm_count is None else sm_count * PROGRAMS_PER_SM
+# Programs per multiprocessor of each compiled persistent kernel on each device, from its registers
+# and shared memory (known after its first launch): (kernel name, launch constexprs, dtypes, device index).
+_programs_per_sm: dict[tuple, int] = {}
+
+
+def _grid(x: torch.Tensor, rows: int, d: int, op: str,
+          dtypes: tuple = ()) -> tuple[tuple[int], LaunchConfig, tuple | None]:
+    """Persistent launch: as many programs as the device holds at once, each walking row blocks (the
+    compiled kernel's occupancy, ``PROGRAMS_PER_SM`` per multiprocessor until its first launch has
+    told it; under the interpreter, 4 programs: few, and the row-block loop is exercised). Returns
+    the grid, the configuration and the key under which the occupancy is recorded (``None``: none to
+    record; ``dtypes``: those of the kernel's other tensors, part of the key)."""
+    if x.device.type != "cuda":
+        config = launch_config(d, rows, None, x.dtype, op)
+        return (min(-(-rows // config.BLOCK_M), 4),), config, None
+    index = _index(x.device)
+    sm_count = _sm_count(index)
+    config = launch_config(d, rows, sm_count, x.dtype, op, shared_memory_limit(device_capability(index)))
     blocks = -(-rows // config.BLOCK_M)
-    return (min(blocks, programs) if config.RESIDENT else blocks,), config
+    if not config.RESIDENT:
+        return (blocks,), config, None
+    key = (op, config, x.dtype, *dtypes, index)
+    return (min(blocks, sm_count * _programs_per_sm.get(key, PROGRAMS_PER_SM)),), config, key
+
+
+def _record_occupancy(key: tuple | None, compiled, config: LaunchConfig) -> None:
+    """Remember how many programs of this compiled kernel a multiprocessor holds, for the next launches."""
+    if key is None or key in _programs_per_sm:
+        return
+    registers = getattr(compiled, "n_regs", None)
+    shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+    if registers is None or shared is None:  # an older Triton, or no compiled kernel returned
+        return
+    blocks = resident_blocks(device_capability(key[-1]), int(registers), 32 * config.num_warps, int(shared))
+    _programs_per_sm[key] = max(1, blocks)
 
 
 def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> torch.Tensor:
@@ -647,16 +670,17 @@ def _launch(x: torch.Tensor, scale: torch.Tensor | None, out_scale: float) -> to
     x2 = _rows(x)
     rows = x2.shape[0]
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
-    grid, config = _grid(x, rows, d, "hadamard_transform" if scale is None else "hadamard_patch")
+    grid, config, key = _grid(x, rows, d, "hadamard_transform" if scale is None else "hadamard_patch")
     h_k = kernel_h_k(d, x.device)
     s = scale if scale is not None else h_k  # unused when PATCH is False; any valid pointer
     with device_guard(x.device):
         if config.NETWORK:
-            _hadamard_parts_kernel[grid](x2, y, s, rows, x2.stride(0), out_scale, PATCH=scale is not None,
-                                         num_warps=config.num_warps, **config.constexprs())
-            return y.view(x.shape)
-        _hadamard_kernel[grid](x2, y, h_k, s, rows, x2.stride(0), out_scale, PATCH=scale is not None,
-                               num_warps=config.num_warps, **config.constexprs())
+            compiled = _hadamard_parts_kernel[grid](x2, y, s, rows, x2.stride(0), out_scale, PATCH=scale is not None,
+                                                    num_warps=config.num_warps, **config.constexprs())
+        else:
+            compiled = _hadamard_kernel[grid](x2, y, h_k, s, rows, x2.stride(0), out_scale, PATCH=scale is not None,
+                                              num_warps=config.num_warps, **config.constexprs())
+    _record_occupancy(key, compiled, config)
     return y.view(x.shape)
 
 
@@ -675,16 +699,17 @@ def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch
     rows = r2.shape[0]
     h = torch.empty((rows, d), dtype=residual.dtype, device=residual.device)
     n = torch.empty_like(h)
-    grid, config = _grid(residual, rows, d, "patch_add_rmsnorm")
+    grid, config, key = _grid(residual, rows, d, "patch_add_rmsnorm", (norm_weight.dtype,))
     with device_guard(residual.device):
         if config.NETWORK:
-            _patch_add_rmsnorm_parts_kernel[grid](
+            compiled = _patch_add_rmsnorm_parts_kernel[grid](
                 r2, u2, h, n, scale.to(torch.float32), norm_weight, rows, r2.stride(0), u2.stride(0), 1.0 / d,
                 float(eps), num_warps=config.num_warps, **config.constexprs(),
             )
-            return h.view(residual.shape), n.view(residual.shape)
-        _patch_add_rmsnorm_kernel[grid](
-            r2, u2, h, n, kernel_h_k(d, residual.device), scale.to(torch.float32), norm_weight, rows,
-            r2.stride(0), u2.stride(0), 1.0 / d, float(eps), num_warps=config.num_warps, **config.constexprs(),
-        )
+        else:
+            compiled = _patch_add_rmsnorm_kernel[grid](
+                r2, u2, h, n, kernel_h_k(d, residual.device), scale.to(torch.float32), norm_weight, rows,
+                r2.stride(0), u2.stride(0), 1.0 / d, float(eps), num_warps=config.num_warps, **config.constexprs(),
+            )
+    _record_occupancy(key, compiled, config)
     return h.view(residual.shape), n.view(residual.shape)
