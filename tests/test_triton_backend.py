@@ -215,7 +215,7 @@ def _h_k_network_kernel(x_ptr, y_ptr, K: tl.constexpr, N: tl.constexpr, SIGNS: t
         tl.store(y_ptr + k * N + nn[None, :], out[k])
 
 
-def _h_k_network(x: torch.Tensor) -> torch.Tensor:
+def _h_k_times_by_network(x: torch.Tensor) -> torch.Tensor:
     """``H_K X`` of a (K, N) fp32 matrix by the add network alone."""
     y = torch.empty_like(x)
     _h_k_network_kernel[(1,)](x, y, K=x.shape[0], N=x.shape[1], SIGNS=tb._sign_table(x.shape[0]))
@@ -232,11 +232,11 @@ def test_h_k_network_is_h_k_times_x(k):
     # Integers: every sum is exact in fp32, so any wrong sign or sign pattern shows as a difference.
     g = torch.Generator().manual_seed(k)
     x = torch.randint(-1000, 1001, (k, 8), generator=g, dtype=torch.float64)
-    assert torch.equal(_h_k_network(x.float().to(DEVICE)).double().cpu(), h_k @ x)
+    assert torch.equal(_h_k_times_by_network(x.float().to(DEVICE)).double().cpu(), h_k @ x)
     # Floats with outliers: each output is a sum of K rounded fp32 terms in some order, within the
     # bound of any such sum, (K - 1) u sum_j |X[j]| (u = 2**-24 the unit roundoff).
     x = llm_like(k, 8, torch.float32, seed=k) * torch.logspace(-3, 3, 8)
-    err = (_h_k_network(x.to(DEVICE)).double().cpu() - h_k @ x.double()).abs()
+    err = (_h_k_times_by_network(x.to(DEVICE)).double().cpu() - h_k @ x.double()).abs()
     assert (err <= (k - 1) * 2.0**-24 * x.double().abs().sum(0)).all()
 
 
