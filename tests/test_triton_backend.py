@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import linearpatch_kernels as lp
 from linearpatch_kernels import backends
@@ -272,8 +274,49 @@ def test_add_network_matches_fp64(dtype, tol):
     _all_ops_match_fp64(9216, dtype, tol)
 
 
-# K = 12, 20, 28, 36, 60 (8+4, 16+4, 16+8+4, 32+4, 32+16+8+4 parts), N from 1 to 16.
-@pytest.mark.parametrize("d", [12, 24, 160, 112, 576, 960])
+# Every K the add network takes: the Paley orders up to MAX_K_NETWORK that are the K of some size
+# (24 = 12 x 2 is never one), i.e. 12, 20, 28, 36, 44, 60.
+NETWORK_KS = [k for k in range(4, tb.MAX_K_NETWORK + 1, 4) if hadamard_factors(k * 1024).k == k]
+
+
+@triton.jit
+def _h_k_network_kernel(x_ptr, y_ptr, K: tl.constexpr, N: tl.constexpr, SIGNS: tl.constexpr):
+    nn = tl.arange(0, N)
+    parts = ()
+    for k in tl.static_range(K):
+        parts = parts + (tl.load(x_ptr + k * N + nn)[None, :],)
+    out = tb._h_k_network(parts, K, SIGNS)
+    for k in tl.static_range(K):
+        tl.store(y_ptr + k * N + nn[None, :], out[k])
+
+
+def _h_k_times_by_network(x: torch.Tensor) -> torch.Tensor:
+    """``H_K X`` of a (K, N) fp32 matrix by the add network alone."""
+    y = torch.empty_like(x)
+    _h_k_network_kernel[(1,)](x, y, K=x.shape[0], N=x.shape[1], SIGNS=tb._sign_table(x.shape[0]))
+    return y
+
+
+def test_network_takes_every_paley_order_up_to_its_limit():
+    assert NETWORK_KS == [12, 20, 28, 36, 44, 60]
+
+
+@pytest.mark.parametrize("k", NETWORK_KS)
+def test_h_k_network_is_h_k_times_x(k):
+    h_k = hadamard_factors(k).h_k
+    # Integers: every sum is exact in fp32, so any wrong sign or sign pattern shows as a difference.
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-1000, 1001, (k, 8), generator=g, dtype=torch.float64)
+    assert torch.equal(_h_k_times_by_network(x.float().to(DEVICE)).double().cpu(), h_k @ x)
+    # Floats with outliers: each output is a sum of K rounded fp32 terms in some order, within the
+    # bound of any such sum, (K - 1) u sum_j |X[j]| (u = 2**-24 the unit roundoff).
+    x = llm_like(k, 8, torch.float32, seed=k) * torch.logspace(-3, 3, 8)
+    err = (_h_k_times_by_network(x.to(DEVICE)).double().cpu() - h_k @ x.double()).abs()
+    assert (err <= (k - 1) * 2.0**-24 * x.double().abs().sum(0)).all()
+
+
+# K = 12, 20, 28, 36, 44, 60 (8+4, 16+4, 16+8+4, 32+4, 32+8+4, 32+16+8+4 parts), N from 1 to 16.
+@pytest.mark.parametrize("d", [12, 24, 160, 112, 576, 176, 960])
 def test_add_network_for_every_group_decomposition_of_k(monkeypatch, d):
     monkeypatch.setattr(tb, "MAX_TILE_DOT", 1)  # every K > 1 takes the add network
     assert tb.launch_config(d, 3).NETWORK

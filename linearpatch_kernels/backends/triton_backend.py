@@ -25,8 +25,10 @@ Rows whose padded tile is too large for the dot (``K_PAD * N`` over ``MAX_TILE_D
 36 x 256 -> 64 x 256) take a second pair of kernels that never pads: the row is a tuple of its ``K``
 parts ``X[k, :]``, each a (BLOCK_M, N) tensor. ``H_N`` runs on groups of parts of the power-of-two
 sizes in K's binary digits (36 = 32 + 4), each group stacked into one tile by a tree of ``join``s, so
-the butterfly is unrolled once per group; ``H_K`` is then ``K * (K - 1)`` fp32 adds and subtractions
-per column unrolled from the sign table of ``H_K`` (a constexpr string), with no multiplications.
+the butterfly is unrolled once per group; ``H_K`` is then fp32 adds and subtractions unrolled from the
+sign table of ``H_K`` (a constexpr string), with no multiplications: per group of four parts the 8 sums
+``a +- b +- c +- d`` are formed once and every output adds one of them per group, ``K/4 + 2`` adds per
+element instead of the ``K - 1`` of a row-by-row sum (11 instead of 35 at K = 36).
 
 The patch is ``transform -> * s / d -> transform`` (``H`` is symmetric) without leaving registers.
 
@@ -448,20 +450,46 @@ def _patch_add_rmsnorm_kernel(r_ptr, u_ptr, h_ptr, n_ptr, h_k_ptr, s_ptr, w_ptr,
 
 
 @triton.jit
+def _signed_sums_of_four(a, b, c, d):
+    """The 8 sums ``a +- b +- c +- d`` with ``+a``, at index ``4 [b negated] + 2 [c negated] + [d negated]``:
+    ``a +- b`` and ``c +- d`` first (4 adds), then their 8 combinations (8 adds)."""
+    ab_p = a + b
+    ab_m = a - b
+    cd_p = c + d
+    cd_m = c - d
+    return (ab_p + cd_p, ab_p + cd_m, ab_p - cd_m, ab_p - cd_p, ab_m + cd_p, ab_m + cd_m, ab_m - cd_m, ab_m - cd_p)
+
+
+@triton.jit
 def _h_k_network(parts, K: tl.constexpr, SIGNS: tl.constexpr):
-    """``(H_K X)[i] = sum_j H_K[i, j] X[j]`` unrolled from the sign table: K * (K - 1) fp32 adds per
-    column, each exact up to its own rounding (like the fp32 accumulation of the dot), no padding."""
+    """``(H_K X)[i] = sum_j H_K[i, j] X[j]`` on the K parts, grouped by four inputs (K is a multiple of
+    4 for every Hadamard order > 2). Row i restricted to group g, ``H_K[i, 4g:4g+4]``, is one of 16 sign
+    patterns, i.e. ``e * (1, +-1, +-1, +-1)`` with ``e = H_K[i, 4g]``: so
+    ``(H_K X)[i] = sum_g e_ig * S_g[p_ig]``, with ``S_g`` the 8 sums ``X[4g] +- X[4g+1] +- X[4g+2] +- X[4g+3]``
+    (12 adds per group) and ``p_ig`` the pattern index, both read from the sign table at compile time.
+    Adds per column: 12 K/4 + K (K/4 - 1), i.e. K/4 + 2 per element instead of K - 1 (36: 11 instead of
+    35). Every output is still a sum of the K inputs with +-1 coefficients in fp32, only in another
+    order (errors O(K eps |x|) as before). The groups are the outer loop, so that at any time only the K
+    running sums, one group's 8 sums and the parts not yet consumed are live."""
+    tl.static_assert(K % 4 == 0, "H_K has an order divisible by 4")
     out = ()
-    for i in tl.static_range(K):
-        acc = parts[0]
-        if SIGNS[i * K] == "-":
-            acc = -acc
-        for j in tl.static_range(1, K):
-            if SIGNS[i * K + j] == "+":
-                acc = acc + parts[j]
+    for g in tl.static_range(K // 4):
+        sums = _signed_sums_of_four(parts[4 * g], parts[4 * g + 1], parts[4 * g + 2], parts[4 * g + 3])
+        acc = ()
+        for i in tl.static_range(K):
+            # (constexpr temporaries would become tensors in the frontend: the indices are spelled out)
+            term = sums[(SIGNS[i * K + 4 * g + 1] != SIGNS[i * K + 4 * g]) * 4
+                        + (SIGNS[i * K + 4 * g + 2] != SIGNS[i * K + 4 * g]) * 2
+                        + (SIGNS[i * K + 4 * g + 3] != SIGNS[i * K + 4 * g])]
+            if g == 0:
+                if SIGNS[i * K] == "-":
+                    term = -term
+                acc = acc + (term,)
+            elif SIGNS[i * K + 4 * g] == "+":
+                acc = acc + (out[i] + term,)
             else:
-                acc = acc - parts[j]
-        out = out + (acc,)
+                acc = acc + (out[i] - term,)
+        out = acc
     return out
 
 
