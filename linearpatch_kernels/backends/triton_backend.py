@@ -77,9 +77,10 @@ MAX_TILE = 1 << 14
 # so a row keeps to 32 values per thread at 8 warps: 16 warps cap a thread at 128 registers (spills).
 MAX_TILE_DOT = 1 << 13
 MAX_K_PAD = 64  # H_K up to 64 x 64 on tensor cores; larger K go to another backend
-# The add network unrolls K * K signed terms per column and transform. Measured compile times (2
-# shared cores): H_36's patch kernels 40-100 s, a bare single H_84 network (7,056 terms) 26 s, and the
-# patch kernels hold two; H_252 (63,504) far more. Larger K go to another backend.
+# The add network unrolls K/4 * (12 + K) adds per column and transform (grouped by four inputs). Measured
+# compile times (2 shared cores, sm_90): the 9216 = 36 x 256 patch kernel 15 s, its epilogue 47 s
+# (benchmarks/results/triton-aot); H_84 would unroll 4.7 times H_36's adds, H_252 39 times. Larger K go
+# to another backend.
 MAX_K_NETWORK = 64
 MAX_NETWORK_WARPS = 8
 MAX_PREFILL_ROWS = 64
@@ -269,8 +270,8 @@ def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, in
     if k_pad > MAX_K_PAD:
         return (f"hidden size {d} = {f.k} x {f.n}: H_{f.k} is padded to {k_pad} x {k_pad} for the tensor-core "
                 f"dot, more than the {MAX_K_PAD} x {MAX_K_PAD} the kernels hold on chip, and as an add network "
-                f"of {f.k * f.k} signed adds per column it is over the {MAX_K_NETWORK * MAX_K_NETWORK} that "
-                f"compile in reasonable time")
+                f"of {f.k // 4 * (12 + f.k)} adds per column it is over the "
+                f"{MAX_K_NETWORK // 4 * (12 + MAX_K_NETWORK)} that compile in reasonable time")
     if _uses_network(f):
         if f.k * f.n > MAX_TILE:
             return (f"hidden size {d} = {f.k} x {f.n} is {d} values per row, more than the {MAX_TILE} a program "
