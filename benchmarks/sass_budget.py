@@ -105,12 +105,17 @@ def find_tool(name: str) -> str:
     raise RuntimeError(f"{name} not found: set CUDA_HOME to a CUDA toolkit (or install triton, which ships it)")
 
 
-def load_emulate():
-    spec = importlib.util.spec_from_file_location("linearpatch_emulate", CSRC / "emulation" / "emulate.py")
+def load_by_path(name: str, path: Path):
+    """A module of this repository loaded from its file (no package import, so no torch)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def load_emulate():
+    return load_by_path("linearpatch_emulate", CSRC / "emulation" / "emulate.py")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,16 +309,8 @@ def executed_path(code: list[Instruction]) -> Path_:
 # ------------------------------------------------------------------------------------------------
 # Model
 
-def _gpu_limits():
-    """linearpatch_kernels/backends/gpu_limits.py, loaded by path (no torch import): its per-SM tables."""
-    spec = importlib.util.spec_from_file_location("linearpatch_gpu_limits",
-                                                  ROOT / "linearpatch_kernels" / "backends" / "gpu_limits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-GPU_LIMITS = _gpu_limits()
+# The package's per-SM limits (occupancy), shared with the Triton backend's persistent grid.
+GPU_LIMITS = load_by_path("linearpatch_gpu_limits", ROOT / "linearpatch_kernels" / "backends" / "gpu_limits.py")
 
 
 def occupancy(registers: int, threads: int, smem: int, gpu: dict) -> tuple[int, float]:
