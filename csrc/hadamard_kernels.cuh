@@ -1219,6 +1219,16 @@ struct FastPrefetch {
   static constexpr bool kEnabled = kVectors * 4 <= 32;
 };
 
+// Step 1's end for one item: the butterflies over the bits in registers, then the item's R vectors to
+// the tile in shared memory.
+template <class L>
+__device__ __forceinline__ void kfast_item_to_shared(float (&v)[L::R * L::V], float* z, int seg, int n) {
+  butterflies_over<0, L::kLogV + L::kLogR>(v);
+  float* const out = z + seg * L::kSegWords + L::word(n);
+#pragma unroll
+  for (int r = 0; r < L::R; ++r) store_f32(out + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
+}
+
 template <typename T, class L>
 __device__ __forceinline__ void kfast_fetch(const T* __restrict__ x, int64_t row0, int nrows,
                                             uint4 (&raw)[FastPrefetch<L>::kVectors]) {
@@ -1247,10 +1257,7 @@ __device__ __forceinline__ void kfast_deposit(const uint4 (&raw)[FastPrefetch<L>
     float v[L::R * L::V];
 #pragma unroll
     for (int r = 0; r < L::R; ++r) load_vec(reinterpret_cast<const T*>(&raw[round * L::R + r]), vec_at<L::V>(v, r));
-    butterflies_over<0, L::kLogV + L::kLogR>(v);
-    float* const out = z + seg * L::kSegWords + L::word(n);
-#pragma unroll
-    for (int r = 0; r < L::R; ++r) store_f32(out + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
+    kfast_item_to_shared<L>(v, z, seg, n);
   }
 }
 
@@ -1309,10 +1316,7 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
           for (int i = 0; i < L::V; ++i) vr[i] = 0.f;
         }
       }
-      butterflies_over<0, L::kLogV + L::kLogR>(v);
-      float* const out = z + seg * L::kSegWords + L::word(n);
-#pragma unroll
-      for (int r = 0; r < L::R; ++r) store_f32(out + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
+      kfast_item_to_shared<L>(v, z, seg, n);
     });
     if constexpr (!kPrefetch) __syncthreads();
     kfast_passes<L>(z);
