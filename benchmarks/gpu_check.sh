@@ -361,7 +361,8 @@ fi
 if wants sanitizer; then
 step "5. compute-sanitizer"
 cat > "$scratch/small_cases.py" <<'PY'
-# Every kernel family on small inputs: row (64, 4096), pow2 (the warp stage at 16384 and 32768), kfast
+# Every kernel family on small inputs: row (64, 4096; a block per row with s read through L1 at 16384,
+# and the lane-shuffle stage at 32768), kfast
 # (K > 1 transform and patch at 576 and 5120: a partial row tile), kron (the epilogue at 576 and 5120,
 # every op at 24576), 3 rows (a partial block), all dtypes; transform, patch and the fused epilogue
 # patch_add_rmsnorm. fp64 references on

@@ -11,7 +11,8 @@
 // registers, across lanes, across warps).
 //
 // Column index layout of one K-row ("segment", N contiguous elements) across the threads of a
-// group of G lanes (x W warps); each thread holds R 16-byte vectors of V elements:
+// group of G lanes (x W warps) in kron_kernel (row_kernel and kfast_kernel have their own layouts,
+// described with them); each thread holds R 16-byte vectors of V elements:
 //     n = V * (r * G * W + w * G + g) + i
 //         i: element in the vector   -> butterflies in registers
 //         g: lane in the group       -> butterflies with warp shuffles
@@ -20,10 +21,9 @@
 // Consecutive lanes read consecutive 16-byte vectors, so every load and store is coalesced.
 // Everything is computed in fp32; x and y are fp32, fp16 or bf16.
 //
-// Four kernels (launch_op picks one):
-//  * row_kernel (K == 1, N <= 8192): registers and shared-memory transposes, no shuffles;
-//  * pow2_kernel (K == 1, N = 16384, 32768): each group of G * W threads owns one row; the row never
-//    leaves the registers except for the warp stage;
+// Three kernels (launch_op picks one):
+//  * row_kernel (K == 1, every N): registers and shared-memory transposes; no shuffles up to
+//    N = 16384, one lane-shuffle stage per transform at N = 32768;
 //  * kfast_kernel (K > 1 at the sizes of kfast_size): H_K as compile-time +-1 add/subtract code
 //    over a shared-memory tile of rows;
 //  * kron_kernel (the other K > 1): a block owns `rows_per_block` rows in shared memory (fp32). H_N
@@ -160,8 +160,9 @@ __device__ __forceinline__ uint2 pack4(float4 a, float c) {
 // Lanes of a group cover at least 8 consecutive 16-byte vectors (128 contiguous bytes) when the
 // segment is that long; each thread then takes up to 2**kLogMaxValues values; lanes grow to a full
 // warp next, and only then warps. Fewer lanes means fewer shuffle stages.
-// pow2_kernel holds up to 128 values per thread; kron_kernel 64 (it also holds H_K tiles and
-// keeps whole rows in shared memory, so registers are what limits its blocks per multiprocessor).
+// kron_kernel takes up to 64 values per thread (it also holds H_K tiles and keeps whole rows in
+// shared memory, so registers are what limits its blocks per multiprocessor), and its segments
+// (N <= 2048) fit in one warp.
 
 __host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
 
@@ -232,60 +233,12 @@ __device__ __forceinline__ void butterflies_across_lanes(float (&v)[R][V], int l
   }
 }
 
-// Butterflies over the warp bits (W > 1, one segment per block of 32 W threads). Shared memory
-// holds the segment as float4 "planes": plane p = (r, quarter q of the vector) is an array over
-// the block's threads, so every access below is a conflict-free run of consecutive float4.
-// Warp w' then owns planes [w' P/W, (w'+1) P/W): for each, lane g gathers the W values that differ
-// only in the warp bits, transforms them, and puts them back.
-template <int W, int R, int V>
-__device__ __forceinline__ void butterflies_across_warps(float (&v)[R][V], float4* buf) {
-  constexpr int kQ = V / 4, kPlanes = R * kQ, kThreads = 32 * W, kOwn = kPlanes / W;
-  static_assert(kPlanes % W == 0, "planes must split evenly over the warps");
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int q = 0; q < kQ; ++q)
-      buf[(r * kQ + q) * kThreads + tid] =
-          make_float4(v[r][4 * q], v[r][4 * q + 1], v[r][4 * q + 2], v[r][4 * q + 3]);
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < kOwn; ++j) {
-    float4* plane = buf + (warp * kOwn + j) * kThreads + lane;
-    float4 t[W];
-#pragma unroll
-    for (int w = 0; w < W; ++w) t[w] = plane[32 * w];
-#pragma unroll
-    for (int h = 1; h < W; h <<= 1) {
-#pragma unroll
-      for (int w = 0; w < W; ++w) {
-        if (w & h) continue;
-        const float4 a = t[w], b = t[w + h];
-        t[w] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-        t[w + h] = make_float4(a.x - b.x, a.y - b.y, a.z - b.z, a.w - b.w);
-      }
-    }
-#pragma unroll
-    for (int w = 0; w < W; ++w) plane[32 * w] = t[w];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int q = 0; q < kQ; ++q) {
-      const float4 a = buf[(r * kQ + q) * kThreads + tid];
-      v[r][4 * q] = a.x; v[r][4 * q + 1] = a.y; v[r][4 * q + 2] = a.z; v[r][4 * q + 3] = a.w;
-    }
-  }
-  // No barrier needed before the next write: each thread rewrites only the slots it just read.
-}
-
 // Unnormalized H_N of one segment held as v (butterfly order does not matter: the bits commute).
 template <class L>
-__device__ __forceinline__ void fwht_segment(float (&v)[L::R][L::V], int lane, float4* buf) {
+__device__ __forceinline__ void fwht_segment(float (&v)[L::R][L::V], int lane) {
+  static_assert(L::W == 1, "a segment fits in one warp");
   butterflies_in_registers(v);
   butterflies_across_lanes<L::G>(v, lane);
-  if constexpr (L::W > 1) butterflies_across_warps<L::W>(v, buf);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -301,16 +254,6 @@ __device__ __forceinline__ float sum_over_lanes(float v) {
   return v;
 }
 
-template <int R, int V>
-__device__ __forceinline__ float sum_of_squares(const float (&v)[R][V]) {
-  float acc = 0.f;
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc = fmaf(v[r][i], v[r][i], acc);
-  return acc;
-}
-
 // The epilogue's store: y = h (already scaled), normed = h * rstd * w; w is fp32 in y's layout.
 template <typename T, int V>
 __device__ __forceinline__ void store_h_and_normed(T* y, T* normed, const float* w, const float (&h)[V],
@@ -324,108 +267,12 @@ __device__ __forceinline__ void store_h_and_normed(T* y, T* normed, const float*
 }
 
 // ---------------------------------------------------------------------------------------------
-// K == 1: one row per group, registers only (plus the warp stage).
-
-template <class L>
-__host__ __device__ constexpr int pow2_block_threads() { return L::W > 1 ? 32 * L::W : 128; }
-// At least 3 blocks (12 warps) per multiprocessor: caps registers at 170, which 128 values fit in;
-// without it the compiler hoists the 128 patch scales of a thread into registers too (255).
-template <class L>
-__host__ __device__ constexpr int pow2_min_blocks() { return L::W > 1 ? 1 : 3; }
-
-// Shared memory of pow2_kernel: the warp stage's N floats, then (epilogue) one partial sum per warp.
-template <class L, Op kOp>
-__host__ __device__ constexpr int pow2_shared_floats() {
-  return L::W > 1 ? L::N + (kOp == Op::kAddPatchRmsNorm ? 4 * ((L::W + 3) / 4) : 0) : 0;
-}
-
-template <typename T, int kLogN, Op kOp>
-__global__ void __launch_bounds__(pow2_block_threads<Layout<T, kLogN>>(), pow2_min_blocks<Layout<T, kLogN>>())
-pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s,
-            int64_t rows, float out_scale, EpilogueOperands<T> e) {
-  using L = Layout<T, kLogN>;
-  constexpr bool kPatch = kOp != Op::kTransform;
-  constexpr bool kEpilogue = kOp == Op::kAddPatchRmsNorm;
-  extern __shared__ float4 warp_buf[];  // only for L::W > 1
-  const int lane = threadIdx.x & 31;
-  int64_t row;
-  int pos;
-  if constexpr (L::W > 1) {
-    row = blockIdx.x;
-    pos = threadIdx.x;
-  } else {
-    row = int64_t(blockIdx.x) * (blockDim.x / L::G) + threadIdx.x / L::G;
-    pos = threadIdx.x % L::G;
-  }
-  // Idle groups of the last block still take part in the (full-warp) shuffles, on zeros.
-  const bool active = row < rows;
-  const T* xr = x + row * L::N;
-  T* yr = y + row * L::N;
-
-  float v[L::R][L::V];
-#pragma unroll
-  for (int r = 0; r < L::R; ++r) {
-    if (active) {
-      load_vec(xr + L::offset(r, pos), v[r]);
-      if constexpr (kEpilogue) {
-        float u[L::V];
-        load_vec(e.update + row * L::N + L::offset(r, pos), u);
-#pragma unroll
-        for (int i = 0; i < L::V; ++i) v[r][i] += u[i];
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < L::V; ++i) v[r][i] = 0.f;
-    }
-  }
-  fwht_segment<L>(v, lane, warp_buf);
-  if constexpr (kPatch) {
-#pragma unroll
-    for (int r = 0; r < L::R; ++r) {
-      float sv[L::V];
-      load_f32(s + L::offset(r, pos), sv);
-#pragma unroll
-      for (int i = 0; i < L::V; ++i) v[r][i] *= sv[i];
-    }
-    fwht_segment<L>(v, lane, warp_buf);
-  }
-  if constexpr (kEpilogue) {
-#pragma unroll
-    for (int r = 0; r < L::R; ++r)
-#pragma unroll
-      for (int i = 0; i < L::V; ++i) v[r][i] *= out_scale;
-    // Sum of h^2 over the row: in registers, over the group's lanes, then (W > 1, one row per
-    // block) over the warps through W floats after the warp stage's buffer. Idle groups sum zeros.
-    float sum = sum_over_lanes<L::G>(sum_of_squares(v));
-    if constexpr (L::W > 1) {
-      float* warp_sums = reinterpret_cast<float*>(warp_buf + L::N / 4);
-      if (lane == 0) warp_sums[threadIdx.x >> 5] = sum;
-      __syncthreads();
-      sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < L::W; ++w) sum += warp_sums[w];
-    }
-    const float rstd = rsqrtf(sum * (1.f / L::N) + e.eps);
-    if (active) {
-      T* nr = e.normed + row * L::N;
-#pragma unroll
-      for (int r = 0; r < L::R; ++r) {
-        const int off = L::offset(r, pos);
-        store_h_and_normed(yr + off, nr + off, e.weight + off, v[r], rstd);
-      }
-    }
-  } else if (active) {
-#pragma unroll
-    for (int r = 0; r < L::R; ++r) store_vec(yr + L::offset(r, pos), v[r], out_scale);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// K == 1, N <= 8192 (row_kernel): butterflies in registers, bits exchanged through shared-memory
-// transposes, no shuffles.
+// K == 1 (row_kernel): butterflies in registers, bits exchanged through shared-memory transposes.
 //
-// The T = 2**kLogT threads of a row hold 2**kLogR values each (kLogT + kLogR = kLogN, kLogR >= kLogT,
-// so at most 128 values at N = 8192). The column index n of value j of thread t has two layouts
+// The T = 2**kLogT threads of a row hold 2**kLogR values each (kLogT + kLogR = kLogN, kLogR >= kLogT
+// up to N = 16384, where T = 128 threads, one block, own a row; at most 128 values per thread). At
+// N = 32768 T = 256 = 2 R, and one bit of B (the "split" bit) stays a thread bit in L1: lane bit 0,
+// one __shfl_xor_sync stage per transform (1/15 of the butterflies) instead of a third layout. The column index n of value j of thread t has two layouts
 // (V = 2**v elements per 16-byte vector, j = jt * V + jv):
 //   L0, global I/O:  n = jv | t << v | jt << (v + kLogT)
 //       registers own the bits A = [0, v) u [v + kLogT, kLogN), threads own B = [v, v + kLogT);
@@ -437,15 +284,18 @@ pow2_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict_
 //   A (L0) -> transpose -> B, * s/d, B (L1) -> transpose -> A (L0) -> store
 // two transposes per patch, as for the transform (which goes back to L0 to store 16-byte vectors).
 // s/d is staged once per block in shared memory in L1 order (the norm weight of the epilogue in L0
-// order), as float4 planes: plane q of thread t at float4 q * T + t, conflict-free.
+// order), as float4 planes: plane q of thread t at float4 q * T + t, conflict-free. From N = 16384 s
+// (64 KiB) and a row's buffer (74 KiB) would leave one block per SM, so s is read per row through the
+// L1 cache in L1 order instead (8 consecutive threads read 32 contiguous bytes: whole sectors) and 1/d
+// is applied at the store.
 //
 // Shared-memory word of n: word(n) = n + c1 (n >> s1) + c2 (n >> s2). It is strictly increasing (so
 // one-to-one) and additive over disjoint bit patterns, so word(thread part | register part) is a
 // per-thread base plus a compile-time offset: every transpose access is one instruction with an
 // immediate offset. The padding makes both sides conflict-free: the 16-byte L0 accesses (a quarter
 // warp covers n bits v, v+1, v+2: words 2**v, 2**(v+1), 2**(v+2) + c1) and the 4-byte L1 accesses
-// (a warp's 4- or 8-byte accesses cover A's bits from kLogE up, whose words are 2**kLogE, ..., 16 mod
-// 32 by the choice of c2).
+// (a warp's 4- or 8-byte accesses cover A's bits from kLogE up, and at N = 32768 the split bit, whose
+// words are 2**kLogE, ..., 16 mod 32 by the choice of c2).
 
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 
@@ -453,10 +303,13 @@ template <typename Elem, int kLogN_>
 struct RowLayout {
   static constexpr int kLogN = kLogN_;
   static constexpr int kLogV = VecTraits<Elem>::kLog;
-  static constexpr int kLogR = cmax(kLogV, (kLogN + 1) / 2);
+  static constexpr int kLogR = cmin(7, cmax(kLogV, (kLogN + 1) / 2));  // at most 128 values per thread
   static constexpr int kLogT = kLogN - kLogR;
   static constexpr int N = 1 << kLogN, V = 1 << kLogV, R = 1 << kLogR, T = 1 << kLogT;
-  static_assert(kLogN >= kLogV && kLogT <= kLogR, "the L1 registers must hold every thread bit of L0");
+  // N = 32768: 256 threads own 8 bits of B, one more than the 128 L1 registers can hold. The top bit
+  // of B then stays a thread bit in L1, on lane bit 0, and is exchanged with a lane shuffle.
+  static constexpr bool kSplit = kLogT == kLogR + 1;
+  static_assert(kLogN >= kLogV && (kLogT <= kLogR || kSplit), "the L1 registers must hold the thread bits of L0 but one");
   static constexpr int kHigh = kLogV + kLogT;  // lowest bit of A above B
 
   // n of register j with thread 0, and of thread t with register 0 (the two parts are disjoint bits).
@@ -469,16 +322,22 @@ struct RowLayout {
     return ((x << first) & (V - 1)) | (((x << first) >> kLogV) << kHigh);
   }
   // L1: the low kLogE bits of j are A's lowest bits (contiguous n), so L1 moves vectors of
-  // min(2**kLogE, 4) floats through shared memory; the next kLogT bits of j are B.
-  static constexpr int kLogE = kLogR - kLogT;
+  // min(2**kLogE, 4) floats through shared memory; the next kL1B bits of j are B (all of B but the
+  // split bit).
+  static constexpr int kLogE = kSplit ? 0 : kLogR - kLogT;
+  static constexpr int kL1B = kSplit ? kLogR : kLogT;
   static constexpr int kL1Vec = kLogE >= 2 ? 4 : 1 << kLogE;
   static __host__ __device__ constexpr int l1_reg(int j) {
-    return deposit_a(j & ((1 << kLogE) - 1), 0) | (((j >> kLogE) & (T - 1)) << kLogV);
+    return deposit_a(j & ((1 << kLogE) - 1), 0) | (((j >> kLogE) & ((1 << kL1B) - 1)) << kLogV);
   }
-  static __host__ __device__ constexpr int l1_thread(int t) { return deposit_a(t, kLogE); }
+  static __host__ __device__ constexpr int l1_thread(int t) {
+    return kSplit ? ((t & 1) << (kLogV + kL1B)) | deposit_a(t >> 1, 0) : deposit_a(t, kLogE);
+  }
 
+  // Padding: the lowest thread bit of L1 outside [0, kLogV) is bit kS2 (A's bit kHigh, or the split
+  // bit of B); c2 puts its word at V mod 32, the next ones at 2V, 4V (16 mod 32 for fp16/bf16).
   static constexpr int kS1 = kLogV + 2, kC1 = kLogV == 3 ? 4 : 0;
-  static constexpr int kS2 = kHigh;
+  static constexpr int kS2 = kLogV + kL1B;
   static __host__ __device__ constexpr int word_c1(int n) { return n + kC1 * (n >> kS1); }
   static constexpr int kC2 = ((1 << kLogV) - word_c1(1 << kS2)) & 31;
   static __host__ __device__ constexpr int word(int n) { return word_c1(n) + kC2 * (n >> kS2); }
@@ -521,13 +380,27 @@ __device__ __forceinline__ void registers_to_shared(const float* v, float* p) {
   else *p = v[0];
 }
 
+// Lanes l and l ^ 1 exchange every value: the even lane keeps a + b, the odd one a - b, i.e.
+// new = other + sign * mine with sign = -1 on the odd lane (exact, like the additions above).
+template <int R>
+__device__ __forceinline__ void butterflies_across_lane_bit0(float (&v)[R]) {
+  const float sign = (threadIdx.x & 1) ? -1.f : 1.f;
+#pragma unroll
+  for (int j = 0; j < R; ++j) v[j] = fmaf(sign, v[j], __shfl_xor_sync(0xffffffffu, v[j], 1));
+}
+
 template <int V, int R>
 __device__ __forceinline__ float (&vec_at(float (&v)[R], int jt))[V] {
   return *reinterpret_cast<float(*)[V]>(&v[jt * V]);
 }
 
 constexpr int kRowThreads = 128;  // 64 where two rows of shared memory do not fit (N = 8192 on sm_86/89)
-constexpr int kMaxRowLog2N = 13;  // N = 8192: 128 values per thread
+constexpr int kMaxRowLog2N = 15;  // N = 32768: 128 values per thread, 256 threads per row
+
+// Threads per block: kRowThreads, or one row's T where that is more (N = 32768).
+template <class L>
+__host__ __device__ constexpr int row_block_threads() { return cmax(kRowThreads, L::T); }
+constexpr int kRowPartials = 8;  // the epilogue's per-warp sums: up to 8 warps per block
 constexpr int kRowStageBatch = 16;  // loads in flight per thread while row_kernel stages s (and the norm weight)
 
 // The epilogue keeps the norm weight in shared memory up to N = 4096; at 8192 it is read through the
@@ -535,11 +408,15 @@ constexpr int kRowStageBatch = 16;  // loads in flight per thread while row_kern
 template <class L, Op kOp>
 __host__ __device__ constexpr bool row_stages_weight() { return kOp == Op::kAddPatchRmsNorm && L::kLogN <= 12; }
 
+// s/d in shared memory up to N = 8192; from 16384 s is read through the L1 cache (see above).
+template <class L, Op kOp>
+__host__ __device__ constexpr bool row_stages_s() { return kOp != Op::kTransform && L::kLogN <= 13; }
+
 // Shared memory of row_kernel: s/d, the norm weight, the epilogue's per-warp sums, a transpose buffer per row.
 template <class L, Op kOp>
 __host__ __device__ constexpr int row_shared_floats(int threads) {
-  return (kOp != Op::kTransform ? L::N : 0) + (row_stages_weight<L, kOp>() ? L::N : 0) +
-         (kOp == Op::kAddPatchRmsNorm ? 2 * kRowThreads / 32 : 0) + threads / L::T * L::kBufferFloats;
+  return (row_stages_s<L, kOp>() ? L::N : 0) + (row_stages_weight<L, kOp>() ? L::N : 0) +
+         (kOp == Op::kAddPatchRmsNorm ? kRowPartials : 0) + threads / L::T * L::kBufferFloats;
 }
 
 // Software pipelining in row_kernel: the next row's 16-byte vectors are loaded as they are (no
@@ -552,40 +429,47 @@ __host__ __device__ constexpr int row_shared_floats(int threads) {
 // cost resident warps; which wins there is for a GPU measurement to say.
 template <class L, Op kOp>
 __host__ __device__ constexpr bool row_prefetches() {
-  return L::V == 8 && L::R / L::V <= 8 &&
-         ((kOp == Op::kPatch && L::kLogN >= 11) || (kOp == Op::kAddPatchRmsNorm && L::kLogN == 12));
+  return L::V == 8 && ((L::R / L::V <= 8 && ((kOp == Op::kPatch && L::kLogN >= 11) ||
+                                              (kOp == Op::kAddPatchRmsNorm && L::kLogN == 12))) ||
+                       (kOp != Op::kAddPatchRmsNorm && L::kLogN == 15));
 }
 
 template <class L, Op kOp>
 __host__ __device__ constexpr int row_min_blocks() {
+  // N = 16384: shared memory holds 3 blocks (one row each) on sm_90; the epilogue would spill in 170
+  // registers, so it keeps 2.
+  if (L::kLogN == 14) return kOp == Op::kAddPatchRmsNorm ? 2 : 3;
+  if (L::kLogN == 15) return 1;  // one block of 256 threads per SM (148 KiB of shared memory)
   return !row_prefetches<L, kOp>() ? 1 : kOp == Op::kPatch ? 4 : 3;
 }
 
 // Persistent: the grid covers the multiprocessors once (see launch_rows); each block stages s (and
 // the norm weight) once and then loops over groups of blockDim.x / T rows.
 template <typename T, int kLogN, Op kOp>
-__global__ void __launch_bounds__(kRowThreads, row_min_blocks<RowLayout<T, kLogN>, kOp>())
+__global__ void __launch_bounds__(row_block_threads<RowLayout<T, kLogN>>(), row_min_blocks<RowLayout<T, kLogN>, kOp>())
 row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s, int64_t rows,
            float out_scale, EpilogueOperands<T> e) {
   using L = RowLayout<T, kLogN>;
   constexpr bool kPatch = kOp != Op::kTransform;
   constexpr bool kEpilogue = kOp == Op::kAddPatchRmsNorm;
   constexpr bool kStageWeight = row_stages_weight<L, kOp>();
+  constexpr bool kStageS = row_stages_s<L, kOp>();
   const int rows_per_iter = blockDim.x >> L::kLogT;
   extern __shared__ float4 smem4[];
   float* const s_l1 = reinterpret_cast<float*>(smem4);
-  float* const w_l0 = s_l1 + (kPatch ? L::N : 0);
+  float* const w_l0 = s_l1 + (kStageS ? L::N : 0);
   float* const partials = w_l0 + (kStageWeight ? L::N : 0);
-  float* const buffers = partials + (kEpilogue ? 2 * kRowThreads / 32 : 0);
+  float* const buffers = partials + (kEpilogue ? kRowPartials : 0);
   const int slot = threadIdx.x >> L::kLogT, t = threadIdx.x & (L::T - 1);
   float* const buf = buffers + slot * L::kBufferFloats;
-  // A row's threads are one aligned group of lanes (T <= 32) or two whole warps (T = 64).
+  // A row's threads are one aligned group of lanes (T <= 32) or whole warps: two (T = 64, the block
+  // one or two rows), four or eight (T = 128, 256: the block is one row).
   auto sync_row = [] {
     if constexpr (L::T > 32) __syncthreads();
     else __syncwarp();
   };
 
-  if constexpr (kPatch) {
+  if constexpr (kStageS) {
     // A gather of N values, N / blockDim.x per thread (32 at N = 4096): loaded in batches of
     // kRowStageBatch independent loads before any is stored, so that a thread waits for one memory
     // round trip per batch instead of one per value (before: ~16 us per block on an H200, inferred
@@ -615,8 +499,11 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     __syncthreads();
   }
   const float4* const s4 = reinterpret_cast<const float4*>(s_l1) + t;
+  const float* const s1 = s + L::l1_thread(t);  // N = 16384: s in L1 order through the L1 cache
   const float4* const w4 = reinterpret_cast<const float4*>(w_l0) + t;
   const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
+  // 1/d: folded into the staged s/d, else applied at the store (the epilogue: before the sum of squares).
+  const float s_scale = kPatch && !kStageS ? out_scale : 1.f;
   const int64_t step = int64_t(gridDim.x) * rows_per_iter;
 
   constexpr bool kPrefetch = row_prefetches<L, kOp>();
@@ -682,13 +569,20 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
 #pragma unroll
       for (int j = 0; j < L::R; j += L::kL1Vec) shared_to_registers<L::kL1Vec>(buf + w1 + L::word(L::l1_reg(j)), &v[j]);
       butterflies_over<L::kLogE, L::kLogR>(v);  // B, first transform
+      if constexpr (L::kSplit) butterflies_across_lane_bit0(v);  // B's split bit
     }
-    if constexpr (kPatch) {
+    if constexpr (kStageS) {
 #pragma unroll
       for (int q = 0; q < L::R / 4; ++q) {
         const float4 sv = s4[q * L::T];
         v[4 * q] *= sv.x; v[4 * q + 1] *= sv.y; v[4 * q + 2] *= sv.z; v[4 * q + 3] *= sv.w;
       }
+    } else if constexpr (kPatch) {
+#pragma unroll
+      for (int j = 0; j < L::R; ++j) v[j] *= __ldg(s1 + L::l1_reg(j));
+    }
+    if constexpr (kPatch) {
+      if constexpr (L::kSplit) butterflies_across_lane_bit0(v);
       butterflies_over<L::kLogE, L::kLogR>(v);  // B, second transform (empty when T == 1)
     }
     if constexpr (L::kLogT > 0) {
@@ -706,15 +600,22 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
 
     T* const yr = y + row * L::N + g0;
     if constexpr (kEpilogue) {
-      // h = v (1/d is in s); the row's sum of h^2 over its registers, its lanes, its two warps.
+      if constexpr (!kStageS) {
+#pragma unroll
+        for (int j = 0; j < L::R; ++j) v[j] *= s_scale;
+      }
+      // h = v (1/d applied); the row's sum of h^2 over its registers, its lanes, its warps.
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < L::R; ++j) sum = fmaf(v[j], v[j], sum);
       sum = sum_over_lanes<(L::T < 32 ? L::T : 32)>(sum);
       if constexpr (L::T > 32) {
+        constexpr int kWarps = L::T / 32;  // of the row
         if ((threadIdx.x & 31) == 0) partials[threadIdx.x >> 5] = sum;
         __syncthreads();
-        sum = partials[2 * slot] + partials[2 * slot + 1];
+        sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < kWarps; ++i) sum += partials[kWarps * slot + i];  // a fixed order
       }
       const float rstd = rsqrtf(sum * (1.f / L::N) + e.eps);
       if (active) {
@@ -737,7 +638,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     } else if (active) {
 #pragma unroll
       for (int jt = 0; jt < L::R / L::V; ++jt)
-        store_vec(yr + L::l0_reg(jt * L::V), vec_at<L::V>(v, jt), kPatch ? 1.f : out_scale);
+        store_vec(yr + L::l0_reg(jt * L::V), vec_at<L::V>(v, jt), kPatch ? s_scale : out_scale);
     }
     if constexpr (L::kLogT > 0) sync_row();  // the L0 reads are done before the next row's writes
   }
@@ -778,7 +679,7 @@ __device__ __forceinline__ void fwht_segments(const Src* src, const Src* add, fl
         for (int i = 0; i < L::V; ++i) v[r][i] = 0.f;
       }
     }
-    fwht_segment<L>(v, lane, nullptr);
+    fwht_segment<L>(v, lane);
     if (active) {
 #pragma unroll
       for (int r = 0; r < L::R; ++r) store_f32(z + seg * L::N + L::offset(r, pos), v[r]);
@@ -1520,11 +1421,13 @@ template <typename T, int kLogN, Op kOp>
 std::string launch_rows(const HadamardArgs& a) {
   using L = RowLayout<T, kLogN>;
   auto kernel = row_kernel<T, kLogN, kOp>;
-  // 128 threads, or 64 where that block's shared memory exceeds the device's limit.
-  const LaunchShape shapes[2] = {{kRowThreads, sizeof(float) * size_t(row_shared_floats<L, kOp>(kRowThreads))},
+  // 128 threads (256 at N = 32768), or 64 where that block's shared memory exceeds the device's limit
+  // and a row has at most 64 threads.
+  constexpr int threads = row_block_threads<L>();
+  const LaunchShape shapes[2] = {{threads, sizeof(float) * size_t(row_shared_floats<L, kOp>(threads))},
                                  {kRowThreads / 2, sizeof(float) * size_t(row_shared_floats<L, kOp>(kRowThreads / 2))}};
   KernelSetup setup;
-  std::string err = cached_setup(kernel, shapes, 2, a.device, setup);
+  std::string err = cached_setup(kernel, shapes, L::T <= kRowThreads / 2 ? 2 : 1, a.device, setup);
   const size_t smem = sizeof(float) * size_t(row_shared_floats<L, kOp>(setup.shape.threads));
   if (err.empty()) err = check_shared_memory(smem, setup);
   if (err.empty()) err = pending_error();
@@ -1535,26 +1438,6 @@ std::string launch_rows(const HadamardArgs& a) {
   kernel<<<unsigned(blocks), setup.shape.threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
   return launch_error("hadamard row_kernel");
-}
-
-template <typename T, int kLogN, Op kOp>
-std::string launch_pow2(const HadamardArgs& a) {
-  using L = Layout<T, kLogN>;
-  constexpr int threads = pow2_block_threads<L>();
-  constexpr int rows_per_block = L::W > 1 ? 1 : threads / L::G;
-  const int64_t blocks = (a.rows + rows_per_block - 1) / rows_per_block;
-  if (blocks > int64_t(INT32_MAX)) return "too many rows for one launch";
-  const size_t smem = sizeof(float) * size_t(pow2_shared_floats<L, kOp>());
-  auto kernel = pow2_kernel<T, kLogN, kOp>;
-  KernelSetup setup;
-  const LaunchShape shape{threads, smem};
-  std::string err = cached_setup(kernel, &shape, 1, a.device, setup);
-  if (err.empty()) err = check_shared_memory(smem, setup);
-  if (err.empty()) err = pending_error();
-  if (!err.empty()) return err;
-  kernel<<<unsigned(blocks), threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
-      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
-  return launch_error("hadamard pow2_kernel");
 }
 
 template <typename T, int kLogN, Op kOp>
@@ -1628,8 +1511,8 @@ std::string launch_op(const HadamardArgs& a) {
     if (launch_kfast_if_compiled<T, kLogN, kOp, 12, 20, 28, 36, 60>(a, err)) return err;
   }
   if (a.k == 1) {
-    if constexpr (kLogN <= kMaxRowLog2N) return launch_rows<T, kLogN, kOp>(a);
-    else return launch_pow2<T, kLogN, kOp>(a);
+    static_assert(kLogN <= kMaxRowLog2N, "row_kernel covers every K = 1 size");
+    return launch_rows<T, kLogN, kOp>(a);
   }
   if constexpr (kLogN <= 11) {  // K >= 12 and d <= 32768 leave N <= 2048
     return launch_kron<T, kLogN, kOp>(a);

@@ -96,11 +96,11 @@ def test_every_launch_fits_sm80_and_sm90(op):
 
 
 def test_sm86_refuses_only_what_exceeds_its_shared_memory():
-    """sm_86/89 allow 99 KiB per block: d = 32768 (pow2_kernel, 128 KiB) goes elsewhere, with the
-    numbers; 8192 fits by dropping row_kernel to 64-thread blocks; 24576 and 32256 (kron_kernel, one
+    """sm_86/89 allow 99 KiB per block: d = 32768 (row_kernel, one row of 256 threads: 145 KiB in
+    bf16) goes elsewhere, with the numbers; 16384 (one row of 128 threads, 72 KiB) fits; 8192 fits by dropping row_kernel to 64-thread blocks; 24576 and 32256 (kron_kernel, one
     row of fp32 per block: 96 and 126 KiB) fit with one row, not with the 126 KiB the last one needs."""
     reason = cuda_backend.unsupported_reason_for(torch.bfloat16, 32768, SM86)
-    assert reason is not None and "131072 bytes of shared memory" in reason and "101376 of sm_86" in reason
+    assert reason is not None and "148432 bytes of shared memory" in reason and "101376 of sm_86" in reason
     assert cuda_backend.launch_plan("hadamard_patch", torch.bfloat16, 8192, 100, 101_376)[1] == 64
     assert cuda_backend.launch_plan("hadamard_patch", torch.bfloat16, 8192, 100, 232_448)[1] == 128
     assert cuda_backend.unsupported_reason_for(torch.bfloat16, 16384, SM86) is None
@@ -547,7 +547,7 @@ def test_gpu_epilogue_norm_weight_dtypes(weight_dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_epilogue_every_covered_size(dtype):
     """Each kernel path of the epilogue: every power of two (one to several rows per block, the
-    reduction across warps from 8192 in fp32 and 16384 in 16-bit), each K with its smallest and
+    reduction across two warps from 8192, four at 16384 and eight at 32768), each K with its smallest and
     largest N (several rows per block to one row, one to several H_K tile rounds)."""
     by_k = {}
     for d in range(8, cuda_backend.MAX_D + 1):

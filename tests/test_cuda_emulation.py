@@ -152,7 +152,7 @@ def test_kronecker_sizes(fresh, d, dtype):
     check_all_ops(fresh, d, dtype, rows_for(d))
 
 
-@pytest.mark.parametrize("d", (576, 4096, 5120, 32768))
+@pytest.mark.parametrize("d", (576, 4096, 5120, 16384, 32768))
 def test_results_do_not_depend_on_the_schedule(fresh, d):
     """Another random thread and block order, another SM count: bit-identical outputs (a race or an
     order-dependent reduction would change bits)."""
@@ -177,7 +177,20 @@ def test_next_row_prefetch_across_many_row_groups(fresh, d, dtype):
     check_all_ops(fresh, d, dtype, (41,))
 
 
-@pytest.mark.parametrize("d", (4096, 5120, 32768))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("d", (16384, 32768))
+def test_row_kernel_one_row_per_block_walks_rows(fresh, d, dtype):
+    """d = 16384 and 32768 run row_kernel with a whole block (4 or 8 warps) per row and s read
+    through the L1 cache, not staged; 32768 adds the lane-shuffle stage of the split bit and (fp16/
+    bf16) the next row's prefetch. On one SM each block walks several rows of the persistent loop."""
+    fresh.configure(seed=5, sm_count=1)
+    (launch,) = fresh.launches_of("hadamard_patch", str(dtype).removeprefix("torch."), d, 5, 1)
+    threads = 128 if d == 16384 else 256
+    assert "row_kernel" in launch["symbol"] and launch["block"] == (threads, 1, 1) and launch["grid"][0] < 5, launch
+    check_all_ops(fresh, d, dtype, (5,))
+
+
+@pytest.mark.parametrize("d", (4096, 5120, 16384, 32768))
 def test_sm80_shared_memory_limit(fresh, d):
     """With sm_80's opt-in limit (166,912 B per block) the launchers still fit and stay correct."""
     fresh.configure(arch=emulate.SM80)

@@ -75,8 +75,8 @@ OPS = ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm")
 # before loading the library, whether a launch fits a device. tests/test_cuda_emulation.py checks it
 # against the emulated launchers' own launch records for every op, dtype and size.
 
-_ROW_THREADS = 128  # row_kernel: 128 threads per block, 64 where that does not fit
-_MAX_ROW_LOG2_N = 13
+_ROW_THREADS = 128  # row_kernel: 128 threads per block (a row's 256 at N = 32768), 64 where that does not fit
+_ROW_PARTIALS = 8  # kRowPartials
 _FAST_THREADS = 256  # kfast_kernel
 # (K, log2 N) of the kfast_kernel instances (kfast_size); other K > 1 sizes run kron_kernel.
 _FAST_SIZES = {(36, 4), (28, 5), (60, 4), (12, 7), (12, 8), (28, 7), (20, 8)}
@@ -92,37 +92,28 @@ def _round_up4(n: int) -> int:
     return (n + 3) // 4 * 4
 
 
+def _row_log2_threads(log_v: int, log_n: int) -> int:
+    """RowLayout::kLogT: threads per row (at most 128 values per thread)."""
+    return log_n - min(7, max(log_v, (log_n + 1) // 2))
+
+
 def _row_kernel_floats(op: str, log_v: int, log_n: int, threads: int) -> int:
     # RowLayout: the transpose buffer's padded word of the last column, per row of the block.
     n = 1 << log_n
-    log_r = max(log_v, (log_n + 1) // 2)
-    log_t = log_n - log_r
-    high = log_v + log_t
+    log_t = _row_log2_threads(log_v, log_n)
+    log_r = log_n - log_t
+    s2 = log_v + min(log_t, log_r)  # kS2 (the split layout at N = 32768 keeps one bit of B a thread bit)
     s1, c1 = log_v + 2, (4 if log_v == 3 else 0)
 
     def word_c1(i: int) -> int:
         return i + c1 * (i >> s1)
 
-    c2 = ((1 << log_v) - word_c1(1 << high)) & 31
-    buffer = (word_c1(n - 1) + c2 * ((n - 1) >> high) + 4) // 4 * 4
+    c2 = ((1 << log_v) - word_c1(1 << s2)) & 31
+    buffer = (word_c1(n - 1) + c2 * ((n - 1) >> s2) + 4) // 4 * 4
     epilogue = op == "patch_add_rmsnorm"
-    return ((n if op != "hadamard_transform" else 0) + (n if epilogue and log_n <= 12 else 0)
-            + (2 * _ROW_THREADS // 32 if epilogue else 0) + threads // (1 << log_t) * buffer)
-
-
-def _pow2_log2_warps(log_v: int, log_n: int) -> int:
-    bits = log_n - log_v  # Layout<T, log_n, 7>: vectors in registers, lanes, then warps
-    log_g0 = min(bits, 3)
-    log_r = min(7 - log_v, bits - log_g0)
-    log_g = log_g0 + min(5 - log_g0, bits - log_g0 - log_r)
-    return bits - log_r - log_g
-
-
-def _pow2_kernel_floats(op: str, log_v: int, log_n: int) -> int:
-    warps = 1 << _pow2_log2_warps(log_v, log_n)
-    if warps == 1:
-        return 0
-    return (1 << log_n) + (4 * ((warps + 3) // 4) if op == "patch_add_rmsnorm" else 0)
+    # s/d staged up to N = 8192 (row_stages_s), the norm weight up to 4096 (row_stages_weight)
+    return ((n if op != "hadamard_transform" and log_n <= 13 else 0) + (n if epilogue and log_n <= 12 else 0)
+            + (_ROW_PARTIALS if epilogue else 0) + threads // (1 << log_t) * buffer)
 
 
 def _fast_kernel_floats(op: str, k: int, log_n: int) -> int:
@@ -149,16 +140,15 @@ def launch_plan(op: str, dtype: torch.dtype, d: int, rows: int, smem_limit: int)
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     f = hadamard_factors(d)
     log_v = _vector_log2(dtype)
-    if f.k == 1 and f.log2_n <= _MAX_ROW_LOG2_N:
-        for threads in (_ROW_THREADS, _ROW_THREADS // 2):
+    if f.k == 1:
+        row_threads = 1 << _row_log2_threads(log_v, f.log2_n)  # RowLayout::T
+        candidates = ((_ROW_THREADS, _ROW_THREADS // 2) if row_threads <= _ROW_THREADS // 2
+                      else (max(_ROW_THREADS, row_threads),))
+        for threads in candidates:
             smem = 4 * _row_kernel_floats(op, log_v, f.log2_n, threads)
             if smem <= smem_limit:
                 break
         return "row_kernel", threads, smem
-    if f.k == 1:
-        log_warps = _pow2_log2_warps(log_v, f.log2_n)
-        threads = 32 << log_warps if log_warps > 0 else 128
-        return "pow2_kernel", threads, 4 * _pow2_kernel_floats(op, log_v, f.log2_n)
     if (f.k, f.log2_n) in _FAST_SIZES and (op != "patch_add_rmsnorm" or f.k <= _FAST_EPILOGUE_MAX_K):
         return "kfast_kernel", _FAST_THREADS, 4 * _fast_kernel_floats(op, f.k, f.log2_n)
     return "kron_kernel", 256, 4 * _kron_kernel_floats(op, d, max(rows, 1))
