@@ -1006,16 +1006,17 @@ __device__ __forceinline__ void apply_h_k(const float (&x)[K], float (&out)[K]) 
 }
 
 // (K, log2 N) pairs with a kfast_kernel instance: the K > 1 hidden sizes of real models up to K = 60
-// (576, 896, 960, 1536, 3072, 3584, 5120; 24576 = 12 x 2048 would need 110 KiB per tile, more than
-// sm_86/89 allow). Each pair is its own kernel per op and dtype (the code is unrolled for both), so
+// (576, 896, 960, 1536, 2304, 2560, 3072, 3584, 5120, 6144, 7168, 12288; 24576 = 12 x 2048 would need
+// 110 KiB per tile, more than sm_86/89 allow). Each pair is its own kernel per op and dtype (the code is unrolled for both), so
 // the list stays short; other pairs run kron_kernel (K up to 252, correct, unspilled, slower).
 // linearpatch_kernels/backends/cuda_backend.py mirrors this list (_FAST_SIZES).
 // The fused epilogue only up to K = 36: at K = 60 (fp32) its column pass and row sums spill on sm_80.
 constexpr int kFastEpilogueMaxK = 36;
 template <Op kOp>
 __host__ __device__ constexpr bool kfast_size(int k, int log2_n) {
-  return ((k == 36 && log2_n == 4) || (k == 28 && log2_n == 5) || (k == 60 && log2_n == 4) ||
-          (k == 12 && (log2_n == 7 || log2_n == 8)) || (k == 28 && log2_n == 7) || (k == 20 && log2_n == 8)) &&
+  return ((k == 12 && log2_n >= 7 && log2_n <= 10) || (k == 20 && (log2_n == 7 || log2_n == 8)) ||
+          (k == 28 && (log2_n == 5 || log2_n == 7 || log2_n == 8)) || (k == 36 && (log2_n == 4 || log2_n == 6)) ||
+          (k == 60 && log2_n == 4)) &&
          (kOp != Op::kAddPatchRmsNorm || k <= kFastEpilogueMaxK);
 }
 
@@ -1168,8 +1169,16 @@ __host__ __device__ constexpr int kfast_shared_floats() {
   return L::kTileWords + (kOp == Op::kAddPatchRmsNorm ? round_up4(L::P) : 0);
 }
 
+// ptxas's own register choice (no minimum blocks given: 0), except for the fp16/bf16 epilogue at
+// 6144 (K = 12, N = 512), where it picks 128 registers and spills 8 bytes; a minimum of 1 block lets
+// it take 188 (one block per SM, like the other epilogues from 3584 up).
 template <typename T, int K, int kLogN, Op kOp>
-__global__ void __launch_bounds__(kFastThreads)
+__host__ __device__ constexpr int kfast_min_blocks() {
+  return kOp == Op::kAddPatchRmsNorm && sizeof(T) == 2 && K == 12 && kLogN == 9 ? 1 : 0;
+}
+
+template <typename T, int K, int kLogN, Op kOp>
+__global__ void __launch_bounds__(kFastThreads, kfast_min_blocks<T, K, kLogN, kOp>())
 kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s, int64_t rows, float out_scale,
              EpilogueOperands<T> e) {
   using L = FastLayout<T, K, kLogN>;
