@@ -285,9 +285,12 @@ __device__ __forceinline__ void store_h_and_normed(T* y, T* normed, const float*
 // two transposes per patch, as for the transform (which goes back to L0 to store 16-byte vectors).
 // s/d is staged once per block in shared memory in L1 order (the norm weight of the epilogue in L0
 // order), as float4 planes: plane q of thread t at float4 q * T + t, conflict-free. From N = 16384 s
-// (64 KiB) and a row's buffer (74 KiB) would leave one block per SM, so s is read per row through the
-// L1 cache in L1 order instead (8 consecutive threads read 32 contiguous bytes: whole sectors) and 1/d
-// is applied at the store.
+// (64 KiB) and a row's buffer (72 KiB in fp16/bf16) would leave one block per SM, so s is read per
+// row in L1 order through the cache instead, and 1/d is applied at the store. A load instruction reads
+// whole 32-byte sectors in fp16/bf16 (8 threads on 8 consecutive floats) and half sectors in fp32 (4
+// threads; the other half comes one register later). With 3 blocks' buffers in shared memory, 64 KiB
+// of s hardly stays in L1: expect it from L2, 4 bytes per element beside the 4 (bf16) of HBM traffic;
+// the SASS model does not charge it to any pipe.
 //
 // Shared-memory word of n: word(n) = n + c1 (n >> s1) + c2 (n >> s2). It is strictly increasing (so
 // one-to-one) and additive over disjoint bit patterns, so word(thread part | register part) is a
@@ -422,11 +425,12 @@ __host__ __device__ constexpr int row_shared_floats(int threads) {
 // Software pipelining in row_kernel: the next row's 16-byte vectors are loaded as they are (no
 // conversion) while this row is computed, so that their memory latency overlaps this row's work
 // instead of stalling the warp at the top of the loop. It costs 32 registers per tensor (fp16/bf16,
-// 8 vectors per thread), so it is used only where shared memory, not registers, bounds the resident
-// blocks: the patch at N = 2048 and 4096 (4 blocks of 128 threads per SM on sm_90, so at most 128
-// registers) and the epilogue at 4096 (3 blocks, at most 170 registers); row_min_blocks makes the
-// compiler keep to those counts. Elsewhere (the transform, N <= 1024, the epilogue at 2048) it would
-// cost resident warps; which wins there is for a GPU measurement to say.
+// 8 vectors per thread; 64 at N = 32768), so it is used only where shared memory, not registers,
+// bounds the resident blocks: the patch at N = 2048 and 4096 (4 blocks of 128 threads per SM on sm_90,
+// so at most 128 registers), the epilogue at 4096 (3 blocks, at most 170 registers), and the transform
+// and patch at 32768 (one block of 256 threads per SM: 254 registers, no spills); row_min_blocks makes
+// the compiler keep to those counts. Elsewhere (the transform below 32768, N <= 1024, the epilogue at
+// 2048, everything at 16384) it would cost resident warps; which wins there is for a GPU to say.
 template <class L, Op kOp>
 __host__ __device__ constexpr bool row_prefetches() {
   return L::V == 8 && ((L::R / L::V <= 8 && ((kOp == Op::kPatch && L::kLogN >= 11) ||
@@ -439,7 +443,7 @@ __host__ __device__ constexpr int row_min_blocks() {
   // N = 16384: shared memory holds 3 blocks (one row each) on sm_90; the epilogue would spill in 170
   // registers, so it keeps 2.
   if (L::kLogN == 14) return kOp == Op::kAddPatchRmsNorm ? 2 : 3;
-  if (L::kLogN == 15) return 1;  // one block of 256 threads per SM (148 KiB of shared memory)
+  if (L::kLogN == 15) return 1;  // one block of 256 threads per SM (145 KiB of shared memory in fp16/bf16)
   return !row_prefetches<L, kOp>() ? 1 : kOp == Op::kPatch ? 4 : 3;
 }
 
@@ -499,7 +503,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     __syncthreads();
   }
   const float4* const s4 = reinterpret_cast<const float4*>(s_l1) + t;
-  const float* const s1 = s + L::l1_thread(t);  // N = 16384: s in L1 order through the L1 cache
+  const float* const s1 = kPatch ? s + L::l1_thread(t) : s;  // N >= 16384: s in L1 order through the cache
   const float4* const w4 = reinterpret_cast<const float4*>(w_l0) + t;
   const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
   // 1/d: folded into the staged s/d, else applied at the store (the epilogue: before the sum of squares).
@@ -585,8 +589,11 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       if constexpr (L::kSplit) butterflies_across_lane_bit0(v);
       butterflies_over<L::kLogE, L::kLogR>(v);  // B, second transform (empty when T == 1)
     }
+    // Two barriers per row, not four: a thread writes back exactly the L1 words it read (no other
+    // thread reads them between the barriers), and reads back in L0 exactly the words it wrote at the
+    // top of the loop, so neither the L1 write-back nor the next row's L0 writes need to wait for the
+    // others. (The epilogue's partials are rewritten only after the next row's two barriers.)
     if constexpr (L::kLogT > 0) {
-      sync_row();  // every thread of the row has read its L1 values
 #pragma unroll
       for (int j = 0; j < L::R; j += L::kL1Vec) registers_to_shared<L::kL1Vec>(&v[j], buf + w1 + L::word(L::l1_reg(j)));
       sync_row();
@@ -640,7 +647,6 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       for (int jt = 0; jt < L::R / L::V; ++jt)
         store_vec(yr + L::l0_reg(jt * L::V), vec_at<L::V>(v, jt), kPatch ? s_scale : out_scale);
     }
-    if constexpr (L::kLogT > 0) sync_row();  // the L0 reads are done before the next row's writes
   }
 }
 

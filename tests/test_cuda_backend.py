@@ -547,7 +547,7 @@ def test_gpu_epilogue_norm_weight_dtypes(weight_dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_epilogue_every_covered_size(dtype):
     """Each kernel path of the epilogue: every power of two (one to several rows per block, the
-    reduction across two warps from 8192, four at 16384 and eight at 32768), each K with its smallest and
+    reduction across two warps at 4096 and 8192, four at 16384 and eight at 32768), each K with its smallest and
     largest N (several rows per block to one row, one to several H_K tile rounds)."""
     by_k = {}
     for d in range(8, cuda_backend.MAX_D + 1):

@@ -218,7 +218,7 @@ def test_sizes_no_gpu_kernel_can_launch_route_to_a_backend_that_runs_them(fake_g
         assert name != "triton"
         chosen = backends.get_backend(name)
         assert chosen.unsupported_reason(x) is None
-        # 252 = 252 x 1 is below the CUDA kernels' 8-wide rows, and 32256 and 32768 need 126 and 128 KiB
+        # 252 = 252 x 1 is below the CUDA kernels' 8-wide rows, and 32256 and 32768 need 126 and 145 KiB
         # of shared memory per block, more than sm_86 has: the torch backend takes those.
         too_big = capability == SM86 and d in (32256, 32768)
         assert name == ("cuda" if cuda_built and d != 252 and not too_big else "torch")

@@ -25,7 +25,7 @@ Where the library comes from, first that works:
 Coverage: ``d = K * 2**m <= 32768`` with ``2**m >= 8`` (a 16-byte vector never straddles two rows
 of the ``K x 2**m`` view), fp32/fp16/bf16, GPUs of compute capability 8.0 or newer whose per-block
 shared memory holds the launch (``launch_plan`` mirrors the launchers' choice; ``d = 32768`` needs
-128 KiB: not on sm_86/89/120, whose 99 KiB send it to another backend).
+129 KiB in fp32 and 145 KiB in fp16/bf16: not on sm_86/89/120, whose 99 KiB send it to another backend).
 """
 
 from __future__ import annotations
