@@ -15,6 +15,12 @@ sm_86/sm_89 (101,376 bytes per block) use the sm_80 compilation (same Triton low
 their own limit. Inputs the backend refuses are listed with its reason (they go to another backend).
 
 Writes ``report.json`` and ``report.md`` (registers, spills, shared memory, SASS counts per kernel).
+For prefill on sm_90 and sm_80 it also models the time of 16,384 rows on an H200 / A100 from the
+SASS of one iteration of the row-block loop, the way ``benchmarks/sass_budget.py`` models the CUDA
+kernels (its parser, loop finder and machine constants): warp instructions, shuffles and shared-memory
+bytes per element (one iteration covers BLOCK_M rows over the program's warps), the slowest of
+issue, shuffle, shared memory and HBM, as a multiple of a copy. A model, not a measurement: no
+latency, no bank conflicts, tensor-core throughput not modelled (HMMA/HGMMA count as issue slots).
 Compiled kernels stay in Triton's cache (``TRITON_CACHE_DIR``), and their measurements in
 ``<cache>/linearpatch-aot.json``, so reruns take seconds.
 
@@ -28,6 +34,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -64,6 +71,21 @@ TARGETS = (
 SASS_OPS = ("HMMA", "HGMMA", "FADD", "FFMA", "FMUL", "SHFL", "LDS", "STS", "LDG", "LDGSTS", "STG", "BAR", "MUFU", "LDL",
             "STL")
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_sass_budget():
+    """benchmarks/sass_budget.py (SASS parser, loop finder, GPU constants), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("linearpatch_sass_budget", ROOT / "benchmarks" / "sass_budget.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+SB = _load_sass_budget()
+MODEL_GPUS = {90: "H200", 80: "A100"}  # targets compiled for that architecture and modelled on that GPU
+SB_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _kernel_and_signature(op: str, dtype: str, d: int, network: bool):
@@ -112,7 +134,14 @@ def measure(kernel) -> dict:
                               check=True).stdout
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     opcodes = collections.Counter(m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    (code,) = SB.parse_sass(sass).values()  # one kernel per cubin
+    path = SB.executed_path(code)
+    body = path.body
     return {
+        # one iteration of the row-block loop (the whole kernel when there is no loop), per warp
+        "body": {"instructions": body.instructions, "shuffles": body.shuffles,
+                 "smem_bytes": 32 * (body.bytes("lds") + body.bytes("sts") + body.bytes("ldgsts")),
+                 "row_loop": path.has_row_loop, "inner_loops": path.inner_loops},
         "registers": int(usage.get("REG", 0)),
         "local_bytes": int(usage.get("LOCAL", 0)) + int(usage.get("STACK", 0)),
         "shared_bytes": int(kernel.metadata.shared),
@@ -127,8 +156,11 @@ def _cache_path() -> Path:
     return Path(base) / "linearpatch-aot.json"
 
 
+MEASURE_VERSION = "2"  # bump when measure() returns something new, so that cached rows are redone
+
+
 def _source_hash() -> str:
-    text = Path(tb.__file__).read_text() + triton.__version__ + ",".join(SASS_OPS)
+    text = Path(tb.__file__).read_text() + triton.__version__ + ",".join(SASS_OPS) + MEASURE_VERSION
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -206,6 +238,8 @@ def run(sizes, dtypes, ops, out: Path, jobs: int) -> int:
         if "refused" in row:
             continue
         row.update(cache[row.pop("key")])
+        if "error" not in row:
+            row["model"] = model(row)
         problems = _problems(row)
         if problems:
             row["problems"] = problems
@@ -223,32 +257,66 @@ def run(sizes, dtypes, ops, out: Path, jobs: int) -> int:
     return 1 if failures else 0
 
 
+def model(row: dict) -> dict | None:
+    """The modelled time of 16,384 rows (prefill on sm_90/sm_80) as a multiple of a copy, with the
+    per-element counts it comes from; None for decode, sm_86 and kernels without a counted body."""
+    gpu_name = MODEL_GPUS.get(row["arch"]) if row["target"] in ("sm_80", "sm_90") else None
+    if gpu_name is None or row["regime"] != "prefill" or "body" not in row or row["body"]["inner_loops"]:
+        return None
+    gpu, c, b = SB.GPUS[gpu_name], row["config"], row["body"]
+    per_warp = c["BLOCK_M"] * row["d"] / c["num_warps"]  # elements one warp covers per iteration
+    per_el = {"instructions": b["instructions"] / per_warp, "shuffles": b["shuffles"] / per_warp,
+              "smem_bytes": b["smem_bytes"] / per_warp}
+    esize = SB.DTYPES[SB_DTYPES[row["dtype"]]]
+    n_in, n_out = SB.STREAMS[row["op"]]
+    elements = SB.ROWS * row["d"]
+    clk = gpu["clock_hz"] * gpu["sms"]
+    times = {"issue": elements * per_el["instructions"] / (gpu["issue_per_clk"] * clk),
+             "shuffle": elements * per_el["shuffles"] * 32 / (gpu["shfl_lanes_per_clk"] * clk),
+             "shared": elements * per_el["smem_bytes"] / (gpu["smem_bytes_per_clk"] * clk),
+             "hbm": elements * esize * (n_in + n_out) / gpu["copy_bytes_per_s"]}
+    bound = max(times, key=times.get)
+    copy = elements * esize * 2 / gpu["copy_bytes_per_s"]
+    return {"gpu": gpu_name, "ratio": round(times[bound] / copy, 3), "bound": bound,
+            "per_element": {k: round(v, 3) for k, v in per_el.items()}}
+
+
 def _markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# Triton kernels compiled ahead of time (triton {meta['triton']})", "",
              "Written by `python scripts/triton_aot.py`. Decode = 1 row, prefill = 16,384 rows; the launch",
              "configuration is the one the backend picks; `refused` = the backend sends the input elsewhere.",
              "K_PAD = K and `H_K: adds`: the unpadded row with H_K as a +-1 add network, else H_K is a",
              "tensor-core dot on the row padded to K_PAD rows. Stages 2: the row-block loop is software-pipelined",
-             "(the next block's loads issued as cp.async copies, LDGSTS, before the current block is computed).", "",
-             "| target | op | dtype | d | regime | BLOCK_M x K_PAD x N / warps | stages | regs | local B | smem B (est.) | SASS | HMMA+HGMMA | SHFL | LDS+STS | LDGSTS | BAR | verdict |",
-             "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "(the next block's loads issued as cp.async copies, LDGSTS, before the current block is computed).",
+             "SASS columns: static counts of the whole kernel. `instr/el` and `model x copy`: prefill on sm_90",
+             "(H200) and sm_80 (A100) only, warp instructions per element of one row-block iteration and the",
+             "modelled time of 16,384 rows as a multiple of a copy with its bound (issue, shuffle, shared, hbm;",
+             "the fused epilogue moves two tensors each way, so its floor is 2). A model, not a measurement.", "",
+             "| target | op | dtype | d | regime | BLOCK_M x K_PAD x N / warps | stages | regs | local B | smem B (est.) | SASS | HMMA+HGMMA | SHFL | LDS+STS | LDGSTS | BAR | instr/el | model x copy | verdict |",
+             "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         c = r["config"]
         h_k = " (H_K: adds)" if c["NETWORK"] else ""
         shape = f"{c['BLOCK_M']}x{c['K_PAD']}x{c['N']} / {c['num_warps']}{h_k}"
         head = f"| {r['target']} | {r['op']} | {r['dtype']} | {r['d']} | {r['regime']} | {shape} | {c['STAGES']} |"
         if "refused" in r:
-            lines.append(f"{head} | | | | | | | | | refused: {r['refused']} |")
+            lines.append(f"{head} | | | | | | | | | | | refused: {r['refused']} |")
         elif "error" in r:
-            lines.append(f"{head} | | | | | | | | | **{r['error']}** |")
+            lines.append(f"{head} | | | | | | | | | | | **{r['error']}** |")
         else:
             s = r["sass"]
             verdict = "**" + "; ".join(r["problems"]) + "**" if "problems" in r else "ok"
             lines.append(f"{head} {r['registers']} | {r['local_bytes']} | {r['shared_bytes']} ({r['estimate_shared_bytes']}) | "
                          f"{r['sass_total']} | {s['HMMA'] + s['HGMMA']} | {s['SHFL']} | {s['LDS'] + s['STS']} | {s['LDGSTS']} | "
-                         f"{s['BAR']} | {verdict} |")
+                         f"{s['BAR']} | {_model_cells(r.get('model'))} | {verdict} |")
     lines += ["", f"Failures: {len(meta['failures'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _model_cells(m: dict | None) -> str:
+    if not m:
+        return " | "
+    return f"{m['per_element']['instructions']:.2f} | {m['ratio']:.2f} ({m['bound']})"
 
 
 def main(argv=None) -> int:
