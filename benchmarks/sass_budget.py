@@ -319,6 +319,16 @@ def occupancy(registers: int, threads: int, smem: int, gpu: dict) -> tuple[int, 
     return blocks, blocks * math.ceil(threads / 32) / MAX_WARPS
 
 
+def pipe_times(instructions: float, shuffles: float, smem_bytes: float, hbm_bytes: float, gpu: dict) -> dict:
+    """Seconds on each pipe of ``gpu`` for the given totals (warp instructions, warp shuffles, shared-memory
+    bytes, HBM bytes); the slowest is the modelled time."""
+    clk = gpu["clock_hz"] * gpu["sms"]
+    return dict(issue=instructions / (gpu["issue_per_clk"] * clk),
+                shuffle=shuffles * 32 / (gpu["shfl_lanes_per_clk"] * clk),
+                shared=smem_bytes / (gpu["smem_bytes_per_clk"] * clk),
+                hbm=hbm_bytes / gpu["copy_bytes_per_s"])
+
+
 def model_row(op: str, dtype: str, d: int, launch: dict, res: Resources, path: Path_, gpu: dict) -> dict:
     esize = DTYPES[dtype]
     n_in, n_out = STREAMS[op]
@@ -342,14 +352,9 @@ def model_row(op: str, dtype: str, d: int, launch: dict, res: Resources, path: P
                   **{f"{c}_bytes": 32 * b.bytes(c) / per_iter for c in ("lds", "sts", "ldg", "stg", "ldgsts")},
                   smem_bytes=32 * (b.bytes("lds") + b.bytes("sts") + b.bytes("ldgsts")) / per_iter,
                   widths={c: sorted(b.memory[c]) for c in ("ldg", "stg", "lds", "sts", "ldgsts") if b.memory[c]})
-    clk = gpu["clock_hz"] * gpu["sms"]
-    warp_instructions = elements * per_el["instructions"] + warps_launched * path.prologue.instructions
-    times = dict(
-        issue=warp_instructions / (gpu["issue_per_clk"] * clk),
-        shuffle=(elements * per_el["shuffles"] + warps_launched * path.prologue.shuffles) * 32 / (gpu["shfl_lanes_per_clk"] * clk),
-        shared=(elements * per_el["smem_bytes"]) / (gpu["smem_bytes_per_clk"] * clk),
-        hbm=elements * esize * (n_in + n_out) / gpu["copy_bytes_per_s"],
-    )
+    times = pipe_times(elements * per_el["instructions"] + warps_launched * path.prologue.instructions,
+                       elements * per_el["shuffles"] + warps_launched * path.prologue.shuffles,
+                       elements * per_el["smem_bytes"], elements * esize * (n_in + n_out), gpu)
     copy = elements * esize * 2 / gpu["copy_bytes_per_s"]
     bound = max(times, key=times.get)
     row.update(per_element={k: (round(v, 3) if isinstance(v, float) else v) for k, v in per_el.items()},

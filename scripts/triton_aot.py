@@ -270,11 +270,8 @@ def model(row: dict) -> dict | None:
     esize = SB.DTYPES[SB_DTYPES[row["dtype"]]]
     n_in, n_out = SB.STREAMS[row["op"]]
     elements = SB.ROWS * row["d"]
-    clk = gpu["clock_hz"] * gpu["sms"]
-    times = {"issue": elements * per_el["instructions"] / (gpu["issue_per_clk"] * clk),
-             "shuffle": elements * per_el["shuffles"] * 32 / (gpu["shfl_lanes_per_clk"] * clk),
-             "shared": elements * per_el["smem_bytes"] / (gpu["smem_bytes_per_clk"] * clk),
-             "hbm": elements * esize * (n_in + n_out) / gpu["copy_bytes_per_s"]}
+    times = SB.pipe_times(elements * per_el["instructions"], elements * per_el["shuffles"],
+                          elements * per_el["smem_bytes"], elements * esize * (n_in + n_out), gpu)
     bound = max(times, key=times.get)
     copy = elements * esize * 2 / gpu["copy_bytes_per_s"]
     return {"gpu": gpu_name, "ratio": round(times[bound] / copy, 3), "bound": bound,
