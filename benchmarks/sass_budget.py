@@ -392,7 +392,7 @@ def sizes() -> list[tuple[int, int]]:
     """(d, K): every power of two 8..32768 and the K > 1 sizes of real models plus the extremes."""
     from linearpatch_kernels.hadamard import hadamard_factors
 
-    ds = [1 << m for m in range(3, 16)] + [96, 576, 896, 960, 1536, 2016, 2304, 2560, 3072, 3584, 5120, 5376, 6144,
+    ds = [1 << m for m in range(3, 16)] + [96, 576, 896, 960, 1536, 2016, 2304, 2560, 3072, 3584, 4608, 5120, 5376, 6144,
                                            7168, 12288, 24576, 32256]
     return [(d, hadamard_factors(d).k) for d in sorted(set(ds))]
 

@@ -1011,9 +1011,10 @@ __device__ __forceinline__ void apply_h_k(const float (&x)[K], float (&out)[K]) 
   hk_apply<K>(x, out, std::make_integer_sequence<int, K / 4>{});
 }
 
-// (K, log2 N) pairs with a kfast_kernel instance: the K > 1 hidden sizes of real models up to K = 60
-// (576, 896, 960, 1536, 2304, 2560, 3072, 3584, 5120, 6144, 7168, 12288; 24576 = 12 x 2048 would need
-// 110 KiB per tile, more than sm_86/89 allow). Each pair is its own kernel per op and dtype (the code is unrolled for both), so
+// (K, log2 N) pairs with a kfast_kernel instance: the K > 1 hidden sizes of real models
+// (576, 896, 960, 1536, 2304, 2560, 3072, 3584, 4608, 5120, 5376, 6144, 7168, 12288; 24576 = 12 x 2048
+// would need 110 KiB per tile, more than sm_86/89 allow; K = 84 at 5376 takes 94.5 KiB and up to 255
+// registers, unspilled on sm_80 and sm_90). Each pair is its own kernel per op and dtype (the code is unrolled for both), so
 // the list stays short; other pairs run kron_kernel (K up to 252, correct, unspilled, slower).
 // linearpatch_kernels/backends/cuda_backend.py mirrors this list (_FAST_SIZES).
 // The fused epilogue only up to K = 36: at K = 60 (fp32) its column pass and row sums spill on sm_80.
@@ -1021,8 +1022,8 @@ constexpr int kFastEpilogueMaxK = 36;
 template <Op kOp>
 __host__ __device__ constexpr bool kfast_size(int k, int log2_n) {
   return ((k == 12 && log2_n >= 7 && log2_n <= 10) || (k == 20 && (log2_n == 7 || log2_n == 8)) ||
-          (k == 28 && (log2_n == 5 || log2_n == 7 || log2_n == 8)) || (k == 36 && (log2_n == 4 || log2_n == 6)) ||
-          (k == 60 && log2_n == 4)) &&
+          (k == 28 && (log2_n == 5 || log2_n == 7 || log2_n == 8)) || (k == 36 && (log2_n == 4 || log2_n == 6 || log2_n == 7)) ||
+          (k == 60 && log2_n == 4) || (k == 84 && log2_n == 6)) &&
          (kOp != Op::kAddPatchRmsNorm || k <= kFastEpilogueMaxK);
 }
 
@@ -1523,7 +1524,7 @@ template <typename T, int kLogN, Op kOp>
 std::string launch_op(const HadamardArgs& a) {
   if (a.k > 1) {
     std::string err;
-    if (launch_kfast_if_compiled<T, kLogN, kOp, 12, 20, 28, 36, 60>(a, err)) return err;
+    if (launch_kfast_if_compiled<T, kLogN, kOp, 12, 20, 28, 36, 60, 84>(a, err)) return err;
   }
   if (a.k == 1) {
     static_assert(kLogN <= kMaxRowLog2N, "row_kernel covers every K = 1 size");
