@@ -183,7 +183,7 @@ def plan(sizes, dtypes, ops) -> list[dict]:
                     reason = tb.unsupported_reason_for(DTYPES[dtype], d, capability)
                     for regime, n_rows in REGIMES.items():
                         config = tb.launch_config(d, n_rows, sm_count, DTYPES[dtype], op,
-                                                  tb.shared_memory_limit(capability))
+                                                  tb.shared_memory_limit(capability), capability)
                         row = {"target": target, "arch": arch, "limit": tb.shared_memory_limit(capability),
                                "op": op, "dtype": dtype, "d": d, "regime": regime, "launch": config,
                                "config": {**dataclasses.asdict(config), "num_warps": config.num_warps},

@@ -76,3 +76,10 @@ def test_plan_compiles_the_add_network_where_the_padded_dot_cannot_run():
     assert by_d[9216] and all("refused" not in r and r["config"]["NETWORK"] for r in by_d[9216])
     assert all(r["config"]["K_PAD"] == 36 and r["estimate_shared_bytes"] == 4 * 32 * 256 for r in by_d[9216])
     assert by_d[18432] and all("18432 values per row" in r["refused"] for r in by_d[18432])
+
+
+def test_plan_follows_the_backends_choice_per_architecture():
+    rows = _script().plan([576, 2304, 5120], ["bf16"], ["hadamard_patch"])
+    network = {(r["target"], r["d"]) for r in rows if r["config"]["NETWORK"]}
+    assert network == {("sm_80", 576), ("sm_86", 576), ("sm_90", 576), ("sm_80", 2304), ("sm_86", 2304)}
+    assert all("refused" not in r for r in rows)

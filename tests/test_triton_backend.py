@@ -75,8 +75,36 @@ def test_rows_the_padded_dot_cannot_hold_run_unpadded_with_an_add_network():
     signs = decode.constexprs()["SIGNS"]
     h_36 = torch.tensor([1.0 if c == "+" else -1.0 for c in signs]).view(36, 36)
     assert torch.equal(h_36, hadamard_factors(9216).h_k.float())
-    assert not tb.launch_config(576, 1, 132).NETWORK  # 36 x 16: the tensor-core dot (padded to 64)
+    assert not tb.launch_config(576, 1, 132).NETWORK  # 36 x 16, architecture unknown: the dot (padded to 64)
     assert not tb.launch_config(4096, 1, 132).NETWORK
+
+
+SM100 = (10, 0)
+
+
+@pytest.mark.parametrize("rows", [1, 16384])
+def test_network_is_chosen_where_it_models_faster_than_the_padded_dot(rows):
+    def network(d, capability):
+        limit = gpu_limits.shared_memory_limit(capability)
+        c = tb.launch_config(d, rows, 132, torch.bfloat16, "hadamard_patch", limit, capability)
+        assert c.NETWORK == (c.K_PAD == c.K)  # the network never pads, the dot always does (K > 1)
+        return c.NETWORK
+
+    # 36 x 16 on sm_80/86 and sm_90, 36 x 64 on sm_80/86 only (NETWORK_PREFERRED).
+    assert network(576, SM80) and network(576, SM86) and network(576, SM90)
+    assert network(2304, SM80) and network(2304, SM86) and not network(2304, SM90)
+    # An architecture without a model keeps the dot; other sizes keep the dot everywhere.
+    assert not network(576, SM100) and not network(2304, SM100)
+    for d in (896, 960, 1536, 3072, 5120):
+        for cap in (SM80, SM90, SM100):
+            assert not network(d, cap), (d, cap)
+    # 9216 takes the network on every architecture (the padded dot cannot hold it).
+    assert all(network(9216, cap) for cap in (SM80, SM90, SM100))
+    # The backend's own refusal logic sees the same choice: the preferred network fits every limit.
+    for cap in (SM80, SM86, SM90):
+        for op in ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"):
+            assert tb.unsupported_reason_for(torch.bfloat16, 576, cap, op) is None
+            assert tb.unsupported_reason_for(torch.float32, 2304, cap, op) is None
 
 
 def test_shared_memory_estimate_grows_with_the_tile():
@@ -167,6 +195,11 @@ def test_persistent_grid_follows_the_compiled_kernels_occupancy(fake_gpu, monkey
     grid, config, key = tb._grid(x, 16384, 4096, "hadamard_patch")
     tb._record_occupancy(key, None, config)
     assert key not in tb._programs_per_sm
+    # The launch follows the device's architecture: 2304 = 36 x 64 is the add network on sm_80, the dot on sm_90.
+    wide = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(16384, 2304))
+    assert not tb._grid(wide, 16384, 2304, "hadamard_patch")[1].NETWORK
+    fake_gpu["capability"] = SM80
+    assert tb._grid(wide, 16384, 2304, "hadamard_patch")[1].NETWORK
 
 
 # ---------------------------------------------------------------------------------------------

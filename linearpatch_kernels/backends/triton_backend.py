@@ -22,7 +22,9 @@ and are never stored), so a block is a ``(BLOCK_M, K_PAD, N)`` register tensor.
   the fp32 FMA path of ``"ieee"`` (hundreds of registers, spills).
 
 Rows whose padded tile is too large for the dot (``K_PAD * N`` over ``MAX_TILE_DOT``, e.g. 9216 =
-36 x 256 -> 64 x 256) take a second pair of kernels that never pads: the row is a tuple of its ``K``
+36 x 256 -> 64 x 256), and those where the padding makes the dot the slower choice on the GPU's
+architecture (``NETWORK_PREFERRED``: 576 = 36 x 16 on sm_80 and sm_90, 2304 = 36 x 64 on sm_80), take
+a second pair of kernels that never pads: the row is a tuple of its ``K``
 parts ``X[k, :]``, each a (BLOCK_M, N) tensor. ``H_N`` runs on groups of parts of the power-of-two
 sizes in K's binary digits (36 = 32 + 4), each group stacked into one tile by a tree of ``join``s, so
 the butterfly is unrolled once per group; ``H_K`` is then fp32 adds and subtractions unrolled from the
@@ -83,6 +85,15 @@ MAX_K_PAD = 64  # H_K up to 64 x 64 on tensor cores; larger K go to another back
 # to another backend.
 MAX_K_NETWORK = 64
 MAX_NETWORK_WARPS = 8
+# (K, N) pairs where the add network is used although the padded dot fits, per architecture family
+# (compute capability major): K = 36 pads to 64, so the dot does 1.78 times the arithmetic and moves
+# 1.78 times the tile through shared memory for its layout conversions. From the prefill model of
+# scripts/triton_aot.py (benchmarks/results/triton-aot; bf16, 16,384 rows, time as a multiple of a
+# copy, dot -> network): sm_90 576 = 36 x 16: transform 1.76 -> 1.07, patch 3.41 -> 2.33, epilogue
+# 3.81 -> 3.00 (at 2304 = 36 x 64 the dot stays ahead: patch 1.99 against 2.77); sm_80 576: 1.41 ->
+# 1.00, 2.88 -> 1.61, 3.18 -> 2.08; sm_80 2304: 1.92 -> 1.00, 3.79 -> 1.97, 4.21 -> 2.62. Other
+# architectures keep the dot (no model for them). A model, not a GPU measurement.
+NETWORK_PREFERRED = {8: frozenset({(36, 16), (36, 64)}), 9: frozenset({(36, 16)})}
 MAX_PREFILL_ROWS = 64
 PROGRAMS_PER_SM = 4  # programs per multiprocessor in a persistent launch until the compiled kernel's occupancy is known
 
@@ -151,10 +162,12 @@ def _num_warps(tile: int, k_pad: int) -> int:
 
 
 def launch_config(d: int, rows: int, sm_count: int | None = None, dtype: torch.dtype = torch.float32,
-                  op: str = "hadamard_patch", shared_limit: int | None = None) -> LaunchConfig:
+                  op: str = "hadamard_patch", shared_limit: int | None = None,
+                  capability: tuple[int, int] | None = None) -> LaunchConfig:
     """The configuration the launcher uses for ``rows`` rows of ``d`` (``dtype``, ``op``) on a GPU with
-    ``sm_count`` multiprocessors and ``shared_limit`` bytes of shared memory per block (``None``: no
-    limit; ``sm_count=None``: the interpreter).
+    ``sm_count`` multiprocessors, ``shared_limit`` bytes of shared memory per block (``None``: no
+    limit; ``sm_count=None``: the interpreter) and compute capability ``capability`` (``None``:
+    unknown; it only selects ``NETWORK_PREFERRED``).
 
     Two row-block sizes per ``d``, so that a new batch size never compiles a new kernel: one row
     per block (or the least ``tl.dot`` takes when ``K > 1``) for decode, and the prefill block of
@@ -170,7 +183,7 @@ def launch_config(d: int, rows: int, sm_count: int | None = None, dtype: torch.d
     ``shared_limit``, the unpipelined configuration of the same size is used.
     """
     f = hadamard_factors(d)
-    if _uses_network(f):
+    if _uses_network(f, capability):
         return _network_launch_config(f, rows, sm_count)
     k_pad = _padded_k(f.k)
     padded = k_pad * f.n
@@ -196,11 +209,15 @@ def launch_config(d: int, rows: int, sm_count: int | None = None, dtype: torch.d
     return LaunchConfig(block_m, f.k, k_pad, f.n, f.log2_n, num_warps, resident, STAGES=1)
 
 
-def _uses_network(f) -> bool:
+def _uses_network(f, capability: tuple[int, int] | None = None) -> bool:
     """H_K as an add network where the padded dot cannot run: K_PAD over the dot's limit, or the
-    padded row over what a program holds beside the dot's operand (9216 = 36 x 256 pads to 16384)."""
+    padded row over what a program holds beside the dot's operand (9216 = 36 x 256 pads to 16384);
+    and where it is the faster of the two on ``capability``'s architecture (``NETWORK_PREFERRED``)."""
     k_pad = _padded_k(f.k)
-    return 1 < f.k <= MAX_K_NETWORK and (k_pad > MAX_K_PAD or k_pad * f.n > MAX_TILE_DOT)
+    if not 1 < f.k <= MAX_K_NETWORK:
+        return False
+    preferred = capability is not None and (f.k, f.n) in NETWORK_PREFERRED.get(capability[0], ())
+    return preferred or k_pad > MAX_K_PAD or k_pad * f.n > MAX_TILE_DOT
 
 
 def _power_of_two_below(n: int) -> int:
@@ -272,7 +289,7 @@ def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, in
                 f"dot, more than the {MAX_K_PAD} x {MAX_K_PAD} the kernels hold on chip, and as an add network "
                 f"of {f.k // 4 * (12 + f.k)} adds per column it is over the "
                 f"{MAX_K_NETWORK // 4 * (12 + MAX_K_NETWORK)} that compile in reasonable time")
-    if _uses_network(f):
+    if _uses_network(f, capability):
         if f.k * f.n > MAX_TILE:
             return (f"hidden size {d} = {f.k} x {f.n} is {d} values per row, more than the {MAX_TILE} a program "
                     f"holds in registers without spilling")
@@ -284,7 +301,7 @@ def unsupported_reason_for(dtype: torch.dtype, d: int, capability: tuple[int, in
                 f"{MAX_TILE_DOT} a program holds beside the H_{f.k} operand of its tensor-core dot without spilling")
     limit = shared_memory_limit(capability)
     for rows in (1, 1 << 30):  # the decode and the prefill configuration
-        config = launch_config(d, rows, 1, dtype, op, limit)
+        config = launch_config(d, rows, 1, dtype, op, limit, capability)
         need = resource_estimate(config, dtype, op)["shared_bytes"]
         if need > limit:
             return (f"hidden size {d} = {f.k} x {f.n} needs {need} bytes of shared memory per block, more than "
@@ -674,7 +691,8 @@ def _grid(x: torch.Tensor, rows: int, d: int, op: str,
         return (min(-(-rows // config.BLOCK_M), 4),), config, None
     index = _index(x.device)
     sm_count = _sm_count(index)
-    config = launch_config(d, rows, sm_count, x.dtype, op, shared_memory_limit(device_capability(index)))
+    capability = device_capability(index)
+    config = launch_config(d, rows, sm_count, x.dtype, op, shared_memory_limit(capability), capability)
     blocks = -(-rows // config.BLOCK_M)
     if not config.RESIDENT:
         return (blocks,), config, None
