@@ -312,23 +312,34 @@ try:
                  for m in json.load(f) if m.get("gpu") == "H200" and m.get("ratio") is not None}
 except (OSError, KeyError, TypeError, ValueError, AttributeError):
     model = {}
-def with_add_network(fn):
-    """``fn`` with the Triton backend's K > 1 rows on the add network (as if no padded row fitted the dot):
-    the backend keeps the dot where it fits; the static counts favour the network at 576 and the dot at 5120."""
+
+
+def other_h_k_path(fn, dim):
+    """(name, ``fn`` with the Triton backend's K > 1 rows of ``dim`` on the other form of H_K than the one
+    it picks on this GPU): the add network where it picks the padded tensor-core dot (as if no padded row
+    fitted the dot), the dot where NETWORK_PREFERRED picks the network. The prefill model of the
+    compiled code chose per architecture; this times both."""
+    capability = torch.cuda.get_device_capability()
+    picks_network = triton_backend.launch_config(dim, 1 << 14, 132, torch.bfloat16, "hadamard_patch", None,
+                                                 capability).NETWORK
+
     def run():
-        saved = triton_backend.MAX_TILE_DOT
-        triton_backend.MAX_TILE_DOT = 1
+        saved = triton_backend.MAX_TILE_DOT, triton_backend.NETWORK_PREFERRED
+        if picks_network:
+            triton_backend.NETWORK_PREFERRED = {}
+        else:
+            triton_backend.MAX_TILE_DOT = 1
         try:
             return fn()
         finally:
-            triton_backend.MAX_TILE_DOT = saved
-    return run
+            triton_backend.MAX_TILE_DOT, triton_backend.NETWORK_PREFERRED = saved
+    return ("triton patch, H_K on the padded dot" if picks_network else "triton patch, H_K as adds"), run
 
 
 # bf16 only: each size compiles for the GPU first (the 9216 add network takes minutes to compile)
-TRITON_SWEEP = [int(v) for v in os.environ.get("GPU_CHECK_TRITON_SWEEP", "576 4096 5120 16384").split()]
+TRITON_SWEEP = [int(v) for v in os.environ.get("GPU_CHECK_TRITON_SWEEP", "576 2304 4096 5120 16384").split()]
 for dtype in (torch.bfloat16, torch.float16, torch.float32) if "sweep" in PARTS else ():
-    for dim in (576, 1024, 2048, 2560, 4096, 5120, 7168, 8192, 9216, 16384, 32768):
+    for dim in (576, 1024, 2048, 2304, 2560, 4096, 4608, 5120, 5376, 7168, 8192, 9216, 16384, 32768):
         rows = (1 << 26) // dim
         x = torch.randn(rows, dim, device="cuda", dtype=dtype)
         u = torch.randn(rows, dim, device="cuda", dtype=dtype)
@@ -344,8 +355,9 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32) if "sweep" in PARTS 
         if dtype == torch.bfloat16 and dim in TRITON_SWEEP:
             ops["triton patch"] = lambda: triton_backend.hadamard_patch(x, s)
             ops["triton patch_add_rmsnorm"] = lambda: triton_backend.patch_add_rmsnorm(x, u, s, w, EPS)
-            if dim in (576, 5120):  # H_K as the +-1 add network instead of the padded tensor-core dot
-                ops["triton patch, H_K as adds"] = with_add_network(lambda: triton_backend.hadamard_patch(x, s))
+            if dim in (576, 2304, 5120):  # the other form of H_K: +-1 add network <-> padded tensor-core dot
+                name, fn = other_h_k_path(lambda: triton_backend.hadamard_patch(x, s), dim)
+                ops[name] = fn
         for op, fn in ops.items():
             ms = median_ms(fn)
             name = str(dtype).removeprefix("torch.")
