@@ -36,7 +36,7 @@ def test_small_matrix_compiles_without_spills_within_the_estimate(tmp_path):
     env.setdefault("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "linearpatch_kernels", "triton-aot"))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "triton_aot.py"), "--out", str(tmp_path),
-                           "--sizes", "252,576", "--dtypes", "bf16", "--ops", "hadamard_patch", "--jobs", "1"],
+                           "--sizes", "252,576,896", "--dtypes", "bf16", "--ops", "hadamard_patch", "--jobs", "1"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "report.json").read_text())
@@ -51,10 +51,18 @@ def test_small_matrix_compiles_without_spills_within_the_estimate(tmp_path):
         assert r["local_bytes"] == 0 and r["sass"]["STL"] == 0 and r["sass"]["LDL"] == 0
         assert 0 < r["shared_bytes"] <= min(r["estimate_shared_bytes"], r["limit"])
         assert r["registers"] <= 255 and r["sass_total"] > 0
-        # H_36 on tensor cores: mma.sync on sm_80, mma.sync or wgmma on sm_90.
+        if r["d"] == 576:  # 36 x 16: H_36 as the +-1 add network (NETWORK_PREFERRED), unpadded, no tensor cores
+            assert r["config"]["NETWORK"] and r["config"]["K_PAD"] == 36
+            assert r["sass"]["HMMA"] + r["sass"]["HGMMA"] == 0 and r["sass"]["FADD"] > 0
+            continue
+        # 896 = 28 x 32: H_28 padded to 32 on tensor cores: mma.sync on sm_80, mma.sync or wgmma on sm_90.
+        assert not r["config"]["NETWORK"] and r["config"]["K_PAD"] == 32
         assert r["sass"]["HMMA"] + r["sass"]["HGMMA"] > 0
         # The pipelined row-block loop: the next block's loads are cp.async copies (LDGSTS).
         assert r["config"]["STAGES"] == 2 and r["sass"]["LDGSTS"] > 0
+        # The prefill model: one row-block iteration's SASS, a ratio to a copy of at least 1.
+        if r["regime"] == "prefill" and r["target"] != "sm_86":
+            assert r["model"]["ratio"] >= 1.0 and r["model"]["bound"] in ("issue", "shuffle", "shared", "hbm")
     assert "| sm_90 | hadamard_patch | bf16 | 576 | prefill |" in (tmp_path / "report.md").read_text()
 
 
