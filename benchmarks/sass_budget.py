@@ -22,8 +22,9 @@
 
 ``--check`` exits 1 if the bf16 or fp16 patch at d = 4096 or 8192 models above ``--max-ratio``
 (default 1.10) x copy on H200, or at the K > 1 sizes d = 576 and 5120 above ``--max-ratio-k``
-(default 1.50; a lower bound there fails too), if any kernel spills, or if a launch's shared memory
-exceeds its architecture's per-block limit (sm_80 166,912 B, sm_90 232,448 B). ``--max-ratio 0`` /
+(default 1.50; a lower bound there fails too), if any kernel spills, if a launch's shared memory
+exceeds its architecture's per-block limit (sm_80 166,912 B, sm_90 232,448 B), or if a row's path
+stores to global memory in anything narrower than 16-byte vectors. ``--max-ratio 0`` /
 ``--max-ratio-k 0`` turn a ratio gate off (the spill and shared-memory gates stay).
 
     python benchmarks/sass_budget.py [--arch 90 --arch 80] [--json PATH] [--out DIR] [--check]
@@ -460,6 +461,9 @@ def check(rows: list[dict], max_ratio: float, max_ratio_k: float = 0.0) -> list[
             failures.append(f"{where}: spills {r['spill_bytes']} bytes")
         if r["op"] != "(compiled)" and r["smem"] > SMEM_LIMIT[r["arch"]]:
             failures.append(f"{where}: {r['smem']} B of shared memory > the sm_{r['arch']} limit {SMEM_LIMIT[r['arch']]}")
+        narrow = [w for w in ((r.get("per_element") or {}).get("widths") or {}).get("stg", []) if w < 16]
+        if narrow:
+            failures.append(f"{where}: global stores of {'/'.join(map(str, narrow))} bytes (16-byte vectors expected)")
         if (max_ratio > 0 and r["gpu"] == "H200" and r["op"] == "hadamard_patch" and r["dtype"] in ("bfloat16", "float16")
                 and r["d"] in GATE_SIZES and (r.get("ratio") is None or r["ratio"] > max_ratio)):
             failures.append(f"{where}: modelled {r.get('ratio')} x copy > {max_ratio}")

@@ -104,8 +104,11 @@ __device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&v)[8]) 
   unpack_vec(*reinterpret_cast<const uint4*>(p), p, v);
 }
 
+// 16-byte global stores. __stwb (st.global.wb.v4, the default write-back policy) rather than a
+// plain vector assignment: in kfast_kernel at N = 16..64 nvcc split such assignments into four
+// 4-byte st.global (the SASS budget showed STG.E where STG.E.128 was meant).
 __device__ __forceinline__ void store_vec(float* p, const float (&v)[4], float c) {
-  *reinterpret_cast<float4*>(p) = make_float4(v[0] * c, v[1] * c, v[2] * c, v[3] * c);
+  __stwb(reinterpret_cast<float4*>(p), make_float4(v[0] * c, v[1] * c, v[2] * c, v[3] * c));
 }
 
 __device__ __forceinline__ void store_vec(__half* p, const float (&v)[8], float c) {
@@ -113,7 +116,7 @@ __device__ __forceinline__ void store_vec(__half* p, const float (&v)[8], float 
   __half2* h = reinterpret_cast<__half2*>(&raw);
 #pragma unroll
   for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(v[2 * j] * c, v[2 * j + 1] * c);
-  *reinterpret_cast<uint4*>(p) = raw;
+  __stwb(reinterpret_cast<uint4*>(p), raw);
 }
 
 __device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[8], float c) {
@@ -121,7 +124,7 @@ __device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[8],
   __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
 #pragma unroll
   for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(v[2 * j] * c, v[2 * j + 1] * c);
-  *reinterpret_cast<uint4*>(p) = raw;
+  __stwb(reinterpret_cast<uint4*>(p), raw);
 }
 
 // fp32 data (shared memory, the patch scales) in the vector layout of the I/O dtype.
@@ -1176,12 +1179,19 @@ __host__ __device__ constexpr int kfast_shared_floats() {
   return L::kTileWords + (kOp == Op::kAddPatchRmsNorm ? round_up4(L::P) : 0);
 }
 
-// ptxas's own register choice (no minimum blocks given: 0), except for the fp16/bf16 epilogue at
-// 6144 (K = 12, N = 512), where it picks 128 registers and spills 8 bytes; a minimum of 1 block lets
-// it take 188 (one block per SM, like the other epilogues from 3584 up).
+// ptxas's own register choice (no minimum blocks given: 0), except where that choice spills and a
+// minimum of 1 block lets it take what it needs:
+//  * the fp16/bf16 epilogue at 6144 (K = 12, N = 512): 128 registers and 8 bytes of spills, 188 with
+//    the minimum (one block per SM, like the other epilogues from 3584 up);
+//  * the fp32 transform at 576 and 2304 (K = 36, N = 16 and 64) on sm_90: with every store a 16-byte
+//    vector it picks 80 / 64 registers and spills 20 / 36 bytes; 127 / 96 with the minimum (2 blocks
+//    of 8 warps per SM instead of 3).
 template <typename T, int K, int kLogN, Op kOp>
 __host__ __device__ constexpr int kfast_min_blocks() {
-  return kOp == Op::kAddPatchRmsNorm && sizeof(T) == 2 && K == 12 && kLogN == 9 ? 1 : 0;
+  return (kOp == Op::kAddPatchRmsNorm && sizeof(T) == 2 && K == 12 && kLogN == 9) ||
+                 (kOp == Op::kTransform && sizeof(T) == 4 && K == 36 && (kLogN == 4 || kLogN == 6))
+             ? 1
+             : 0;
 }
 
 template <typename T, int K, int kLogN, Op kOp>

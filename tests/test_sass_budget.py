@@ -136,6 +136,11 @@ def test_check_gates():
     assert "spills" in sb.check([{**base, "spill_bytes": 4}], 1.10)[0]
     assert "shared memory" in sb.check([{**base, "arch": 80, "gpu": "A100", "smem": 170_000}], 1.10)[0]
     assert "launch failed" not in sb.check([{**base, "error": "x"}], 1.10)[0] and sb.check([{**base, "error": "x"}], 1.10)
+    # Global stores: 16-byte vectors only (nvcc once split kfast_kernel's into 4-byte STG.E).
+    wide = {**base, "per_element": {"widths": {"ldg": [4, 16], "stg": [16]}}}
+    assert sb.check([wide], 1.10) == []
+    narrow = sb.check([{**wide, "per_element": {"widths": {"ldg": [16], "stg": [4, 16]}}}], 1.10)
+    assert narrow == ["H200 hadamard_patch bfloat16 d=4096 k: global stores of 4 bytes (16-byte vectors expected)"]
     # K > 1: d = 576 and 5120 against the second threshold; a lower bound (inner loops counted once) fails.
     k_row = {**base, "d": 5120, "ratio": 1.4, "lower_bound": False}
     assert sb.check([k_row], 1.10, 1.50) == [] and sb.check([{**k_row, "d": 576}], 1.10, 1.50) == []
