@@ -5,11 +5,11 @@
 # build). Fails on a compile error, a spill, or shared memory over the architecture's limit or over
 # the backend's own estimate, for any configuration the automatic choice can pick.
 # Compiled kernels and their measurements are cached under ~/.cache (reruns: seconds; a cold cache:
-# about 10 minutes on 2 shared cores, most of it the 18 add-network kernels of d = 9216 at 10-100 s of
-# CPU each). The report goes to $TRITON_AOT_OUT (default: a temporary folder).
+# about 10 minutes on 2 shared cores, most of it the add-network kernels at 3-47 s of CPU each). The
+# report goes to $TRITON_AOT_OUT (default: a temporary folder).
 # Environment: PYTHON (default python), TRITON_CACHE_DIR, TRITON_AOT_OUT, JOBS (default: cores),
 # TRITON_AOT_ARGS (arguments instead of CI's matrix, e.g. "--dtypes bf16,fp32"), TRITON_AOT_FULL=1 (the whole
-# matrix; by default d = 9216 is compiled in bf16 only, see below).
+# matrix; by default the add-network sizes are compiled in bf16 only, see below).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python}
@@ -21,11 +21,14 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${TRITON_AOT_ARGS:-}" ] || [ "${TRITON_AOT_FULL:-0}" = 1 ]; then
     "$python" scripts/triton_aot.py --out "$out" --jobs "${JOBS:-$(nproc)}" ${TRITON_AOT_ARGS:-}
 else
-    # CI's matrix: every size in every dtype except d = 9216, whose add-network kernels (two thirds of
-    # a cold run) are compiled in bf16 only; fp16 and fp32 there differ only in the loads and stores.
-    # TRITON_AOT_FULL=1 compiles the whole matrix (benchmarks/results/triton-aot/ holds its report).
-    others=$("$python" -c "import sys; sys.path.insert(0, 'scripts'); import triton_aot as t; print(','.join(str(d) for d in t.SIZES if d != 9216))")
+    # CI's matrix: every size in every dtype except those where some target runs the add network
+    # (9216; 576; 2304 on sm_80/86), whose kernels (most of a cold run) are compiled in bf16 only; fp16
+    # and fp32 there differ only in the loads and stores. TRITON_AOT_FULL=1 compiles the whole matrix
+    # (benchmarks/results/triton-aot/ holds its report, all dtypes).
+    split=$("$python" -c "import sys; sys.path.insert(0, 'scripts'); import triton_aot as t; n = t.network_sizes(); print(','.join(str(d) for d in t.SIZES if d not in n), ','.join(map(str, n)))")
+    others=${split% *}
+    network=${split#* }
     "$python" scripts/triton_aot.py --out "$out" --jobs "${JOBS:-$(nproc)}" --sizes "$others"
-    "$python" scripts/triton_aot.py --out "$out/d9216" --jobs "${JOBS:-$(nproc)}" --sizes 9216 --dtypes bf16
+    "$python" scripts/triton_aot.py --out "$out/network" --jobs "${JOBS:-$(nproc)}" --sizes "$network" --dtypes bf16
 fi
 echo "triton_aot: report in $out/report.md"

@@ -194,6 +194,13 @@ def plan(sizes, dtypes, ops) -> list[dict]:
     return rows
 
 
+def network_sizes(sizes=SIZES) -> list[int]:
+    """The sizes whose rows take the add network on some target (their kernels take the longest to
+    compile: 3-47 s each on 2 cores, against 1-5 s for the dot and K = 1 kernels)."""
+    return [d for d in sizes
+            if any(r["config"]["NETWORK"] for r in plan([d], ["bf16"], ["hadamard_patch"]) if "refused" not in r)]
+
+
 def _problems(row: dict) -> list[str]:
     m, limit = row, row["limit"]
     if "error" in m:

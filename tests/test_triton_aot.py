@@ -86,6 +86,11 @@ def test_plan_compiles_the_add_network_where_the_padded_dot_cannot_run():
     assert by_d[18432] and all("18432 values per row" in r["refused"] for r in by_d[18432])
 
 
+def test_ci_compiles_the_add_network_sizes_in_bf16_only():
+    # .ci/triton_aot.sh splits the matrix with this list: 9216 (the dot cannot hold it), 576 and 2304 (preferred).
+    assert _script().network_sizes() == [576, 2304, 9216]
+
+
 def test_plan_follows_the_backends_choice_per_architecture():
     rows = _script().plan([576, 2304, 5120], ["bf16"], ["hadamard_patch"])
     network = {(r["target"], r["d"]) for r in rows if r["config"]["NETWORK"]}
