@@ -394,7 +394,7 @@ def sizes() -> list[tuple[int, int]]:
     from linearpatch_kernels.hadamard import hadamard_factors
 
     ds = [1 << m for m in range(3, 16)] + [96, 576, 896, 960, 1536, 2016, 2304, 2560, 3072, 3584, 4608, 5120, 5376, 6144,
-                                           7168, 12288, 24576, 32256]
+                                           7168, 12288, 18432, 24576, 32256]
     return [(d, hadamard_factors(d).k) for d in sorted(set(ds))]
 
 

@@ -1015,7 +1015,7 @@ __device__ __forceinline__ void apply_h_k(const float (&x)[K], float (&out)[K]) 
 }
 
 // (K, log2 N) pairs with a kfast_kernel instance: the K > 1 hidden sizes of real models
-// (576, 896, 960, 1536, 2304, 2560, 3072, 3584, 4608, 5120, 5376, 6144, 7168, 12288; 24576 = 12 x 2048
+// (576, 896, 960, 1536, 2304, 2560, 3072, 3584, 4608, 5120, 5376, 6144, 7168, 12288, 18432; 24576 = 12 x 2048
 // would need 110 KiB per tile, more than sm_86/89 allow; K = 84 at 5376 takes 94.5 KiB and up to 255
 // registers, unspilled on sm_80 and sm_90). Each pair is its own kernel per op and dtype (the code is unrolled for both), so
 // the list stays short; other pairs run kron_kernel (K up to 252, correct, unspilled, slower).
@@ -1025,7 +1025,7 @@ constexpr int kFastEpilogueMaxK = 36;
 template <Op kOp>
 __host__ __device__ constexpr bool kfast_size(int k, int log2_n) {
   return ((k == 12 && log2_n >= 7 && log2_n <= 10) || (k == 20 && (log2_n == 7 || log2_n == 8)) ||
-          (k == 28 && (log2_n == 5 || log2_n == 7 || log2_n == 8)) || (k == 36 && (log2_n == 4 || log2_n == 6 || log2_n == 7)) ||
+          (k == 28 && (log2_n == 5 || log2_n == 7 || log2_n == 8)) || (k == 36 && (log2_n == 4 || log2_n == 6 || log2_n == 7 || log2_n == 9)) ||
           (k == 60 && log2_n == 4) || (k == 84 && log2_n == 6)) &&
          (kOp != Op::kAddPatchRmsNorm || k <= kFastEpilogueMaxK);
 }
@@ -1185,11 +1185,12 @@ __host__ __device__ constexpr int kfast_shared_floats() {
 //    the minimum (one block per SM, like the other epilogues from 3584 up);
 //  * the fp32 transform at 576 and 2304 (K = 36, N = 16 and 64) on sm_90: with every store a 16-byte
 //    vector it picks 80 / 64 registers and spills 20 / 36 bytes; 127 / 96 with the minimum (2 blocks
-//    of 8 warps per SM instead of 3).
+//    of 8 warps per SM instead of 3);
+//  * the fp16/bf16 transform at 18432 (K = 36, N = 512) on sm_90: 80 registers and 8 bytes of spills.
 template <typename T, int K, int kLogN, Op kOp>
 __host__ __device__ constexpr int kfast_min_blocks() {
   return (kOp == Op::kAddPatchRmsNorm && sizeof(T) == 2 && K == 12 && kLogN == 9) ||
-                 (kOp == Op::kTransform && sizeof(T) == 4 && K == 36 && (kLogN == 4 || kLogN == 6))
+                 (kOp == Op::kTransform && K == 36 && (sizeof(T) == 4 ? kLogN == 4 || kLogN == 6 : kLogN == 9))
              ? 1
              : 0;
 }

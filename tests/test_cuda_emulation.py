@@ -103,7 +103,7 @@ def k_gt_1_sizes():
 
 K_SIZES = k_gt_1_sizes()
 LARGEST_K = max(K_SIZES)
-KRON_SIZES = sorted({96, 576, 896, 960, 1536, 2304, 2560, 3072, 3584, 4608, 5120, 5376, 6144, 7168, 12288,  # model sizes
+KRON_SIZES = sorted({96, 576, 896, 960, 1536, 2304, 2560, 3072, 3584, 4608, 5120, 5376, 6144, 7168, 12288, 18432,  # model sizes
                      12 * 2048,  # N = 8 .. 2048
                      K_SIZES[LARGEST_K][0], K_SIZES[LARGEST_K][-1]})  # the largest K, smallest and largest d
 POW2_SIZES = tuple(1 << m for m in range(3, 16))

@@ -79,7 +79,7 @@ _ROW_THREADS = 128  # row_kernel: 128 threads per block (a row's 256 at N = 3276
 _ROW_PARTIALS = 8  # kRowPartials
 _FAST_THREADS = 256  # kfast_kernel
 # (K, log2 N) of the kfast_kernel instances (kfast_size); other K > 1 sizes run kron_kernel.
-_FAST_SIZES = {(12, 7), (12, 8), (12, 9), (12, 10), (20, 7), (20, 8), (28, 5), (28, 7), (28, 8), (36, 4), (36, 6), (36, 7), (60, 4), (84, 6)}
+_FAST_SIZES = {(12, 7), (12, 8), (12, 9), (12, 10), (20, 7), (20, 8), (28, 5), (28, 7), (28, 8), (36, 4), (36, 6), (36, 7), (36, 9), (60, 4), (84, 6)}
 _FAST_EPILOGUE_MAX_K = 36  # kFastEpilogueMaxK
 _KRON_WARPS = 8
 
