@@ -339,7 +339,7 @@ def other_h_k_path(fn, dim):
 # bf16 only: each size compiles for the GPU first (the 9216 add network takes minutes to compile)
 TRITON_SWEEP = [int(v) for v in os.environ.get("GPU_CHECK_TRITON_SWEEP", "576 2304 4096 5120 16384").split()]
 for dtype in (torch.bfloat16, torch.float16, torch.float32) if "sweep" in PARTS else ():
-    for dim in (576, 1024, 2048, 2304, 2560, 4096, 4608, 5120, 5376, 7168, 8192, 9216, 16384, 32768):
+    for dim in (576, 1024, 2048, 2304, 2560, 4096, 4608, 5120, 5376, 7168, 8192, 9216, 16384, 18432, 32768):
         rows = (1 << 26) // dim
         x = torch.randn(rows, dim, device="cuda", dtype=dtype)
         u = torch.randn(rows, dim, device="cuda", dtype=dtype)
