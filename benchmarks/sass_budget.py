@@ -274,6 +274,10 @@ class Counts:
     def bytes(self, cls: str) -> int:
         return sum(w * n for w, n in self.memory[cls].items())
 
+    def smem_bytes(self) -> int:
+        """Shared-memory bytes one lane moves (loads, stores and the shared side of cp.async)."""
+        return self.bytes("lds") + self.bytes("sts") + self.bytes("ldgsts")
+
     def count(self, cls: str) -> int:
         return sum(self.memory[cls].values())
 
@@ -330,6 +334,14 @@ def pipe_times(instructions: float, shuffles: float, smem_bytes: float, hbm_byte
                 hbm=hbm_bytes / gpu["copy_bytes_per_s"])
 
 
+def versus_copy(times: dict, elements: int, esize: int, gpu: dict) -> tuple[float, str, float]:
+    """(modelled time / copy time, the bound pipe, copy seconds) for ``pipe_times`` of ``elements``
+    elements of ``esize`` bytes; the copy reads and writes them once."""
+    copy = elements * esize * 2 / gpu["copy_bytes_per_s"]
+    bound = max(times, key=times.get)
+    return times[bound] / copy, bound, copy
+
+
 def model_row(op: str, dtype: str, d: int, launch: dict, res: Resources, path: Path_, gpu: dict) -> dict:
     esize = DTYPES[dtype]
     n_in, n_out = STREAMS[op]
@@ -351,16 +363,15 @@ def model_row(op: str, dtype: str, d: int, launch: dict, res: Resources, path: P
     # Warp instructions per element, and bytes moved per element (32 lanes x the access width).
     per_el = dict(instructions=b.instructions / per_iter, shuffles=b.shuffles / per_iter,
                   **{f"{c}_bytes": 32 * b.bytes(c) / per_iter for c in ("lds", "sts", "ldg", "stg", "ldgsts")},
-                  smem_bytes=32 * (b.bytes("lds") + b.bytes("sts") + b.bytes("ldgsts")) / per_iter,
+                  smem_bytes=32 * b.smem_bytes() / per_iter,
                   widths={c: sorted(b.memory[c]) for c in ("ldg", "stg", "lds", "sts", "ldgsts") if b.memory[c]})
     times = pipe_times(elements * per_el["instructions"] + warps_launched * path.prologue.instructions,
                        elements * per_el["shuffles"] + warps_launched * path.prologue.shuffles,
                        elements * per_el["smem_bytes"], elements * esize * (n_in + n_out), gpu)
-    copy = elements * esize * 2 / gpu["copy_bytes_per_s"]
-    bound = max(times, key=times.get)
+    ratio, bound, copy = versus_copy(times, elements, esize, gpu)
     row.update(per_element={k: (round(v, 3) if isinstance(v, float) else v) for k, v in per_el.items()},
                times_us={k: round(v * 1e6, 2) for k, v in times.items()}, copy_us=round(copy * 1e6, 2),
-               ratio=round(times[bound] / copy, 3), bound=bound)
+               ratio=round(ratio, 3), bound=bound)
     return row
 
 

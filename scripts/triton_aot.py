@@ -140,7 +140,7 @@ def measure(kernel) -> dict:
     return {
         # one iteration of the row-block loop (the whole kernel when there is no loop), per warp
         "body": {"instructions": body.instructions, "shuffles": body.shuffles,
-                 "smem_bytes": 32 * (body.bytes("lds") + body.bytes("sts") + body.bytes("ldgsts")),
+                 "smem_bytes": 32 * body.smem_bytes(),
                  "row_loop": path.has_row_loop, "inner_loops": path.inner_loops},
         "registers": int(usage.get("REG", 0)),
         "local_bytes": int(usage.get("LOCAL", 0)) + int(usage.get("STACK", 0)),
@@ -279,9 +279,8 @@ def model(row: dict) -> dict | None:
     elements = SB.ROWS * row["d"]
     times = SB.pipe_times(elements * per_el["instructions"], elements * per_el["shuffles"],
                           elements * per_el["smem_bytes"], elements * esize * (n_in + n_out), gpu)
-    bound = max(times, key=times.get)
-    copy = elements * esize * 2 / gpu["copy_bytes_per_s"]
-    return {"gpu": gpu_name, "ratio": round(times[bound] / copy, 3), "bound": bound,
+    ratio, bound, _ = SB.versus_copy(times, elements, esize, gpu)
+    return {"gpu": gpu_name, "ratio": round(ratio, 3), "bound": bound,
             "per_element": {k: round(v, 3) for k, v in per_el.items()}}
 
 
