@@ -162,14 +162,15 @@ def run_measurements(folder: Path) -> tuple[list[dict], list[str]]:
         return [], []
     data = json.loads(path.read_text())
     rows = []
-    copies = {(r["dtype"], r["d"], r["rows"], r["mode"]): r["median_ms"] * 1e3 for r in data["rows"]
+    # the copy of the same group (phase, dtype, d, rows): groups of two phases may share a shape
+    copies = {(r["phase"], r["dtype"], r["d"], r["rows"], r["mode"]): r["median_ms"] * 1e3 for r in data["rows"]
               if r.get("impl") == "copy" and "median_ms" in r}
     for r in data["rows"]:
         row = dict(run=folder.name, phase=r["phase"], impl=r["impl"], op=r["op"], dtype=r["dtype"], d=r["d"],
                    rows=r["rows"], mode=r["mode"], median_us=r["median_ms"] * 1e3 if "median_ms" in r else None,
                    rounds_us=[v * 1e3 for v in r.get("rounds_ms", [])], ratio_to_copy=r.get("ratio_to_copy"),
-                   copy_us=copies.get((r["dtype"], r["d"], r["rows"], r["mode"]),
-                                      copies.get((r["dtype"], r["d"], r["rows"], "eager"))),
+                   copy_us=copies.get((r["phase"], r["dtype"], r["d"], r["rows"], r["mode"]),
+                                      copies.get((r["phase"], r["dtype"], r["d"], r["rows"], "eager"))),
                    rel_error=r.get("rel_error"))
         if "error" in r or "skipped" in r:
             row["error" if "error" in r else "skipped"] = r.get("error") or r.get("skipped")
