@@ -142,7 +142,9 @@ def build_triton_cache(out: Path, envs: Path) -> str:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_CACHE_DIR": str(folder)}
         env.pop("TRITON_INTERPRET", None)
         tool = ROOT / "scripts" / "triton_cache.py"
-        run([python, tool, "warm", "--out", folder, "--launches", launches, "--key-wheel", key_wheel], env=env)
+        # compiled into a cache kept with the environments: a rebuild compiles only what changed
+        run([python, tool, "warm", "--out", folder, "--launches", launches, "--key-wheel", key_wheel,
+             "--work", envs / f"triton-{TRITON}-sm90-cache"], env=env)
         verify = run([python, tool, "verify", "--cache", folder, "--launches", launches, "--key-wheel", key_wheel],
                      env={**env, "TRITON_CACHE_DIR": tmp}, capture_output=True, text=True).stdout.strip()
     print(verify)

@@ -31,7 +31,7 @@ in ``entries.json``. ``verify`` replays the launches in a new process against a 
 moved elsewhere, counting Triton's own cache-hit reports (``knobs.compilation.listener``): every
 launch must hit.
 
-    python scripts/triton_cache.py warm --out DIR --launches launches.json [--key-wheel triton-...-cp312-...whl]
+    python scripts/triton_cache.py warm --out DIR --launches launches.json [--key-wheel triton-...-cp312-...whl] [--work DIR]
     python scripts/triton_cache.py verify --cache DIR --launches launches.json [--key-wheel ...]
     python scripts/triton_cache.py install --cache DIR --to DEST      # on the GPU machine
     python scripts/triton_cache.py key [--wheel W]                    # triton_key's hash: installed / of a wheel
@@ -261,9 +261,11 @@ def relocate_entry(entry: Path) -> None:
         grp.write_text(json.dumps({"child_paths": children}))
 
 
-def warm(out: Path, launches: list[dict], key_wheel: Path | None) -> dict:
+def warm(out: Path, launches: list[dict], key_wheel: Path | None, work: Path | None = None) -> dict:
     """Compile every launch into ``out`` (a Triton cache), filed under the key of the triton that
-    ``key_wheel`` installs (default: the installed one); ``out/entries.json`` records each entry."""
+    ``key_wheel`` installs (default: the installed one); ``out/entries.json`` records each entry.
+    With ``work``, Triton compiles into that folder (kept between builds: kernels whose key did not
+    change are not compiled again) and only the launches' entries are copied to ``out``."""
     import triton
     from triton.runtime.cache import triton_key
 
@@ -274,12 +276,18 @@ def warm(out: Path, launches: list[dict], key_wheel: Path | None) -> dict:
                          "the cache key computation changed; update key_of_tree")
     target = key_of_wheel(key_wheel) if key_wheel else local
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["TRITON_CACHE_DIR"] = str(out)
+    cache = work or out
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = str(cache)
     from triton import knobs
-    knobs.cache.dir = str(out)
+    knobs.cache.dir = str(cache)
     keys = _with_key(target)
     start = time.time()
     results = launch_all(launches)
+    if work is not None:
+        for full in keys:
+            if (work / dir_name(full)).is_dir():
+                shutil.copytree(work / dir_name(full), out / dir_name(full), dirs_exist_ok=True)
     _prune(out)
     entries = {}
     for full in keys:
@@ -356,6 +364,8 @@ def main(argv=None) -> int:
         p.add_argument("--out" if name == "warm" else "--cache", type=Path, required=True)
         p.add_argument("--launches", type=Path, required=True, help="JSON list of launches (gpu_plan.triton_launches)")
         p.add_argument("--key-wheel", type=Path, help="file entries under the triton_key of this triton wheel")
+        if name == "warm":
+            p.add_argument("--work", type=Path, help="compile into this cache (kept) and copy the entries to --out")
     p = sub.add_parser("install")
     p.add_argument("--cache", type=Path, required=True)
     p.add_argument("--to", type=Path, required=True)
@@ -378,7 +388,7 @@ def main(argv=None) -> int:
         return 0
     launches = json.loads(args.launches.read_text())
     if args.command == "warm":
-        info = warm(args.out, launches, args.key_wheel)
+        info = warm(args.out, launches, args.key_wheel, args.work)
         refused = sum(bool(r.get("refused")) for r in info["launches"])
         print(f"triton_cache: {len(info['entries'])} kernels for {len(launches)} launches ({refused} refused by the "
               f"backend) in {info['seconds']} s, filed under triton_key {info['triton_key']} ({info['key_from']})")
