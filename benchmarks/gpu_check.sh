@@ -106,7 +106,12 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw
     -lms 250 > "$OUT/clocks.csv" 2>/dev/null &
 clock_pid=$!
 
-# The wheel: unpacked into a scratch folder on PYTHONPATH, loaded without a JIT build.
+# Pieces of the bundle that are missing or were built from other sources than this tree's.
+unusable=" $("$python" "$root/benchmarks/gpu_plan.py" --bundle "$bundle" --unusable) "
+echo "bundle: unusable pieces:${unusable}(missing, or built from other sources)"
+
+# The wheel's compiled library under this tree's Python package, in a scratch folder on PYTHONPATH,
+# loaded without a JIT build (a wheel built from other kernel sources is not used).
 load_check() {
     (cd "$scratch" && PYTHONPATH="$site" "$python" -c "
 import sys
@@ -115,8 +120,12 @@ ok = c.load_extension(allow_jit=False)
 print('loaded:', c.loaded_from() if ok else c.load_error())
 sys.exit(0 if ok else 1)")
 }
-unpack() { rm -rf "$site" && mkdir -p "$site" && "$python" -m zipfile -e "$1" "$site"; }
+unpack() {  # WHEEL: its package, then this tree's Python files over it (the compiled parts stay the wheel's)
+    rm -rf "$site" && mkdir -p "$site" && "$python" -m zipfile -e "$1" "$site" \
+        && (cd "$root" && find linearpatch_kernels -name "*.py" -exec cp --parents {} "$site" \;)
+}
 wheel=$(ls -t "$bundle"/wheel/linearpatch_kernels-*+cu13*.whl 2>/dev/null | head -n 1)
+[[ "$unusable" == *" wheel "* ]] && [ -n "$wheel" ] && echo "wheel: built from other kernel sources: not used" && wheel=""
 if [ -n "$wheel" ] && unpack "$wheel" && load_check; then
     echo "wheel: $(basename "$wheel") (from the bundle)"
 else
@@ -140,10 +149,10 @@ else
     mkdir -p "$TRITON_CACHE_DIR"
     echo "triton cache: missing from the bundle: Triton compiles each kernel at first use"
 fi
-if [ -f "$bundle/sass_model.json" ]; then
+if [ -f "$bundle/sass_model.json" ] && [[ "$unusable" != *" sass-model "* ]]; then
     cp "$bundle/sass_model.json" "$OUT/sass_model.json" && echo "SASS model: from the bundle"
 else
-    echo "SASS model: missing from the bundle: building it here in the background (nvcc, no GPU)"
+    echo "SASS model: missing from the bundle or stale: building it here in the background (nvcc, no GPU)"
     (cd "$root" && "$python" benchmarks/sass_budget.py --arch 90 --json "$OUT/sass_model.json" > "$OUT/sass_model.txt" 2>&1) &
 fi
 lib=$(ls "$bundle"/fht/libfht_ops*.so 2>/dev/null | head -n 1)

@@ -30,7 +30,7 @@ fast-hadamard-transform's kernels behind our own ``torch.ops`` registration. The
 committed as ``benchmarks/results/gpu-bundle/manifest.json``, so that the plan can say whether a
 bundle built from it would still be current (``stale`` when the sources it was built from changed).
 
-    python benchmarks/gpu_plan.py [--bundle DIR] [--json | --budgets]
+    python benchmarks/gpu_plan.py [--bundle DIR] [--json | --budgets | --unusable]
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ class Artifact:
 ARTIFACTS = (
     Artifact("wheel", "wheel", "linearpatch_kernels cu130 wheel, sm_90, checked under torch 2.11.0",
              ("csrc", "setup.py", "build_support")),
+    # (and the list of launches, triton_launches(): see artifact_hash)
     Artifact("triton-cache", "triton-cache", "Triton 3.6 cache (Python 3.12 key): every kernel the run launches, sm_90",
              ("linearpatch_kernels/backends/triton_backend.py", "linearpatch_kernels/hadamard.py",
-              "linearpatch_kernels/backends/gpu_limits.py", "benchmarks/gpu_plan.py")),
+              "linearpatch_kernels/backends/gpu_limits.py", "scripts/triton_cache.py")),
     Artifact("sass-model", "sass_model.json", "benchmarks/sass_budget.py --arch 90 --json (the modelled column)",
              ("csrc", "benchmarks/sass_budget.py")),
     Artifact("fht", "fht", "fast-hadamard-transform's kernels (sm_90) behind torch.ops.fht, for torch 2.11",
@@ -171,6 +172,15 @@ def source_hash(paths) -> str:
     return h.hexdigest()[:16]
 
 
+def artifact_hash(a: Artifact) -> str:
+    """What an artifact is built from: its source files, and for the Triton cache also the launches it
+    holds (the plan's list, not the whole of this file, so that editing these notes changes nothing)."""
+    if a.name != "triton-cache":
+        return source_hash(a.sources)
+    launches = json.dumps(sorted(json.dumps(l, sort_keys=True) for l in triton_launches()))
+    return hashlib.sha256((source_hash(a.sources) + launches).encode()).hexdigest()[:16]
+
+
 def read_manifest(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -188,7 +198,7 @@ def artifact_status(bundle: Path) -> list[dict]:
         entry = (here.get("artifacts") or {}).get(a.name) or {}
         target = bundle / a.path
         found = bool(entry) and target.exists() and entry.get("status") == "built"
-        now = source_hash(a.sources)
+        now = artifact_hash(a)
         last = (committed.get("artifacts") or {}).get(a.name) or {}
         if last.get("status") != "built":
             state = "not built" if not last else f"not built ({last.get('status')})"
@@ -235,9 +245,15 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("GPU_BUNDLE") or DEFAULT_BUNDLE))
     parser.add_argument("--json", action="store_true", help="the plan as JSON")
     parser.add_argument("--budgets", action="store_true", help="'step seconds' lines (for gpu_check.sh)")
+    parser.add_argument("--unusable", action="store_true",
+                        help="the bundle's artifacts that are missing or built from other sources than this tree's")
     args = parser.parse_args(argv)
     if args.budgets:
         print("\n".join(f"{s.name} {s.budget_s}" for s in STEPS))
+        return 0
+    if args.unusable:
+        print(" ".join(a["name"] for a in artifact_status(args.bundle.resolve())
+                       if not a["found"] or a["bundle_source_current"] is False))
         return 0
     p = plan(args.bundle.resolve())
     print(json.dumps(p, indent=1) if args.json else format_plan(p))

@@ -22,7 +22,7 @@ network, no pip) should compile nothing. The bundle (``benchmarks/gpu_plan.py`` 
   without it the piece is recorded as missing and the run leaves the fht rows out.
 
 Each piece is rebuilt only when the sources it comes from changed (``manifest.json`` keeps their
-hashes, ``gpu_plan.source_hash``). ``--record`` also copies the manifest to
+hashes, ``gpu_plan.artifact_hash``). ``--record`` also copies the manifest to
 ``benchmarks/results/gpu-bundle/manifest.json`` (committed: what the last bundle held, and whether a
 bundle built now would differ). Virtual environments and downloads live in ``LINEARPATCH_WHEEL_ENVS``
 (default ``~/.cache/linearpatch-wheels``), shared with ``build_wheels.py``. Standard library only.
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
                 "triton-cache": lambda: build_triton_cache(out, envs)}
     for name in names:
         a = artifact(name)
-        source_hash = PLAN.source_hash(a.sources)
+        source_hash = PLAN.artifact_hash(a)
         old = entries.get(name, {})
         if name not in only or (not args.force and old.get("status") == "built" and old.get("source_hash") == source_hash
                                 and (out / a.path).exists()):

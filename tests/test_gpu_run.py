@@ -72,7 +72,7 @@ def test_plan_finds_a_bundle_and_tells_current_from_stale(tmp_path, monkeypatch)
     (bundle / "wheel").mkdir(parents=True)
     (bundle / "wheel" / "linearpatch_kernels-0.1.0+cu130-cp310-abi3-manylinux_2_28_x86_64.whl").write_bytes(b"w")
     (bundle / "sass_model.json").write_text("[]")
-    now = {a.name: plan.source_hash(a.sources) for a in plan.ARTIFACTS}
+    now = {a.name: plan.artifact_hash(a) for a in plan.ARTIFACTS}
     entries = {"wheel": dict(status="built", source_hash=now["wheel"], detail="w"),
                "sass-model": dict(status="built", source_hash="0" * 16, detail="s"),
                "fht": dict(status="missing", detail="no sources")}
