@@ -162,45 +162,53 @@ else
     echo "fast-hadamard-transform: missing from the bundle: its rows are left out of the timings"
 fi
 cd "$scratch"  # never import the package from the source tree below (PYTHONPATH is the wheel's)
-xdist=()
-"$python" -c "import xdist" 2>/dev/null && xdist=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
-pytest_file() {  # NAME: one test file on the GPU, its junit XML in $OUT
-    "$python" -m pytest -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} -rs --durations=10 \
-        --junitxml="$OUT/$1.xml" "$root/tests/$1.py"
-}
+# (run_step runs commands under `timeout`, which cannot run shell functions: each step is a command.)
+pytest=("$python" -m pytest -q -p no:cacheprovider -rs --durations=10)
+"$python" -c "import xdist" 2>/dev/null && pytest+=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
 
 # 1. timings: each group saved as it ends; the groups stop 10 s before the budget so the last one finishes.
 run_step timings "$python" "$root/benchmarks/gpu_timings.py" --out "$OUT" --seconds $(( $(limit "${budget[timings]}") - 10 ))
 
+# The JIT fallback's build (nvcc only, no GPU) in the background from here on, niced, after the
+# timings so that it cannot disturb them; step 6 checks what it built.
+(cd "$scratch" && PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) nice -n 10 "$python" -c "
+import sys, time
+from linearpatch_kernels.backends import cuda_backend as c
+t = time.time()
+ok = c.prebuilt_library() is None and c.load_extension()
+print(f'JIT build in the background: {c.loaded_from() if ok else c.load_error()} after {time.time() - t:.0f} s')
+" > "$OUT/jit_build.txt" 2>&1) &
+jit_pid=$!
+[[ "$steps" == *" jit "* ]] || { kill "$jit_pid" 2>/dev/null; jit_pid=""; }
+
 # 2. the CUDA backend's tests on the GPU
-run_step cuda-tests pytest_file test_cuda_backend
+run_step cuda-tests "${pytest[@]}" --junitxml="$OUT/test_cuda_backend.xml" "$root/tests/test_cuda_backend.py"
 
 # 3. compute-sanitizer on small cases of every kernel family (benchmarks/gpu_small_cases.py)
-sanitize() {
-    local tool status=0
-    command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 1; }
+run_step sanitizer bash -c '
+    status=0
+    command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; exit 1; }
     for tool in memcheck racecheck synccheck; do
         # One cudaMalloc per tensor, so that memcheck sees every out-of-bounds access.
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-            "$python" "$root/benchmarks/gpu_small_cases.py" 2>&1 | tee -a "$OUT/sanitizer.txt" | tail -n 4
+            "$1" "$2/benchmarks/gpu_small_cases.py" 2>&1 | tee -a "$3/sanitizer.txt" | tail -n 4
         [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: compute-sanitizer --tool $tool"; status=1; }
     done
-    return $status
-}
-run_step sanitizer sanitize
+    exit $status' sanitize "$python" "$root" "$OUT"
 
 # 4. end to end: LLaMA-3-8B shape, eager and CUDA graphs; workloads stop 30 s before the budget.
-run_step e2e "$python" "$root/benchmarks/bench_e2e.py" --device cuda --cuda-graph --repeats 5 --decode-repeats 1 \
+run_step e2e "$python" "$root/benchmarks/bench_e2e.py" --device cuda --cuda-graph --repeats 5 --decode-repeats 1 --new-tokens 64 \
     --max-seconds $(( $(limit "${budget[e2e]}") - 30 )) --out-dir "$OUT"
 
 # 5. the Triton backend's tests on the GPU (kernels from the bundle's cache)
-run_step triton-tests pytest_file test_triton_backend
+run_step triton-tests "${pytest[@]}" --junitxml="$OUT/test_triton_backend.xml" "$root/tests/test_triton_backend.py"
 
 # 6. the JIT fallback: a source tree without the compiled library builds csrc/ at first use
-jit() {
-    PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) "$python" "$root/benchmarks/gpu_small_cases.py" --jit
-}
-run_step jit jit
+run_step jit bash -c '
+    while [ -n "$4" ] && kill -0 "$4" 2>/dev/null; do sleep 1; done  # the background build
+    cat "$3/jit_build.txt"
+    PYTHONPATH="$2" LINEARPATCH_CUDA_CACHE="$5" MAX_JOBS=$(nproc) "$1" "$2/benchmarks/gpu_small_cases.py" --jit
+    ' jit "$python" "$root" "$OUT" "$jit_pid" "$scratch/jit"
 
 say "record: benchmarks/gpu_record.py"
 (cd "$root" && PYTHONPATH="$root" "$python" benchmarks/gpu_record.py --run "$OUT" --out "$OUT/record" \
