@@ -27,7 +27,8 @@ prediction for the next run. Both models are for 16,384 rows, so only
 prefill-sized tensors (16,384 rows or more, or 2^26 elements) get a modelled column. Every model file
 is read by ``model_rows``, the one function to adapt when the model's JSON changes.
 
-    python benchmarks/gpu_record.py --run OUT_FOLDER --out benchmarks/results/<gpu>-<date>
+    python benchmarks/gpu_record.py --run OUT_FOLDER --out benchmarks/results/<gpu>-<date> \
+        [--previous benchmarks/results/h200-2026-12-01]    # an earlier record of the same kind of GPU
     python benchmarks/gpu_record.py --legacy benchmarks/results/h200-2026-12-01 --out benchmarks/results/h200-2026-12-01
 """
 
@@ -256,6 +257,20 @@ def build_record(measurements: list[dict], machine: dict, *, slug: str, commands
                 e2e_model=(e2e or {}).get("model"), steps=steps or [], notes=notes)
 
 
+def attach_previous(record: dict, previous: dict) -> None:
+    """``previous_ratio``: the same kernel's ratio to a copy in an earlier record. Only records of the same
+    kind of GPU are compared (a copy ratio depends on the card's bandwidth and issue rate)."""
+    if previous.get("gpu") != record.get("gpu"):
+        raise ValueError(f"compare runs on the same kind of GPU only: the earlier record is of {previous.get('gpu')!r}, "
+                         f"this one of {record.get('gpu')!r}")
+    key = lambda r: (r["impl"], r["op"], r["dtype"], r["d"], r["rows"], r.get("mode"))  # noqa: E731
+    earlier = {key(r): r["ratio_to_copy"] for r in previous["kernels"] if r.get("ratio_to_copy") is not None}
+    record["previous"] = previous.get("slug")
+    for r in record["kernels"]:
+        if key(r) in earlier:
+            r["previous_ratio"] = earlier[key(r)]
+
+
 def _fmt(v, spec=".2f", none="-"):
     return none if v is None else format(v, spec)
 
@@ -268,8 +283,9 @@ def table_markdown(record: dict) -> str:
              "`error`: measured / modelled - 1 (positive: slower than modelled). `model (now)`: the committed "
              "model of today's kernels, the prediction for the next run. Modelled only for prefill-sized tensors "
              "(the model's 16,384 rows). The fused epilogue moves two tensors each way: its floor is 2.", "",
-             "| backend | op | dtype | d | rows | measured us | x copy | model (run) | error | model (now) | kernel (run) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| backend | op | dtype | d | rows | measured us | x copy | model (run) | error | model (now) | kernel (run) |"
+             + (f" {record['previous']} x copy |" if record.get("previous") else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if record.get("previous") else "")]
     for r in record["kernels"]:
         if r.get("median_us") is None or r.get("mode") != "eager":
             continue
@@ -277,7 +293,8 @@ def table_markdown(record: dict) -> str:
         cell = lambda m: "-" if not m else (">=" if m["lower_bound"] else "") + f"{m['ratio']:.2f}"  # noqa: E731
         err = "-" if r.get("model_error") is None else f"{100 * r['model_error']:+.0f} %"
         lines.append(f"| {r['impl']} | {r['op']} | {r['dtype']} | {r['d']} | {r['rows']} | {r['median_us']:.1f} | "
-                     f"{_fmt(r.get('ratio_to_copy'))} | {cell(run)} | {err} | {cell(now)} | {(run or {}).get('kernel') or '-'} |")
+                     f"{_fmt(r.get('ratio_to_copy'))} | {cell(run)} | {err} | {cell(now)} | {(run or {}).get('kernel') or '-'} |"
+                     + (f" {_fmt(r.get('previous_ratio'))} |" if record.get("previous") else ""))
     errors = [r["model_error"] for r in record["kernels"] if r.get("model_error") is not None]
     if errors:
         lines += ["", f"Model error over {len(errors)} kernels: median {100 * statistics.median(errors):+.0f} %, "
@@ -419,6 +436,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the record folder (benchmarks/results/<gpu>-<date>)")
     parser.add_argument("--command", action="append", default=[], help="the exact command(s) of the run")
     parser.add_argument("--date", help="YYYY-MM-DD of the run (default: from the folder name or today)")
+    parser.add_argument("--previous", type=Path, help="an earlier record of the same kind of GPU: its ratios beside")
     args = parser.parse_args(argv)
     folder = args.run or args.legacy
     if not folder.is_dir():
@@ -453,6 +471,11 @@ def main(argv=None) -> int:
     record = build_record(measurements, machine, slug=slug, commands=commands, sources=sources,
                           run_model_rows=run_model, now_model_rows=now_model, e2e=e2e, steps=steps, clocks=clocks,
                           notes=notes)
+    if args.previous:
+        try:
+            attach_previous(record, json.loads((args.previous / "record.json").read_text()))
+        except (OSError, ValueError) as e:
+            parser.error(f"--previous {args.previous}: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
     (args.out / "table.md").write_text(table_markdown(record))

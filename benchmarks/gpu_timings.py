@@ -303,7 +303,7 @@ def time_group(group: dict, device: torch.device, backends: dict, fht: dict, tim
     dtype = DTYPES[group["dtype"]]
     d, rows = group["d"], group["rows"]
     if dry_run:
-        d, rows = DRY_SIZES.get(d, 256), min(rows, DRY_ROWS)
+        d, rows = DRY_SIZES.get(d, 128), min(rows, DRY_ROWS)  # the sweep sizes: 128
     gen = torch.Generator(device="cpu").manual_seed(d + rows)
     x = torch.randn(rows, d, generator=gen).to(device, dtype)
     u = (0.1 * torch.randn(rows, d, generator=gen)).to(device, dtype)

@@ -152,6 +152,21 @@ def test_record_from_a_dry_run(dry_run, tmp_path):
     assert any(r["impl"] == "cuda" and r.get("median_us") for r in rec["kernels"])
     assert any(r["impl"] == "paper-fp32" for r in rec["comparisons"])
     assert "| timings | passed | 9 | 0 |" in (out / "table.md").read_text()
+    # an earlier record of another kind of GPU is refused; of the same kind, its ratios stand beside
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    row = next(r for r in rec["kernels"] if r.get("ratio_to_copy"))
+    for gpu, ok in (("NVIDIA H100 80GB HBM3", False), (rec["gpu"], True)):
+        (earlier / "record.json").write_text(json.dumps(dict(gpu=gpu, slug="x-2029-01-01", kernels=[dict(row, ratio_to_copy=9.5)])))
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_record.py"), "--run", str(dry_run), "--out",
+                               str(tmp_path / "again"), "--date", "2030-01-02", "--previous", str(earlier)],
+                              env=_env(), capture_output=True, text=True, timeout=120)
+        assert (proc.returncode == 0) == ok, proc.stderr
+        if not ok:
+            assert "same kind of GPU" in proc.stderr
+    again = json.loads((tmp_path / "again" / "record.json").read_text())
+    match = [r for r in again["kernels"] if r.get("previous_ratio") is not None]
+    assert len(match) == 1 and match[0]["previous_ratio"] == 9.5
 
 
 # ------------------------------------------------------------------------------------------------
