@@ -14,7 +14,12 @@
 #   the machine's. A missing piece is said so and built there, at the cost of the run's time.
 # * One prepared command, run once: this script. Give it a time limit of 9 minutes: the steps'
 #   budgets add up to 8 (benchmarks/gpu_plan.py), so a second run still fits the loan if the first
-#   one fails early (STEPS=... reruns only some steps).
+#   one fails early (STEPS=... reruns only some steps). The whole invocation, from the repository
+#   root of a copy that carries `.gpu-bundle/` (the only path outside git it needs) and with OUT
+#   naming the folder whose contents come back:
+#       OUT=$OUT bash benchmarks/gpu_check.sh          (time limit 540 s)
+#   Nothing else may run on the GPU meanwhile; give the machine back when it ends unless a rerun
+#   follows at once.
 # * Results are written under $OUT as each step ends (a step cut short keeps what it measured):
 #   gpu_check.log, environment.txt, clocks.csv (SM/memory clocks every 250 ms), steps.json,
 #   gpu_timings.json/.txt, junit XML of the test steps, bench_e2e.json/.txt, sanitizer.txt, and
