@@ -150,6 +150,8 @@ export TRITON_CACHE_DIR="$scratch/triton-cache"
 if [ -f "$bundle/triton-cache/entries.json" ]; then
     "$python" "$root/scripts/triton_cache.py" install --cache "$bundle/triton-cache" --to "$TRITON_CACHE_DIR" \
         || fail "installing the bundle's Triton cache"
+    # the prefill model of those kernels (the Triton rows' modelled column of the record)
+    [[ "$unusable" != *" triton-cache "* ]] && cp "$bundle/triton_model.json" "$OUT/" 2>/dev/null
 else
     mkdir -p "$TRITON_CACHE_DIR"
     echo "triton cache: missing from the bundle: Triton compiles each kernel at first use"

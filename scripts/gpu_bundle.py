@@ -12,7 +12,8 @@ network, no pip) should compile nothing. The bundle (``benchmarks/gpu_plan.py`` 
 * ``triton-cache/``: Triton's cache with every kernel the run launches (``gpu_plan.triton_launches``)
   compiled for sm_90 by triton 3.6.0, filed under the key the GPU machine's triton 3.6.0 computes under
   Python 3.12, and proven to hit (``scripts/triton_cache.py``: ``warm``, then ``verify`` in a new process
-  against a moved copy);
+  against a moved copy); beside it ``triton_model.json``, the prefill model of those kernels
+  (``scripts/triton_aot.py``'s), the Triton rows' modelled column of the run's record;
 * ``sass_model.json``: ``benchmarks/sass_budget.py --arch 90`` (the modelled column of the record);
 * ``fht/``: fast-hadamard-transform's CUDA kernels for sm_90 behind our own ``torch.ops.fht``
   registration (``scripts/fht_ops.cpp``: no pybind, no Python ABI, so it loads under Python 3.12 as

@@ -147,13 +147,18 @@ def _fake_sm90(tb):
         return (1,), tb.launch_config(d, rows, SMS, x.dtype, op, shared_memory_limit(capability), capability), None
 
     class Warmup:
-        """``kernel[grid](*args, **kw)`` -> ``kernel.warmup(*args, grid=grid, **kw)``: compile, no launch."""
+        """``kernel[grid](*args, **kw)`` -> ``kernel.warmup(*args, grid=grid, **kw)``: compile, no launch.
+        The compiled kernels are appended to ``COMPILED`` (for the model of the prefill kernels)."""
 
         def __init__(self, kernel):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: self.kernel.warmup(*args, grid=grid, **kwargs)
+            def warmup(*args, **kwargs):
+                compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
+                COMPILED.append(compiled)
+                return compiled
+            return warmup
 
     names = ("_hadamard_kernel", "_hadamard_parts_kernel", "_patch_add_rmsnorm_kernel", "_patch_add_rmsnorm_parts_kernel")
     saved = {n: getattr(tb, n) for n in (*names, "_grid")}
@@ -168,6 +173,9 @@ def _fake_sm90(tb):
             setattr(tb, n, v)
         driver._active = previous
     return restore
+
+
+COMPILED: list = []
 
 
 def launch_all(launches: list[dict]) -> list[dict]:
@@ -216,7 +224,10 @@ def launch_all(launches: list[dict]) -> list[dict]:
                 tb._grid = tb_grid
                 tb.MAX_TILE_DOT, tb.NETWORK_PREFERRED = saved
             new = events[before:]
-            results.append(dict(launch, hits=sum(new), misses=len(new) - sum(new)))
+            results.append(dict(launch, hits=sum(new), misses=len(new) - sum(new),
+                                config=tb.launch_config(d, rows, SMS, dtype, launch["op"], None, (ARCH // 10, ARCH % 10))
+                                if not launch.get("other_h_k") else None,
+                                kernel=COMPILED[-1] if COMPILED else None))
     finally:
         restore()
         knobs.compilation.listener = None
@@ -289,6 +300,10 @@ def warm(out: Path, launches: list[dict], key_wheel: Path | None, work: Path | N
             if (work / dir_name(full)).is_dir():
                 shutil.copytree(work / dir_name(full), out / dir_name(full), dirs_exist_ok=True)
     _prune(out)
+    models = model_prefill(results)
+    for r in results:
+        r.pop("kernel", None)
+        r.pop("config", None)
     entries = {}
     for full in keys:
         name = dir_name(full)
@@ -299,7 +314,37 @@ def warm(out: Path, launches: list[dict], key_wheel: Path | None, work: Path | N
                 seconds=round(time.time() - start, 1), launches=results, entries=entries,
                 env_vars=_env_vars())
     (out / "entries.json").write_text(json.dumps(info, indent=1))
+    (out.parent / "triton_model.json").write_text(json.dumps({"meta": dict(triton=triton.__version__, source=
+        "scripts/triton_cache.py warm: scripts/triton_aot.py's measure() and model() on the carried kernels"),
+        "rows": models}, indent=1))
     return info
+
+
+def model_prefill(results: list[dict]) -> list[dict]:
+    """The prefill model of ``scripts/triton_aot.py`` (SASS of one row-block iteration, the pipe model
+    of ``benchmarks/sass_budget.py``) for the carried kernels of prefill launches (16,384 rows or
+    more): the Triton kernels' modelled column of the run's record, in the AOT report's row format."""
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("linearpatch_triton_aot", ROOT / "scripts" / "triton_aot.py")
+    aot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aot)
+    short_dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+    rows, seen = [], set()
+    for r in results:
+        if r.get("kernel") is None or r.get("config") is None or r.get("refused") or r["rows"] < 16384:
+            continue
+        key = (r["op"], r["dtype"], r["d"])
+        if key in seen:
+            continue
+        seen.add(key)
+        config = r["config"]
+        row = dict(target="sm_90", arch=ARCH, regime="prefill", op=r["op"], dtype=short_dtype[r["dtype"]], d=r["d"],
+                   config={**dataclasses.asdict(config), "num_warps": config.num_warps}, **aot.measure(r["kernel"]))
+        row["model"] = aot.model(row)
+        rows.append(row)
+    return rows
 
 
 def _env_vars() -> dict:
