@@ -250,6 +250,28 @@ def test_install_points_group_files_at_the_new_folder_and_rekeys(tmp_path):
     assert all(Path(p).parent == tmp_path / "moved" / new_name and Path(p).is_file() for p in group.values())
 
 
+def test_a_warmed_cache_hits_after_its_move(tmp_path):
+    """One launch through the backend's launcher under the sm_90 stand-in driver (installed triton):
+    compiled into the bundle's layout, then replayed by ``verify`` against a moved copy: one hit, no
+    miss, nothing compiled anew; and the prefill model of the kernel beside the cache."""
+    launch = [dict(op="hadamard_patch", dtype="bfloat16", d=4096, rows=16384, weight="bfloat16", other_h_k=False)]
+    (tmp_path / "launches.json").write_text(json.dumps(launch))
+    env = dict(_env(), TRITON_CACHE_DIR=str(tmp_path / "triton-home"))
+    env.pop("TRITON_INTERPRET", None)
+    tool = str(REPO / "scripts" / "triton_cache.py")
+    subprocess.run([sys.executable, tool, "warm", "--out", str(tmp_path / "b" / "triton-cache"), "--launches",
+                    str(tmp_path / "launches.json")], env=env, check=True, capture_output=True, text=True, timeout=300)
+    info = json.loads((tmp_path / "b" / "triton-cache" / "entries.json").read_text())
+    assert len(info["entries"]) == 1 and info["launches"][0]["misses"] == 1 and info["env_vars"] == {}
+    (entry,) = info["entries"].values()
+    assert sorted(entry["files"]) == ["__grp___hadamard_kernel.json", "_hadamard_kernel.cubin", "_hadamard_kernel.json"]
+    verify = subprocess.run([sys.executable, tool, "verify", "--cache", str(tmp_path / "b" / "triton-cache"), "--launches",
+                             str(tmp_path / "launches.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0 and "1 hits, 0 misses, 0 entries compiled anew" in verify.stdout, verify.stdout
+    (model,) = json.loads((tmp_path / "b" / "triton_model.json").read_text())["rows"]
+    assert model["target"] == "sm_90" and model["model"]["gpu"] == "H200" and model["model"]["ratio"] >= 1.0
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end under CUDA graphs: the bookkeeping of the static token and position
 
