@@ -21,7 +21,9 @@ Triton finds a compiled kernel in its cache under ``sha256(key)`` with (triton 3
 * ``backend.hash()``: the version text of the ptxas in the triton wheel and the architecture (90);
   ``options.hash()``: the compile options (num_warps, stages ...; libdevice by content, not path);
   the environment part is empty when no cache-invalidating variable (``TRITON_*`` debug/dump knobs) is
-  set, on either machine.
+  set, on either machine. ``warm`` checks that the GPU machine's wheel and the triton compiling here
+  have byte-identical Python modules, ptxas and libdevice (for 3.6.0 cp311 and cp312: only the
+  compiled libraries differ), so these parts are the same on both.
 
 Triton's group files (``__grp__<kernel>.json``) hold absolute paths of the files of an entry, so a
 cache moved to another folder misses. ``install`` rewrites them for the folder the cache lands in and,
@@ -99,12 +101,32 @@ def key_of_tree(triton_dir: Path, version: str) -> str:
     return f"{version}" + "-".join(contents)
 
 
-def key_of_wheel(wheel: Path) -> str:
-    """``triton_key()`` of the triton that ``wheel`` installs (unpacked into a scratch folder)."""
+def key_inputs(triton_dir: Path) -> list[Path]:
+    """The files the rest of the key depends on, besides the modules ``key_of_tree`` hashes: the ptxas
+    whose version is ``backend.hash()`` and the libdevice whose content is in ``options.hash()``."""
+    nvidia = triton_dir / "backends" / "nvidia"
+    return [*(_modules(triton_dir / "compiler")), *(_modules(triton_dir / "backends")), *(_modules(triton_dir / "language")),
+            triton_dir / "runtime" / "cache.py", triton_dir / "runtime" / "jit.py", nvidia / "bin" / "ptxas",
+            nvidia / "lib" / "libdevice.10.bc"]
+
+
+def key_of_wheel(wheel: Path, installed: Path | None = None) -> str:
+    """``triton_key()`` of the triton that ``wheel`` installs (unpacked into a scratch folder). With
+    ``installed`` (the package folder of the triton that compiles here), every other input of the key
+    (the Python modules, ptxas, libdevice) must be byte-identical in both: only ``libtriton.so`` may
+    differ (it is built per Python version), so the rest of the key is the same on both machines."""
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as z:
         z.extractall(tmp, [n for n in z.namelist() if n.startswith("triton/")])
         version = wheel.name.split("-")[1]
-        return key_of_tree(Path(tmp) / "triton", version)
+        tree = Path(tmp) / "triton"
+        if installed is not None:
+            differ = [str(p.relative_to(tree)) for p in key_inputs(tree)
+                      if not (installed / p.relative_to(tree)).is_file()
+                      or (installed / p.relative_to(tree)).read_bytes() != p.read_bytes()]
+            if differ:
+                raise SystemExit(f"triton_cache: {wheel.name} and the installed triton differ in {', '.join(differ[:5])}: "
+                                 "kernels compiled here would not be what that triton compiles")
+        return key_of_tree(tree, version)
 
 
 def short(key: str) -> str:
@@ -285,7 +307,7 @@ def warm(out: Path, launches: list[dict], key_wheel: Path | None, work: Path | N
     if mine != local:
         raise SystemExit("triton_cache: key_of_tree() does not reproduce this triton's triton_key(): "
                          "the cache key computation changed; update key_of_tree")
-    target = key_of_wheel(key_wheel) if key_wheel else local
+    target = key_of_wheel(key_wheel, Path(triton.__file__).parent) if key_wheel else local
     out.mkdir(parents=True, exist_ok=True)
     cache = work or out
     cache.mkdir(parents=True, exist_ok=True)
