@@ -147,10 +147,17 @@ def build_triton_cache(out: Path, envs: Path) -> str:
              "--work", envs / f"triton-{TRITON}-sm90-cache"], env=env)
         verify = run([python, tool, "verify", "--cache", folder, "--launches", launches, "--key-wheel", key_wheel],
                      env={**env, "TRITON_CACHE_DIR": tmp}, capture_output=True, text=True).stdout.strip()
+        # The re-keying that install does where a machine's triton_key differs from the recorded one:
+        # here the key of this Python's triton (3.11's libtriton), which the entries were not filed under.
+        rekeyed = run([python, tool, "verify", "--cache", folder, "--launches", launches],
+                      env={**env, "TRITON_CACHE_DIR": tmp}, capture_output=True, text=True).stdout.strip()
     print(verify)
+    print(rekeyed)
     info = json.loads((folder / "entries.json").read_text())
+    hits = lambda text: text.removeprefix("triton_cache: verify: ").split(" over ")[0]  # noqa: E731
     return (f"{len(info['entries'])} kernels for {len(info['launches'])} launches, triton {info['triton']}, key "
-            f"{info['triton_key']} (Python {GPU_PYTHON}); {verify.removeprefix('triton_cache: ')}")
+            f"{info['triton_key']} (Python {GPU_PYTHON}); moved: {hits(verify)}; re-keyed for Python 3.11's "
+            f"triton: {hits(rekeyed)}")
 
 
 def fht_sources(given: Path | None, envs: Path) -> tuple[Path | None, str]:
