@@ -52,9 +52,9 @@ started=$(date +%s)
 deadline=$(( started + ${GPU_CHECK_SECONDS:-480} ))
 steps=" ${STEPS:-timings cuda-tests sanitizer e2e triton-tests jit} "
 declare -A budget
-while read -r name seconds; do budget[$name]=$seconds; done < <("$python" "$root/benchmarks/gpu_plan.py" --budgets)
+while read -r name seconds; do budget[$name]=$seconds; done <<< "$("$python" "$root/benchmarks/gpu_plan.py" --budgets)"
 clock_pid=""
-cleanup() { [ -n "$clock_pid" ] && kill "$clock_pid" 2>/dev/null; rm -rf "$scratch"; }
+cleanup() { { [ -n "$clock_pid" ] && kill "$clock_pid"; rm -rf "$scratch"; } 2>/dev/null; }
 trap cleanup EXIT
 
 say() { echo; echo "=== $(date +%H:%M:%S) (+$(( $(date +%s) - started )) s) $* ==="; }
