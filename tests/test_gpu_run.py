@@ -290,15 +290,16 @@ def test_graph_decode_generates_the_eager_tokens(monkeypatch):
         variants, p = b.build_variants(dense, 5, 7, 0.5 + torch.rand(config.hidden_size))
         ops = b.patch_ops(variants, p)
     with torch.inference_mode():
-        _, _, generated, tokens = b.decode_samples(variants, ops, 2, 16, 8, 1, "static", device, config.vocab_size,
-                                                   torch.float32)
-        steps, graph_generated, agree = b.decode_graph_samples(variants, ops, 2, 16, 8, "static", device,
+        new_tokens = b.DECODE_WARMUP_STEPS + 3
+        _, _, generated, tokens = b.decode_samples(variants, ops, 2, 8, new_tokens, 1, "static", device,
+                                                   config.vocab_size, torch.float32)
+        steps, graph_generated, agree = b.decode_graph_samples(variants, ops, 2, 8, new_tokens, "static", device,
                                                                config.vocab_size, torch.float32, tokens)
-        prefill = b.prefill_graph_samples(variants, ops, torch.randint(3, config.vocab_size, (1, 32)),
-                                          torch.randn(1, 32, config.hidden_size), 2, device)
-    assert graph_generated == generated == {name: 8 for name in variants}
+        prefill = b.prefill_graph_samples(variants, ops, torch.randint(3, config.vocab_size, (1, 8)),
+                                          torch.randn(1, 8, config.hidden_size), 1, device)
+    assert graph_generated == generated == {name: new_tokens for name in variants}
     assert agree == {name: 1.0 for name in variants}
-    assert all(len(v) == 8 - 1 - b.DECODE_WARMUP_STEPS for v in steps.values())
-    assert set(prefill) == {*variants, *ops} and all(len(v) == 2 for v in prefill.values())
+    assert all(len(v) == new_tokens - 1 - b.DECODE_WARMUP_STEPS for v in steps.values())
+    assert set(prefill) == {*variants, *ops} and all(len(v) == 1 for v in prefill.values())
     with pytest.raises(SystemExit):
         b.parse_args(["--device", "cpu", "--cuda-graph"])
