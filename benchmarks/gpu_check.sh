@@ -218,7 +218,7 @@ run_step jit bash -c '
     ' jit "$python" "$root" "$OUT" "$jit_pid" "$scratch/jit"
 
 say "record: benchmarks/gpu_record.py"
-(cd "$root" && PYTHONPATH="$root" "$python" benchmarks/gpu_record.py --run "$OUT" --out "$OUT/record" \
+(cd "$root" && PYTHONPATH="$root" "$python" benchmarks/gpu_record.py --run "$OUT" --out "$OUT/record" --compare-latest \
     --command "OUT=<results> STEPS=\"${STEPS:-}\" GPU_CHECK_SECONDS=${GPU_CHECK_SECONDS:-480} bash benchmarks/gpu_check.sh") \
     || echo "the record writer failed: run it here on the fetched folder (benchmarks/gpu_record.py --run)"
 say "done in $(( $(date +%s) - started )) s: $failed failed step(s)${skipped:+, skipped for lack of time:$skipped}"

@@ -270,6 +270,20 @@ def attach_previous(record: dict, previous: dict) -> None:
             r["previous_ratio"] = earlier[key(r)]
 
 
+def latest_record(gpu: str | None, slug: str) -> Path | None:
+    """The committed record (``benchmarks/results/*/record.json``) of the same GPU with the latest date
+    before ``slug``'s, or None."""
+    found = []
+    for path in (ROOT / "benchmarks" / "results").glob("*/record.json"):
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("gpu") == gpu and other.get("slug", "")[-10:] < slug[-10:]:
+            found.append((other["slug"][-10:], path.parent))
+    return max(found)[1] if found else None
+
+
 def _fmt(v, spec=".2f", none="-"):
     return none if v is None else format(v, spec)
 
@@ -438,6 +452,8 @@ def main(argv=None) -> int:
     parser.add_argument("--command", action="append", default=[], help="the exact command(s) of the run")
     parser.add_argument("--date", help="YYYY-MM-DD of the run (default: from the folder name or today)")
     parser.add_argument("--previous", type=Path, help="an earlier record of the same kind of GPU: its ratios beside")
+    parser.add_argument("--compare-latest", action="store_true",
+                        help="--previous: the latest committed record of the same kind of GPU, if any")
     args = parser.parse_args(argv)
     folder = args.run or args.legacy
     if not folder.is_dir():
@@ -472,6 +488,8 @@ def main(argv=None) -> int:
     record = build_record(measurements, machine, slug=slug, commands=commands, sources=sources,
                           run_model_rows=run_model, now_model_rows=now_model, e2e=e2e, steps=steps, clocks=clocks,
                           notes=notes)
+    if args.compare_latest and not args.previous:
+        args.previous = latest_record(record["gpu"], record["slug"])
     if args.previous:
         try:
             attach_previous(record, json.loads((args.previous / "record.json").read_text()))

@@ -201,6 +201,12 @@ def test_first_run_measured_beside_the_model_of_its_kernels():
         assert (RECORD / png).stat().st_size > 10_000
 
 
+def test_a_new_run_is_compared_with_the_latest_record_of_its_gpu_only():
+    assert record.latest_record("NVIDIA H200", "h200-2027-01-15") == RECORD
+    assert record.latest_record("NVIDIA H200", "h200-2026-12-01") is None  # not with itself or later runs
+    assert record.latest_record("NVIDIA H100 80GB HBM3", "h100-2027-01-15") is None
+
+
 def test_model_rows_reads_the_json_the_table_and_the_triton_report():
     rows = record.model_rows(REPO / "benchmarks" / "results" / "sass-budget" / "budget.json")
     index = record.model_index(rows)
