@@ -5,7 +5,7 @@
 #   OUT=<results folder> bash benchmarks/gpu_check.sh    # the run, from the repository root
 #
 # How GPU time is used here (the rules this script is written for):
-# * GPU machines come for short loans (about 15 minutes, the machine's start included), without
+# * A GPU machine is available for about 15 minutes at a time (its start included), without
 #   network or pip. Everything that can be built without a GPU is built beforehand and carried:
 #   `python scripts/gpu_bundle.py` writes it into `.gpu-bundle/` (the cu130 sm_90 wheel, Triton's
 #   cache for triton 3.6 under Python 3.12, the SASS model's JSON, fast-hadamard-transform's kernels;
@@ -13,13 +13,12 @@
 #   else is needed there: Python 3.12, torch 2.11, triton 3.6, transformers, nvcc and ninja are
 #   the machine's. A missing piece is said so and built there, at the cost of the run's time.
 # * One prepared command, run once: this script. Give it a time limit of 9 minutes: the steps'
-#   budgets add up to 8 (benchmarks/gpu_plan.py), so a second run still fits the loan if the first
+#   budgets add up to 8 (benchmarks/gpu_plan.py), so a second run still fits the same window if the first
 #   one fails early (STEPS=... reruns only some steps). The whole invocation, from the repository
 #   root of a copy that carries `.gpu-bundle/` (the only path outside git it needs) and with OUT
 #   naming the folder whose contents come back:
 #       OUT=$OUT bash benchmarks/gpu_check.sh          (time limit 540 s)
-#   Nothing else may run on the GPU meanwhile; give the machine back when it ends unless a rerun
-#   follows at once.
+#   Nothing else may run on the GPU meanwhile.
 # * Results are written under $OUT as each step ends (a step cut short keeps what it measured):
 #   gpu_check.log, environment.txt, clocks.csv (SM/memory clocks every 250 ms), steps.json,
 #   gpu_timings.json/.txt, junit XML of the test steps, bench_e2e.json/.txt, sanitizer.txt, and

@@ -1,8 +1,8 @@
 """The prepared GPU run: its steps, their time budgets, the artifacts it carries, and what it times.
 
-GPU time comes in short loans (about 15 minutes, the machine's start included) on one H100 or H200
+GPU time comes in short windows (about 15 minutes, the machine's start included) on one H100 or H200
 without network or pip. One run of ``benchmarks/gpu_check.sh`` must answer every open question in at
-most 8 minutes, so that a second run still fits the same loan. This file is the run's single
+most 8 minutes, so that a second run still fits the same window. This file is the run's single
 description; ``gpu_check.sh --plan`` prints it, ``gpu_check.sh`` follows it, ``scripts/gpu_bundle.py``
 prepares what it lists, and ``benchmarks/gpu_timings.py`` times the cases it lists.
 
