@@ -184,7 +184,9 @@ def fht_sources(given: Path | None, envs: Path) -> tuple[Path | None, str]:
 
 def build_fht(out: Path, envs: Path, source: Path) -> str:
     """Our torch.ops.fht registration (scripts/fht_ops.cpp) and the project's kernels, built with torch
-    2.11.0's extension builder for sm_90 (no Python module: a plain library torch.ops.load_library loads)."""
+    2.11.0's extension builder for sm_90 (no Python module: a plain library torch.ops.load_library loads),
+    with the nvcc flags of the project's own setup.py (fast math among them), so that it is timed as
+    its users build it."""
     python = WHEELS.torch_env(envs, TORCH)
     folder = out / "fht"
     shutil.rmtree(folder, ignore_errors=True)
@@ -199,8 +201,10 @@ os.makedirs(build, exist_ok=True)
 load(name="fht_ops", sources=[{str(ROOT / 'scripts' / 'fht_ops.cpp')!r}] + {[str(k) for k in kernels]!r},
      extra_include_paths=[{str(source / 'csrc')!r}], extra_cflags=["-O3"],
      extra_cuda_cflags=["-O3", "-gencode", "arch=compute_90,code=sm_90", "--expt-relaxed-constexpr",
+                        "--expt-extended-lambda", "--use_fast_math",
                         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
+                        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                        "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__"],
      build_directory=build, is_python_module=False, verbose=False)
 shutil.copy(os.path.join(build, "fht_ops.so"), {str(folder / 'libfht_ops.so')!r})
 """
