@@ -24,6 +24,12 @@ Workloads:
                   produces exactly the same number of tokens, which is checked); the time of one decode
                   step (forward + argmax) is the sample
 
+``--cuda-graph`` (CUDA only) adds, after each workload, the same workload replayed from CUDA graphs
+(label ``[graph]``): per variant the prefill forward, or one decode step (forward + argmax, the token
+fed back through a static input, the position through a static ``position_ids``), is captured once and
+replayed; the ops alone likewise. That is the GPU time without Python and launch overhead, what a
+graph-captured server pays. Decoded tokens must equal the eager decode's (checked, per variant).
+
 The variants are interleaved at the finest grain: each prefill round runs all four back to back, and
 decode steps alternate between the variants' four caches, the order rotated every time, so that drift
 of the machine hits all variants alike. Every time is wall-clock with the device synchronized before
@@ -34,6 +40,7 @@ same round or step, minus one; the interquartile range of that ratio is reported
     python benchmarks/bench_e2e.py                                  # cuda: LLaMA-3-8B shape, all workloads
     python benchmarks/bench_e2e.py --device cpu --out-dir results/cpu
     python benchmarks/bench_e2e.py --small --device cpu             # smoke run (seconds)
+    python benchmarks/bench_e2e.py --cuda-graph --new-tokens 48      # eager and CUDA graphs
 """
 
 from __future__ import annotations
@@ -194,9 +201,10 @@ def prefill_samples(variants: dict, ops: dict, ids: torch.Tensor, hidden: torch.
 
 def decode_samples(variants: dict, ops: dict, batch: int, prompt_len: int, new_tokens: int, repeats: int,
                    cache_kind: str, device: torch.device, vocab: int, dtype: torch.dtype
-                   ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict]:
-    """``(step samples, prompt-prefill samples, tokens generated per sequence)`` per variant; the ops
-    alone are timed on one token per sequence in the same rotation as the decode steps."""
+                   ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict, dict]:
+    """``(step samples, prompt-prefill samples, tokens generated per sequence, the tokens of the last
+    repeat)`` per variant; the ops alone are timed on one token per sequence in the same rotation as
+    the decode steps."""
     names = list(variants)
     keyword = {name: cache_keyword(m) for name, m in variants.items()}
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -204,7 +212,7 @@ def decode_samples(variants: dict, ops: dict, batch: int, prompt_len: int, new_t
     hidden = torch.randn(batch, 1, lp.get_patch(variants["pruned+ours"]).hidden_size, generator=gen).to(device, dtype)
     steps = {name: [] for name in [*names, *ops]}
     prompts = {name: [] for name in names}
-    generated = {}
+    generated, last_tokens = {}, {}
     for rep in range(repeats):
         state = {}
         for name in rotated(names, rep):
@@ -231,7 +239,8 @@ def decode_samples(variants: dict, ops: dict, batch: int, prompt_len: int, new_t
                     steps[name].append(t)
         for name in names:
             cache, tokens = state[name]
-            generated[name] = torch.cat(tokens, dim=1).shape[1]
+            last_tokens[name] = torch.cat(tokens, dim=1)
+            generated[name] = last_tokens[name].shape[1]
             # A cache passed under the wrong keyword would be ignored without an error (the model makes its
             # own): the cache must hold the prompt and every token fed back.
             held = int(cache.get_seq_length())
@@ -241,7 +250,113 @@ def decode_samples(variants: dict, ops: dict, batch: int, prompt_len: int, new_t
         del state
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return steps, prompts, generated
+    return steps, prompts, generated, last_tokens
+
+
+def graph_capture(fn, device: torch.device):
+    """``fn`` (which writes its results into static tensors) captured once in a CUDA graph after two
+    warm-up calls on a side stream; returns the replay function."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    synchronize(device)
+    return graph.replay
+
+
+def prefill_graph_samples(variants: dict, ops: dict, ids: torch.Tensor, hidden: torch.Tensor, rounds: int,
+                          device: torch.device) -> dict[str, list[float]]:
+    """``prefill_samples`` with every forward (and op) replayed from a CUDA graph captured once."""
+    replays = {}
+    for name, m in variants.items():
+        out = {}
+        replays[name] = graph_capture(lambda m=m, out=out: out.__setitem__(
+            "logits", m(input_ids=ids, use_cache=False, logits_to_keep=1).logits), device)
+    for name, op in ops.items():
+        replays[name] = graph_capture(lambda op=op: op(hidden), device)
+    names = list(replays)
+    for _ in range(PREFILL_WARMUP):
+        for name in names:
+            timed(replays[name], device)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for name in rotated(names, r):
+            samples[name].append(timed(replays[name], device)[1])
+    return samples
+
+
+def decode_graph_samples(variants: dict, ops: dict, batch: int, prompt_len: int, new_tokens: int,
+                         cache_kind: str, device: torch.device, vocab: int, dtype: torch.dtype,
+                         eager_tokens: dict | None = None) -> tuple[dict[str, list[float]], dict, dict]:
+    """``decode_samples`` with one decode step per variant replayed from a CUDA graph: the step reads
+    its token from a static input and its position from static ``position_ids`` (and
+    ``cache_position`` where the model takes it), and writes the next token into a static output.
+    The graph is captured (after two warm-up steps) on a fresh static cache, which is then reset and
+    filled by the prompt's eager prefill. Returns (step samples, generated count, share of the tokens
+    equal to ``eager_tokens``)."""
+    if cache_kind != "static":
+        raise ValueError("--cuda-graph decodes with a static KV cache (--cache static)")
+    names = list(variants)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    prompt = torch.randint(3, vocab, (batch, prompt_len), generator=gen).to(device)
+    hidden = torch.randn(batch, 1, lp.get_patch(variants["pruned+ours"]).hidden_size, generator=gen).to(device, dtype)
+    state = {}
+    for name in names:
+        model = variants[name]
+        keyword = cache_keyword(model)
+        cache = new_cache(model, prompt_len + new_tokens, "static")
+        ids = torch.full((batch, 1), 3, dtype=torch.long, device=device)
+        position_ids = torch.full((batch, 1), prompt_len, dtype=torch.long, device=device)
+        cache_position = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+        token = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        extra = {"cache_position": cache_position} if "cache_position" in inspect.signature(type(model).forward).parameters else {}
+
+        def step(model=model, cache=cache, ids=ids, position_ids=position_ids, token=token, extra=extra, keyword=keyword):
+            logits = model(input_ids=ids, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                           **{keyword: cache}, **extra).logits
+            token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+
+        replay = graph_capture(step, device)
+        cache.reset()  # the warm-up steps wrote into it; the prompt comes first
+        first = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits[:, -1]
+        state[name] = dict(replay=replay, ids=ids, position_ids=position_ids, cache_position=cache_position,
+                           token=token, cache=cache, tokens=[first.argmax(-1, keepdim=True)])
+    op_replays = {name: graph_capture(lambda op=op: op(hidden), device) for name, op in ops.items()}
+    steps = {name: [] for name in [*names, *ops]}
+    for step_index in range(new_tokens - 1):
+        position = prompt_len + step_index
+        for name in rotated([*names, *ops], step_index):
+            if name in ops:
+                t = timed(op_replays[name], device)[1]
+            else:
+                s = state[name]
+
+                def replay(s=s):
+                    s["ids"].copy_(s["tokens"][-1])
+                    s["position_ids"].fill_(position)
+                    s["cache_position"].fill_(position)
+                    s["replay"]()
+                    return s["token"].clone()
+                token, t = timed(replay, device)
+                s["tokens"].append(token)
+            if step_index >= DECODE_WARMUP_STEPS:
+                steps[name].append(t)
+    generated, agree = {}, {}
+    for name in names:
+        s = state[name]
+        tokens = torch.cat(s["tokens"], dim=1)
+        generated[name] = tokens.shape[1]
+        # No check of the cache's length here: a cache may count positions in Python (not replayed); the
+        # tokens against the eager decode's are the check that every step read and wrote its position.
+        if eager_tokens and name in eager_tokens:
+            agree[name] = float((tokens == eager_tokens[name]).float().mean())
+    del state
+    return steps, generated, agree
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,6 +463,7 @@ def parse_args(argv):
     parser.add_argument("--decode-repeats", type=int, help="decode generations per variant")
     parser.add_argument("--cache", choices=["static", "dynamic"], default="static", help="decode KV cache")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cuda-graph", action="store_true", help="also replay every workload from CUDA graphs")
     parser.add_argument("--max-seconds", type=float, help="start no new workload after this long")
     parser.add_argument("--out-dir", help="write <name>.json, <name>.txt and <name>.png here")
     parser.add_argument("--name", default="bench_e2e")
@@ -355,6 +471,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to torch here")
+    if args.cuda_graph and (args.device != "cuda" or args.cache != "static"):
+        parser.error("--cuda-graph needs --device cuda and --cache static")
     if args.small:
         if args.preset not in (None, "tiny"):
             parser.error("--small is the tiny preset; do not combine it with --preset")
@@ -425,23 +543,39 @@ def main(argv=None) -> dict:
         print(title, flush=True)
 
         workloads = [("prefill", b, s) for b, s in args.prefill_shapes] + [("decode", b, None) for b in args.decode_batch]
-        for kind, batch, seq in workloads:
-            label = f"prefill {batch}x{seq}" if kind == "prefill" else f"decode b={batch}"
+        modes = ("eager", "graph") if args.cuda_graph else ("eager",)
+        eager_tokens = {}
+        for kind, batch, seq, mode in [(*w, m) for w in workloads for m in modes]:
+            label = (f"prefill {batch}x{seq}" if kind == "prefill" else f"decode b={batch}") + \
+                (" [graph]" if mode == "graph" else "")
             if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
                 result["truncated"].append(label)
                 continue
-            base = {"workload": label, "kind": kind, "batch": batch}
+            base = {"workload": label, "kind": kind, "batch": batch, "mode": mode}
             try:
                 if kind == "prefill":
                     gen = torch.Generator(device="cpu").manual_seed(0)
                     ids = torch.randint(3, config.vocab_size, (batch, seq), generator=gen).to(device)
                     hidden = torch.randn(batch, seq, config.hidden_size, generator=gen).to(device, dtype)
-                    samples = prefill_samples(variants, ops, ids, hidden, args.repeats, device)
+                    sampler = prefill_graph_samples if mode == "graph" else prefill_samples
+                    samples = sampler(variants, ops, ids, hidden, args.repeats, device)
                     rows = summarize(samples, batch * seq, dict(base, seq=seq))
+                elif mode == "graph":
+                    steps, generated, agree = decode_graph_samples(
+                        variants, ops, batch, args.prompt_len, args.new_tokens, args.cache, device, config.vocab_size,
+                        dtype, eager_tokens.get(batch))
+                    if len(set(generated.values())) != 1 or generated["pruned"] != args.new_tokens:
+                        raise RuntimeError(f"variants generated different numbers of tokens: {generated}")
+                    rows = summarize(steps, batch, dict(base, prompt_len=args.prompt_len, new_tokens=args.new_tokens))
+                    for row in rows:
+                        if row["variant"] in generated:
+                            row["tokens_generated"] = generated[row["variant"]]
+                            row["tokens_equal_to_eager"] = agree.get(row["variant"])
                 else:
-                    steps, prompts, generated = decode_samples(variants, ops, batch, args.prompt_len,
-                                                               args.new_tokens, args.decode_repeats, args.cache,
-                                                               device, config.vocab_size, dtype)
+                    steps, prompts, generated, tokens = decode_samples(variants, ops, batch, args.prompt_len,
+                                                                       args.new_tokens, args.decode_repeats, args.cache,
+                                                                       device, config.vocab_size, dtype)
+                    eager_tokens[batch] = tokens
                     if len(set(generated.values())) != 1 or generated["pruned"] != args.new_tokens:
                         raise RuntimeError(f"variants generated different numbers of tokens: {generated}")
                     rows = summarize(steps, batch, dict(base, prompt_len=args.prompt_len, new_tokens=args.new_tokens))

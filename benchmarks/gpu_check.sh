@@ -1,89 +1,140 @@
 #!/usr/bin/env bash
-# GPU verification of the CUDA backend in one go, for a machine with a CUDA GPU, python3 with torch
-# (>= 2.10, a CUDA build), triton, pytest, nvcc and ninja, and no network (nothing is downloaded).
+# The prepared GPU run: one command that checks and times everything open, in at most 8 minutes.
 #
-#   OUT=<results folder> benchmarks/gpu_check.sh [WHEEL]        (from anywhere; OUT is required)
+#   bash benchmarks/gpu_check.sh --plan                  # steps, budgets, artifacts found (no GPU needed)
+#   OUT=<results folder> bash benchmarks/gpu_check.sh    # the run, from the repository root
 #
-# WHEEL defaults to the newest dist/linearpatch_kernels-*+cu*.whl (e.g. built elsewhere with
-# `python scripts/build_wheels.py --cuda cu13`: that also checks that a wheel built against another
-# torch loads).
-# Without a wheel, or if it does not load, the extension is built from csrc/ on this machine for its
-# GPU only (dist/ is not tracked: bring the wheel along). Steps, logged to stdout and
-# $OUT/gpu_check.log, most important first:
-#   1. environment; 2. install (unpack the wheel into a scratch folder on PYTHONPATH);
-#   3. tests/test_cuda_backend.py (every backend vs fp64, all dtypes, rows 1/7/4096, non-contiguous
-#      input, > 2**31 elements; the fused epilogue patch_add_rmsnorm vs fp64 and vs the unfused ops;
-#      junit XML in $OUT); 4. timings at d=4096 x 16384 rows, bf16 (CUDA events, median): cuda and
-#      triton patch and transform, the dense bf16 matmul, the paper's fp32 matmul, a device-to-device
-#      copy; also decode sizes and d=5120; the fused epilogue vs add + patch + RMSNorm at 4096 and
-#      16384 rows (target: >= 1.3x faster); copy ratios of the cuda ops over d = 576 .. 32768 and the
-#      three dtypes beside the SASS model's (benchmarks/sass_budget.py), Triton's bf16 patch and
-#      epilogue beside them (JSON and a table in $OUT);
-#   5. compute-sanitizer memcheck, racecheck and synccheck on small cases of every kernel family;
-#   6. the JIT fallback (a source tree without the compiled library compiles csrc/ at first use);
-#   7. tests/test_triton_backend.py on the GPU: the Triton kernels compiled for this GPU vs fp64, the
-#      sizes Triton refuses routed to a backend that runs them, the fp32-inside backward (last: its
-#      d = 9216 kernels take minutes to compile at first use).
-# STEPS="tests timings sanitizer jit triton" (the default) picks steps 3-7, e.g. STEPS=timings for a
-# rerun. Each step has its own time limit (6, 5, 3 x 2.5, 4 and 4 minutes), cut to what is left of
-# GPU_CHECK_SECONDS (default 480) for the whole run.
-# SASS_MODEL=<sass_model.json> reuses a model written elsewhere by
-# `python benchmarks/sass_budget.py --arch 90 --json F` (it needs only nvcc, not the GPU) instead of
-# building it here. Tests use pytest-xdist (up to 8 workers) when it is installed.
-# GPU_CHECK_TIMINGS="ops epilogue sweep" (the default) picks the parts of step 4;
-# GPU_CHECK_TRITON_SWEEP="576 4096 5120 16384" the sizes of its bf16 Triton rows (each compiles at
-# first use: d = 9216's add network takes minutes on an H200, so it is left out by default).
-# A step that would start with under 10 s of GPU_CHECK_SECONDS left is skipped and named at the end.
+# How GPU time is used here (the rules this script is written for):
+# * A GPU machine is available for about 15 minutes at a time (its start included), without
+#   network or pip. Everything that can be built without a GPU is built beforehand and carried:
+#   `python scripts/gpu_bundle.py` writes it into `.gpu-bundle/` (the cu130 sm_90 wheel, Triton's
+#   cache for triton 3.6 under Python 3.12, the SASS model's JSON, fast-hadamard-transform's kernels;
+#   under 64 MB). Carry the repository and that folder (the one ignored path to bring along); nothing
+#   else is needed there: Python 3.12, torch 2.11, triton 3.6, transformers, nvcc and ninja are
+#   the machine's. A missing piece is said so and built there, at the cost of the run's time.
+# * One prepared command, run once: this script. Give it a time limit of 9 minutes: the steps'
+#   budgets add up to 8 (benchmarks/gpu_plan.py), so a second run still fits the same window if the first
+#   one fails early (STEPS=... reruns only some steps). The whole invocation, from the repository
+#   root of a copy that carries `.gpu-bundle/` (the only path outside git it needs) and with OUT
+#   naming the folder whose contents come back:
+#       OUT=$OUT bash benchmarks/gpu_check.sh          (time limit 540 s)
+#   Nothing else may run on the GPU meanwhile.
+# * Results are written under $OUT as each step ends (a step cut short keeps what it measured):
+#   gpu_check.log, environment.txt, clocks.csv (SM/memory clocks every 250 ms), steps.json,
+#   gpu_timings.json/.txt, junit XML of the test steps, bench_e2e.json/.txt, sanitizer.txt, and
+#   record/ (benchmarks/gpu_record.py: the comparable record with the measured-vs-modelled table).
+#   Bring $OUT back and commit its record/ as benchmarks/results/<gpu>-<date>/.
+#
+# Steps, most valuable first (budgets in benchmarks/gpu_plan.py, each a hard limit, all of them cut to
+# what is left of GPU_CHECK_SECONDS, default 480): timings, cuda-tests, sanitizer, e2e,
+# triton-tests, jit. A step that would start with under 10 s left is skipped and named at the end.
+# Environment: OUT (required for a run), GPU_BUNDLE (default <repo>/.gpu-bundle), STEPS (default all,
+# e.g. STEPS="timings e2e"), GPU_CHECK_SECONDS, PYTHON (default python3).
 # Exit status: 0 when every step ran and passed, else the number of failed and skipped steps.
 set -uo pipefail
-OUT=${OUT:?set OUT to the folder for the results}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)  # absolute: the steps below run from a scratch folder
-[ -n "${SASS_MODEL:-}" ] && [ -f "$SASS_MODEL" ] && SASS_MODEL=$(cd "$(dirname "$SASS_MODEL")" && pwd)/$(basename "$SASS_MODEL")
-exec > >(tee "$OUT/gpu_check.log") 2>&1
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3}
+bundle=${GPU_BUNDLE:-$root/.gpu-bundle}
+if [ "${1:-}" = "--plan" ]; then
+    exec "$python" "$root/benchmarks/gpu_plan.py" --bundle "$bundle"
+fi
+OUT=${OUT:?set OUT to the folder for the results (or run with --plan)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the steps below run from a scratch folder
+bundle=$(cd "$bundle" 2>/dev/null && pwd || echo "$bundle")
+exec > >(tee "$OUT/gpu_check.log") 2>&1
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/linearpatch-gpu-check.XXXXXX")
 site="$scratch/site"
 failed=0
-steps=" ${STEPS:-tests timings sanitizer jit triton} "
-deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))
 skipped=""
-# wants STEP: the step was asked for and there are at least 10 s left to run it (else it is skipped,
-# and reported as such at the end).
-wants() {
-    [[ "$steps" == *" $1 "* ]] || return 1
-    if (( deadline - $(date +%s) < 10 )); then
-        skipped="$skipped $1"; echo; echo "=== skipped: $1 (GPU_CHECK_SECONDS used up) ==="; return 1
-    fi
-}
-# limit SECONDS: a step's time limit, cut to what is left of GPU_CHECK_SECONDS (at least 1: `timeout 0`
-# would mean no limit).
-limit() { local left=$(( deadline - $(date +%s) )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
-xdist=()
-step() { echo; echo "=== $(date +%H:%M:%S) $* ==="; }
+started=$(date +%s)
+deadline=$(( started + ${GPU_CHECK_SECONDS:-480} ))
+steps=" ${STEPS:-timings cuda-tests sanitizer e2e triton-tests jit} "
+declare -A budget
+while read -r name seconds; do budget[$name]=$seconds; done <<< "$("$python" "$root/benchmarks/gpu_plan.py" --budgets)"
+clock_pid=""
+cleanup() { { [ -n "$clock_pid" ] && kill "$clock_pid"; rm -rf "$scratch"; } 2>/dev/null; }
+trap cleanup EXIT
+
+say() { echo; echo "=== $(date +%H:%M:%S) (+$(( $(date +%s) - started )) s) $* ==="; }
 fail() { echo "FAILED: $*"; failed=$((failed + 1)); }
+# limit SECONDS: a step's budget, cut to what is left of GPU_CHECK_SECONDS (at least 1: `timeout 0` means none)
+limit() { local left=$(( deadline - $(date +%s) )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
+# Triton's cache entries now (a step that adds some compiled them at run time: the bundle missed them)
+entries() { find "$TRITON_CACHE_DIR" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l; }
+record_step() {  # NAME STATUS SECONDS NEW_KERNELS: one line of steps.json per step, as it ends
+    "$python" - "$OUT/steps.json" "$@" <<'PY'
+import json, sys
+path, name, status, seconds, kernels = sys.argv[1:6]
+try:
+    steps = json.load(open(path))
+except (OSError, ValueError):
+    steps = []
+steps.append(dict(name=name, status=status, seconds=int(seconds), triton_kernels_compiled_here=int(kernels)))
+json.dump(steps, open(path, "w"), indent=1)
+PY
+}
+# run_step NAME COMMAND...: the step under its budget, its status and Triton's misses recorded.
+run_step() {
+    local name=$1 t0 before status
+    shift
+    [[ "$steps" == *" $name "* ]] || return 0
+    if (( deadline - $(date +%s) < 10 )); then
+        skipped="$skipped $name"; say "skipped: $name (GPU_CHECK_SECONDS used up)"; record_step "$name" skipped 0 0; return 0
+    fi
+    say "$name (budget $(limit "${budget[$name]}") s)"
+    t0=$(date +%s); before=$(entries)
+    timeout "$(limit "${budget[$name]}")" "$@"
+    status=$?
+    local compiled=$(( $(entries) - before ))
+    (( compiled > 0 )) && echo "note: Triton compiled $compiled kernel(s) during $name (not in the bundle's cache)"
+    case $status in
+        0) record_step "$name" passed $(( $(date +%s) - t0 )) "$compiled" ;;
+        124) fail "$name: cut at its budget"; record_step "$name" timeout $(( $(date +%s) - t0 )) "$compiled" ;;
+        *) fail "$name (exit $status)"; record_step "$name" failed $(( $(date +%s) - t0 )) "$compiled" ;;
+    esac
+}
 
-step "1. environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-"$python" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name(0), 'sm_%d%d' % torch.cuda.get_device_capability(0), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
-nvcc --version | tail -n 2
+say "setup: environment, clocks, bundle $bundle"
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,clocks.sm,power.limit --format=csv
+    "$python" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); p = torch.cuda.get_device_properties(0); print('gpu', p.name, 'sm_%d%d' % torch.cuda.get_device_capability(0), p.multi_processor_count, 'SMs', getattr(p, 'L2_cache_size', '?'), 'B L2')"
+    nvcc --version | tail -n 2
+    command -v compute-sanitizer || echo "compute-sanitizer: not found"
+    git -C "$root" rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout"
+    echo "bundle manifest:"; cat "$bundle/manifest.json" 2>/dev/null || echo "  (none)"
+} > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+# The SM and memory clocks through the whole run (the timings' groups log theirs too).
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu --format=csv \
+    -lms 250 > "$OUT/clocks.csv" 2>/dev/null &
+clock_pid=$!
 
-step "2. install"
+# Pieces of the bundle that are missing or were built from other sources than this tree's.
+unusable=" $("$python" "$root/benchmarks/gpu_plan.py" --bundle "$bundle" --unusable) "
+echo "bundle: unusable pieces:${unusable}(missing, or built from other sources)"
+
+# The wheel's compiled library under this tree's Python package, in a scratch folder on PYTHONPATH,
+# loaded without a JIT build (a wheel built from other kernel sources is not used).
 load_check() {
     (cd "$scratch" && PYTHONPATH="$site" "$python" -c "
 import sys
 from linearpatch_kernels.backends import cuda_backend as c
 ok = c.load_extension(allow_jit=False)
-print('loaded:', c.loaded_from() if ok else None)
+print('loaded:', c.loaded_from() if ok else c.load_error())
 sys.exit(0 if ok else 1)")
 }
-unpack() { rm -rf "$site" && mkdir -p "$site" && "$python" -m zipfile -e "$1" "$site"; }
-wheel=${1:-$(ls -t "$root"/dist/linearpatch_kernels-*+cu*.whl 2>/dev/null | head -n 1)}
+unpack() {  # WHEEL: its package, then this tree's Python files over it (the compiled parts stay the wheel's)
+    rm -rf "$site" && mkdir -p "$site" && "$python" -m zipfile -e "$1" "$site" \
+        && (cd "$root" && find linearpatch_kernels -name "*.py" -exec cp --parents {} "$site" \;)
+}
+wheel=$(ls -t "$bundle"/wheel/linearpatch_kernels-*+cu13*.whl 2>/dev/null | head -n 1)
+[[ "$unusable" == *" wheel "* ]] && [ -n "$wheel" ] && echo "wheel: built from other kernel sources: not used" && wheel=""
 if [ -n "$wheel" ] && unpack "$wheel" && load_check; then
-    echo "using the prebuilt wheel $(basename "$wheel") under torch $("$python" -c 'import torch; print(torch.__version__)')"
+    echo "wheel: $(basename "$wheel") (from the bundle)"
 else
-    [ -n "$wheel" ] && fail "the wheel $wheel does not load here; building from source"
+    [ -n "$wheel" ] && fail "the bundle's wheel $(basename "$wheel") does not load here"
+    echo "wheel: missing from the bundle: building the extension here for this GPU (minutes of the run)"
     arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
     (cd "$root" && LINEARPATCH_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$(nproc) \
         "$python" -m pip wheel . --no-build-isolation --no-deps --no-index -w "$scratch/dist") \
@@ -91,376 +142,85 @@ else
         || { fail "build from source"; echo "gpu_check: nothing to test"; exit "$failed"; }
 fi
 export PYTHONPATH="$site"
-cd "$scratch"  # never import the package from the source tree below
 
-"$python" -c "import xdist" 2>/dev/null && xdist=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
-# run_tests NAME SECONDS: one test file on the GPU, its junit XML in $OUT.
-run_tests() {
-    timeout "$(limit "$2")" "$python" -m pytest -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} -rs --durations=10 \
-        --junitxml="$OUT/$1.xml" "$root/tests/$1.py" || fail "tests/$1.py"
-}
-
-if wants tests; then
-step "3. tests/test_cuda_backend.py"
-run_tests test_cuda_backend 360
+# Triton's cache: the bundle's kernels, their group files pointed here (re-keyed if this triton's key
+# differs from the one recorded); without it every Triton kernel compiles at first use.
+export TRITON_CACHE_DIR="$scratch/triton-cache"
+if [ -f "$bundle/triton-cache/entries.json" ]; then
+    "$python" "$root/scripts/triton_cache.py" install --cache "$bundle/triton-cache" --to "$TRITON_CACHE_DIR" \
+        || fail "installing the bundle's Triton cache"
+    # the prefill model of those kernels (the Triton rows' modelled column of the record)
+    [[ "$unusable" != *" triton-cache "* ]] && cp "$bundle/triton_model.json" "$OUT/" 2>/dev/null
+else
+    mkdir -p "$TRITON_CACHE_DIR"
+    echo "triton cache: missing from the bundle: Triton compiles each kernel at first use"
 fi
-
-if wants timings; then
-step "4. timings"
-# The SASS budget's modelled copy ratios (built here with nvcc for sm_90), printed beside the measured ones.
-if [ -n "${SASS_MODEL:-}" ] && [ -f "$SASS_MODEL" ]; then
-    cp "$SASS_MODEL" "$OUT/sass_model.json"
-    [ -f "${SASS_MODEL%.json}.txt" ] && cp "${SASS_MODEL%.json}.txt" "$OUT/sass_model.txt"
-    echo "SASS model from $SASS_MODEL"
-elif [ -f "$root/benchmarks/sass_budget.py" ]; then
-    (cd "$root" && timeout "$(limit 150)" "$python" benchmarks/sass_budget.py --arch 90 --json "$OUT/sass_model.json" \
-        > "$OUT/sass_model.txt") \
-        || echo "the SASS model did not run: no modelled column"
+if [ -f "$bundle/sass_model.json" ] && [[ "$unusable" != *" sass-model "* ]]; then
+    cp "$bundle/sass_model.json" "$OUT/sass_model.json" && echo "SASS model: from the bundle"
+else
+    echo "SASS model: missing from the bundle or stale: building it here in the background (nvcc, no GPU)"
+    (cd "$root" && "$python" benchmarks/sass_budget.py --arch 90 --json "$OUT/sass_model.json" > "$OUT/sass_model.txt" 2>&1) &
 fi
-timeout "$(limit 300)" "$python" - "$OUT" <<'PY' || fail "timings"
-import json
-import math
-import os
-import statistics
-import sys
-
-import torch
-
-import linearpatch_kernels as lp
-from linearpatch_kernels.hadamard import hadamard_matrix
-
-out = sys.argv[1]
-torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def median_ms(fn, reps=50, warmup=5):
-    """Median of per-call CUDA event times; a 256 MB write between calls evicts the L2 (60 MB).
-    A case that raises is reported and timed as NaN, so that one failing case keeps the others' rows."""
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    try:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    except Exception as e:  # noqa: BLE001 -- reported, the failure counted at the end
-        errors.append(repr(e))
-        print("FAILED case:", repr(e)[:300], flush=True)
-        return float("nan")
-    return statistics.median(times)
-
-
-def graphed(fn):
-    """``fn`` captured once in a CUDA graph, replayed per call: the kernel time without the host's
-    Python and launch overhead, which a CUDA-event time of one eager call includes whenever the host
-    takes longer than the kernel (decode-sized inputs)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-from linearpatch_kernels.backends import cuda_backend, triton_backend
-
-# Loads the library (its ops are registered at load): every part below calls the kernels directly.
-assert cuda_backend.is_available(torch.device("cuda")), cuda_backend._load_error
-results, sweep, speedups, errors = [], [], {}, []
-meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
-            method="median of 50 CUDA-event timings per call, 5 warm-ups, L2 flushed between calls")
-
-
-def no_nan(v):
-    """NaN (a failed case) as null, so that the JSON is valid."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, dict):
-        return {k: no_nan(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [no_nan(x) for x in v]
-    return v
-
-
-def save():
-    """Write (and print) what has been measured so far: a step cut short keeps its rows."""
-    lines = [f"{'d':>5} {'rows':>6}  {'case':<40} {'median ms':>10} {'GB/s (r+w)':>11} {'x copy':>7}"]
-    for r in results:
-        lines.append(f"{r['d']:>5} {r['rows']:>6}  {r['case']:<40} {r['median_ms']:>10.4f} "
-                     f"{r['gb_per_s_read_plus_write']:>11.0f} {r['ratio_to_copy']:>7.2f}")
-    for rows, x in speedups.items():
-        verdict = "not measured" if math.isnan(x) else "met" if x >= TARGET else "MISSED"
-        lines.append(f"fused epilogue vs separate add + patch + RMSNorm, d=4096 x {rows} rows bf16: "
-                     f"{x:.2f}x faster (target >= {TARGET}x: {verdict})")
-    sweep_lines = [f"{'op':<24} {'dtype':<9} {'d':>6} {'rows':>7} {'median ms':>10} {'x copy':>7} {'model':>6}"]
-    for r in sweep:
-        m = f"{r['modelled_ratio']:.2f}" if r["modelled_ratio"] is not None else "-"
-        sweep_lines.append(f"{r['op']:<24} {r['dtype']:<9} {r['d']:>6} {r['rows']:>7} {r['median_ms']:>10.4f} "
-                           f"{r['ratio_to_copy']:>7.2f} {m:>6}")
-    sweep_lines.append("x copy: median time / median time of a copy of x (the epilogue moves two tensors in and "
-                       "two out: its floor is 2); model: the SASS budget's H200 estimate (benchmarks/sass_budget.py), "
-                       "same basis")
-    table = "\n".join(lines + [""] + sweep_lines + [f"failed cases: {len(errors)}"])
-    with open(f"{out}/gpu_timings.json", "w") as f:
-        json.dump(no_nan(dict(meta=meta, results=results, copy_ratios=sweep, errors=errors)), f, indent=1)
-    with open(f"{out}/gpu_timings.txt", "w") as f:
-        f.write(table + "\n")
-    return table
-
-
-TARGET = 1.3
-PARTS = os.environ.get("GPU_CHECK_TIMINGS", "ops epilogue sweep").split()
-EPS = 1e-6
-if "ops" in PARTS:
-    for d, rows_list in ((4096, (16384, 4096, 64, 1)), (5120, (16384,))):
-        s = 0.5 + torch.rand(d, device="cuda")
-        h = hadamard_matrix(d, device="cuda")
-        p_fp32 = ((h * s.double()) @ h.T).float()  # the dense patch H diag(s) H^T
-        p_bf16 = p_fp32.to(torch.bfloat16)
-        del h
-        for rows in rows_list:
-            x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
-            y = torch.empty_like(x)
-            assert cuda_backend.is_available(x.device), cuda_backend._load_error
-            cases = {
-                "copy": lambda: y.copy_(x),
-                "cuda patch": lambda: cuda_backend.hadamard_patch(x, s),
-                "triton patch": lambda: triton_backend.hadamard_patch(x, s),
-                "cuda transform": lambda: cuda_backend.hadamard_transform(x, d ** -0.5),
-                "triton transform": lambda: triton_backend.hadamard_transform(x, d ** -0.5),
-                "public op, auto backend": lambda: lp.hadamard_patch(x, s),
-                "dense bf16 matmul": lambda: x @ p_bf16,
-                "paper: fp32 matmul + casts": lambda: (x.float() @ p_fp32).to(torch.bfloat16),
-            }
-            if rows <= 64:  # host overhead vs kernel time: the same calls replayed from a CUDA graph
-                for name in ("cuda patch", "triton patch", "cuda transform", "public op, auto backend",
-                             "dense bf16 matmul"):
-                    try:
-                        cases[name + " (CUDA graph)"] = graphed(cases[name])
-                    except Exception as e:  # noqa: BLE001 -- reported, the failure counted at the end
-                        errors.append(f"capturing {name}: {e!r}")
-                        print("FAILED capture:", name, repr(e)[:300], flush=True)
-            copy_ms = median_ms(cases["copy"])
-            for name, fn in cases.items():
-                ms = copy_ms if name == "copy" else median_ms(fn)
-                gbps = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-                results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
-                                    gb_per_s_read_plus_write=gbps, ratio_to_copy=ms / copy_ms))
-            print(f"timed d={d} x {rows} rows", flush=True)
-            save()
-
-if "epilogue" in PARTS:
-    # The fused interface epilogue against what it replaces: the residual add, the patch (cuda backend)
-    # and Hugging Face's RMSNorm, as separate ops. Traffic counted for the fused op: read residual and
-    # update, write h and normed (4 tensors); the copy moves 2.
-    d = 4096
-    s = 0.5 + torch.rand(d, device="cuda")
-    w = (0.5 + torch.rand(d, device="cuda")).to(torch.bfloat16)
-
-
-    def separate(r, u):
-        h = cuda_backend.hadamard_patch(r + u, s)
-        hf = h.float()
-        return h, w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(h.dtype)
-
-
-    speedups = {}
-    for rows in (4096, 16384):
-        r = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
-        u = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty_like(r)
-        try:  # a wrong or failing fused op is counted as an error; the timings go on
-            fused_h, fused_n = cuda_backend.patch_add_rmsnorm(r, u, s, w, EPS)
-            sep_h, sep_n = separate(r, u)
-            agree = float((fused_n.double() - sep_n.double()).norm() / sep_n.double().norm())
-            if not agree < 1e-2:
-                raise AssertionError(f"fused and separate epilogues disagree at {rows} rows: {agree:.1e}")
-        except Exception as e:  # noqa: BLE001
-            errors.append(repr(e))
-            print("FAILED check:", repr(e)[:300], flush=True)
-        cases = {
-            "copy": lambda: y.copy_(r),
-            "epilogue: cuda fused": lambda: cuda_backend.patch_add_rmsnorm(r, u, s, w, EPS),
-            "epilogue: triton fused": lambda: triton_backend.patch_add_rmsnorm(r, u, s, w, EPS),
-            "epilogue: separate (cuda)": lambda: separate(r, u),
-            "epilogue: public op, auto": lambda: lp.patch_add_rmsnorm(r, u, s, w, EPS),
-        }
-        times = {name: median_ms(fn) for name, fn in cases.items()}
-        speedups[rows] = times["epilogue: separate (cuda)"] / times["epilogue: cuda fused"]
-        for name, ms in times.items():
-            moved = (2 if name == "copy" else 4) * r.numel() * r.element_size()
-            results.append(dict(d=d, rows=rows, dtype="bfloat16", case=name, median_ms=ms,
-                                gb_per_s_read_plus_write=moved / (ms * 1e-3) / 1e9, ratio_to_copy=ms / times["copy"],
-                                fused_speedup_over_separate=speedups[rows] if name == "epilogue: cuda fused" else None))
-    save()
-
-# Copy ratios of the cuda ops over the sizes and dtypes, beside the SASS model's (step 4 writes
-# $OUT/sass_model.json first when benchmarks/sass_budget.py is there). 2**26 elements per tensor.
-try:
-    with open(f"{out}/sass_model.json") as f:
-        model = {(m["op"].removeprefix("hadamard_"), m["dtype"], int(m["d"])): m["ratio"]
-                 for m in json.load(f) if m.get("gpu") == "H200" and m.get("ratio") is not None}
-except (OSError, KeyError, TypeError, ValueError, AttributeError):
-    model = {}
-
-
-def other_h_k_path(fn, dim):
-    """(name, ``fn`` with the Triton backend's K > 1 rows of ``dim`` on the other form of H_K than the one
-    it picks on this GPU): the add network where it picks the padded tensor-core dot (as if no padded row
-    fitted the dot), the dot where NETWORK_PREFERRED picks the network. The prefill model of the
-    compiled code chose per architecture; this times both."""
-    capability = torch.cuda.get_device_capability()
-    picks_network = triton_backend.launch_config(dim, 1 << 14, 132, torch.bfloat16, "hadamard_patch", None,
-                                                 capability).NETWORK
-
-    def run():
-        saved = triton_backend.MAX_TILE_DOT, triton_backend.NETWORK_PREFERRED
-        if picks_network:
-            triton_backend.NETWORK_PREFERRED = {}
-        else:
-            triton_backend.MAX_TILE_DOT = 1
-        try:
-            return fn()
-        finally:
-            triton_backend.MAX_TILE_DOT, triton_backend.NETWORK_PREFERRED = saved
-    return ("triton patch, H_K on the padded dot" if picks_network else "triton patch, H_K as adds"), run
-
-
-# bf16 only: each size compiles for the GPU first (the 9216 add network takes minutes to compile)
-TRITON_SWEEP = [int(v) for v in os.environ.get("GPU_CHECK_TRITON_SWEEP", "576 2304 4096 5120 16384").split()]
-for dtype in (torch.bfloat16, torch.float16, torch.float32) if "sweep" in PARTS else ():
-    for dim in (576, 1024, 2048, 2304, 2560, 4096, 4608, 5120, 5376, 7168, 8192, 9216, 16384, 18432, 32768):
-        rows = (1 << 26) // dim
-        x = torch.randn(rows, dim, device="cuda", dtype=dtype)
-        u = torch.randn(rows, dim, device="cuda", dtype=dtype)
-        y = torch.empty_like(x)
-        s = 0.5 + torch.rand(dim, device="cuda")
-        w = 0.5 + torch.rand(dim, device="cuda")
-        copy_ms = median_ms(lambda: y.copy_(x))
-        ops = {
-            "patch": lambda: cuda_backend.hadamard_patch(x, s),
-            "transform": lambda: cuda_backend.hadamard_transform(x, 0.5),
-            "patch_add_rmsnorm": lambda: cuda_backend.patch_add_rmsnorm(x, u, s, w, EPS),
-        }
-        if dtype == torch.bfloat16 and dim in TRITON_SWEEP:
-            ops["triton patch"] = lambda: triton_backend.hadamard_patch(x, s)
-            ops["triton patch_add_rmsnorm"] = lambda: triton_backend.patch_add_rmsnorm(x, u, s, w, EPS)
-            if dim in (576, 2304, 5120):  # the other form of H_K: +-1 add network <-> padded tensor-core dot
-                name, fn = other_h_k_path(lambda: triton_backend.hadamard_patch(x, s), dim)
-                ops[name] = fn
-        for op, fn in ops.items():
-            ms = median_ms(fn)
-            name = str(dtype).removeprefix("torch.")
-            sweep.append(dict(op=op, dtype=name, d=dim, rows=rows, median_ms=ms, copy_ms=copy_ms,
-                              ratio_to_copy=ms / copy_ms, modelled_ratio=model.get((op, name, dim))))
-        del x, u, y
-        save()
-print(save())
-sys.exit(1 if errors else 0)
-PY
+lib=$(ls "$bundle"/fht/libfht_ops*.so 2>/dev/null | head -n 1)
+if [ -n "$lib" ]; then
+    export FHT_OPS_LIBRARY="$lib"; echo "fast-hadamard-transform: $lib"
+else
+    echo "fast-hadamard-transform: missing from the bundle: its rows are left out of the timings"
 fi
+cd "$scratch"  # never import the package from the source tree below (PYTHONPATH is the wheel's)
+# (run_step runs commands under `timeout`, which cannot run shell functions: each step is a command.)
+pytest=("$python" -m pytest -q -p no:cacheprovider -rs --durations=10)
+"$python" -c "import xdist" 2>/dev/null && pytest+=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
 
-if wants sanitizer; then
-step "5. compute-sanitizer"
-cat > "$scratch/small_cases.py" <<'PY'
-# Every kernel family on small inputs: row (64, 4096; a block per row with s read through L1 at 16384,
-# and the lane-shuffle stage at 32768), kfast
-# (K > 1 transform and patch at 576 and 5120: a partial row tile), kron (the epilogue at 576 and 5120,
-# every op at 24576), 3 rows (a partial block), all dtypes; transform, patch and the fused epilogue
-# patch_add_rmsnorm. fp64 references on
-# the CPU, so that the only GPU work is ours and the copies.
-import sys
+# 1. timings: each group saved as it ends; the groups stop 10 s before the budget so the last one finishes.
+run_step timings "$python" "$root/benchmarks/gpu_timings.py" --out "$OUT" --seconds $(( $(limit "${budget[timings]}") - 10 ))
 
-import torch
-import linearpatch_kernels as lp
+# The JIT fallback's build (nvcc only, no GPU) in the background from here on, niced, after the
+# timings so that it cannot disturb them; step 6 checks what it built.
+(cd "$scratch" && PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) nice -n 10 "$python" -c "
+import sys, time
+from linearpatch_kernels.backends import cuda_backend as c
+t = time.time()
+ok = c.prebuilt_library() is None and c.load_extension()
+print(f'JIT build in the background: {c.loaded_from() if ok else c.load_error()} after {time.time() - t:.0f} s')
+" > "$OUT/jit_build.txt" 2>&1) &
+jit_pid=$!
+[[ "$steps" == *" jit "* ]] || { kill "$jit_pid" 2>/dev/null; jit_pid=""; }
 
-sys.path.insert(0, sys.argv[1])  # the tests folder: its fp64 Kronecker-form reference
-from reference import factored_reference as transform64
+# 2. the CUDA backend's tests on the GPU
+run_step cuda-tests "${pytest[@]}" --junitxml="$OUT/test_cuda_backend.xml" "$root/tests/test_cuda_backend.py"
 
-
-def rel(a, b):
-    return float((a.cpu().double() - b).norm() / b.norm())
-
-
-worst = 0.0
-for d in (64, 576, 4096, 5120, 16384, 32768, 24576):
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = torch.randn(3, d).to(dtype)
-        u = (0.1 * torch.randn(3, d)).to(dtype)
-        s = 0.5 + torch.rand(d)
-        w = 0.5 + torch.rand(d)
-        with lp.use_backend("cuda"):
-            y = lp.hadamard_patch(x.cuda(), s.cuda())
-            t = lp.hadamard_transform(x.cuda(), 0.5)
-            h, n = lp.patch_add_rmsnorm(x.cuda(), u.cuda(), s.cuda(), w.cuda(), 1e-6)
-        ref = transform64(transform64(x) * s.double()) / d
-        ref_t = transform64(x) * 0.5
-        ref_h = transform64(transform64(x.double() + u.double()) * s.double()) / d
-        ref_n = ref_h * torch.rsqrt(ref_h.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
-        worst = max(worst, rel(y, ref), rel(t, ref_t), rel(h, ref_h), rel(n, ref_n))
-print(f"small cases: worst rel. error {worst:.1e}")
-assert worst < 1e-2
-PY
-if command -v compute-sanitizer >/dev/null; then
+# 3. compute-sanitizer on small cases of every kernel family (benchmarks/gpu_small_cases.py)
+run_step sanitizer bash -c '
+    status=0
+    command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; exit 1; }
     for tool in memcheck racecheck synccheck; do
         # One cudaMalloc per tensor, so that memcheck sees every out-of-bounds access.
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit 150)" compute-sanitizer --tool "$tool" --error-exitcode 3 \
-            "$python" "$scratch/small_cases.py" "$root/tests" 2>&1 | tail -n 5
-        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "compute-sanitizer --tool $tool"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+            "$1" "$2/benchmarks/gpu_small_cases.py" 2>&1 | tee -a "$3/sanitizer.txt" | tail -n 4
+        [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: compute-sanitizer --tool $tool"; status=1; }
     done
-else
-    fail "compute-sanitizer not found"
-fi
-fi
+    exit $status' sanitize "$python" "$root" "$OUT"
 
-if wants jit; then
-step "6. JIT fallback (source tree without the compiled library)"
-(PYTHONPATH="$root" LINEARPATCH_CUDA_CACHE="$scratch/jit" MAX_JOBS=$(nproc) timeout "$(limit 240)" "$python" - <<'PY'
-import time
-import torch
-from linearpatch_kernels.backends import cuda_backend as c
-import linearpatch_kernels as lp
-assert c.prebuilt_library() is None, c.prebuilt_library()
-t = time.time()
-assert c.is_available(torch.device("cuda")), c._load_error
-print(f"JIT: {c.loaded_from()} in {time.time() - t:.0f} s")
-x = torch.randn(7, 5120, device="cuda", dtype=torch.bfloat16)
-s = 0.5 + torch.rand(5120, device="cuda")
-with lp.use_backend("cuda"):
-    y = lp.hadamard_patch(x, s)
-with lp.use_backend("torch"):
-    ref = lp.hadamard_patch(x.double(), s.double())
-err = float((y.double() - ref).norm() / ref.norm())
-print(f"JIT-built patch, d=5120 bf16: rel. error {err:.1e}")
-assert err < 1e-2
-u = torch.randn(7, 5120, device="cuda", dtype=torch.bfloat16)
-w = 0.5 + torch.rand(5120, device="cuda")
-with lp.use_backend("cuda"):
-    h, n = lp.patch_add_rmsnorm(x, u, s, w, 1e-6)
-with lp.use_backend("torch"):
-    ref_h, ref_n = lp.patch_add_rmsnorm(x.double(), u.double(), s.double(), w.double(), 1e-6)
-err = max(float((h.double() - ref_h).norm() / ref_h.norm()), float((n.double() - ref_n).norm() / ref_n.norm()))
-print(f"JIT-built patch_add_rmsnorm, d=5120 bf16: rel. error {err:.1e}")
-assert err < 1e-2
-PY
-) || fail "JIT fallback"
-fi
+# 4. end to end: LLaMA-3-8B shape, eager and CUDA graphs; workloads stop 30 s before the budget. One
+# prefill shape (1 x 2048; 8 x 2048 would take a fifth of the budget) and the three decode batches.
+run_step e2e "$python" "$root/benchmarks/bench_e2e.py" --device cuda --cuda-graph --repeats 5 --decode-repeats 1 \
+    --new-tokens 64 --prefill 1x2048 --decode-batch 1 16 64 \
+    --max-seconds $(( $(limit "${budget[e2e]}") - 30 )) --out-dir "$OUT"
 
-if wants triton; then
-step "7. tests/test_triton_backend.py (compiled for this GPU)"
-run_tests test_triton_backend 240
-fi
+# 5. the Triton backend's tests on the GPU (kernels from the bundle's cache)
+run_step triton-tests "${pytest[@]}" --junitxml="$OUT/test_triton_backend.xml" "$root/tests/test_triton_backend.py"
 
-step "done: $failed failed step(s)${skipped:+, skipped for lack of time:$skipped}"
-rm -rf "$scratch"
+# 6. the JIT fallback: a source tree without the compiled library builds csrc/ at first use
+run_step jit bash -c '
+    while [ -n "$4" ] && kill -0 "$4" 2>/dev/null; do sleep 1; done  # the background build
+    cat "$3/jit_build.txt"
+    PYTHONPATH="$2" LINEARPATCH_CUDA_CACHE="$5" MAX_JOBS=$(nproc) "$1" "$2/benchmarks/gpu_small_cases.py" --jit
+    ' jit "$python" "$root" "$OUT" "$jit_pid" "$scratch/jit"
+
+say "record: benchmarks/gpu_record.py"
+(cd "$root" && PYTHONPATH="$root" "$python" benchmarks/gpu_record.py --run "$OUT" --out "$OUT/record" --compare-latest \
+    --command "OUT=<results> STEPS=\"${STEPS:-}\" GPU_CHECK_SECONDS=${GPU_CHECK_SECONDS:-480} bash benchmarks/gpu_check.sh") \
+    || echo "the record writer failed: run it here on the fetched folder (benchmarks/gpu_record.py --run)"
+say "done in $(( $(date +%s) - started )) s: $failed failed step(s)${skipped:+, skipped for lack of time:$skipped}"
 exit $(( failed + $(wc -w <<<"$skipped") ))
