@@ -19,7 +19,9 @@ Every backend is one module with the same four functions:
   ``x``'s device (fp64 when ``x`` is fp64). They return a new tensor of ``x``'s shape and dtype.
 
 The automatic choice takes the first backend of ``AUTO_ORDER[device type]`` that is available and
-supports the input (``torch`` runs everything, so it is the last resort on every device). Backends
+supports the input (``torch`` runs everything, so it is the last resort on every device): on CUDA
+tensors ``cuda > triton > torch``, on CPU tensors ``cpu`` (the C++ kernels, where they were built)
+``> torch``. Backends
 launch on ``x``'s device and its current stream, whichever device is current. ``LINEARPATCH_BACKEND`` or ``use_backend(name)`` force one backend; a forced
 backend that cannot run the input is an error, never a silent fallback.
 """
@@ -37,8 +39,8 @@ from typing import Iterator
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 DEFAULT_ORDER = ("torch",)
 ENV_VAR = "LINEARPATCH_BACKEND"
 
@@ -75,7 +77,7 @@ def forced_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force one backend (``"torch"``, ``"triton"`` or ``"cuda"``) inside a ``with`` block.
+    """Force one backend (``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpu"``) inside a ``with`` block.
 
     ``use_backend(None)`` restores the automatic choice (ignoring ``LINEARPATCH_BACKEND``
     would be surprising, so it only clears an outer ``use_backend``).
