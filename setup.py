@@ -115,7 +115,7 @@ def cuda_build_decision(flag: str | None, torch_cuda: str | None, cuda_home: str
         return False, f"{ENV_FLAG}=0"
     missing = []
     if torch_cuda is None:
-        missing.append("a CUDA build of torch importable at build time (use --no-build-isolation)")
+        missing.append("a CUDA build of torch importable at build time, the installed one (use --no-build-isolation)")
     if cuda_home is None:
         missing.append("a CUDA toolkit (set CUDA_HOME or put nvcc on PATH)")
     if flag == "1":
@@ -169,7 +169,29 @@ def _torch_cuda_version() -> str | None:
         import torch
     except ImportError:
         return None
+    if flag_unset(os.environ.get(ENV_FLAG)) and torch_is_the_build_environments():
+        # The torch that build_backend put into pip's isolated build environment (for the CPU
+        # kernels) need not have the CUDA major of the user's: the CUDA extension, as before, only
+        # from the installed torch (--no-build-isolation) or when asked for.
+        return None
     return torch.version.cuda
+
+
+def flag_unset(flag: str | None) -> bool:
+    return flag is None or flag.strip() == ""
+
+
+def torch_is_the_build_environments() -> bool:
+    """Whether the importable torch lives outside this interpreter's site-packages, i.e. in pip's
+    isolated build environment (pip hides the real site-packages there, but ``site`` still names them)."""
+    import site
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return False
+    origin = os.path.realpath(spec.origin)
+    homes = [*site.getsitepackages(), site.getusersitepackages()]
+    return not any(origin.startswith(os.path.realpath(h) + os.sep) for h in homes)
 
 
 def _gpu_visible() -> bool:
@@ -309,15 +331,24 @@ class DistributionWithLocalVersion(Distribution):
 
 
 if __name__ == "__main__":
-    ext_modules, cmdclass, options, record = cuda_extensions()
-    cpu_modules = cpu_extensions()
+    if os.environ.get("LINEARPATCH_REQUIRES_ONLY") == "1":
+        # build_backend collects the build requirements: no probing, nothing to say yet.
+        ext_modules, cmdclass, options, record, cpu_modules, cpu_tag = [], {}, {}, None, [], None
+    else:
+        ext_modules, cmdclass, options, record = cuda_extensions()
+        cpu_modules = cpu_extensions()
+        # The +cpu release wheel (scripts/build_wheels.py): the CPU kernels only, for CPU-only torch.
+        cpu_tag = os.environ.get("LINEARPATCH_LOCAL_VERSION", "").strip() or None
+    if cpu_tag is not None and (record is not None or not cpu_modules):
+        raise RuntimeError(f"LINEARPATCH_LOCAL_VERSION={cpu_tag!r} tags a wheel of the CPU kernels alone: build them "
+                           f"({CPU_ENV_FLAG}=1) without the CUDA extension ({ENV_FLAG}=0)")
     if cpu_modules:
         from torch.utils.cpp_extension import BuildExtension
 
         ext_modules = [*cpu_modules, *ext_modules]
         cmdclass = {"build_ext": BuildExtension, **cmdclass}
         options = {"bdist_wheel": {"py_limited_api": PY_LIMITED_API}, **options}
-    DistributionWithLocalVersion.local_tag = record["local_version"] if record else None
+    DistributionWithLocalVersion.local_tag = record["local_version"] if record else cpu_tag
     BuildPyWithSources.record = record
     setup(
         ext_modules=ext_modules,

@@ -38,9 +38,22 @@ def _cpu_requires() -> list[str]:
     return list(CPU_BUILD_REQUIRES)
 
 
+REQUIRES_ONLY_ENV = "LINEARPATCH_REQUIRES_ONLY"
+
+
+def _setuptools_requires(hook, config_settings):
+    # setuptools runs setup.py to collect its requirements, before torch is in the environment:
+    # tell it to skip probing for the extensions (and printing that it will not build them).
+    os.environ[REQUIRES_ONLY_ENV] = "1"
+    try:
+        return hook(config_settings)
+    finally:
+        del os.environ[REQUIRES_ONLY_ENV]
+
+
 def get_requires_for_build_wheel(config_settings=None):
-    return _setuptools.get_requires_for_build_wheel(config_settings) + _cpu_requires()
+    return _setuptools_requires(_setuptools.get_requires_for_build_wheel, config_settings) + _cpu_requires()
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _setuptools.get_requires_for_build_editable(config_settings) + _cpu_requires()
+    return _setuptools_requires(_setuptools.get_requires_for_build_editable, config_settings) + _cpu_requires()

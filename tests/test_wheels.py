@@ -162,8 +162,9 @@ def test_elf_rules_on_a_real_library():
     assert any(name.startswith("_ZN3c10") for name in exported)
 
 
-def test_matrix_covers_both_cuda_majors_from_the_oldest_supported_torch():
-    assert set(build_wheels.MATRIX) == {"cu12", "cu13"}
+def test_matrix_covers_both_cuda_majors_and_cpu_only_torch_from_a_supported_torch():
+    assert set(build_wheels.MATRIX) == {"cu12", "cu13", "cpu"}
+    assert build_wheels.MATRIX["cpu"].major == 0 and all("+cpu" in v for v in build_wheels.MATRIX["cpu"].check_torch)
     for target in build_wheels.MATRIX.values():
         assert target.build_torch == target.check_torch[0]  # built against the oldest it is checked under
         assert build_record._version_tuple(target.build_torch) >= build_record._version_tuple(setup_script.torch_min_version())
