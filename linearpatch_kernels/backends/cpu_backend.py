@@ -124,6 +124,24 @@ def set_isa(name: str) -> str:
 # The ops
 
 
+def runner(op: str, device: torch.device, d: int):
+    """``op``'s kernel for rows of ``d`` with ``H_K`` bound: one C++ op call per use (``backends.plan_for``)."""
+    h_k = kernel_h_k(d, _CPU)
+    if op == "hadamard_transform":
+        kernel = torch.ops.linearpatch_cpu.hadamard_transform.default
+        return lambda x, scale: kernel(x, h_k, float(scale))
+    if op == "hadamard_patch":
+        kernel = torch.ops.linearpatch_cpu.hadamard_patch.default
+        return lambda x, scale: kernel(x, h_k, scale)
+    kernel = torch.ops.linearpatch_cpu.patch_add_rmsnorm.default
+
+    def epilogue(residual, update, scale, norm_weight, eps):
+        if norm_weight.dtype not in IO_DTYPES:
+            norm_weight = norm_weight.to(torch.float32)
+        return kernel(residual, update, h_k, scale, norm_weight, float(eps))
+    return epilogue
+
+
 def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.ops.linearpatch_cpu.hadamard_transform(x, kernel_h_k(int(x.shape[-1]), _CPU), float(scale))
 
