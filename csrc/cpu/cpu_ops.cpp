@@ -253,13 +253,21 @@ Tensor empty_rows(const Tensor& x) {
   return torch::stable::empty(sizes, x.scalar_type(), std::nullopt, x.device());
 }
 
-// A fresh output of many megabytes is untouched memory of its own mapping: asking for 2 MiB pages
-// before the first write makes the kernel fault in 16 pages instead of 8192 for 32 MiB, which
-// otherwise costs as much as the op itself. Only a hint (ignored where THP is off).
+// An output of 32 MiB or more is a fresh mapping of its own on every call (glibc maps allocations at or
+// above its largest mmap threshold, 32 MiB on 64-bit, and unmaps them when freed): asking for 2 MiB
+// pages before the first write makes the kernel fault in 16 pages instead of 8192 for 32 MiB, which
+// otherwise costs more than the op itself on a virtual machine. Smaller outputs usually come from
+// reused heap memory that is faulted in already. Only a hint (ignored where THP is off);
+// LINEARPATCH_CPU_HUGEPAGES=0 turns it off.
+const bool g_huge_pages = [] {
+  const char* env = std::getenv("LINEARPATCH_CPU_HUGEPAGES");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}();
+
 void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 2 * kHuge) return;
+  if (!g_huge_pages || bytes < (size_t(32) << 20)) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
