@@ -8,6 +8,8 @@ Providers, each only where it can run:
     ours-cpu-transform                  linearpatch::hadamard_transform(x, d**-0.5) on the cpu backend
     ours-cpu-epilogue                   linearpatch::patch_add_rmsnorm(x, y, s, w) on the cpu backend: two
                                         tensors in, two out, so its floor is two copies
+    ours-cpu-bf16                       (fp32 rows) the cpu patch on bf16 copies of the same inputs, in the
+                                        same rounds: time per element of bf16 against fp32
     fht-twice                           fast-hadamard-transform (optional package; CUDA, powers of two only,
                                         its H is Sylvester's): H(H(x, d**-0.5) * s, d**-0.5), three launches
     paper-fp32                          the paper's formulation (x.float() @ P).to(x.dtype), P dense fp32 d x d
@@ -229,8 +231,19 @@ def ours_epilogue(backend: str, scale: torch.Tensor):
     return run
 
 
+def ours_bf16(backend: str, scale: torch.Tensor, pool: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The patch on bf16 copies of the pool's fp32 inputs (made once), the copy chosen by x."""
+    copies = {x.data_ptr(): x.to(torch.bfloat16) for x, _ in pool}
+
+    def run(x, y):
+        with lp.use_backend(backend):
+            return torch.ops.linearpatch.hadamard_patch(copies[x.data_ptr()], scale)
+    return run
+
+
 # What each provider computes, for the fp64 check (default: the patch x P).
-CHECK_KIND = {"ours-cpu-transform": "transform", "ours-cpu-epilogue": "epilogue", "copy": None, "clone": None}
+CHECK_KIND = {"ours-cpu-transform": "transform", "ours-cpu-epilogue": "epilogue", "ours-cpu-bf16": "bf16-patch",
+              "copy": None, "clone": None}
 
 
 def build_providers(device: torch.device, dtype: torch.dtype, scale: torch.Tensor, p64: torch.Tensor,
@@ -286,13 +299,16 @@ def relative_error(fn, x: torch.Tensor, y: torch.Tensor, p64: torch.Tensor, kind
     """||fn(x) - ref|| / ||ref|| (Frobenius) over up to CHECK_ROWS rows spread over x; ref = x P64 (the
     patch), x H (the orthonormal transform) or (x + y) P64 (the epilogue's h), all in fp64."""
     out = fn(x, y)
-    if out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"returned {tuple(out.shape)} {out.dtype}; expected {tuple(x.shape)} {x.dtype}")
+    expected = torch.bfloat16 if kind == "bf16-patch" else x.dtype
+    if out.shape != x.shape or out.dtype != expected:
+        raise ValueError(f"returned {tuple(out.shape)} {out.dtype}; expected {tuple(x.shape)} {expected}")
     rows = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], CHECK_ROWS), device=x.device).round().long().unique()
     if kind == "transform":
         ref = x[rows].double() @ hadamard_matrix(x.shape[-1], device=x.device)
     elif kind == "epilogue":
         ref = (x[rows].double() + y[rows].double()) @ p64
+    elif kind == "bf16-patch":
+        ref = x[rows].bfloat16().double() @ p64
     else:
         ref = x[rows].double() @ p64
     return float((out[rows].double() - ref).norm() / ref.norm())
@@ -402,6 +418,8 @@ def bench_config(device: torch.device, dtype: torch.dtype, d: int, tokens: int, 
     scale, p64 = patch_setup(d, device)
     providers, absent = build_providers(device, dtype, scale, p64, wanted)
     pool = input_pool(tokens, d, dtype, device)
+    if "ours-cpu" in providers and dtype == torch.float32 and not (wanted and "ours-cpu-bf16" not in wanted):
+        providers["ours-cpu-bf16"] = ours_bf16("cpu", scale, pool)
     base = {"device": device.type, "dtype": DTYPE_NAMES[dtype], "d": d, "tokens": tokens,
             "mode": "cuda-graph" if cuda_graph else "eager"}
     rows = [dict(base, provider=name, skipped=why) for name, why in absent.items()
@@ -421,8 +439,9 @@ def bench_config(device: torch.device, dtype: torch.dtype, d: int, tokens: int, 
             errors[name] = f"{type(e).__name__}: {e}"
             continue
         checked[name] = err
-        if not err <= LOUD_ERROR[dtype]:
-            errors[name] = f"relative error {err:.2e} vs fp64 exceeds {LOUD_ERROR[dtype]:.0e}: not timed"
+        limit = LOUD_ERROR[torch.bfloat16 if CHECK_KIND.get(name) == "bf16-patch" else dtype]
+        if not err <= limit:
+            errors[name] = f"relative error {err:.2e} vs fp64 exceeds {limit:.0e}: not timed"
     synchronize(device)
     timed = {n: f for n, f in providers.items() if n not in errors}
     samples, calls, capture_errors = time_providers(timed, pool, device, repeats, budget_s, cuda_graph)
@@ -462,7 +481,8 @@ def format_cell(value, width: int, spec: str, suffix: str = "") -> str:
     return f"{text:>{width}}"
 
 
-PROVIDER_ORDER = ("ours-cuda", "ours-triton", "ours-cpu", "ours-cpu-transform", "ours-cpu-epilogue", "ours-torch",
+PROVIDER_ORDER = ("ours-cuda", "ours-triton", "ours-cpu", "ours-cpu-bf16", "ours-cpu-transform", "ours-cpu-epilogue",
+                  "ours-torch",
                   "fht-twice", "paper-fp32", "dense-bf16", "dense-fp16", "copy", "clone")
 
 
@@ -476,7 +496,7 @@ def _row_key(row: dict) -> tuple:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'dtype':<6}{'d':>6}{'tokens':>8}  {'provider':<13}{'time us':>11}{'GB/s':>9}{'% copy':>8}"
+    head = (f"{'dtype':<6}{'d':>6}{'tokens':>8}  {'provider':<19}{'time us':>11}{'GB/s':>9}{'% copy':>8}"
             f"{'x paper':>9}{'x dense':>9}{'rel err':>10}")
     lines = [head, "-" * len(head)]
     previous = None
@@ -487,7 +507,7 @@ def format_table(rows: list[dict]) -> str:
         if "threads" in r and (previous is None or key[0] != previous[0]):
             lines.append(f"{r['threads']} thread(s), " + ("with a competing busy process" if r["competing"] else "no competing process"))
         previous = key
-        lead = f"{r['dtype']:<6}{r['d']:>6}{r['tokens']:>8}  {r['provider']:<13}"
+        lead = f"{r['dtype']:<6}{r['d']:>6}{r['tokens']:>8}  {r['provider']:<19}"
         if "skipped" in r:
             continue  # listed once under the table
         if "error" in r:
