@@ -36,6 +36,7 @@ PROVIDER_STYLE = {
     "dense-fp16": dict(color="tab:cyan", marker="x"),
     "dense-fp32": dict(color="tab:cyan", marker="x"),
     "ours-cpu": dict(color="tab:green", marker="o"),
+    "ours-cpu-bf16": dict(color="tab:cyan", marker="o"),
     "ours-cpu-transform": dict(color="tab:olive", marker="o"),
     "ours-cpu-epilogue": dict(color="tab:pink", marker="o"),
     "clone": dict(color="tab:gray", marker="."),
@@ -93,7 +94,7 @@ def plot_scenarios(result: dict, path) -> None:
     if not panels:
         return
     scenario_keys = sorted({(r["threads"], r["competing"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(9.0, 6.5 * len(panels)), 4.8), squeeze=False)
     for ax, (dtype, d, tokens) in zip(axes.flat, panels):
         mine = [r for r in rows if (r["dtype"], r["d"], r["tokens"]) == (dtype, d, tokens)]
         providers = [p for p in dict.fromkeys(r["provider"] for r in mine) if p != "copy"]
@@ -116,10 +117,10 @@ def plot_scenarios(result: dict, path) -> None:
         ax.set_title(f"{dtype}, d={d}, {tokens} tokens", fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    fig.suptitle(f"LinearPatch ops on the CPU, as multiples of a copy (dashed)\n{_subtitle(result['env'])}",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.92))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.suptitle(f"LinearPatch ops on the CPU, as multiples of a copy into a preallocated tensor (dashed)\n"
+                 f"{_subtitle(result['env'])}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.16, 1, 0.92))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

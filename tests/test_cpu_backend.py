@@ -208,7 +208,17 @@ def test_environment_variable_picks_the_instruction_set():
     assert "LINEARPATCH_CPU_ISA=avx1024: unknown instruction set 'avx1024'" in out.stderr
 
 
-def test_without_the_library_cpu_tensors_use_the_torch_backend_with_one_warning(monkeypatch):
+@pytest.fixture
+def fresh_plans():
+    """Cached backend choices made afresh before and after (they would remember the cpu backend)."""
+    from linearpatch_kernels import backends
+
+    backends.clear_plans()
+    yield
+    backends.clear_plans()
+
+
+def test_without_the_library_cpu_tensors_use_the_torch_backend_with_one_warning(monkeypatch, fresh_plans):
     monkeypatch.setattr(cpu_backend, "library_path", lambda: None)
     monkeypatch.setattr(cpu_backend, "_state", {"loaded": None, "error": None})
     monkeypatch.delenv("LINEARPATCH_BACKEND", raising=False)
@@ -217,9 +227,17 @@ def test_without_the_library_cpu_tensors_use_the_torch_backend_with_one_warning(
         assert select_backend(x).NAME == "torch"
     import warnings
 
+    from linearpatch_kernels.backends import torch_backend
+
+    calls = []
+    monkeypatch.setattr(torch_backend, "hadamard_patch", lambda *a: calls.append(1) or torch_backend._run(
+        a[0], lambda block, plan: torch_backend._transform_block(torch_backend._transform_block(block, plan).mul_(
+            a[1] / a[0].shape[-1]), plan)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once only
-        assert rel_err(lp.hadamard_patch(x, s), factored_patch_reference(x, s)) <= 1e-5
+        with torch.no_grad():
+            assert rel_err(lp.hadamard_patch(x, s), factored_patch_reference(x, s)) <= 1e-5
+    assert calls == [1]  # the public function's direct path took the torch backend
     assert "not built" in lp.build_info()["cpu_backend"]
     with lp.use_backend("cpu"):
         with pytest.raises(RuntimeError, match=r"backend 'cpu' was requested but is not available for cpu tensors"):
