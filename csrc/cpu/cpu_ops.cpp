@@ -19,10 +19,13 @@
 // the chosen vector takes the next narrower set that fits it (scalar at the end).
 //
 // Threads: rows are cut into chunks of about kChunkBytes of input, taken one at a time from a shared
-// counter by torch's intra-op threads (torch.get_num_threads()). A thread that the OS deschedules
-// (another process on the same cores) holds up at most one chunk while the others take the rest,
-// so a busy machine slows the call down smoothly instead of making every thread wait for the
-// slowest one's fixed share.
+// counter by the calling thread and up to torch.get_num_threads() - 1 workers of this library's own
+// pool. The caller waits only for the chunks other threads have taken, never for a worker to start:
+// a worker that the OS has not scheduled yet (another process on the same cores) finds nothing left
+// when it runs, and one descheduled in a chunk holds up that chunk only. So a busy machine slows a
+// call down smoothly, and two threads are not slower than one, unlike a fork-join region (OpenMP,
+// torch's parallel_for), whose end waits for every thread to arrive. Workers sleep on a condition
+// variable between calls (no spinning that would take a busy machine's cycles).
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -32,17 +35,23 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
 #endif
 
 #include "cpu_kernels.h"
@@ -282,6 +291,85 @@ void advise_huge_pages(void* p, size_t bytes) {
 constexpr int64_t kChunkBytes = int64_t(256) << 10;   // input bytes per chunk taken by a thread
 constexpr int64_t kParallelBytes = int64_t(1) << 20;  // below this, one thread
 
+struct Job {
+  const IsaKernels* kernels;
+  const RowArgs* args;
+  int64_t rows, chunk, chunks;
+  std::atomic<int64_t> next{0};
+
+  // Takes chunks until none is left.
+  void work() {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+      kernels->rows(*args, c * chunk, std::min(rows, (c + 1) * chunk));
+  }
+};
+
+// Worker threads that join a job while it is published; the caller waits for those inside it only.
+class Pool {
+ public:
+  // The pool of this process (a child after fork() makes its own: the parent's threads are gone).
+  static Pool& get() {
+    static std::mutex guard;
+    static Pool* pool = nullptr;
+    std::lock_guard<std::mutex> lock(guard);
+    if (pool == nullptr || pool->pid_ != current_pid()) pool = new Pool();  // never destroyed: detached threads use it
+    return *pool;
+  }
+
+  void run(Job& job, int64_t threads) {
+    grow(threads - 1);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      ++generation_;
+    }
+    wake_.notify_all();
+    job.work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    job_ = nullptr;  // a worker that wakes from now on finds no job
+    idle_.wait(lock, [this] { return inside_ == 0; });
+  }
+
+ private:
+  static long current_pid() {
+#if defined(__unix__) || defined(__APPLE__)
+    return long(getpid());
+#else
+    return 0;
+#endif
+  }
+
+  void grow(int64_t workers) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (started_ < workers) {
+      std::thread([this] { loop(); }).detach();
+      ++started_;
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen && job_ != nullptr; });
+      seen = generation_;
+      Job* job = job_;
+      ++inside_;
+      lock.unlock();
+      job->work();
+      lock.lock();
+      if (--inside_ == 0) idle_.notify_all();
+    }
+  }
+
+  long pid_ = current_pid();
+  std::mutex mutex_;
+  std::condition_variable wake_, idle_;
+  Job* job_ = nullptr;
+  uint64_t generation_ = 0;
+  int64_t inside_ = 0, started_ = 0;
+};
+
 void run_rows(const IsaKernels* kernels, const RowArgs& args, int64_t rows, int64_t element_bytes) {
   const int64_t row_bytes = args.d * element_bytes * (args.op == Op::kEpilogue ? 2 : 1);
   const int64_t threads = int64_t(torch::stable::get_num_threads());
@@ -289,14 +377,13 @@ void run_rows(const IsaKernels* kernels, const RowArgs& args, int64_t rows, int6
     kernels->rows(args, 0, rows);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / row_bytes);
-  const int64_t chunks = (rows + chunk - 1) / chunk;
-  const int64_t workers = std::min(threads, chunks);
-  std::atomic<int64_t> next{0};
-  torch::stable::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
-      kernels->rows(args, c * chunk, std::min(rows, (c + 1) * chunk));
-  });
+  Job job;
+  job.kernels = kernels;
+  job.args = &args;
+  job.rows = rows;
+  job.chunk = std::max<int64_t>(1, kChunkBytes / row_bytes);
+  job.chunks = (rows + job.chunk - 1) / job.chunk;
+  Pool::get().run(job, std::min(threads, job.chunks));
 }
 
 Tensor run_one(const char* op, Op kind, const Tensor& x, const Tensor& h_k, const Tensor* scale, double transform_scale) {
