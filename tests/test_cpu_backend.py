@@ -267,3 +267,36 @@ def test_low_level_ops_check_their_arguments():
     with pytest.raises(RuntimeError, match=r"eps must be a finite non-negative number"):
         torch.ops.linearpatch_cpu.patch_add_rmsnorm(torch.randn(2, 64), torch.randn(2, 64), h, torch.ones(64),
                                                     torch.ones(64), -1.0)
+
+
+def _child_patch(queue):
+    # torch's own OpenMP threads do not survive a fork either: everything but our op on one thread.
+    torch.set_num_threads(1)
+    x = llm_like(300, 4096, seed=5)
+    s = positive_scales(4096)
+    ref = factored_patch_reference(x, s)
+    torch.set_num_threads(2)  # our pool: the caller and one worker
+    y = lp.hadamard_patch(x, s)
+    torch.set_num_threads(1)
+    queue.put(rel_err(y, ref))
+
+
+@needs_kernels
+def test_worker_pool_survives_fork():
+    # The parent's pool threads do not exist in a forked child: the child makes its own pool.
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, s = llm_like(300, 4096), positive_scales(4096)
+        lp.hadamard_patch(x, s)  # the parent's pool is started
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_patch, args=(queue,))
+        child.start()
+        child.join(120)
+        assert child.exitcode == 0
+        assert queue.get(timeout=10) <= 1e-5
+    finally:
+        torch.set_num_threads(threads)
