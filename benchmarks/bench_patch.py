@@ -247,7 +247,7 @@ CHECK_KIND = {"ours-cpu-transform": "transform", "ours-cpu-epilogue": "epilogue"
 
 
 def build_providers(device: torch.device, dtype: torch.dtype, scale: torch.Tensor, p64: torch.Tensor,
-                    wanted: list[str] | None) -> tuple[dict, dict]:
+                    wanted: list[str] | None, skip_dense: bool = False) -> tuple[dict, dict]:
     """``({name: fn(x, y) -> Tensor}, {name: why it is left out})`` for one (d, dtype)."""
     d = scale.shape[0]
     providers, absent = {}, {}
@@ -280,8 +280,8 @@ def build_providers(device: torch.device, dtype: torch.dtype, scale: torch.Tenso
     if device.type == "cpu":
         providers["clone"] = lambda x, y: x.clone()
     if wanted:
-        # The denominators of the ratio columns always stay.
-        keep = set(wanted) | {"copy", "paper-fp32", f"dense-{DTYPE_NAMES[dtype]}"}
+        # The denominators of the ratio columns always stay (the dense ones unless --skip-dense).
+        keep = set(wanted) | {"copy"} | (set() if skip_dense else {"paper-fp32", f"dense-{DTYPE_NAMES[dtype]}"})
         providers = {k: v for k, v in providers.items() if k in keep}
     return providers, absent
 
@@ -413,10 +413,10 @@ def _quartiles(samples: list[float]) -> tuple[float, float]:
 
 
 def bench_config(device: torch.device, dtype: torch.dtype, d: int, tokens: int, repeats: int,
-                 budget_s: float | None, wanted: list[str] | None, cuda_graph: bool) -> list[dict]:
+                 budget_s: float | None, wanted: list[str] | None, cuda_graph: bool, skip_dense: bool = False) -> list[dict]:
     torch.manual_seed(0)
     scale, p64 = patch_setup(d, device)
-    providers, absent = build_providers(device, dtype, scale, p64, wanted)
+    providers, absent = build_providers(device, dtype, scale, p64, wanted, skip_dense)
     pool = input_pool(tokens, d, dtype, device)
     if "ours-cpu" in providers and dtype == torch.float32 and not (wanted and "ours-cpu-bf16" not in wanted):
         providers["ours-cpu-bf16"] = ours_bf16("cpu", scale, pool)
@@ -572,6 +572,8 @@ def parse_args(argv):
     parser.add_argument("--d", type=int, nargs="+", help="hidden sizes (default: cpu 4096, cuda the sweep)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: cpu fp32, cuda bf16 fp16")
     parser.add_argument("--providers", nargs="+", help="only these (paper-fp32, dense-* and copy always run: the ratio columns divide by them)")
+    parser.add_argument("--skip-dense", action="store_true",
+                        help="with --providers: leave out paper-fp32 and dense-* too (their seconds per call dominate CPU runs)")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (at most; see --budget)")
     parser.add_argument("--budget", type=float, help="seconds of timing per configuration (rounds >= 5)")
     parser.add_argument("--max-seconds", type=float, help="stop starting new configurations after this long")
@@ -648,7 +650,7 @@ def main(argv=None) -> dict:
         with competing_process(competing):
             try:
                 rows = bench_config(device, DTYPES[dt], d, tokens, args.repeats, args.budget, args.providers,
-                                    args.cuda_graph)
+                                    args.cuda_graph, args.skip_dense)
             except Exception as e:  # out of memory, a crashed kernel ...: an error row, then the next configuration
                 rows = [{"device": device.type, "dtype": dt, "d": d, "tokens": tokens, "provider": "all",
                          "mode": "cuda-graph" if args.cuda_graph else "eager", "error": f"{type(e).__name__}: {e}"}]
