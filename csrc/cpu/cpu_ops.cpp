@@ -22,7 +22,9 @@
 // counter by the calling thread and up to torch.get_num_threads() - 1 workers of this library's own
 // pool. The caller waits only for the chunks other threads have taken, never for a worker to start:
 // a worker that the OS has not scheduled yet (another process on the same cores) finds nothing left
-// when it runs, and one descheduled in a chunk holds up that chunk only. So a busy machine slows a
+// when it runs, and one descheduled in a chunk holds up that chunk only. Workers leave the last
+// quarter of the chunks to the caller, so a worker's last chunk was taken while the caller still
+// had that quarter to do, time for a descheduled worker to run again before the caller waits. So a busy machine slows a
 // call down smoothly, and two threads are not slower than one, unlike a fork-join region (OpenMP,
 // torch's parallel_for), whose end waits for every thread to arrive. Workers sleep on a condition
 // variable between calls (no spinning that would take a busy machine's cycles).
@@ -295,12 +297,26 @@ struct Job {
   const IsaKernels* kernels;
   const RowArgs* args;
   int64_t rows, chunk, chunks;
+  int64_t worker_limit;  // workers take no chunk at or past this index: the caller's reserve
   std::atomic<int64_t> next{0};
 
-  // Takes chunks until none is left.
-  void work() {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
-      kernels->rows(*args, c * chunk, std::min(rows, (c + 1) * chunk));
+  void run(int64_t c) { kernels->rows(*args, c * chunk, std::min(rows, (c + 1) * chunk)); }
+
+  // The caller takes chunks until none is left.
+  void work_caller() {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) run(c);
+  }
+
+  // A worker takes chunks while more than the reserve is left, so that the chunk it holds last was
+  // taken while the caller still had the reserve to do: a worker descheduled in that chunk has the
+  // reserve's time to be scheduled again before the caller waits for it.
+  void work_worker() {
+    for (int64_t c = next.load(); c < worker_limit;) {
+      if (next.compare_exchange_weak(c, c + 1)) {
+        run(c);
+        c = next.load();
+      }
+    }
   }
 };
 
@@ -324,7 +340,7 @@ class Pool {
       ++generation_;
     }
     wake_.notify_all();
-    job.work();
+    job.work_caller();
     std::unique_lock<std::mutex> lock(mutex_);
     job_ = nullptr;  // a worker that wakes from now on finds no job
     idle_.wait(lock, [this] { return inside_ == 0; });
@@ -356,7 +372,7 @@ class Pool {
       Job* job = job_;
       ++inside_;
       lock.unlock();
-      job->work();
+      job->work_worker();
       lock.lock();
       if (--inside_ == 0) idle_.notify_all();
     }
@@ -383,6 +399,7 @@ void run_rows(const IsaKernels* kernels, const RowArgs& args, int64_t rows, int6
   job.rows = rows;
   job.chunk = std::max<int64_t>(1, kChunkBytes / row_bytes);
   job.chunks = (rows + job.chunk - 1) / job.chunk;
+  job.worker_limit = job.chunks - job.chunks / 4;
   Pool::get().run(job, std::min(threads, job.chunks));
 }
 
