@@ -225,3 +225,50 @@ def test_unversioned_standard_library_imports_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(check_wheel, "needed_libraries", lambda path: ["libcudart.so.13"])
     with pytest.raises(SystemExit, match="libcudart.so.13"):
         check_wheel.check_library(tmp_path / "_C.abi3.so", "12")  # the other CUDA major's runtime
+
+
+def test_cpu_kernels_build_decision_says_why():
+    decide = setup_script.cpu_build_decision
+    assert decide(None, "/usr/bin/g++", "2.14.1+cu130") == (True, "/usr/bin/g++, torch 2.14.1+cu130")
+    built, why = decide(None, None, "2.14.1")
+    assert not built and "a C++ compiler" in why
+    built, why = decide(None, "/usr/bin/g++", "2.9.1")
+    assert not built and "torch >= 2.10 at build time (found 2.9.1)" in why
+    assert decide("0", "/usr/bin/g++", "2.14.1") == (False, "LINEARPATCH_BUILD_CPU=0")
+    with pytest.raises(RuntimeError, match=r"LINEARPATCH_BUILD_CPU=1 but the CPU kernels cannot be built: missing a C\+\+ compiler"):
+        decide("1", None, "2.14.1")
+    with pytest.raises(RuntimeError, match=r"use 1 \(build the CPU kernels\), 0 \(skip them\)"):
+        decide("yes", "/usr/bin/g++", "2.14.1")
+
+
+def test_build_backend_asks_for_torch_and_ninja_only_where_a_compiler_is(monkeypatch):
+    backend = load_script(ROOT / "build_support" / "build_backend.py", "linearpatch_build_backend_for_wheels")
+    monkeypatch.setattr(backend, "_setuptools_requires", lambda hook, settings: ["wheel"])
+    monkeypatch.setattr(backend, "find_cxx_compiler", lambda: "/usr/bin/c++")
+    monkeypatch.delenv("LINEARPATCH_BUILD_CPU", raising=False)
+    assert backend.get_requires_for_build_editable() == ["wheel", "torch>=2.10", "ninja"]
+    assert backend.get_requires_for_build_wheel() == ["wheel", "torch>=2.10", "ninja"]
+    monkeypatch.setenv("LINEARPATCH_BUILD_CPU", "0")
+    assert backend.get_requires_for_build_wheel() == ["wheel"]
+    monkeypatch.delenv("LINEARPATCH_BUILD_CPU")
+    monkeypatch.setattr(backend, "find_cxx_compiler", lambda: None)
+    assert backend.get_requires_for_build_wheel() == ["wheel"]
+    # The real finder, on an empty PATH and no CXX: nothing.
+    monkeypatch.undo()
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(backend.sysconfig, "get_config_var", lambda name: None)
+    assert backend.find_cxx_compiler() is None
+
+
+def test_the_build_environments_torch_is_told_apart_from_the_installed_one(monkeypatch, tmp_path):
+    # Installed torch (this interpreter's site-packages): the CUDA decision may use it.
+    assert not setup_script.torch_is_the_build_environments()
+    fake = tmp_path / "pip-build-env-x" / "torch" / "__init__.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("")
+
+    class Spec:
+        origin = str(fake)
+    monkeypatch.setattr(setup_script.importlib.util, "find_spec", lambda name: Spec())
+    assert setup_script.torch_is_the_build_environments()
