@@ -84,8 +84,14 @@ def test_version_tuple_ignores_local_and_prerelease_parts():
 
 def test_build_info_reports_this_install():
     info = lp.build_info()
-    assert set(info) == {"version", "extension", "built_for", "torch", "torch_cuda", "cuda_backend"}
+    assert set(info) == {"version", "extension", "built_for", "torch", "torch_cuda", "cuda_backend", "cpu_extension",
+                         "cpu_backend"}
     assert info["torch"] == torch.__version__ and info["torch_cuda"] == torch.version.cuda
+    from linearpatch_kernels.backends import cpu_backend
+
+    assert info["cpu_extension"] == cpu_backend.library_path()
+    assert info["cpu_backend"] == (f"available ({cpu_backend.isa_info()['selected']})" if cpu_backend.load_library()
+                                   else cpu_backend.load_error())
     assert info["extension"] == cuda_backend.prebuilt_library()
     if info["built_for"] is None:
         assert info["version"] == lp.__version__
