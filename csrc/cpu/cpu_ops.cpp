@@ -53,6 +53,7 @@
 #include <sys/mman.h>
 #endif
 #if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
 #include <unistd.h>
 #endif
 
@@ -320,6 +321,27 @@ struct Job {
   }
 };
 
+#if defined(__unix__) || defined(__APPLE__)
+// A condition variable on pthreads: libstdc++ of GCC >= 12 exports std::condition_variable::wait at
+// GLIBCXX_3.4.30, beyond what manylinux_2_28 allows (3.4.24); pthread_cond_wait is in every glibc.
+class CondVar {
+ public:
+  CondVar() { pthread_cond_init(&cond_, nullptr); }
+  CondVar(const CondVar&) = delete;
+  CondVar& operator=(const CondVar&) = delete;
+  template <class Predicate>
+  void wait(std::unique_lock<std::mutex>& lock, Predicate ready) {
+    while (!ready()) pthread_cond_wait(&cond_, lock.mutex()->native_handle());
+  }
+  void notify_all() { pthread_cond_broadcast(&cond_); }
+
+ private:
+  pthread_cond_t cond_;
+};
+#else
+using CondVar = std::condition_variable;
+#endif
+
 // Worker threads that join a job while it is published; the caller waits for those inside it only.
 class Pool {
  public:
@@ -380,7 +402,7 @@ class Pool {
 
   long pid_ = current_pid();
   std::mutex mutex_;
-  std::condition_variable wake_, idle_;
+  CondVar wake_, idle_;
   Job* job_ = nullptr;
   uint64_t generation_ = 0;
   int64_t inside_ = 0, started_ = 0;
