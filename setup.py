@@ -16,6 +16,13 @@ GPU or an explicit ``TORCH_CUDA_ARCH_LIST``. ``TORCH_CUDA_ARCH_LIST`` defaults t
 and a build record ``linearpatch_kernels/_build_info.json`` (CUDA, nvcc, arch list, torch) that
 ``linearpatch_kernels.build_info()`` reports. Release wheels (one per CUDA major, manylinux_2_28):
 ``scripts/build_wheels.py``.
+
+The C++ CPU kernels ``linearpatch_kernels._cpu`` (``csrc/cpu/``, the same stable ABI) are built
+wherever a C++ compiler and torch >= 2.10 are there at build time: by the plain ``pip install .`` /
+``pip install -e .`` too, whose isolated build environment gets torch and ninja from the in-tree
+build backend (``build_support/build_backend.py``) exactly when a compiler is found. Without a
+compiler (or with ``LINEARPATCH_BUILD_CPU=0``) the package is pure Python on the CPU and one line
+says so; ``LINEARPATCH_BUILD_CPU=1`` makes a failed CPU build an error.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
 PY_LIMITED_API = "cp310"
 ENV_FLAG = "LINEARPATCH_BUILD_CUDA"
+CPU_ENV_FLAG = "LINEARPATCH_BUILD_CPU"
+CPU_SRC = "csrc/cpu"
 # Written into the wheel next to the extension; read by linearpatch_kernels.build_info().
 BUILD_RECORD = "_build_info.json"
 # What keeps the extension within manylinux_2_28 (glibc 2.28, GCC 8's libstdc++) when it is built on a
@@ -58,6 +67,14 @@ def cuda_sources() -> list[str]:
     return sources
 
 
+def cpu_sources() -> list[str]:
+    """The CPU kernels' sources (one file per instruction set, each switching its own target on)."""
+    sources = [f"{CPU_SRC}/{p.name}" for p in sorted((ROOT / CPU_SRC).glob("*.cpp"))]
+    if sys.platform.startswith("linux"):
+        sources.append(f"{MANYLINUX_SUPPORT}/libstdcxx_compat.cpp")
+    return sources
+
+
 def _load_toolkit_module():
     # By path: importing the package would import torch, which a build environment may lack.
     spec = importlib.util.spec_from_file_location(
@@ -68,6 +85,16 @@ def _load_toolkit_module():
 
 
 _toolkit = _load_toolkit_module()
+
+
+def _load_backend_module():
+    spec = importlib.util.spec_from_file_location("linearpatch_build_backend", ROOT / "build_support" / "build_backend.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+find_cxx_compiler = _load_backend_module().find_cxx_compiler
 toolkit_from_nvcc = _toolkit.toolkit_from_nvcc
 find_cuda_home = _toolkit.find_cuda_home
 
@@ -88,7 +115,7 @@ def cuda_build_decision(flag: str | None, torch_cuda: str | None, cuda_home: str
         return False, f"{ENV_FLAG}=0"
     missing = []
     if torch_cuda is None:
-        missing.append("a CUDA build of torch importable at build time (use --no-build-isolation)")
+        missing.append("a CUDA build of torch importable at build time, the installed one (use --no-build-isolation)")
     if cuda_home is None:
         missing.append("a CUDA toolkit (set CUDA_HOME or put nvcc on PATH)")
     if flag == "1":
@@ -142,7 +169,29 @@ def _torch_cuda_version() -> str | None:
         import torch
     except ImportError:
         return None
+    if flag_unset(os.environ.get(ENV_FLAG)) and torch_is_the_build_environments():
+        # The torch that build_backend put into pip's isolated build environment (for the CPU
+        # kernels) need not have the CUDA major of the user's: the CUDA extension, as before, only
+        # from the installed torch (--no-build-isolation) or when asked for.
+        return None
     return torch.version.cuda
+
+
+def flag_unset(flag: str | None) -> bool:
+    return flag is None or flag.strip() == ""
+
+
+def torch_is_the_build_environments() -> bool:
+    """Whether the importable torch lives outside this interpreter's site-packages, i.e. in pip's
+    isolated build environment (pip hides the real site-packages there, but ``site`` still names them)."""
+    import site
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return False
+    origin = os.path.realpath(spec.origin)
+    homes = [*site.getsitepackages(), site.getusersitepackages()]
+    return not any(origin.startswith(os.path.realpath(h) + os.sep) for h in homes)
 
 
 def _gpu_visible() -> bool:
@@ -194,6 +243,64 @@ def cuda_extensions() -> tuple[list, dict, dict, dict | None]:
     return [ext], {"build_ext": BuildExtension}, options, record
 
 
+def cpu_build_decision(flag: str | None, compiler: str | None, torch_version: str | None) -> tuple[bool, str]:
+    """Whether to build the C++ CPU kernels, and why (printed). ``torch_version``: the torch importable
+    at build time (None without one). Raises ``RuntimeError`` when ``flag == "1"`` and it cannot be built."""
+    flag = None if flag is None or flag.strip() == "" else flag.strip()
+    if flag not in (None, "0", "1"):
+        raise RuntimeError(f"{CPU_ENV_FLAG}={flag!r}: use 1 (build the CPU kernels), 0 (skip them) or leave it unset (auto)")
+    if flag == "0":
+        return False, f"{CPU_ENV_FLAG}=0"
+    missing = []
+    if compiler is None:
+        missing.append("a C++ compiler (set CXX or install g++/clang++)")
+    if torch_version is None:
+        missing.append("torch importable at build time")
+    elif _version_tuple(torch_version) < _version_tuple(torch_min_version()):
+        missing.append(f"torch >= {torch_min_version()} at build time (found {torch_version})")
+    if missing:
+        if flag == "1":
+            raise RuntimeError(f"{CPU_ENV_FLAG}=1 but the CPU kernels cannot be built: missing {' and '.join(missing)}")
+        return False, f"missing {' and '.join(missing)}"
+    return True, f"{compiler}, torch {torch_version}"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:2])
+
+
+def _torch_version() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
+
+
+def cpu_extensions() -> list:
+    """``[the CPU extension]`` or ``[]`` (with one line saying why not)."""
+    flag = os.environ.get(CPU_ENV_FLAG)
+    skip = flag is not None and flag.strip() == "0"
+    compiler = None if skip else find_cxx_compiler()
+    torch_version = None if skip else _torch_version()
+    build, why = cpu_build_decision(flag, compiler, torch_version)
+    if not build:
+        print(f"linearpatch-kernels: not building the C++ CPU kernels ({why}); CPU tensors use the torch backend")
+        return []
+    print(f"linearpatch-kernels: building the C++ CPU kernels ({why})")
+    from torch.utils.cpp_extension import CppExtension
+
+    return [CppExtension(
+        name="linearpatch_kernels._cpu",
+        sources=cpu_sources(),
+        include_dirs=[str(ROOT / MANYLINUX_SUPPORT / "include")],
+        libraries=["stdc++"] if sys.platform.startswith("linux") else [],
+        py_limited_api=True,
+        # No -march: each instruction set's file switches its own target on (csrc/cpu/cpu_avx512.cpp).
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]},
+    )]
+
+
 class BuildPyWithSources(build_py):
     """Also ship csrc/ as ``linearpatch_kernels/_csrc`` so that the JIT fallback can compile it, and
     the build record of the compiled extension (when there is one) as ``linearpatch_kernels/_build_info.json``."""
@@ -224,8 +331,24 @@ class DistributionWithLocalVersion(Distribution):
 
 
 if __name__ == "__main__":
-    ext_modules, cmdclass, options, record = cuda_extensions()
-    DistributionWithLocalVersion.local_tag = record["local_version"] if record else None
+    if os.environ.get("LINEARPATCH_REQUIRES_ONLY") == "1":
+        # build_backend collects the build requirements: no probing, nothing to say yet.
+        ext_modules, cmdclass, options, record, cpu_modules, cpu_tag = [], {}, {}, None, [], None
+    else:
+        ext_modules, cmdclass, options, record = cuda_extensions()
+        cpu_modules = cpu_extensions()
+        # The +cpu release wheel (scripts/build_wheels.py): the CPU kernels only, for CPU-only torch.
+        cpu_tag = os.environ.get("LINEARPATCH_LOCAL_VERSION", "").strip() or None
+    if cpu_tag is not None and (record is not None or not cpu_modules):
+        raise RuntimeError(f"LINEARPATCH_LOCAL_VERSION={cpu_tag!r} tags a wheel of the CPU kernels alone: build them "
+                           f"({CPU_ENV_FLAG}=1) without the CUDA extension ({ENV_FLAG}=0)")
+    if cpu_modules:
+        from torch.utils.cpp_extension import BuildExtension
+
+        ext_modules = [*cpu_modules, *ext_modules]
+        cmdclass = {"build_ext": BuildExtension, **cmdclass}
+        options = {"bdist_wheel": {"py_limited_api": PY_LIMITED_API}, **options}
+    DistributionWithLocalVersion.local_tag = record["local_version"] if record else cpu_tag
     BuildPyWithSources.record = record
     setup(
         ext_modules=ext_modules,

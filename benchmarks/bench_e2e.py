@@ -41,6 +41,11 @@ same round or step, minus one; the interquartile range of that ratio is reported
     python benchmarks/bench_e2e.py --device cpu --out-dir results/cpu
     python benchmarks/bench_e2e.py --small --device cpu             # smoke run (seconds)
     python benchmarks/bench_e2e.py --cuda-graph --new-tokens 48      # eager and CUDA graphs
+
+Profile: after each decode workload, ``--profile-steps`` more decode steps of pruned+ours run under
+torch.profiler, and the share of a step spent in the patch ops (the events of the ``linearpatch*``
+ops, children included, outermost only) is reported (``profile`` in the JSON): the op's cost inside
+the model, as the profiler attributes it, free of the step-to-step noise of the paired ratios.
 """
 
 from __future__ import annotations
@@ -363,6 +368,43 @@ def decode_graph_samples(variants: dict, ops: dict, batch: int, prompt_len: int,
 # Statistics and rows
 
 
+def profile_decode(model, batch: int, prompt_len: int, steps: int, cache_kind: str, device: torch.device,
+                   vocab: int) -> dict:
+    """``steps`` decode steps of ``model`` under torch.profiler: the share of their wall time that the
+    profiler attributes to the patch ops (events named ``linearpatch*``; an op inside another one,
+    e.g. linearpatch_cpu::hadamard_patch inside linearpatch::hadamard_patch, counted once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    keyword = cache_keyword(model)
+    ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(2)).to(device)
+    cache = new_cache(model, prompt_len + steps + 2, cache_kind)
+    token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    token = model(input_ids=token, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            token = model(input_ids=token, use_cache=True, logits_to_keep=1,
+                          **{keyword: cache}).logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(device)
+        wall = time.perf_counter() - t0
+
+    def outermost(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("linearpatch"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    ours = [e for e in prof.events() if e.name.startswith("linearpatch") and outermost(e)]
+    op_us = sum(e.cpu_time_total for e in ours)
+    return {"steps": steps, "step_ms": wall / steps * 1e3, "patch_ops_us_per_step": op_us / steps,
+            "patch_ops_share_pct": 100 * op_us * 1e-6 / wall, "patch_calls_per_step": len(ours) / steps,
+            "ops": sorted({e.name for e in ours})}
+
+
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return values[0], values[0], values[0]
@@ -464,6 +506,8 @@ def parse_args(argv):
     parser.add_argument("--cache", choices=["static", "dynamic"], default="static", help="decode KV cache")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cuda-graph", action="store_true", help="also replay every workload from CUDA graphs")
+    parser.add_argument("--profile-steps", type=int, default=20,
+                        help="decode steps of pruned+ours profiled after each decode workload (0: none)")
     parser.add_argument("--max-seconds", type=float, help="start no new workload after this long")
     parser.add_argument("--out-dir", help="write <name>.json, <name>.txt and <name>.png here")
     parser.add_argument("--name", default="bench_e2e")
@@ -531,7 +575,7 @@ def main(argv=None) -> dict:
                                                         "num_key_value_heads", "intermediate_size", "vocab_size")}}
         check = check_outputs(variants, config.vocab_size, device, min(64, max_positions))
         result = {"benchmark": "bench_e2e", "env": env, "args": {k: v for k, v in vars(args).items()},
-                  "model": model_info, "check": check, "rows": [], "truncated": []}
+                  "model": model_info, "check": check, "rows": [], "truncated": [], "profile": {}}
         title = (f"End-to-end: {args.preset}-shaped Llama ({model_info['parameters'] / 1e9:.2f} B parameters, "
                  f"{args.dtype}, random weights), layers [{start}, {end}) pruned, patch backend {backend!r}, "
                  f"{args.cache} KV cache\n"
@@ -579,6 +623,10 @@ def main(argv=None) -> dict:
                     if len(set(generated.values())) != 1 or generated["pruned"] != args.new_tokens:
                         raise RuntimeError(f"variants generated different numbers of tokens: {generated}")
                     rows = summarize(steps, batch, dict(base, prompt_len=args.prompt_len, new_tokens=args.new_tokens))
+                    if args.profile_steps > 0:
+                        result["profile"][label] = profile_decode(
+                            variants["pruned+ours"], batch, args.prompt_len, args.profile_steps, args.cache, device,
+                            config.vocab_size)
                     for row in rows:
                         if row["variant"] in generated:
                             row["tokens_generated"] = generated[row["variant"]]
@@ -619,6 +667,10 @@ def render_text(result: dict, title: str) -> str:
     summary = headline(result["rows"])
     if summary:
         text += "\n\noverhead over the pruned model (paired median):\n" + summary
+    for label, prof in result.get("profile", {}).items():
+        text += (f"\n\nprofiler, {label}, pruned+ours: {prof['patch_ops_share_pct']:.3f} % of a decode step "
+                 f"({prof['patch_ops_us_per_step']:.1f} us of {prof['step_ms']:.2f} ms, "
+                 f"{prof['patch_calls_per_step']:.0f} call(s): {', '.join(prof['ops'])}; {prof['steps']} steps)")
     if result["truncated"]:
         text += f"\n\nnot run (--max-seconds): {', '.join(result['truncated'])}"
     return text

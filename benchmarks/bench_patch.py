@@ -2,13 +2,21 @@
 
 Providers, each only where it can run:
 
-    ours-cuda, ours-triton, ours-torch  linearpatch::hadamard_patch with that backend forced
-                                        (triton is left out on the CPU: there it is the interpreter)
+    ours-cuda, ours-triton, ours-torch, linearpatch::hadamard_patch with that backend forced
+    ours-cpu                            (triton is left out on the CPU: there it is the interpreter;
+                                        cpu is the C++ CPU kernels of csrc/cpu/)
+    ours-cpu-transform                  linearpatch::hadamard_transform(x, d**-0.5) on the cpu backend
+    ours-cpu-epilogue                   linearpatch::patch_add_rmsnorm(x, y, s, w) on the cpu backend: two
+                                        tensors in, two out, so its floor is two copies
+    ours-cpu-bf16                       (fp32 rows) the cpu patch on bf16 copies of the same inputs, in the
+                                        same rounds: time per element of bf16 against fp32
     fht-twice                           fast-hadamard-transform (optional package; CUDA, powers of two only,
                                         its H is Sylvester's): H(H(x, d**-0.5) * s, d**-0.5), three launches
     paper-fp32                          the paper's formulation (x.float() @ P).to(x.dtype), P dense fp32 d x d
     dense-bf16 / dense-fp16             x @ P with P in x's dtype: a plain dense matmul (half dtypes only)
     copy                                y.copy_(x): one read and one write of x, the memory-bandwidth bound
+    clone                               x.clone() (CPU): the same copy into a freshly allocated tensor, the
+                                        floor of any op that returns a new tensor (page faults included)
 
 Every provider is first checked against an fp64 reference (x.double() @ P64 on sampled rows); one
 that disagrees loudly, or fails, gets an error row and is not timed. Timing: warm-up calls excluded;
@@ -30,11 +38,19 @@ relative Frobenius error vs fp64.
 
 ``--cuda-graph`` captures each block of calls in a CUDA graph and times its replay: the GPU time
 without Python and launch overhead (what a compiled, graph-captured decode step would pay).
+
+On the CPU, ``--threads 1 2`` runs every configuration once per thread count, and ``--compete`` once
+more with a competing process (one busy Python loop, started before and killed after that run) beside
+it: how the ops behave on a machine that is busy with something else. The CPU targets' command:
+
+    python benchmarks/bench_patch.py --device cpu --dtype fp32 bf16 --threads 1 2 --compete --repeats 15 \
+        --out-dir benchmarks/results/cpu-kernels --name bench_patch_cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import importlib.metadata
@@ -60,12 +76,13 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 SWEEP_TOKENS = (1, 8, 64, 512, 4096, 16384, 65536)
 SWEEP_D = (576, 2048, 4096, 5120, 8192)
 HEADLINE = {"tokens": (2048,), "d": (4096,), "dtype": ("fp32",)}  # the CPU default
-OUR_BACKENDS = ("cuda", "triton", "torch")
+OUR_BACKENDS = ("cuda", "triton", "torch", "cpu")
 # "Disagrees loudly": ten times the project's accuracy target in fp32 (1e-5), twice it in half
 # precision (1e-2). Every row records its measured error, so the real accuracy is in the JSON.
 LOUD_ERROR = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 CHECK_ROWS = 512  # rows sampled for the fp64 check (the providers treat rows independently)
 MAX_BUFFERS = 1024
+MAX_POOL_BYTES = 1 << 30  # per tensor set (x and y): a CPU's reported L3 can be the whole host's
 WARMUP_CALLS = 3
 MIN_ROUNDS = 5
 TARGET_BLOCK_S = {"cuda": 1e-3, "cpu": 2e-3}  # one timed block of calls lasts at least this long
@@ -198,8 +215,39 @@ def ours(backend: str, scale: torch.Tensor):
     return run
 
 
+def ours_transform(backend: str, d: int):
+    def run(x, y):
+        with lp.use_backend(backend):
+            return torch.ops.linearpatch.hadamard_transform(x, d**-0.5)
+    return run
+
+
+def ours_epilogue(backend: str, scale: torch.Tensor):
+    weight = torch.linspace(0.5, 1.5, scale.shape[0], device=scale.device)
+
+    def run(x, y):  # y (the copy's output buffer, so finite values) is the update
+        with lp.use_backend(backend):
+            return torch.ops.linearpatch.patch_add_rmsnorm(x, y, scale, weight, 1e-6)[0]
+    return run
+
+
+def ours_bf16(backend: str, scale: torch.Tensor, pool: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The patch on bf16 copies of the pool's fp32 inputs (made once), the copy chosen by x."""
+    copies = {x.data_ptr(): x.to(torch.bfloat16) for x, _ in pool}
+
+    def run(x, y):
+        with lp.use_backend(backend):
+            return torch.ops.linearpatch.hadamard_patch(copies[x.data_ptr()], scale)
+    return run
+
+
+# What each provider computes, for the fp64 check (default: the patch x P).
+CHECK_KIND = {"ours-cpu-transform": "transform", "ours-cpu-epilogue": "epilogue", "ours-cpu-bf16": "bf16-patch",
+              "copy": None, "clone": None}
+
+
 def build_providers(device: torch.device, dtype: torch.dtype, scale: torch.Tensor, p64: torch.Tensor,
-                    wanted: list[str] | None) -> tuple[dict, dict]:
+                    wanted: list[str] | None, skip_dense: bool = False) -> tuple[dict, dict]:
     """``({name: fn(x, y) -> Tensor}, {name: why it is left out})`` for one (d, dtype)."""
     d = scale.shape[0]
     providers, absent = {}, {}
@@ -212,6 +260,9 @@ def build_providers(device: torch.device, dtype: torch.dtype, scale: torch.Tenso
             absent[name] = "triton runs on the CPU only under its interpreter (a correctness tool, not timed)"
         else:
             providers[name] = ours(backend, scale)
+            if backend == "cpu":
+                providers["ours-cpu-transform"] = ours_transform(backend, d)
+                providers["ours-cpu-epilogue"] = ours_epilogue(backend, scale)
     fht = _fht_function() if device.type == "cuda" else None
     if fht is None:
         absent["fht-twice"] = "fast_hadamard_transform not importable" if device.type == "cuda" else "CUDA only"
@@ -226,9 +277,11 @@ def build_providers(device: torch.device, dtype: torch.dtype, scale: torch.Tenso
         p_low = p64.to(dtype)
         providers[f"dense-{DTYPE_NAMES[dtype]}"] = lambda x, y: x @ p_low
     providers["copy"] = lambda x, y: y.copy_(x)
+    if device.type == "cpu":
+        providers["clone"] = lambda x, y: x.clone()
     if wanted:
-        # The denominators of the ratio columns always stay.
-        keep = set(wanted) | {"copy", "paper-fp32", f"dense-{DTYPE_NAMES[dtype]}"}
+        # The denominators of the ratio columns always stay (the dense ones unless --skip-dense).
+        keep = set(wanted) | {"copy"} | (set() if skip_dense else {"paper-fp32", f"dense-{DTYPE_NAMES[dtype]}"})
         providers = {k: v for k, v in providers.items() if k in keep}
     return providers, absent
 
@@ -236,19 +289,28 @@ def build_providers(device: torch.device, dtype: torch.dtype, scale: torch.Tenso
 def input_pool(tokens: int, d: int, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) buffer pairs to cycle through: together about 4x the last-level cache, at least 2."""
     nbytes = tokens * d * torch.finfo(dtype).bits // 8
-    count = max(2, min(MAX_BUFFERS, math.ceil(4 * last_level_cache_bytes(device) / nbytes)))
+    count = max(2, min(MAX_BUFFERS, math.ceil(4 * last_level_cache_bytes(device) / nbytes), MAX_POOL_BYTES // nbytes))
     xs = torch.randn(count, tokens, d, device=device, dtype=dtype)
     ys = torch.empty_like(xs)
     return [(xs[i], ys[i]) for i in range(count)]
 
 
-def relative_error(fn, x: torch.Tensor, y: torch.Tensor, p64: torch.Tensor) -> float:
-    """||fn(x) - x P64|| / ||x P64|| (Frobenius) over up to CHECK_ROWS rows spread over x."""
+def relative_error(fn, x: torch.Tensor, y: torch.Tensor, p64: torch.Tensor, kind: str = "patch") -> float:
+    """||fn(x) - ref|| / ||ref|| (Frobenius) over up to CHECK_ROWS rows spread over x; ref = x P64 (the
+    patch), x H (the orthonormal transform) or (x + y) P64 (the epilogue's h), all in fp64."""
     out = fn(x, y)
-    if out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"returned {tuple(out.shape)} {out.dtype}; expected {tuple(x.shape)} {x.dtype}")
+    expected = torch.bfloat16 if kind == "bf16-patch" else x.dtype
+    if out.shape != x.shape or out.dtype != expected:
+        raise ValueError(f"returned {tuple(out.shape)} {out.dtype}; expected {tuple(x.shape)} {expected}")
     rows = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], CHECK_ROWS), device=x.device).round().long().unique()
-    ref = x[rows].double() @ p64
+    if kind == "transform":
+        ref = x[rows].double() @ hadamard_matrix(x.shape[-1], device=x.device)
+    elif kind == "epilogue":
+        ref = (x[rows].double() + y[rows].double()) @ p64
+    elif kind == "bf16-patch":
+        ref = x[rows].bfloat16().double() @ p64
+    else:
+        ref = x[rows].double() @ p64
     return float((out[rows].double() - ref).norm() / ref.norm())
 
 
@@ -351,11 +413,13 @@ def _quartiles(samples: list[float]) -> tuple[float, float]:
 
 
 def bench_config(device: torch.device, dtype: torch.dtype, d: int, tokens: int, repeats: int,
-                 budget_s: float | None, wanted: list[str] | None, cuda_graph: bool) -> list[dict]:
+                 budget_s: float | None, wanted: list[str] | None, cuda_graph: bool, skip_dense: bool = False) -> list[dict]:
     torch.manual_seed(0)
     scale, p64 = patch_setup(d, device)
-    providers, absent = build_providers(device, dtype, scale, p64, wanted)
+    providers, absent = build_providers(device, dtype, scale, p64, wanted, skip_dense)
     pool = input_pool(tokens, d, dtype, device)
+    if "ours-cpu" in providers and dtype == torch.float32 and not (wanted and "ours-cpu-bf16" not in wanted):
+        providers["ours-cpu-bf16"] = ours_bf16("cpu", scale, pool)
     base = {"device": device.type, "dtype": DTYPE_NAMES[dtype], "d": d, "tokens": tokens,
             "mode": "cuda-graph" if cuda_graph else "eager"}
     rows = [dict(base, provider=name, skipped=why) for name, why in absent.items()
@@ -365,17 +429,19 @@ def bench_config(device: torch.device, dtype: torch.dtype, d: int, tokens: int, 
     errors = {}
     checked = {}
     x0, y0 = pool[0]
+    y0.copy_(x0.flip(0))  # finite values for the epilogue's update
     for name, fn in providers.items():
-        if name == "copy":
+        if name in CHECK_KIND and CHECK_KIND[name] is None:
             continue
         try:
-            err = relative_error(fn, x0, y0, p64)
+            err = relative_error(fn, x0, y0, p64, CHECK_KIND.get(name, "patch"))
         except Exception as e:  # a failing provider gets an error row; the others are still timed
             errors[name] = f"{type(e).__name__}: {e}"
             continue
         checked[name] = err
-        if not err <= LOUD_ERROR[dtype]:
-            errors[name] = f"relative error {err:.2e} vs fp64 exceeds {LOUD_ERROR[dtype]:.0e}: not timed"
+        limit = LOUD_ERROR[torch.bfloat16 if CHECK_KIND.get(name) == "bf16-patch" else dtype]
+        if not err <= limit:
+            errors[name] = f"relative error {err:.2e} vs fp64 exceeds {limit:.0e}: not timed"
     synchronize(device)
     timed = {n: f for n, f in providers.items() if n not in errors}
     samples, calls, capture_errors = time_providers(timed, pool, device, repeats, budget_s, cuda_graph)
@@ -415,26 +481,33 @@ def format_cell(value, width: int, spec: str, suffix: str = "") -> str:
     return f"{text:>{width}}"
 
 
-PROVIDER_ORDER = ("ours-cuda", "ours-triton", "ours-torch", "fht-twice", "paper-fp32", "dense-bf16", "dense-fp16",
-                  "copy")
+PROVIDER_ORDER = ("ours-cuda", "ours-triton", "ours-cpu", "ours-cpu-bf16", "ours-cpu-transform", "ours-cpu-epilogue",
+                  "ours-torch",
+                  "fht-twice", "paper-fp32", "dense-bf16", "dense-fp16", "copy", "clone")
+
+
+def _scenario(row: dict) -> tuple:
+    return (row.get("threads") or 0, bool(row.get("competing")))
 
 
 def _row_key(row: dict) -> tuple:
     order = PROVIDER_ORDER.index(row["provider"]) if row["provider"] in PROVIDER_ORDER else len(PROVIDER_ORDER)
-    return (list(DTYPES).index(row["dtype"]), row["d"], row["tokens"], order)
+    return (_scenario(row), list(DTYPES).index(row["dtype"]), row["d"], row["tokens"], order)
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'dtype':<6}{'d':>6}{'tokens':>8}  {'provider':<13}{'time us':>11}{'GB/s':>9}{'% copy':>8}"
+    head = (f"{'dtype':<6}{'d':>6}{'tokens':>8}  {'provider':<19}{'time us':>11}{'GB/s':>9}{'% copy':>8}"
             f"{'x paper':>9}{'x dense':>9}{'rel err':>10}")
     lines = [head, "-" * len(head)]
     previous = None
     for r in sorted(rows, key=_row_key):
-        key = (r["dtype"], r["d"], r["tokens"])
+        key = (_scenario(r), r["dtype"], r["d"], r["tokens"])
         if previous is not None and key != previous:
             lines.append("")
+        if "threads" in r and (previous is None or key[0] != previous[0]):
+            lines.append(f"{r['threads']} thread(s), " + ("with a competing busy process" if r["competing"] else "no competing process"))
         previous = key
-        lead = f"{r['dtype']:<6}{r['d']:>6}{r['tokens']:>8}  {r['provider']:<13}"
+        lead = f"{r['dtype']:<6}{r['d']:>6}{r['tokens']:>8}  {r['provider']:<19}"
         if "skipped" in r:
             continue  # listed once under the table
         if "error" in r:
@@ -499,10 +572,15 @@ def parse_args(argv):
     parser.add_argument("--d", type=int, nargs="+", help="hidden sizes (default: cpu 4096, cuda the sweep)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: cpu fp32, cuda bf16 fp16")
     parser.add_argument("--providers", nargs="+", help="only these (paper-fp32, dense-* and copy always run: the ratio columns divide by them)")
+    parser.add_argument("--skip-dense", action="store_true",
+                        help="with --providers: leave out paper-fp32 and dense-* too (their seconds per call dominate CPU runs)")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (at most; see --budget)")
     parser.add_argument("--budget", type=float, help="seconds of timing per configuration (rounds >= 5)")
     parser.add_argument("--max-seconds", type=float, help="stop starting new configurations after this long")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="torch CPU threads; several: every configuration once per count (default: torch's choice)")
+    parser.add_argument("--compete", action="store_true",
+                        help="CPU: run every thread count again beside a competing busy process")
     parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
     parser.add_argument("--out-dir", help="write <name>.json, <name>.txt and <name>.png here")
     parser.add_argument("--name", default="bench_patch", help="file stem inside --out-dir")
@@ -516,6 +594,10 @@ def parse_args(argv):
     args.dtype = args.dtype or list(HEADLINE["dtype"] if cpu else ("bf16", "fp16"))
     if args.cuda_graph and cpu:
         parser.error("--cuda-graph needs --device cuda")
+    if args.compete and not cpu:
+        parser.error("--compete is a CPU option")
+    if args.threads and any(t < 1 for t in args.threads):
+        parser.error("--threads must be positive")
     if not cpu and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to torch here")
     for d in args.d:
@@ -526,10 +608,32 @@ def parse_args(argv):
     return args
 
 
+@contextlib.contextmanager
+def competing_process(active: bool):
+    """One busy Python loop beside the benchmark while active (killed, by its pid, afterwards)."""
+    if not active:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it get going
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def scenarios(args) -> list[tuple[int | None, bool]]:
+    """(threads or None for torch's choice, competing) pairs, in the order they run."""
+    threads = args.threads or [None]
+    return [(t, c) for t in threads for c in ((False, True) if args.compete else (False,))]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    default_threads = torch.get_num_threads()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
     device = torch.device(args.device)
     env = environment(device)
     started = time.monotonic()
@@ -537,22 +641,29 @@ def main(argv=None) -> dict:
     head = header(env, args)
     print(head, flush=True)
     configs = [(dt, d, t) for dt in args.dtype for d in args.d for t in args.tokens]
-    for dt, d, tokens in configs:
+    several = len(scenarios(args)) > 1 or args.compete
+    for (threads, competing), (dt, d, tokens) in [(sc, c) for sc in scenarios(args) for c in configs]:
         if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
-            result["truncated"].append({"dtype": dt, "d": d, "tokens": tokens})
+            result["truncated"].append({"dtype": dt, "d": d, "tokens": tokens, "threads": threads, "competing": competing})
             continue
-        try:
-            rows = bench_config(device, DTYPES[dt], d, tokens, args.repeats, args.budget, args.providers,
-                                args.cuda_graph)
-        except Exception as e:  # out of memory, a crashed kernel ...: an error row, then the next configuration
-            rows = [{"device": device.type, "dtype": dt, "d": d, "tokens": tokens, "provider": "all",
-                     "mode": "cuda-graph" if args.cuda_graph else "eager", "error": f"{type(e).__name__}: {e}"}]
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        torch.set_num_threads(threads or default_threads)
+        with competing_process(competing):
+            try:
+                rows = bench_config(device, DTYPES[dt], d, tokens, args.repeats, args.budget, args.providers,
+                                    args.cuda_graph, args.skip_dense)
+            except Exception as e:  # out of memory, a crashed kernel ...: an error row, then the next configuration
+                rows = [{"device": device.type, "dtype": dt, "d": d, "tokens": tokens, "provider": "all",
+                         "mode": "cuda-graph" if args.cuda_graph else "eager", "error": f"{type(e).__name__}: {e}"}]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if several:
+            for r in rows:
+                r.update(threads=torch.get_num_threads(), competing=competing)
         result["rows"].extend(rows)
         for r in sorted(rows, key=_row_key):
             if "median_us" in r:
-                print(f"  {dt} d={d} tokens={tokens} {r['provider']}: {r['median_us']:.2f} us", flush=True)
+                where = f" threads={r['threads']}{' +busy' if r['competing'] else ''}" if "threads" in r else ""
+                print(f"  {dt} d={d} tokens={tokens}{where} {r['provider']}: {r['median_us']:.2f} us", flush=True)
             elif "error" in r:
                 print(f"  {dt} d={d} tokens={tokens} {r['provider']}: ERROR {r['error']}", flush=True)
         result["env"]["loadavg_end"] = list(os.getloadavg())

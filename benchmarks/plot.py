@@ -1,7 +1,10 @@
 """Plots of the benchmarks' JSON results (matplotlib, the optional ``bench`` extra).
 
 * ``plot_op_bench(result, path)``: time per call vs tokens, one line per provider, log-log; one panel
-  per (dtype, d), the copy (memory-bandwidth bound) drawn dashed.
+  per (dtype, d), the copy (memory-bandwidth bound) drawn dashed. A CPU run over thread counts and
+  a competing process (``--threads 1 2 --compete``) gets ``plot_scenarios`` instead.
+* ``plot_scenarios(result, path)``: time per call as a multiple of the copy's, one bar per provider,
+  grouped by (threads, competing process); one panel per (dtype, d, tokens).
 * ``plot_e2e(result, path)``: overhead over the pruned model (% of its time) of the paper's hook and of
   our patch, end to end and as the op alone, per workload, with the interquartile range of the paired
   ratios as error bars.
@@ -32,6 +35,11 @@ PROVIDER_STYLE = {
     "dense-bf16": dict(color="tab:cyan", marker="x"),
     "dense-fp16": dict(color="tab:cyan", marker="x"),
     "dense-fp32": dict(color="tab:cyan", marker="x"),
+    "ours-cpu": dict(color="tab:green", marker="o"),
+    "ours-cpu-bf16": dict(color="tab:cyan", marker="o"),
+    "ours-cpu-transform": dict(color="tab:olive", marker="o"),
+    "ours-cpu-epilogue": dict(color="tab:pink", marker="o"),
+    "clone": dict(color="tab:gray", marker="."),
     "copy": dict(color="black", marker=".", linestyle="--"),
 }
 
@@ -43,6 +51,9 @@ def _subtitle(env: dict) -> str:
 
 def plot_op_bench(result: dict, path) -> None:
     rows = [r for r in result["rows"] if "median_us" in r]
+    if any("threads" in r for r in rows):
+        plot_scenarios(result, path)
+        return
     panels = sorted({(r["dtype"], r["d"]) for r in rows}, key=lambda k: (k[0], k[1]))
     if not panels:
         return
@@ -73,6 +84,43 @@ def plot_op_bench(result: dict, path) -> None:
     mode = rows[0].get("mode", "eager")
     fig.suptitle(f"LinearPatch op vs dense matmul and copy ({mode})\n{_subtitle(result['env'])}", fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 0.93))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_scenarios(result: dict, path) -> None:
+    rows = [r for r in result["rows"] if "median_us" in r and "threads" in r]
+    panels = sorted({(r["dtype"], r["d"], r["tokens"]) for r in rows})
+    if not panels:
+        return
+    scenario_keys = sorted({(r["threads"], r["competing"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(9.0, 6.5 * len(panels)), 4.8), squeeze=False)
+    for ax, (dtype, d, tokens) in zip(axes.flat, panels):
+        mine = [r for r in rows if (r["dtype"], r["d"], r["tokens"]) == (dtype, d, tokens)]
+        providers = [p for p in dict.fromkeys(r["provider"] for r in mine) if p != "copy"]
+        width = 0.8 / max(len(providers), 1)
+        for i, provider in enumerate(providers):
+            xs, ys = [], []
+            for j, key in enumerate(scenario_keys):
+                copy = [r for r in mine if r["provider"] == "copy" and (r["threads"], r["competing"]) == key]
+                hit = [r for r in mine if r["provider"] == provider and (r["threads"], r["competing"]) == key]
+                if copy and hit:
+                    xs.append(j + (i - (len(providers) - 1) / 2) * width)
+                    ys.append(hit[0]["median_us"] / copy[0]["median_us"])
+            ax.bar(xs, ys, width=width, label=provider, color=PROVIDER_STYLE.get(provider, {}).get("color"))
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(scenario_keys)))
+        ax.set_xticklabels([f"{t} thread{'s' if t > 1 else ''}\n{'+ busy process' if c else 'no competitor'}"
+                            for t, c in scenario_keys], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("time per call / copy's time")
+        ax.set_title(f"{dtype}, d={d}, {tokens} tokens", fontsize=10)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.suptitle(f"LinearPatch ops on the CPU, as multiples of a copy into a preallocated tensor (dashed)\n"
+                 f"{_subtitle(result['env'])}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.16, 1, 0.92))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .backends import cuda_backend
+from .backends import cpu_backend, cuda_backend
 
 BUILD_RECORD = "_build_info.json"
 
@@ -101,7 +101,10 @@ def build_info() -> dict:
     * ``built_for``: its build record (``cuda``, ``nvcc``, ``arch_list``, ``torch``, ``torch_min``,
       ``local_version``), or None;
     * ``torch``, ``torch_cuda``: the running torch and its CUDA version;
-    * ``cuda_backend``: ``"available"`` or why the CUDA backend is not (CUDA tensors then use triton).
+    * ``cuda_backend``: ``"available"`` or why the CUDA backend is not (CUDA tensors then use triton);
+    * ``cpu_extension``: path of the compiled C++ CPU kernels, or None;
+    * ``cpu_backend``: ``"available (<instruction set>)"`` or why the C++ CPU kernels are not (CPU
+      tensors then use the torch backend).
     """
     from . import __version__
 
@@ -113,4 +116,16 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_backend": _backend_state(record),
+        "cpu_extension": cpu_backend.library_path(),
+        "cpu_backend": _cpu_state(),
     }
+
+
+def _cpu_state() -> str:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reason is returned here instead
+        if not cpu_backend.load_library():
+            return cpu_backend.load_error() or "the C++ CPU kernels did not load"
+    return f"available ({cpu_backend.isa_info()['selected']})"

@@ -15,6 +15,15 @@ Both take any leading shape and strides, fp32/fp16/bf16 (fp64 on the torch backe
 input's dtype, computing in fp32. The kernels live in ``linearpatch_kernels.backends``; the op
 implementation only validates and dispatches, so ``torch.compile`` sees one opaque op per call.
 
+Host cost of an eager call: the backend choice and its per-size constants are made once per
+(device, dtype, d, op) and cached (``backends.plan_for``; a change of the forced backend or of the
+GPU limit tables makes a new one). The public functions below go further when nothing needs the op
+machinery: plain tensors (``torch.Tensor`` or ``nn.Parameter``), no autograd to record, no
+``torch.compile``/export tracing, no dispatch or function mode, no functorch transform, no autocast.
+Then they check the arguments that can change per call and call the cached kernel (a C++ op for the
+cpu and cuda backends) directly, a few microseconds in all; anything else takes the
+``torch.ops.linearpatch.*`` op, whose results are the same.
+
 Autograd (``H`` symmetric, so ``P`` is symmetric):
 ``grad_x = hadamard_patch(grad_y, s)`` and ``grad_s = sum_tokens (x H) * (grad_y H)``;
 ``hadamard_transform``'s ``grad_x = hadamard_transform(grad_y, scale)``.
@@ -25,8 +34,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._C._functorch import peek_interpreter_stack
 
-from .backends import select_backend
+from .backends import plan_for
 from .hadamard import is_supported_size, unsupported_size_message
 
 __all__ = ["hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"]
@@ -78,7 +88,7 @@ def _hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     with _fp32_inside(x):
-        return select_backend(x, "hadamard_transform").hadamard_transform(x, float(scale))
+        return plan_for(x, "hadamard_transform")(x, float(scale))
 
 
 @_hadamard_transform.register_fake
@@ -105,7 +115,7 @@ def _hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     with _fp32_inside(x):
-        return select_backend(x, "hadamard_patch").hadamard_patch(x, scale.contiguous())
+        return plan_for(x, "hadamard_patch")(x, scale.contiguous())
 
 
 @_hadamard_patch.register_fake
@@ -170,9 +180,9 @@ def _patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torc
     if residual.numel() == 0:
         empty = torch.empty_like(residual, memory_format=torch.contiguous_format)
         return empty, empty.clone()
-    backend = select_backend(residual, "patch_add_rmsnorm")
+    run = plan_for(residual, "patch_add_rmsnorm")
     with _fp32_inside(residual):
-        return backend.patch_add_rmsnorm(residual, update, scale.contiguous(), norm_weight.contiguous(), float(eps))
+        return run(residual, update, scale.contiguous(), norm_weight.contiguous(), float(eps))
 
 
 @_patch_add_rmsnorm.register_fake
@@ -223,10 +233,44 @@ def _epilogue_backward(ctx, grad_h, grad_n):
 _patch_add_rmsnorm.register_autograd(_epilogue_backward, setup_context=_epilogue_setup)
 
 
+# ------------------------------------------------------------------------------------------------
+# The public functions: the eager fast path, else the op
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct(*tensors) -> bool:
+    """Whether an eager call may skip the op machinery and call the cached kernel: see the module
+    docstring. (Each check is a C call of well under a microsecond.)"""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._len_torch_function_stack() or peek_interpreter_stack() is not None
+            or torch._C._is_any_autocast_enabled()):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) not in _PLAIN or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def _vector_ok(v: torch.Tensor, x: torch.Tensor, d: int) -> bool:
+    """``scale`` (and the epilogue's weight) as the kernels take it without the op's checks: fp32, (d,),
+    dense, on x's device. Anything else takes the op, which accepts or explains it."""
+    return v.dtype is torch.float32 and v.ndim == 1 and v.shape[0] == d and v.is_contiguous() and v.device == x.device
+
+
 def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
                       norm_weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """The interface epilogue in one pass: ``h = (residual + update) . H diag(scale) H^T`` and
     ``RMSNorm(h) * norm_weight``; returns ``(h, normed)`` in ``residual``'s dtype (fp32 math)."""
+    if (_direct(residual, update, scale, norm_weight) and residual.ndim and residual.numel()
+            and type(eps) is float and eps >= 0):
+        d = residual.shape[-1]
+        if (update.shape == residual.shape and update.dtype is residual.dtype and update.device == residual.device
+                and _vector_ok(scale, residual, d) and norm_weight.ndim == 1 and norm_weight.shape[0] == d
+                and norm_weight.dtype in _FLOAT_DTYPES and norm_weight.device == residual.device
+                and norm_weight.is_contiguous()):
+            return plan_for(residual, "patch_add_rmsnorm", _check_x_epilogue)(residual, update, scale, norm_weight, eps)
     if not torch.compiler.is_compiling():
         _check_epilogue(residual, update, scale, norm_weight, eps)
     return torch.ops.linearpatch.patch_add_rmsnorm(residual, update, scale, norm_weight, float(eps))
@@ -238,6 +282,8 @@ def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     For powers of two this equals ``scipy.linalg.hadamard(d) @ row * scale`` for each row;
     ``scale = d ** -0.5`` makes it orthonormal.
     """
+    if _direct(x) and x.ndim and x.numel() and type(scale) in (float, int):
+        return plan_for(x, "hadamard_transform", _check_x_transform)(x, float(scale))
     if not torch.compiler.is_compiling():
         _check_x(x, "hadamard_transform")
     return torch.ops.linearpatch.hadamard_transform(x, float(scale))
@@ -245,8 +291,16 @@ def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LinearPatch: ``x . H diag(scale) H^T`` along the last dim, ``H`` the orthonormal Hadamard matrix."""
+    if _direct(x, scale) and x.ndim and x.numel() and _vector_ok(scale, x, x.shape[-1]):
+        return plan_for(x, "hadamard_patch", _check_x_patch)(x, scale)
     # Checked here too so that a non-tensor argument gets this message, not the dispatcher's. Under
     # torch.compile the op's fake kernel runs the same checks, so the traced wrapper skips them.
     if not torch.compiler.is_compiling():
         _check_scale(x, scale, _check_x(x, "hadamard_patch"), "hadamard_patch")
     return torch.ops.linearpatch.hadamard_patch(x, scale)
+
+
+# The checks of x that a cached choice stands for (run once per (device, dtype, d, op)).
+def _check_x_transform(x): _check_x(x, "hadamard_transform")  # noqa: E704
+def _check_x_patch(x): _check_x(x, "hadamard_patch")  # noqa: E704
+def _check_x_epilogue(x): _check_x(x, "patch_add_rmsnorm")  # noqa: E704

@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
-"""Build the release wheels, one per CUDA major version, and check each one.
+"""Build the release wheels, one per CUDA major version and one for CPU-only torch, and check each one.
 
-    python scripts/build_wheels.py                    # cu12 and cu13 into dist/
+    python scripts/build_wheels.py                    # cu12, cu13 and cpu into dist/
     python scripts/build_wheels.py --cuda cu13 --arch-list 9.0 --check-torch 2.11.0
+    python scripts/build_wheels.py --cuda cpu         # the +cpu wheel alone
+
+Every wheel holds the C++ CPU kernels (``_cpu``); the cu12/cu13 wheels also the CUDA extension
+(``_C``). The +cpu wheel is built and checked under a CPU-only torch (``CPU_TORCH_INDEX``: a pip
+index that serves CPU-only torch builds, e.g. PyTorch's own; default: pip's configured sources),
+without a CUDA toolkit, in steps 1, 3, 4 and 5 below.
 
 For each CUDA major of ``MATRIX``:
 
@@ -42,8 +48,8 @@ PLATFORM = "manylinux_2_28_x86_64"
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # the local version prefix: "cu12" -> +cu12x
-    major: int
+    name: str  # the local version prefix: "cu12" -> +cu12x; "cpu" -> +cpu
+    major: int  # CUDA major; 0 for the CPU-only wheel
     build_torch: str  # the oldest torch >= 2.10 built for this CUDA major on PyPI
     check_torch: tuple[str, ...]  # oldest and newest torch of this CUDA major on PyPI
     symbols_torch: tuple[str, ...] = ()  # newer torch of another CUDA major: its stable-ABI exports only
@@ -54,6 +60,8 @@ class Target:
 MATRIX = {
     "cu12": Target("cu12", 12, build_torch="2.10.0", check_torch=("2.10.0",), symbols_torch=("2.15.0",)),
     "cu13": Target("cu13", 13, build_torch="2.11.0", check_torch=("2.11.0", "2.15.0")),
+    # CPU-only torch comes from PyTorch's CPU index (CPU_TORCH_INDEX); 2.13.0 is the one on hand here.
+    "cpu": Target("cpu", 0, build_torch="2.13.0+cpu", check_torch=("2.13.0+cpu",)),
 }
 # sm_80 is the oldest the kernels support (bf16); 10.0 and 12.0 where the toolkit knows them.
 ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
@@ -100,8 +108,9 @@ def torch_env(envs: Path, version: str) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     log(f"environment with torch {version} in {folder}")
     run([sys.executable, "-m", "venv", "--system-site-packages", folder])
-    pip(python, "install", "setuptools>=77", "wheel")
-    pip(python, "install", "--no-deps", f"torch=={version}")
+    pip(python, "install", "setuptools>=77", "wheel", "ninja")
+    index = ["--extra-index-url", os.environ["CPU_TORCH_INDEX"]] if "+cpu" in version and os.environ.get("CPU_TORCH_INDEX") else []
+    pip(python, "install", "--no-deps", *index, f"torch=={version}")
     probe = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
     if probe.returncode != 0:
         log(f"torch {version} does not import with the CUDA libraries here; installing its dependencies")
@@ -234,7 +243,7 @@ def scratch_copy(dest: Path) -> None:
             shutil.copy2(src, dest / os.fsdecode(name))
 
 
-def build(target: Target, python: Path, cuda_home: Path, archs: str, work: Path) -> Path:
+def build(target: Target, python: Path, cuda_home: Path | None, archs: str | None, work: Path) -> Path:
     """The wheel, from a copy of the working tree in ``work/src``; its ``build/`` folder is kept
     between runs, so that ninja recompiles only what changed (sources, headers, flags)."""
     src, raw = work / "src", work / "raw"
@@ -246,9 +255,15 @@ def build(target: Target, python: Path, cuda_home: Path, archs: str, work: Path)
         shutil.rmtree(linked)
     src.mkdir(parents=True, exist_ok=True)
     scratch_copy(src)
-    env = {**pip_env(), "LINEARPATCH_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": archs, "CUDA_HOME": str(cuda_home),
-           "MAX_JOBS": os.environ.get("MAX_JOBS", "1"), "PATH": f"{cuda_home / 'bin'}:{os.environ['PATH']}"}
-    log(f"{target.name}: building for {archs} with nvcc in {cuda_home} (MAX_JOBS={env['MAX_JOBS']}) ...")
+    # Every wheel has the CPU kernels (an error if they cannot be built); the +cpu one nothing else.
+    env = {**pip_env(), "LINEARPATCH_BUILD_CPU": "1", "MAX_JOBS": os.environ.get("MAX_JOBS", "1")}
+    if target.major:
+        env.update({"LINEARPATCH_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": archs, "CUDA_HOME": str(cuda_home),
+                    "PATH": f"{cuda_home / 'bin'}:{os.environ['PATH']}"})
+        log(f"{target.name}: building for {archs} with nvcc in {cuda_home} (MAX_JOBS={env['MAX_JOBS']}) ...")
+    else:
+        env.update({"LINEARPATCH_BUILD_CUDA": "0", "LINEARPATCH_LOCAL_VERSION": "cpu"})
+        log(f"{target.name}: building the CPU kernels alone (MAX_JOBS={env['MAX_JOBS']}) ...")
     start = time.monotonic()
     with open(work / "build.log", "w") as build_log:
         result = subprocess.run([python, "-m", "pip", "wheel", ".", "--no-build-isolation", "--no-deps",
@@ -296,7 +311,7 @@ def repair(wheel: Path, torch_python: Path, tools: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cuda", default="cu12,cu13", help="comma-separated CUDA majors of MATRIX (default: all)")
+    parser.add_argument("--cuda", default="cu12,cu13,cpu", help="comma-separated targets of MATRIX: cu12, cu13, cpu (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "dist", help="folder for the repaired wheels")
     parser.add_argument("--arch-list", help="TORCH_CUDA_ARCH_LIST instead of all the toolkit supports")
     parser.add_argument("--check-torch", help="comma-separated torch versions to check under (default: MATRIX)")
@@ -317,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         target = MATRIX[name]
         start = time.monotonic()
         python = torch_env(envs, target.build_torch)
-        cuda_home = toolkit(target, envs)
-        archs = arch_list(cuda_home, args.arch_list)
+        cuda_home = toolkit(target, envs) if target.major else None
+        archs = arch_list(cuda_home, args.arch_list) if target.major else None
         raw = build(target, python, cuda_home, archs, envs / f"build-{name}")
         built = time.monotonic()
         wheel = repair(raw, python, tools, args.out)

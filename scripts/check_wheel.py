@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Check a linearpatch-kernels wheel with the compiled CUDA extension; no GPU needed.
+"""Check a linearpatch-kernels wheel with compiled kernels (a +cu12x/+cu13x wheel with the CUDA
+extension and the C++ CPU kernels, or the +cpu wheel with the CPU kernels only); no GPU needed.
 
     python scripts/check_wheel.py WHEEL TORCH_PYTHON [TORCH_PYTHON ...] [--pytest TEST_FILE ...]
                                   [--symbols-only TORCH_PYTHON ...]
@@ -7,7 +8,7 @@
 ``TORCH_PYTHON``: interpreters of environments that each hold one torch to check under (e.g. the
 oldest and the newest of the wheel's CUDA major). Checks, failing with a message on the first miss:
 
-1. the library ``linearpatch_kernels/_C*.so``: the highest glibc / libstdc++ / libgcc symbol
+1. each library (``linearpatch_kernels/_C*.so``, the CUDA extension, and ``_cpu*.so``, the CPU kernels): the highest glibc / libstdc++ / libgcc symbol
    versions it needs are within manylinux_2_28 (GLIBC 2.28, GLIBCXX 3.4.24, CXXABI 1.3.11, GCC 7.0.0),
    it needs no other shared library than those manylinux_2_28 allows plus the ones torch provides
    (libc10, libtorch*, libcudart of the wheel's CUDA major), no C++ symbol of libtorch (only the
@@ -18,9 +19,10 @@ oldest and the newest of the wheel's CUDA major). Checks, failing with a message
 3. for each torch, in a fresh virtual environment holding only the wheel (torch comes from the
    given environment through a .pth file): the installed package is the wheel's, the build record
    matches the torch's CUDA major, ``torch.ops.load_library`` loads the extension, the three
-   ``linearpatch_cuda::*`` kernels are registered for the CUDA dispatch key and not for CPU, and CPU
-   calls of ``torch.ops.linearpatch.*`` go to the torch backend and match an fp64 reference; then
-   the ``--pytest`` test files run there against the installed wheel;
+   ``linearpatch_cuda::*`` kernels are registered for the CUDA dispatch key and not for CPU, the
+   three ``linearpatch_cpu::*`` kernels for the CPU key, and CPU calls of ``torch.ops.linearpatch.*``
+   go to the C++ CPU kernels and match an fp64 reference; then the ``--pytest`` test files run there
+   against the installed wheel. A +cpu wheel: the same without the CUDA parts, under a CPU-only torch;
 4. ``--symbols-only``: the symbols it takes from torch are exported by these torch environments too,
    whatever their CUDA major (the stable ABI does not depend on CUDA).
 
@@ -119,7 +121,7 @@ def needed_libraries(path: Path) -> list[str]:
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
 
 
-def check_library(library: Path, cuda_major: str) -> dict[str, str | None]:
+def check_library(library: Path, cuda_major: str | None) -> dict[str, str | None]:
     """Step 1; returns the library's strong undefined symbols."""
     undefined = nm(library, "--undefined-only")
     highest = versioned_imports(undefined)
@@ -130,10 +132,11 @@ def check_library(library: Path, cuda_major: str) -> dict[str, str | None]:
         + " (manylinux_2_28: GLIBC_2.28, GLIBCXX_3.4.24, CXXABI_1.3.11, GCC_7.0.0)")
     needed = needed_libraries(library)
     from_torch = [lib for lib in needed if any(re.fullmatch(p, lib) for p in TORCH_LIB_PATTERNS)
-                  or lib == f"libcudart.so.{cuda_major}"]
+                  or (cuda_major is not None and lib == f"libcudart.so.{cuda_major}")]
     others = [lib for lib in needed if lib not in from_torch and lib not in SYSTEM_LIBS]
     if others:
-        fail(f"{library.name} needs {others}: neither manylinux_2_28 system libraries nor torch's (CUDA {cuda_major})")
+        fail(f"{library.name} needs {others}: neither manylinux_2_28 system libraries nor torch's "
+             f"({f'CUDA {cuda_major}' if cuda_major else 'no CUDA'})")
     say(f"needs {', '.join(needed)}")
     symbols = undefined_symbols(undefined)
     unstable = sorted(s for s in symbols if s.startswith(C_PLUS_PLUS_TORCH))
@@ -157,7 +160,7 @@ def torch_layout(python: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str) -> None:
+def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str | None) -> None:
     """Step 2 for one torch."""
     torch_libs = sorted(Path(layout["lib"]).glob("lib*.so*"))
     # Unversioned imports come from torch, except the CPython limited API (the interpreter's).
@@ -175,10 +178,10 @@ def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str)
     if missing_rt:
         fail(f"{found[0]} does not export {missing_rt[:8]}")
     say(f"torch {layout['version']}: its libraries export all {len(from_torch)} torch symbols"
-        + (f", {found[0].name} all {len(from_cudart)} CUDA runtime symbols" if found else ""))
+        + (f", {found[0].name} all {len(from_cudart)} CUDA runtime symbols" if found and from_cudart else ""))
 
 
-def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str]) -> None:
+def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str], kind: str) -> None:
     """Step 3 for one torch: a fresh venv with the wheel; torch from the given environment via a .pth file."""
     # Only what the fresh environment holds: no PYTHONPATH that could put a source tree first.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -192,27 +195,39 @@ def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str]) 
     Path(site_dir, "torch_under_test.pth").write_text("\n".join(layout["path"]) + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
                    check=True, env=env)
-    subprocess.run([str(python), str(Path(__file__).resolve()), "--inside", str(venv), layout["version"]],
+    subprocess.run([str(python), str(Path(__file__).resolve()), "--inside", str(venv), layout["version"], kind],
                    check=True, cwd=work, env=env)  # from outside the source tree: the installed package only
     if tests:
         subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                         *[str(Path(t).resolve()) for t in tests]], check=True, cwd=work, env=env)
 
 
-def inside(venv: str, torch_version: str) -> None:
-    """Step 3, run by the fresh environment's interpreter."""
+def inside(venv: str, torch_version: str, kind: str = "cuda") -> None:
+    """Step 3, run by the fresh environment's interpreter; ``kind``: "cuda" or "cpu" (the +cpu wheel)."""
     import importlib.metadata
 
     import torch
 
     import linearpatch_kernels as lp
-    from linearpatch_kernels.backends import cuda_backend, select_backend
+    from linearpatch_kernels.backends import cpu_backend, cuda_backend, select_backend
     from linearpatch_kernels.hadamard import hadamard_matrix
 
     assert torch.__version__ == torch_version, f"imported torch {torch.__version__}, not {torch_version}"
     assert lp.__file__.startswith(venv), f"imported {lp.__file__}, not the wheel installed in {venv}"
     version = importlib.metadata.version("linearpatch-kernels")
     info = lp.build_info()
+    cpu_library = cpu_backend.library_path()
+    assert cpu_library is not None and cpu_library.startswith(venv), cpu_library
+    assert cpu_backend.load_library(), f"the C++ CPU kernels did not load: {cpu_backend.load_error()}"
+    for op in OPS:
+        name = f"linearpatch_cpu::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), f"{name} has no CPU kernel"
+    if kind == "cpu":
+        assert torch.version.cuda is None, f"the +cpu wheel is checked under a CPU-only torch, not {torch.__version__}"
+        assert version.endswith("+cpu") and info["built_for"] is None and info["extension"] is None, (version, info)
+        assert "CPU-only" in info["cuda_backend"], info["cuda_backend"]
+        _check_cpu_ops(venv, version, info, hadamard_matrix, select_backend)
+        return
     record = info["built_for"]
     assert record is not None and version.endswith("+" + record["local_version"]), (version, record)
     assert record["cuda"].split(".")[0] == torch.version.cuda.split(".")[0], (record, torch.version.cuda)
@@ -227,13 +242,22 @@ def inside(venv: str, torch_version: str) -> None:
     assert schema.endswith("-> (Tensor, Tensor)"), schema
     expected_state = "available" if torch.cuda.is_available() else "no CUDA GPU is visible"
     assert info["cuda_backend"].startswith(expected_state), info["cuda_backend"]
+    errors = _check_cpu_ops(venv, version, info, hadamard_matrix, select_backend)
+    say(f"torch {torch.__version__}: {version} loads from {library.removeprefix(venv)}, kernels registered for CUDA "
+        f"only; built for CUDA {record['cuda']} ({record['arch_list']}), nvcc {record['nvcc']}, torch {record['torch']}; "
+        f"cuda backend: {info['cuda_backend']}; CPU ops on the C++ kernels (rel. errors {errors})")
+
+
+def _check_cpu_ops(venv: str, version: str, info: dict, hadamard_matrix, select_backend) -> str:
+    """CPU calls of the public ops go to the C++ CPU kernels and match fp64; returns the errors."""
+    import torch
 
     d = 4096
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, d, generator=g)
     s = 0.5 + torch.rand(d, generator=g)
-    assert select_backend(x).NAME == "torch"
-    assert select_backend(x, "patch_add_rmsnorm").NAME == "torch"
+    assert select_backend(x).NAME == "cpu"
+    assert select_backend(x, "patch_add_rmsnorm").NAME == "cpu"
     h = hadamard_matrix(d)
     ref = ((x.double() @ h) * s.double()) @ h.T
     err = float((torch.ops.linearpatch.hadamard_patch(x, s).double() - ref).norm() / ref.norm())
@@ -246,10 +270,10 @@ def inside(venv: str, torch_version: str) -> None:
     h_out, n_out = torch.ops.linearpatch.patch_add_rmsnorm(x, u, s, w, 1e-6)
     err_e = max(float((h_out.double() - h_ref).norm() / h_ref.norm()), float((n_out.double() - n_ref).norm() / n_ref.norm()))
     assert max(err, err_t, err_e) < 1e-5, (err, err_t, err_e)
-    say(f"torch {torch.__version__}: {version} loads from {library.removeprefix(venv)}, kernels registered for CUDA "
-        f"only, CPU ops on the torch backend (rel. errors {err:.1e}, {err_t:.1e}, {err_e:.1e}); "
-        f"built for CUDA {record['cuda']} ({record['arch_list']}), nvcc {record['nvcc']}, torch {record['torch']}; "
-        f"cuda backend: {info['cuda_backend']}")
+    errors = f"{err:.1e}, {err_t:.1e}, {err_e:.1e}"
+    say(f"torch {torch.__version__}: {version}: CPU kernels from {info['cpu_extension'].removeprefix(venv)}, "
+        f"{info['cpu_backend']}; CPU ops on them match fp64 (rel. errors {errors})")
+    return errors
 
 
 def check_symbols_only(symbols: dict[str, str | None], python: str) -> None:
@@ -284,24 +308,38 @@ def main(argv: list[str]) -> int:
         work = Path(tmp)
         with zipfile.ZipFile(wheel) as z:
             z.extractall(work / "unpacked")
-        libraries = list((work / "unpacked" / "linearpatch_kernels").glob("_C*.so"))
-        if len(libraries) != 1:
-            fail(f"{wheel.name} holds {len(libraries)} compiled extensions, not one")
-        record = json.loads((work / "unpacked" / "linearpatch_kernels" / "_build_info.json").read_text())
-        cuda_major = record["cuda"].split(".")[0]
-        say(f"{wheel.name}: built for CUDA {record['cuda']} ({record['arch_list']}) with nvcc {record['nvcc']} "
-            f"against torch {record['torch']}")
-        symbols = check_library(libraries[0], cuda_major)
+        package = work / "unpacked" / "linearpatch_kernels"
+        libraries = list(package.glob("_C*.so"))
+        cpu_libraries = list(package.glob("_cpu*.so"))
+        if len(cpu_libraries) != 1:
+            fail(f"{wheel.name} holds {len(cpu_libraries)} C++ CPU kernel libraries, not one")
+        if len(libraries) > 1 or (libraries and not (package / "_build_info.json").is_file()):
+            fail(f"{wheel.name} holds {len(libraries)} CUDA extensions (and a build record: "
+                 f"{(package / '_build_info.json').is_file()}), not one with its record or none")
+        if libraries:
+            kind = "cuda"
+            record = json.loads((package / "_build_info.json").read_text())
+            cuda_major = record["cuda"].split(".")[0]
+            say(f"{wheel.name}: built for CUDA {record['cuda']} ({record['arch_list']}) with nvcc {record['nvcc']} "
+                f"against torch {record['torch']}")
+            symbols = check_library(libraries[0], cuda_major)
+        else:
+            kind, cuda_major, symbols = "cpu", None, {}
+            say(f"{wheel.name}: the C++ CPU kernels only (for CPU-only torch)")
+        cpu_symbols = check_library(cpu_libraries[0], None)
         versions = []
         for python in args.pythons:
             layout = torch_layout(python)
-            if (layout["cuda"] or "").split(".")[0] != cuda_major:
-                fail(f"torch {layout['version']} of {python} is built for CUDA {layout['cuda']}, the wheel for CUDA {cuda_major}")
-            check_symbols(symbols, layout, cuda_major)
-            check_in_fresh_env(wheel, layout, work, args.pytest)
+            if (layout["cuda"] or "").split(".")[0] != (cuda_major or ""):
+                fail(f"torch {layout['version']} of {python} is built for CUDA {layout['cuda']}, the wheel for "
+                     f"{f'CUDA {cuda_major}' if cuda_major else 'CPU-only torch'}")
+            if symbols:
+                check_symbols(symbols, layout, cuda_major)
+            check_symbols(cpu_symbols, layout, None)
+            check_in_fresh_env(wheel, layout, work, args.pytest, kind)
             versions.append(layout["version"])
         for python in args.symbols_only:
-            check_symbols_only(symbols, python)
+            check_symbols_only({**symbols, **cpu_symbols}, python)
     say(f"OK: {wheel.name} under torch {', '.join(versions)}")
     return 0
 

@@ -8,10 +8,17 @@ from linearpatch_kernels.backends import available_backends, select_backend
 from reference import positive_scales, reference_patch, rel_err
 
 
-def test_cpu_default_is_torch_backend(monkeypatch):
+def _cpu_default() -> str:
+    """The C++ CPU kernels where they are built (tests/test_cpu_backend.py checks that they are in
+    an installed package), else the torch backend."""
+    return "cpu" if "cpu" in available_backends("cpu") else "torch"
+
+
+def test_cpu_default_is_the_cpp_kernels_else_torch(monkeypatch):
     monkeypatch.delenv("LINEARPATCH_BACKEND", raising=False)
-    assert select_backend(torch.randn(2, 64)).NAME == "torch"
-    assert available_backends("cpu")[0] == "torch"
+    assert select_backend(torch.randn(2, 64)).NAME == _cpu_default()
+    assert available_backends("cpu")[0] == _cpu_default()
+    assert select_backend(torch.randn(2, 64, dtype=torch.float64)).NAME == "torch"
 
 
 def test_use_backend_forces_and_restores(monkeypatch):
@@ -22,7 +29,7 @@ def test_use_backend_forces_and_restores(monkeypatch):
         with lp.use_backend("torch"):
             assert select_backend(x).NAME == "torch"
         assert select_backend(x).NAME == "triton"
-    assert select_backend(x).NAME == "torch"
+    assert select_backend(x).NAME == _cpu_default()
 
 
 def test_environment_variable_forces_backend(monkeypatch):

@@ -113,6 +113,10 @@ def test_bench_e2e_small_cpu_smoke(tmp_path):
     assert result["check"]["ours_vs_paper"] <= 1e-4
     assert result["check"]["ours_vs_pruned"] > 1e-2
     assert result["model"]["layers_after_pruning"] == result["model"]["layers"] - 2
+    # The profiler found the patch op in every profiled decode step, and a share of the step's time.
+    prof = result["profile"]["decode b=2"]
+    assert prof["patch_calls_per_step"] == 1 and 0 < prof["patch_ops_share_pct"] < 100
+    assert all(name.startswith("linearpatch") for name in prof["ops"])
     text = (tmp_path / "bench_e2e.txt").read_text()
     assert "pruned+ours" in text and "paper's hook" in text
     assert (tmp_path / "bench_e2e.png").exists() == _matplotlib()

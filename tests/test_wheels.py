@@ -84,8 +84,14 @@ def test_version_tuple_ignores_local_and_prerelease_parts():
 
 def test_build_info_reports_this_install():
     info = lp.build_info()
-    assert set(info) == {"version", "extension", "built_for", "torch", "torch_cuda", "cuda_backend"}
+    assert set(info) == {"version", "extension", "built_for", "torch", "torch_cuda", "cuda_backend", "cpu_extension",
+                         "cpu_backend"}
     assert info["torch"] == torch.__version__ and info["torch_cuda"] == torch.version.cuda
+    from linearpatch_kernels.backends import cpu_backend
+
+    assert info["cpu_extension"] == cpu_backend.library_path()
+    assert info["cpu_backend"] == (f"available ({cpu_backend.isa_info()['selected']})" if cpu_backend.load_library()
+                                   else cpu_backend.load_error())
     assert info["extension"] == cuda_backend.prebuilt_library()
     if info["built_for"] is None:
         assert info["version"] == lp.__version__
@@ -162,8 +168,9 @@ def test_elf_rules_on_a_real_library():
     assert any(name.startswith("_ZN3c10") for name in exported)
 
 
-def test_matrix_covers_both_cuda_majors_from_the_oldest_supported_torch():
-    assert set(build_wheels.MATRIX) == {"cu12", "cu13"}
+def test_matrix_covers_both_cuda_majors_and_cpu_only_torch_from_a_supported_torch():
+    assert set(build_wheels.MATRIX) == {"cu12", "cu13", "cpu"}
+    assert build_wheels.MATRIX["cpu"].major == 0 and all("+cpu" in v for v in build_wheels.MATRIX["cpu"].check_torch)
     for target in build_wheels.MATRIX.values():
         assert target.build_torch == target.check_torch[0]  # built against the oldest it is checked under
         assert build_record._version_tuple(target.build_torch) >= build_record._version_tuple(setup_script.torch_min_version())
@@ -224,3 +231,50 @@ def test_unversioned_standard_library_imports_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(check_wheel, "needed_libraries", lambda path: ["libcudart.so.13"])
     with pytest.raises(SystemExit, match="libcudart.so.13"):
         check_wheel.check_library(tmp_path / "_C.abi3.so", "12")  # the other CUDA major's runtime
+
+
+def test_cpu_kernels_build_decision_says_why():
+    decide = setup_script.cpu_build_decision
+    assert decide(None, "/usr/bin/g++", "2.14.1+cu130") == (True, "/usr/bin/g++, torch 2.14.1+cu130")
+    built, why = decide(None, None, "2.14.1")
+    assert not built and "a C++ compiler" in why
+    built, why = decide(None, "/usr/bin/g++", "2.9.1")
+    assert not built and "torch >= 2.10 at build time (found 2.9.1)" in why
+    assert decide("0", "/usr/bin/g++", "2.14.1") == (False, "LINEARPATCH_BUILD_CPU=0")
+    with pytest.raises(RuntimeError, match=r"LINEARPATCH_BUILD_CPU=1 but the CPU kernels cannot be built: missing a C\+\+ compiler"):
+        decide("1", None, "2.14.1")
+    with pytest.raises(RuntimeError, match=r"use 1 \(build the CPU kernels\), 0 \(skip them\)"):
+        decide("yes", "/usr/bin/g++", "2.14.1")
+
+
+def test_build_backend_asks_for_torch_and_ninja_only_where_a_compiler_is(monkeypatch):
+    backend = load_script(ROOT / "build_support" / "build_backend.py", "linearpatch_build_backend_for_wheels")
+    monkeypatch.setattr(backend, "_setuptools_requires", lambda hook, settings: ["wheel"])
+    monkeypatch.setattr(backend, "find_cxx_compiler", lambda: "/usr/bin/c++")
+    monkeypatch.delenv("LINEARPATCH_BUILD_CPU", raising=False)
+    assert backend.get_requires_for_build_editable() == ["wheel", "torch>=2.10", "ninja"]
+    assert backend.get_requires_for_build_wheel() == ["wheel", "torch>=2.10", "ninja"]
+    monkeypatch.setenv("LINEARPATCH_BUILD_CPU", "0")
+    assert backend.get_requires_for_build_wheel() == ["wheel"]
+    monkeypatch.delenv("LINEARPATCH_BUILD_CPU")
+    monkeypatch.setattr(backend, "find_cxx_compiler", lambda: None)
+    assert backend.get_requires_for_build_wheel() == ["wheel"]
+    # The real finder, on an empty PATH and no CXX: nothing.
+    monkeypatch.undo()
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(backend.sysconfig, "get_config_var", lambda name: None)
+    assert backend.find_cxx_compiler() is None
+
+
+def test_the_build_environments_torch_is_told_apart_from_the_installed_one(monkeypatch, tmp_path):
+    # Installed torch (this interpreter's site-packages): the CUDA decision may use it.
+    assert not setup_script.torch_is_the_build_environments()
+    fake = tmp_path / "pip-build-env-x" / "torch" / "__init__.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("")
+
+    class Spec:
+        origin = str(fake)
+    monkeypatch.setattr(setup_script.importlib.util, "find_spec", lambda name: Spec())
+    assert setup_script.torch_is_the_build_environments()

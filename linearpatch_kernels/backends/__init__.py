@@ -19,7 +19,9 @@ Every backend is one module with the same four functions:
   ``x``'s device (fp64 when ``x`` is fp64). They return a new tensor of ``x``'s shape and dtype.
 
 The automatic choice takes the first backend of ``AUTO_ORDER[device type]`` that is available and
-supports the input (``torch`` runs everything, so it is the last resort on every device). Backends
+supports the input (``torch`` runs everything, so it is the last resort on every device): on CUDA
+tensors ``cuda > triton > torch``, on CPU tensors ``cpu`` (the C++ kernels, where they were built)
+``> torch``. Backends
 launch on ``x``'s device and its current stream, whichever device is current. ``LINEARPATCH_BACKEND`` or ``use_backend(name)`` force one backend; a forced
 backend that cannot run the input is an error, never a silent fallback.
 """
@@ -37,8 +39,10 @@ from typing import Iterator
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
+from . import gpu_limits
+
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 DEFAULT_ORDER = ("torch",)
 ENV_VAR = "LINEARPATCH_BACKEND"
 
@@ -75,7 +79,7 @@ def forced_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force one backend (``"torch"``, ``"triton"`` or ``"cuda"``) inside a ``with`` block.
+    """Force one backend (``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpu"``) inside a ``with`` block.
 
     ``use_backend(None)`` restores the automatic choice (ignoring ``LINEARPATCH_BACKEND``
     would be surprising, so it only clears an outer ``use_backend``).
@@ -131,6 +135,58 @@ def select_backend(x: torch.Tensor, op: str = "hadamard_patch") -> ModuleType:
             if hasattr(backend, op) and _unsupported_reason(backend, x, op) is None:
                 return backend
     return get_backend("torch")
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached choice: what an eager call runs, by (device, dtype, d, op)
+
+_plans: dict[tuple, object] = {}
+
+
+def plan_for(x: torch.Tensor, op: str, check=None):
+    """The kernel that runs ``op`` on ``x`` (validated input): a callable taking the op's arguments,
+    e.g. ``run(x, scale)``, from the backend ``select_backend`` chooses, made once per (device,
+    dtype, d, op) and reused while the forced backend and the GPU limit tables stay as they were.
+
+    A backend may offer ``runner(op, device, d)`` (a callable with its per-size constants bound,
+    e.g. ``H_K`` on the device); otherwise its ``op`` function is the runner. Errors (a forced
+    backend that cannot run the input) are raised on every call, never cached; ``check(x)``, when
+    given, validates the input before a choice is made for a new key. The choice depends
+    on the rows only through the CUDA kernels' shared memory for very few rows of a small ``d``,
+    which fits every supported GPU, so the choice made for the first call's rows holds for all.
+    """
+    forced = _forced.get()
+    if forced is None:
+        forced = _environment_backend()
+    key = (x.device, x.dtype, x.shape[-1], op, forced, gpu_limits.limits_version())
+    run = _plans.get(key)
+    if run is None:
+        if check is not None:
+            check(x)
+        backend = select_backend(x, op)
+        make = getattr(backend, "runner", None)
+        run = make(op, x.device, int(x.shape[-1])) if make is not None else getattr(backend, op)
+        _plans[key] = run
+    return run
+
+
+# os.environ keeps its values in a dict of encoded keys; reading that directly costs a tenth of
+# os.environ.get (which encodes the key on every call), and still sees every change made through
+# os.environ. Other Pythons: os.environ.get.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def _environment_backend() -> str | bytes | None:
+    """The raw value of LINEARPATCH_BACKEND (validated by ``select_backend`` when a plan is made)."""
+    if _ENVIRON_DATA is not None and _ENV_KEY is not None:
+        return _ENVIRON_DATA.get(_ENV_KEY) or None
+    return os.environ.get(ENV_VAR) or None
+
+
+def clear_plans() -> None:
+    """Forget the cached choices (e.g. after a backend's availability changed)."""
+    _plans.clear()
 
 
 @functools.lru_cache(maxsize=None)

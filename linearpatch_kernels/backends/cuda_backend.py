@@ -333,6 +333,24 @@ def is_available(device: torch.device) -> bool:
 # The ops
 
 
+def runner(op: str, device: torch.device, d: int):
+    """``op``'s kernel for rows of ``d`` on ``device`` with ``H_K`` bound there: one C++ op call per
+    use (``backends.plan_for``), no per-call lookups."""
+    h_k = kernel_h_k(d, device)
+    if op == "hadamard_transform":
+        kernel = torch.ops.linearpatch_cuda.hadamard_transform.default
+        return lambda x, scale: kernel(x, h_k, float(scale))
+    if op == "hadamard_patch":
+        kernel = torch.ops.linearpatch_cuda.hadamard_patch.default
+        return lambda x, scale: kernel(x, h_k, scale)
+    kernel = torch.ops.linearpatch_cuda.patch_add_rmsnorm.default
+
+    def epilogue(residual, update, scale, norm_weight, eps):
+        # The kernel reads the weight as fp32; a weight in another dtype costs one cast of d elements.
+        return kernel(residual, update, h_k, scale, norm_weight.to(torch.float32), float(eps))
+    return epilogue
+
+
 def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.ops.linearpatch_cuda.hadamard_transform(x, kernel_h_k(int(x.shape[-1]), x.device), float(scale))
 

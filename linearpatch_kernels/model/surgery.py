@@ -95,6 +95,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .. import ops as _ops
 from .patch import PATCH_MODES, LinearPatch
 
 __all__ = [
@@ -319,8 +320,9 @@ class PatchedDecoderLayer(_LayerWrapper):
         if not self.patch.enabled:
             h = residual + update
             return CutHandoff(h, norm(h))
-        h, normed = torch.ops.linearpatch.patch_add_rmsnorm(residual, update, self.patch.scale, norm.weight,
-                                                             float(norm.variance_epsilon))
+        # The public function: the cached kernel directly in eager inference, the op otherwise.
+        h, normed = _ops.patch_add_rmsnorm(residual, update, self.patch.scale, norm.weight,
+                                           float(norm.variance_epsilon))
         if norm.weight.dtype != h.dtype:
             # The norm module returns ``weight * x.to(input dtype)``: the promoted dtype of the two.
             normed = normed.to(torch.promote_types(norm.weight.dtype, h.dtype))
