@@ -20,7 +20,8 @@ the one with the best average loss is kept. Several cuts are chosen one at a tim
 the fully pruned model: cut ``k`` is tried with the cuts before it at their chosen factors and the
 cuts after it at ``a = 0`` (unpatched). Each step can keep ``a = 0``, which reproduces the model of
 the step before, so the finished model's loss on every domain is at most plain pruning's (on the
-windows the choice was made on). Cost: ``1 + num_cuts * (len(factors) - 1)`` passes over the windows.
+windows the choice was made on). Cost: ``1 + num_cuts * (len(factors) - 1)`` passes over the windows,
+each from the layer that carries the cut's patch on (the layers before it run once per window).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from torch import nn
 
 from ..evaluation import window_nll
 from .patch import LinearPatch
-from .surgery import get_patches, pruning_cuts, set_patch
+from .calibration import _Skipped
+from .modeling_linearpatch import kept_slots
+from .surgery import decoder_layers, get_patches, pruning_cuts, set_patch
 
 __all__ = ["SHRINK_FACTORS", "SCALE_ESTIMATORS", "CutShrinkage", "calibration_record", "check_calibration_record",
            "choose_shrinkage", "domain_losses", "shrunk_patch"]
@@ -58,17 +61,65 @@ def shrunk_patch(patch: LinearPatch, factor: float) -> LinearPatch:
     return out
 
 
+class _Replay:
+    """Inside ``with``: the model's first ``first`` kept layers stand in by identities and the token
+    embedding returns ``hidden``: the forward computes layers ``first ..`` from a stored input of layer
+    ``first``, exactly what the full forward computes (the rotary embedding and causal mask depend only
+    on the token positions). Trying several factors at cut ``k`` changes nothing before the layer that
+    carries the patch, so that part runs once per window instead of once per factor."""
+
+    def __init__(self, model: nn.Module, first: int, hidden: torch.Tensor):
+        self.layers, self.first, self.hidden = decoder_layers(model), first, hidden
+        self.embed = model.get_input_embeddings()
+        self.saved, self.handle = [], None
+
+    def __enter__(self):
+        import transformers
+
+        returns_tuple = int(transformers.__version__.split(".")[0]) < 5
+        self.saved = [self.layers[i] for i in range(self.first)]
+        for i in range(self.first):
+            self.layers[i] = _Skipped(returns_tuple)
+        self.handle = self.embed.register_forward_hook(lambda module, args, out: self.hidden)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        for i, layer in enumerate(self.saved):
+            self.layers[i] = layer
+
+
 @torch.no_grad()
-def domain_losses(model: nn.Module, windows_by_domain: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """``{domain: mean next-token NLL per token}`` of ``model`` on each domain's ``[1, T]`` windows."""
+def domain_losses(model: nn.Module, windows_by_domain: dict[str, list[torch.Tensor]], *, replay_from: int = 0,
+                  cache: dict | None = None) -> dict[str, float]:
+    """``{domain: mean next-token NLL per token}`` of ``model`` on each domain's ``[1, T]`` windows.
+
+    ``replay_from=j`` with a ``cache`` dict: the input of kept layer ``j`` on each window is stored in
+    ``cache`` on the first call and replayed on later ones (``_Replay``), for repeated evaluations of a
+    model that changes only from layer ``j`` on. Where that input is not a plain tensor (a fused cut's
+    hand-off), the window runs in full."""
     was_training = model.training
     model.eval()
+    layers = decoder_layers(model)
     try:
         out = {}
         for domain, windows in windows_by_domain.items():
             nll, count = 0.0, 0
-            for ids in windows:
-                n, c = window_nll(model, ids)
+            for k, ids in enumerate(windows):
+                key = (domain, k)
+                if replay_from > 0 and cache is not None and isinstance(cache.get(key), torch.Tensor):
+                    with _Replay(model, replay_from, cache[key]):
+                        n, c = window_nll(model, ids)
+                elif replay_from > 0 and cache is not None and key not in cache:
+                    def capture(module, args, kwargs, key=key):
+                        h = args[0] if args else kwargs.get("hidden_states")
+                        cache[key] = h.detach() if isinstance(h, torch.Tensor) else None
+                    handle = layers[replay_from].register_forward_pre_hook(capture, with_kwargs=True)
+                    try:
+                        n, c = window_nll(model, ids)
+                    finally:
+                        handle.remove()
+                else:
+                    n, c = window_nll(model, ids)
                 nll, count = nll + n, count + c
             out[domain] = nll / count
         return out
@@ -133,11 +184,14 @@ def choose_shrinkage(model: nn.Module, windows_by_domain: dict[str, list[torch.T
         baseline = None
         for k, cut in enumerate(cuts):
             losses = {0.0: baseline} if baseline is not None else {}
+            # Only layers from the one carrying cut k's patch on change with its factor: their input is
+            # computed once per window (on the first factor tried) and replayed for the others.
+            replay_from, cache = kept_slots(cuts)[k][0], {}
             for a in factors:
                 if a in losses:
                     continue
                 set_patch(model, shrunk_patch(paper[k], a), cut=k)
-                losses[a] = domain_losses(model, windows_by_domain)
+                losses[a] = domain_losses(model, windows_by_domain, replay_from=replay_from, cache=cache)
                 if log is not None:
                     log(f"cut [{cut['start']}, {cut['end']}) factor {a:g}: " +
                         ", ".join(f"{d} {math.exp(v):.3f}" for d, v in losses[a].items()))
