@@ -182,8 +182,9 @@ def _windows(tokenizer, text_files, seqlen: int, samples: int | None, *, calibra
         windows = corpus.token_windows(tokenizer, text, seqlen, samples, what=what)
     elif calibration:
         windows = corpus.calibration_windows(tokenizer, samples, seqlen)
-        per = len(windows) // len(corpus.MIX_DOMAINS)
-        what = f"{corpus.MIX_NAME}, {per}{'+' if len(windows) % len(corpus.MIX_DOMAINS) else ''} per domain"
+        n, k = divmod(len(windows), len(corpus.MIX_DOMAINS))
+        counts = ", ".join(f"{d} {n + (i < k)}" for i, d in enumerate(corpus.MIX_DOMAINS))
+        what = f"{corpus.MIX_NAME}; {n} per domain" if not k else f"{corpus.MIX_NAME}; {counts}"
     else:
         text = corpus.evaluation_text()
         what = f"evaluation corpus ({', '.join(corpus.TITLES[d] for d in corpus.EVALUATION_DOCUMENTS)})"

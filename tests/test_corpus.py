@@ -129,3 +129,35 @@ def test_files_are_reproducible_gzip():
         raw = DATA.joinpath(name).read_bytes()
         assert raw[:2] == b"\x1f\x8b" and raw[4:8] == b"\0\0\0\0", name
         assert gzip.decompress(raw)
+
+
+def _builder():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "build_calibration_corpus.py"
+    spec = importlib.util.spec_from_file_location("build_calibration_corpus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_builder_cuts_pieces_deals_splits_and_drops_repeats():
+    b = _builder()
+    paragraphs = [f"paragraph {k} " + "x" * 40 for k in range(10)]
+    parts = b.pieces(["\n\n".join(paragraphs)], piece_chars=100)
+    assert "\n\n".join(parts) == "\n\n".join(paragraphs)  # nothing lost, cut at paragraph boundaries
+    assert all(len(p) >= 100 for p in parts[:-1])
+    table = "\n".join(f"row {k}\t" + "y" * 30 for k in range(20))  # one paragraph: cut at line ends
+    rows = b.pieces([table], piece_chars=200)
+    assert len(rows) > 1 and "\n".join(rows) == table
+    dealt = b.split_pieces([str(k) for k in range(20)], held_out_only=False, first=3)
+    assert [len(dealt[s]) for s in ("calibration", "validation", "test")] == [14, 2, 4]
+    assert sorted(sum(dealt.values(), []), key=int) == [str(k) for k in range(20)]
+    assert b.split_pieces(["a", "b"], held_out_only=True) == {"calibration": [], "validation": [], "test": ["a", "b"]}
+    seen = set()
+    long = "z" * 120
+    assert b.without_repeats(f"{long}\n\nshort\n\nshort", seen) == f"{long}\n\nshort\n\nshort"
+    assert b.without_repeats(f"new\n\n{long}", seen) == "new"
+    assert b.capped(["a" * 10] * 10, cap=30) == ["a" * 10] * 3
+    assert b.reflow("A hard-\nwrapped _line_\n\n\nnext  para") == "A hard- wrapped line\n\nnext para"
