@@ -196,8 +196,10 @@ def markdown(result: dict) -> str:
                 worse = name != "none" and v > row["ppl"]["none"][dom]
                 cells.append(f"**{v:.2f}** ↑" if worse else f"{v:.2f}")
             ratio = ""
-            if name != "none" and row["gain"]["paper"] != 0:
+            if name != "none" and row["gain"]["paper"] > 0:
                 ratio = f"{row['gain'][name] / row['gain']['paper']:.2f}"
+            elif name != "none":
+                ratio = "paper ≤ 0"  # the paper's scales lose on average: no ratio
             mode = "" if name == "none" else row["mode"]
             lines.append(f"| {blocks} | {mode} | {label} | {factors} | " + " | ".join(cells) + f" | {ratio} |")
     s = result["settings"]
@@ -206,7 +208,8 @@ def markdown(result: dict) -> str:
                  f"calibration data); calibration {s['calib_samples']} windows of the mix; factors chosen on "
                  f"{s['val_samples']} validation windows per calibration domain. ↑ = worse than no patch. "
                  "gain vs paper: the mean test-loss drop over the five calibration domains relative to the paper's "
-                 f"scales on the mix. {result['seconds']:.0f} s in all; {result['machine']}.")
+                 f"scales on the mix (1 = as much, above 1 = more). {result['seconds']:.0f} s in all; "
+                 f"{result['machine']}.")
     return "\n".join(lines)
 
 
