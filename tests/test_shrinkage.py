@@ -116,6 +116,9 @@ def test_choice_follows_the_rule_on_reference_losses(mode):
         for domain in DOMAINS:
             assert choice.losses[a][domain] == pytest.approx(want[a][domain], rel=1e-5)
     assert choice.factor == rule(want)
+    record = model.config.linearpatch["calibration"]
+    assert record["estimator"] == "shrunk" and record["factors"] == [choice.factor]
+    assert record["validation"] == {"domains": ["a", "b", "c"], "windows_per_domain": 2, "seqlen": 24}
     # The model keeps the chosen patch: s_a = 1 + a (s - 1).
     torch.testing.assert_close(get_patches(model)[0].scale, 1 + choice.factor * (s - 1))
     assert all(want[choice.factor][d] <= want[0.0][d] for d in DOMAINS)

@@ -203,15 +203,23 @@ def choose_shrinkage(model: nn.Module, windows_by_domain: dict[str, list[torch.T
         final = [shrunk_patch(p, a) for p, a in zip(paper, chosen)] if apply else paper
         for k, patch in enumerate(final):
             set_patch(model, patch, cut=k)
+    if apply:  # the record says how the scales were made (save_pruned writes it into config.json)
+        before = model.config.linearpatch.get("calibration") or {}
+        windows = {d: len(w) for d, w in windows_by_domain.items()}
+        model.config.linearpatch = {**model.config.linearpatch, "calibration": calibration_record(
+            "shrunk", chosen, corpus=before.get("corpus"), tokens=before.get("tokens"),
+            validation={"domains": list(windows), "windows_per_domain": max(windows.values()),
+                        "seqlen": int(next(iter(windows_by_domain.values()))[0].shape[-1])})}
     return results
 
 
-def calibration_record(estimator: str, factors: list[float], *, corpus: str, tokens: int,
+def calibration_record(estimator: str, factors: list[float], *, corpus: str | None = None, tokens: int | None = None,
                        validation: dict | None = None) -> dict:
     """The ``"calibration"`` entry of a pruning record: how the scales were made. ``factors``: one per cut
-    (by start), 1.0 everywhere for the paper's estimator."""
-    record = {"estimator": estimator, "factors": [float(a) for a in factors], "corpus": str(corpus),
-              "tokens": int(tokens)}
+    (by start), 1.0 everywhere for the paper's estimator; ``corpus`` and ``tokens``: the calibration text
+    and its token count, where known."""
+    record = {"estimator": estimator, "factors": [float(a) for a in factors],
+              "corpus": None if corpus is None else str(corpus), "tokens": None if tokens is None else int(tokens)}
     if validation is not None:
         record["validation"] = validation
     return record
