@@ -326,3 +326,26 @@ def test_prune_guard_needs_held_out_text(tiny_folder, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "holds 23 windows of 48 tokens; the shrinkage guard needs --val-samples 2 more" in err[0]
     assert "--scales paper" in err[0] and not (tmp_path / "x").exists()
+
+
+def test_distill_windows_come_from_the_mix_calibration_and_validation_splits():
+    """Without --text, distillation trains on the mix's calibration split and validates on its validation
+    split, the domains interleaved in both (windows = slices of one tokenization per domain split)."""
+    import argparse
+
+    from linearpatch_kernels import corpus
+    from linearpatch_kernels.cli import _distill_windows
+
+    tok = char_tokenizer()
+    args = argparse.Namespace(text=None, samples=6, val_samples=3, seqlen=16)
+    windows = _distill_windows(tok, args)
+    assert len(windows) == 9
+    order = list(corpus.MIX_DOMAINS)
+    train_domains = order + order[:1]            # 6 windows: one per domain, then prose again
+    for k, domain in enumerate(train_domains):
+        ids = tok(corpus.domain_text(domain, "calibration")[:64], return_tensors="pt").input_ids
+        nth = train_domains[:k].count(domain)
+        assert torch.equal(windows[k], ids[:, nth * 16:(nth + 1) * 16]), (k, domain)
+    for k, domain in enumerate(order[:3]):       # 3 validation windows: prose, dialogue, docs
+        ids = tok(corpus.domain_text(domain, "validation")[:16], return_tensors="pt").input_ids
+        assert torch.equal(windows[6 + k], ids), domain
