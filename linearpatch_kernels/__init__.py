@@ -2,14 +2,16 @@
 
 from .backends import available_backends, use_backend
 from .build_record import build_info
-from .corpus import calibration_windows, evaluation_windows
+from .corpus import calibration_windows, domain_windows, evaluation_windows
 from .default_model import load_default_model
 from .evaluation import perplexity
 from .hadamard import hadamard_matrix, is_supported_size
 from .ops import hadamard_patch, hadamard_transform, patch_add_rmsnorm
 from .model import (
     LinearPatch,
+    choose_shrinkage,
     distill_patch,
+    domain_losses,
     fusion_status,
     set_fused,
     PatchedDecoderLayer,
@@ -36,6 +38,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "calibration_windows",
+    "choose_shrinkage",
+    "domain_losses",
+    "domain_windows",
     "evaluation_windows",
     "load_default_model",
     "perplexity",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import tempfile
@@ -25,12 +26,14 @@ from pathlib import Path
 DEFAULT_MODEL_ALIASES = ("default", "smollm2", "SmolLM2-135M-Instruct")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# The demo's sizes, chosen so that the whole demo (two prunings, seven perplexity runs, save,
-# reload, generation) finishes in under five minutes on two CPU cores once the model is cached.
+# The demo's sizes, chosen so that the whole demo (two prunings, eleven models scored on six domains,
+# five shrinkage choices, save, reload, generation) finishes in minutes on two CPU cores once the model
+# is cached: windows of 256 tokens, two test windows per domain, one validation window per domain.
 DEMO_NUM_PRUNE = (5, 7)
 DEMO_CALIB_SAMPLES = 8
-DEMO_EVAL_SAMPLES = 8
-DEMO_SEQLEN = 512
+DEMO_EVAL_SAMPLES = 2   # per domain, six domains
+DEMO_VAL_SAMPLES = 1    # per calibration domain, for the shrinkage choice
+DEMO_SEQLEN = 256
 DEMO_PROMPT = "Mr. Darcy looked at Elizabeth and said,"
 DEMO_REPETITION_PENALTY = 1.3
 
@@ -169,19 +172,117 @@ def _positive_int(value: str, expected: str = "a positive int") -> int:
 
 
 def _windows(tokenizer, text_files, seqlen: int, samples: int | None, *, calibration: bool):
+    """Windows of ``--calib-text``/``--text`` files, else of the default mix (calibration split, the
+    domains interleaved) or, for evaluation, of the Austen evaluation novels; ``(windows, description)``."""
     from . import corpus
 
     if text_files:
         text = corpus.read_text_files(text_files)
         what = "text in " + ", ".join(str(p) for p in text_files)
+        windows = corpus.token_windows(tokenizer, text, seqlen, samples, what=what)
     elif calibration:
-        text = corpus.calibration_text()
-        what = f"calibration corpus ({', '.join(corpus.TITLES[d] for d in corpus.CALIBRATION_DOCUMENTS)})"
+        windows = corpus.calibration_windows(tokenizer, samples, seqlen)
+        n, k = divmod(len(windows), len(corpus.MIX_DOMAINS))
+        counts = ", ".join(f"{d} {n + (i < k)}" for i, d in enumerate(corpus.MIX_DOMAINS))
+        what = f"{corpus.MIX_NAME}; {n} per domain" if not k else f"{corpus.MIX_NAME}; {counts}"
     else:
         text = corpus.evaluation_text()
         what = f"evaluation corpus ({', '.join(corpus.TITLES[d] for d in corpus.EVALUATION_DOCUMENTS)})"
-    windows = corpus.token_windows(tokenizer, text, seqlen, samples, what=what)
-    return windows, f"{len(windows)} windows x {seqlen} tokens of the {what}"
+        windows = corpus.token_windows(tokenizer, text, seqlen, samples, what=what)
+    return windows, f"{len(windows)} windows x {seqlen} tokens ({len(windows) * seqlen:,} tokens) of the {what}"
+
+
+def _validation_windows(tokenizer, text_files, num_calibration: int, seqlen: int, per_domain: int,
+                        required: bool) -> dict:
+    """Held-out windows per domain for the shrinkage choice and the per-cut report: ``per_domain``
+    windows of every domain's validation split of the default mix and, with ``--calib-text``, the last
+    ``per_domain`` windows of that text after the ``num_calibration`` calibration windows (a domain of
+    its own, "calib-text"). ``required``: a text too short for them is an error, else it is left out."""
+    from . import corpus
+
+    by_domain = {}
+    if text_files:
+        windows = corpus.token_windows(tokenizer, corpus.read_text_files(text_files), seqlen, None,
+                                       what="text in " + ", ".join(str(p) for p in text_files))
+        spare = windows[num_calibration:]
+        if len(spare) >= per_domain:
+            by_domain["calib-text"] = spare[-per_domain:]
+        elif required:
+            raise CliError(f"--calib-text holds {len(windows)} windows of {seqlen} tokens; the shrinkage guard needs "
+                           f"--val-samples {per_domain} more after the --samples {num_calibration} calibration windows "
+                           "(held out, to choose the factor on). Use fewer --samples, a smaller --seqlen, more text, "
+                           "or --scales paper")
+    try:
+        by_domain.update(corpus.domain_windows(tokenizer, per_domain, seqlen, "validation"))
+    except ValueError as e:
+        raise CliError(f"--val-samples {per_domain} x --seqlen {seqlen}: {e}") from None
+    return by_domain
+
+
+def _corpus_name(args) -> str:
+    from . import corpus
+
+    if args.calib_text:
+        return "text in " + ", ".join(Path(p).name for p in args.calib_text)
+    return corpus.MIX_NAME
+
+
+def _guard(args, model, validation: dict, corpus_name: str, tokens: int) -> None:
+    """Choose each cut's shrinkage factor on the held-out windows (``--scales shrunk``) or keep the paper's
+    scales (``--scales paper``), print per cut the held-out perplexity per domain without and with the
+    patch, warn when the kept patch makes a domain worse, and store the choice in the pruning record."""
+    from .model.shrinkage import SHRINK_FACTORS, calibration_record, choose_shrinkage
+
+    t0 = time.perf_counter()
+    shrunk = args.scales == "shrunk"
+    choices = choose_shrinkage(model, validation, SHRINK_FACTORS if shrunk else (0.0, 1.0), apply=shrunk)
+    windows = len(next(iter(validation.values())))
+    print(f"held-out perplexity per cut ({windows} validation windows x {args.seqlen} tokens per domain; each cut "
+          f"with the cuts before it as kept, the cuts after it unpatched; {_seconds(t0)}):")
+    for c in choices:
+        kept = c.factor if shrunk else 1.0
+        header = ["domain", "no patch", "paper (factor 1)"] + ([] if kept == 1.0 else [f"kept (factor {kept:g})"])
+        rows = []
+        for domain in validation:
+            row = [domain, f"{math.exp(c.losses[0.0][domain]):.3f}", f"{math.exp(c.losses[1.0][domain]):.3f}"]
+            if kept != 1.0:
+                row.append(f"{math.exp(c.losses[kept][domain]):.3f}")
+            rows.append(row)
+        print(f"cut [{c.start}, {c.end}):")
+        print(format_table(header, rows))
+        worse_paper = c.worse_domains(1.0)
+        worse_kept = c.worse_domains(kept)
+        if worse_kept:
+            print(f"warning: the patch at the cut [{c.start}, {c.end}) makes {', '.join(worse_kept)} worse than no patch "
+                  "on held-out text (the paper's scales over-correct there); drop --scales paper to shrink it",
+                  file=sys.stderr)
+        elif worse_paper:
+            print(f"the paper's scales would make {', '.join(worse_paper)} worse at this cut: shrunk toward the "
+                  f"identity by factor {kept:g}")
+    factors = [c.factor if shrunk else 1.0 for c in choices]
+    record = calibration_record(args.scales, factors, corpus=corpus_name, tokens=tokens,
+                                validation={"domains": list(validation), "windows_per_domain": windows,
+                                            "seqlen": args.seqlen})
+    model.config.linearpatch = {**model.config.linearpatch, "calibration": record}
+
+
+def _eval_texts(tokenizer, text_files, seqlen: int, samples: int | None) -> list[tuple[str, list]]:
+    """``[(label, windows)]`` to score, one per ``--text`` file, or (default) one per domain of the
+    default mix's test split (the held-out-only domains included) with at most ``samples`` windows each."""
+    from . import corpus
+
+    if text_files:
+        return [(str(f), corpus.token_windows(tokenizer, corpus.read_text_files([f]), seqlen, samples,
+                                              what=f"text in {f}")) for f in text_files]
+    out = []
+    for domain in corpus.DOMAINS_ALL:
+        text, what = corpus.domain_text(domain, "test"), f"{domain} test text"
+        try:
+            windows = corpus.token_windows(tokenizer, text, seqlen, samples, what=what)
+        except ValueError:  # fewer windows than asked for: all it holds
+            windows = corpus.token_windows(tokenizer, text, seqlen, None, what=what)
+        out.append((f"{domain} (test)" + (" *" if domain in corpus.HELD_OUT_DOMAINS else ""), windows))
+    return out
 
 
 def _check_out_dir(out: str, overwrite: bool, *inputs) -> Path:
@@ -268,6 +369,8 @@ def cmd_prune(args) -> int:
                        f"{num_layers} layers; accepted starts 0 .. {num_layers - n}")
     windows, described = _windows(loaded.tokenizer, args.calib_text, args.seqlen, args.samples, calibration=True)
     print(f"calibration: {described}")
+    validation = _validation_windows(loaded.tokenizer, args.calib_text, len(windows), args.seqlen, args.val_samples,
+                                     required=args.scales == "shrunk")
 
     t0 = time.perf_counter()
     if args.start is not None:
@@ -283,6 +386,7 @@ def cmd_prune(args) -> int:
     print(f"scales ({args.mode}): {_scale_summary(scales)} ({_seconds(t0)})")
 
     prune_and_patch(loaded.model, start, end, scales, mode=args.mode)
+    _guard(args, loaded.model, validation, _corpus_name(args), len(windows) * args.seqlen)
     t0 = time.perf_counter()
     save_pruned(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
     print(f"saved: {out} ({_layers(num_layers - n)}, patch {args.mode}; {_seconds(t0)})")
@@ -324,6 +428,8 @@ def _prune_cuts(args, loaded, out: Path, t_total: float) -> int:
     _warn_if_deep(sum(e - s for s, e in blocks) if args.blocks is not None else args.num_prune, num_layers)
     windows, described = _windows(loaded.tokenizer, args.calib_text, args.seqlen, args.samples, calibration=True)
     print(f"calibration: {described}")
+    validation = _validation_windows(loaded.tokenizer, args.calib_text, len(windows), args.seqlen, args.val_samples,
+                                     required=args.scales == "shrunk")
     t0 = time.perf_counter()
     if args.blocks is None:
         blocks = select_blocks(loaded.model, windows, args.num_prune, args.max_cuts, args.selection)
@@ -337,6 +443,7 @@ def _prune_cuts(args, loaded, out: Path, t_total: float) -> int:
         print(f"scales ({args.mode}) at the cut [{s}, {e}): {_scale_summary(x)}")
     print(f"calibrated in order, one pass per cut ({_seconds(t0)})")
     prune_and_patch(loaded.model, blocks=blocks, scales=scales, mode=args.mode)
+    _guard(args, loaded.model, validation, _corpus_name(args), len(windows) * args.seqlen)
     t0 = time.perf_counter()
     save_pruned(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
     removed = sum(e - s for s, e in blocks)
@@ -389,8 +496,7 @@ def cmd_eval(args) -> int:
     print(f"model: {loaded.describe()}")
     if dense is not None:
         print(f"dense model: {dense.describe()}")
-    windows, described = _windows(loaded.tokenizer, args.text, args.seqlen, args.samples, calibration=False)
-    print(f"perplexity on {described}")
+    texts = _eval_texts(loaded.tokenizer, args.text, args.seqlen, args.samples)
 
     # (label, loaded model, patch enabled?)
     variants = []
@@ -409,13 +515,22 @@ def cmd_eval(args) -> int:
         with patch_disabled(which.model):
             return fn(which)
 
-    rows = []
+    t0 = time.perf_counter()
+    columns = {}
     for variant in variants:
-        t0 = time.perf_counter()
-        ppl = run(variant, lambda m: perplexity(m.model, windows, desc=f"perplexity: {variant[0]}"))
-        rows.append([variant[0], str(variant[1].num_layers), f"{ppl:.3f}", _seconds(t0)])
+        columns[variant[0]] = [run(variant, lambda m: perplexity(m.model, windows, desc=f"perplexity: {variant[0]}, {label}"))
+                               for label, windows in texts]
     print()
-    print(format_table(["model", "layers", "perplexity", "time"], rows))
+    print(f"perplexity, windows of {args.seqlen} tokens ({_seconds(t0)}):")
+    short = {"dense": "dense", "model": "perplexity"}
+    if loaded.record is not None:
+        short[_pruned_label(loaded.record, True)] = f"patch ({_modes_text(loaded.record)})"
+        short[_pruned_label(loaded.record, False)] = "no patch"
+        print(f"pruned {_blocks_text(loaded.record)}, {_layers(loaded.num_layers)}: with its patch and without")
+    header = ["text", "windows"] + [short[label] for label, _, _ in variants]
+    rows = [[label, str(len(windows))] + [f"{columns[v[0]][k]:.3f}" for v in variants]
+            for k, (label, windows) in enumerate(texts)]
+    print(format_table(header, rows))
 
     if tasks:
         results = {}
@@ -455,8 +570,9 @@ def add_distill_subcommand(subparsers) -> None:
         description="Distil the patch of a pruned model (written by `linearpatch prune`): cache the dense teacher's "
                     "top-k next-token log-probs on disk (resumable), free the teacher, then train only the patch "
                     "(its Hadamard-domain scales s, or a free dense d x d matrix) with KL on the top-k support. "
-                    "The samples are consecutive windows of the calibration text; the last --val-samples of the "
-                    "cached windows are held out for validation and early stopping.",
+                    "The training windows come from the calibration split of the shipped mix (or --text), the "
+                    "--val-samples validation windows, held out for early stopping, from its validation split "
+                    "(or the end of --text); the held-out perplexity per domain is reported before and after.",
     )
     p.add_argument("--model", required=True, help="pruned checkpoint directory (from `linearpatch prune`)")
     p.add_argument("--teacher", required=True,
@@ -469,7 +585,8 @@ def add_distill_subcommand(subparsers) -> None:
     p.add_argument("--samples", type=int, default=None,
                    help=f"training windows (default: every window the text holds after the validation ones, at most "
                         f"{PAPER_DISTILL_SAMPLES}; the paper used {PAPER_DISTILL_SAMPLES} windows of 2048 tokens; the "
-                        "shipped corpus holds about 190 windows of 2048 tokens, pass --text for more)")
+                        "shipped mix's calibration split holds about 350 windows of 2048 tokens, pass --text for "
+                        "more)")
     p.add_argument("--val-samples", type=int, default=16,
                    help="held-out validation windows, cut after the training ones (default 16)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, as in the paper)")
@@ -486,7 +603,11 @@ def add_distill_subcommand(subparsers) -> None:
                    help="teacher cache directory (default OUT.teacher-cache, beside --out); a partial one is resumed")
     p.add_argument("--chunk-size", type=int, default=64, help="windows per cache file (default 64)")
     p.add_argument("--text", nargs="+", default=None,
-                   help="UTF-8 text files to cut the windows from (default: the package's calibration corpus)")
+                   help="UTF-8 text files to cut the windows from (default: the shipped mix: training windows from its "
+                        "calibration split, validation windows from its validation split)")
+    p.add_argument("--eval-samples", type=int, default=2,
+                   help="test windows per domain of the shipped mix for the held-out perplexity before and after "
+                        "(0: skip; default: %(default)s)")
     p.add_argument("--device", default="auto",
                    help="auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -525,21 +646,40 @@ def _distill_teacher(spec: str) -> Path:
 
 
 def _distill_windows(tokenizer, args):
-    """Training + validation windows; ``--samples`` unset takes all the text holds, up to the paper's 5000."""
-    from .corpus import calibration_text, read_text_files, token_windows
+    """Training + validation windows (validation last). ``--text``: consecutive windows of the text, the
+    last ``--val-samples`` held out. Default: the default mix, training windows from its calibration split
+    and validation windows from its validation split (domains interleaved in both). ``--samples`` unset
+    takes all the training text holds, up to the paper's 5000."""
+    from .corpus import MIX_NAME, mix_windows, read_text_files, token_windows
 
-    text = read_text_files(args.text) if args.text else calibration_text()
-    what = "text in " + ", ".join(args.text) if args.text else "calibration corpus"
-    if args.samples is not None:
-        return token_windows(tokenizer, text, args.seqlen, args.samples + args.val_samples, what=what)
-    windows = token_windows(tokenizer, text, args.seqlen, None, what=what)
-    if len(windows) <= args.val_samples:
-        raise ValueError(f"the {what} holds {len(windows)} windows of {args.seqlen} tokens, not more than "
-                         f"--val-samples {args.val_samples}; use a smaller --seqlen or --val-samples, or more text")
-    train = min(len(windows) - args.val_samples, PAPER_DISTILL_SAMPLES)
-    print(f"distill: {train} training + {args.val_samples} validation windows of {args.seqlen} tokens from the "
-          f"{what} (all it holds, at most {PAPER_DISTILL_SAMPLES})", file=sys.stderr)
-    return windows[:train + args.val_samples]
+    if args.text:
+        text = read_text_files(args.text)
+        what = "text in " + ", ".join(args.text)
+        if args.samples is not None:
+            return token_windows(tokenizer, text, args.seqlen, args.samples + args.val_samples, what=what)
+        windows = token_windows(tokenizer, text, args.seqlen, None, what=what)
+        if len(windows) <= args.val_samples:
+            raise ValueError(f"the {what} holds {len(windows)} windows of {args.seqlen} tokens, not more than "
+                             f"--val-samples {args.val_samples}; use a smaller --seqlen or --val-samples, or more text")
+        train = min(len(windows) - args.val_samples, PAPER_DISTILL_SAMPLES)
+        print(f"distill: {train} training + {args.val_samples} validation windows of {args.seqlen} tokens from the "
+              f"{what} (all it holds, at most {PAPER_DISTILL_SAMPLES})", file=sys.stderr)
+        return windows[:train + args.val_samples]
+    train = mix_windows(tokenizer, args.samples, args.seqlen, "calibration")[:PAPER_DISTILL_SAMPLES]
+    val = mix_windows(tokenizer, args.val_samples, args.seqlen, "validation")
+    print(f"distill: {len(train)} training windows of {args.seqlen} tokens from the calibration split of the {MIX_NAME}"
+          f"{' (all it holds)' if args.samples is None else ''}, {len(val)} validation windows from its validation "
+          "split", file=sys.stderr)
+    return train + val
+
+
+def _held_out_report(model, tokenizer, args) -> dict:
+    """``{domain: perplexity}`` on ``--eval-samples`` test windows per domain of the default mix."""
+    from .corpus import domain_windows
+    from .model.shrinkage import domain_losses
+
+    windows = domain_windows(tokenizer, args.eval_samples, args.seqlen, "test")
+    return {d: math.exp(v) for d, v in domain_losses(model, windows).items()}
 
 
 def run_distill_command(args) -> int:
@@ -554,6 +694,8 @@ def run_distill_command(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.eval_samples < 0:
+        raise ValueError(f"--eval-samples must be >= 0 (0 skips the held-out report), got {args.eval_samples}")
     device = _check_device(args.device)
     student = Path(args.model).expanduser()
     if not is_pruned_checkpoint(student):
@@ -571,25 +713,62 @@ def run_distill_command(args) -> int:
             raise FileNotFoundError(f"no tokenizer in {student} or {teacher}; one is needed to cut the text into windows")
         input_ids = _distill_windows(tokenizer, args)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    _, result = distill_patch(student, teacher, args.out, input_ids=input_ids, cache_dir=args.cache,
+    before = None
+    if args.eval_samples and tokenizer is not None:
+        from .model import load_pruned
+
+        t0 = time.perf_counter()
+        initial = load_pruned(student, device=device, dtype=dtype)
+        before = _held_out_report(initial, tokenizer, args)
+        del initial
+        print(f"held-out perplexity before distillation measured ({_seconds(t0)})", file=sys.stderr)
+    model, result = distill_patch(student, teacher, args.out, input_ids=input_ids, cache_dir=args.cache,
                               topk=args.topk, chunk_size=args.chunk_size, train=args.train, lr=args.lr,
                               epochs=args.epochs, val_samples=args.val_samples, batch_size=args.batch_size,
                               patience=args.patience, eval_every=args.eval_every, device=device, dtype=dtype,
                               tokenizer=tokenizer, seed=args.seed, overwrite=args.overwrite)
     print(f"validation KL on the top-{args.topk} support: {result.initial_val_loss:.5f} before, "
           f"{result.best_val_loss:.5f} after ({result.steps} steps, {result.seconds:.0f} s)")
+    if before is not None:
+        after = _held_out_report(model, tokenizer, args)
+        print(f"held-out perplexity per domain ({args.eval_samples} test windows x {args.seqlen} tokens each; "
+              "* = in no calibration data):")
+        from .corpus import HELD_OUT_DOMAINS
+
+        print(format_table(["domain", "before", "after"],
+                           [[d + (" *" if d in HELD_OUT_DOMAINS else ""), f"{before[d]:.3f}", f"{after[d]:.3f}"]
+                            for d in before]))
     return 0
 
 
 # --- demo --------------------------------------------------------------------------------------
 
 
-def _two_cut_row(model, calib, evals, n: int, similarity) -> list[str] | None:
+def _domain_cells(model, evals: dict, replay: dict | None = None, first_cut: int = 0) -> list[str]:
+    """Held-out perplexity per domain of ``model`` (the demo's table cells). A pruned model equals the dense
+    one up to the layer before its first cut at ``first_cut``: with ``replay`` (a dict kept across calls),
+    that layer's input is computed once per window and replayed for every variant."""
+    from .model.shrinkage import domain_losses
+
+    first = first_cut - 1
+    if replay is None or first <= 0:
+        losses = domain_losses(model, evals)
+    else:
+        losses = domain_losses(model, evals, replay_from=first, cache=replay.setdefault(first, {}))
+    return [f"{math.exp(v):.2f}" for v in losses.values()]
+
+
+def _factors_text(choices) -> str:
+    return ", ".join(f"{c.factor:g}" for c in choices)
+
+
+def _two_cut_row(model, calib, evals, val, n: int, similarity, replay: dict) -> list[str] | None:
     """The demo's row for the best model with exactly two cuts removing ``n`` layers in all (blocks from the
-    similarity table, rotate scales calibrated in order), or None when ``n`` layers cannot make two cuts."""
-    from .evaluation import perplexity
+    similarity table, rotate scales calibrated in order and shrunk by the default guard), or None when
+    ``n`` layers cannot make two cuts."""
     from .model import estimate_cut_scales, prune_and_patch
     from .model.calibration import best_blocks, block_costs
+    from .model.shrinkage import choose_shrinkage
 
     try:
         blocks = best_blocks(block_costs(similarity, "cosine"), n, 2, exact=True)
@@ -598,20 +777,20 @@ def _two_cut_row(model, calib, evals, n: int, similarity) -> list[str] | None:
     t0 = time.perf_counter()
     scales = estimate_cut_scales(model, calib, blocks, "rotate")
     pruned = prune_and_patch(copy.deepcopy(model), blocks=blocks, scales=scales, mode="rotate")
-    ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} in 2 cuts + rotate")
+    choices = choose_shrinkage(pruned, val)
     num_layers = int(model.config.num_hidden_layers)
-    return [f"pruned {n} in 2 cuts + patch (rotate)", str(num_layers - n), _blocks_text(blocks), f"{ppl:.2f}",
-            _seconds(t0)]
-
+    return [f"pruned {n} in 2 cuts + patch (rotate)", str(num_layers - n), _blocks_text(blocks), _factors_text(choices),
+            *_domain_cells(pruned, evals, replay, blocks[0][0]), _seconds(t0)]
 
 
 def cmd_demo(args) -> int:
     import torch
 
-    from .evaluation import perplexity
+    from . import corpus
     from .model import (LinearPatch, estimate_scales, get_patch, load_pruned, patch_disabled, prune_and_patch,
                         save_pruned, set_patch)
     from .model.calibration import pairwise_similarities
+    from .model.shrinkage import choose_shrinkage
 
     t_total = time.perf_counter()
     device = _check_device(args.device)
@@ -627,16 +806,20 @@ def cmd_demo(args) -> int:
         _warn_if_deep(n, num_layers)
     print(f"model: {loaded.describe()}  [load {_seconds(t_total)}]")
     calib, calib_what = _windows(tokenizer, None, args.seqlen, args.calib_samples, calibration=True)
-    evals, eval_what = _windows(tokenizer, None, args.seqlen, args.eval_samples, calibration=False)
+    val = corpus.domain_windows(tokenizer, args.val_samples, args.seqlen, "validation")
+    evals = corpus.domain_windows(tokenizer, args.eval_samples, args.seqlen, "test")
     print(f"calibration: {calib_what}")
-    print(f"evaluation:  {eval_what}")
+    print(f"shrinkage choice: {args.val_samples} validation windows x {args.seqlen} tokens per calibration domain")
+    print(f"evaluation:  {args.eval_samples} test windows x {args.seqlen} tokens per domain "
+          f"(* = {', '.join(corpus.HELD_OUT_DOMAINS)}: in no calibration data)")
 
     with tempfile.TemporaryDirectory(prefix="linearpatch-demo-") as scratch:
         t0 = time.perf_counter()
-        dense_ppl = perplexity(model, evals, desc="perplexity: dense")
-        rows = [["dense", str(num_layers), "-", f"{dense_ppl:.2f}", _seconds(t0)]]
+        rows = [["dense", str(num_layers), "-", "", *_domain_cells(model, evals), _seconds(t0)]]
         saved = None  # (n, folder, logits before saving) of the first pruned + rotate-patched model
+        replay = {}  # dense hidden states entering the layer before a first cut, per layer, for every variant
         similarity = None  # the residual-stream similarity table for the two-cut rows, measured once
+        d = int(model.config.hidden_size)
         for n in args.num_prune:
             t0 = time.perf_counter()
             start, end, score = _choose_block(model, calib, n, "cosine")
@@ -648,33 +831,39 @@ def cmd_demo(args) -> int:
             block, layers = f"[{start}, {end})", str(num_layers - n)
             t0 = time.perf_counter()
             with patch_disabled(pruned):
-                ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n}")
-            rows.append([f"pruned {n}, no patch", layers, block, f"{ppl:.2f}", _seconds(t0)])
+                rows.append([f"pruned {n}, no patch", layers, block, "", *_domain_cells(pruned, evals, replay, start),
+                             _seconds(t0)])
             t0 = time.perf_counter()
-            ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} + rotate")
-            rows.append([f"pruned {n} + patch (rotate)", layers, block, f"{ppl:.2f}", _seconds(t0)])
-            rotate_patch = get_patch(pruned)
-            set_patch(pruned, LinearPatch(int(model.config.hidden_size), mode="diag", scale=scales["diag"]))
-            t0 = time.perf_counter()
-            ppl = perplexity(pruned, evals, desc=f"perplexity: pruned {n} + diag")
-            rows.append([f"pruned {n} + patch (diag)", layers, block, f"{ppl:.2f}", _seconds(t0)])
+            rows.append([f"pruned {n} + patch (rotate, paper)", layers, block, "1",
+                         *_domain_cells(pruned, evals, replay, start), _seconds(t0)])
+            for mode in ("rotate", "diag"):
+                t0 = time.perf_counter()
+                set_patch(pruned, LinearPatch(d, mode=mode, scale=scales[mode]))
+                choices = choose_shrinkage(pruned, val)
+                rows.append([f"pruned {n} + patch ({mode})", layers, block, _factors_text(choices),
+                             *_domain_cells(pruned, evals, replay, start), _seconds(t0)])
+                if mode == "rotate":
+                    rotate_patch = get_patch(pruned)
             if saved is None:
                 set_patch(pruned, rotate_patch)
                 folder = out if out is not None else Path(scratch) / f"pruned{n}-rotate"
                 save_pruned(pruned, folder, tokenizer=tokenizer, overwrite=args.overwrite)
+                first = next(iter(evals.values()))[0]
                 with torch.no_grad():
-                    logits = pruned(input_ids=evals[0].to(device), use_cache=False).logits
+                    logits = pruned(input_ids=first.to(device), use_cache=False).logits
                 saved = (n, folder, logits)
             del pruned
             if similarity is None:
                 similarity = pairwise_similarities(model, calib)
-            two_cuts = _two_cut_row(model, calib, evals, n, similarity)
+            two_cuts = _two_cut_row(model, calib, evals, val, n, similarity, replay)
             if two_cuts is not None:
                 rows.append(two_cuts)
 
         print()
-        print(f"{loaded.name}: perplexity on {eval_what}")
-        print(format_table(["model", "layers", "block", "perplexity", "time"], rows))
+        print(f"{loaded.name}: held-out perplexity per domain (paper: the paper's scales; the other patches shrunk "
+              "toward the identity by the factor chosen on validation text)")
+        domains = [dom + (" *" if dom in corpus.HELD_OUT_DOMAINS else "") for dom in evals]
+        print(format_table(["model", "layers", "block", "factor", *domains, "time"], rows))
         print()
 
         # The saved checkpoint must give back the very same model: same logits on the same input.
@@ -682,7 +871,7 @@ def cmd_demo(args) -> int:
         t0 = time.perf_counter()
         reloaded = load_pruned(folder, device=device, dtype=_torch_dtype(args.dtype))
         with torch.no_grad():
-            after = reloaded(input_ids=evals[0].to(device), use_cache=False).logits
+            after = reloaded(input_ids=next(iter(evals.values()))[0].to(device), use_cache=False).logits
         diff = float((before - after).abs().max())
         if not torch.allclose(before, after, rtol=1e-5, atol=1e-5):
             raise RuntimeError(f"the reloaded model's logits differ from the saved model's (max |diff| {diff:.3g})")
@@ -736,7 +925,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("rotate", "diag"), default="rotate",
                    help="rotate: P = H diag(s) H^T; diag: P = diag(s) (default: %(default)s)")
     p.add_argument("--calib-text", nargs="+", metavar="FILE",
-                   help="UTF-8 text files for calibration (default: the shipped calibration corpus)")
+                   help="UTF-8 text files for calibration (default: the shipped mix of prose, dialogue, docs, code and "
+                        "structured text); their last --val-samples windows are held out for the shrinkage choice")
+    p.add_argument("--scales", choices=("shrunk", "paper"), default="shrunk",
+                   help="shrunk: the paper's scales shrunk toward the identity by the factor (0 .. 1) that makes no "
+                        "held-out domain worse and the mean held-out loss lowest; paper: the paper's estimator "
+                        "unchanged (default: %(default)s)")
+    p.add_argument("--val-samples", type=_positive_int, default=2,
+                   help="held-out windows per domain for the shrinkage choice and the per-cut report "
+                        "(default: %(default)s)")
     p.add_argument("--samples", type=_positive_int, default=128, help="calibration windows (default: %(default)s)")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: %(default)s)")
     p.add_argument("--out", required=True, help="new (or empty) folder for the pruned checkpoint")
@@ -746,7 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity (with and without the patch), optionally lm-eval accuracy")
     add_model_options(p)
     p.add_argument("--text", nargs="+", metavar="FILE",
-                   help="UTF-8 text files to score (default: the shipped evaluation corpus)")
+                   help="UTF-8 text files to score, one row each (default: the test split of every domain of the "
+                        "shipped mix, and of the held-out legal text, marked *)")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: %(default)s)")
     p.add_argument("--samples", type=_parse_samples, default=32,
                    help="windows to score, or 'all' (default: %(default)s)")
@@ -768,7 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=_positive_int, default=DEMO_CALIB_SAMPLES,
                    help="calibration windows (default: %(default)s)")
     p.add_argument("--eval-samples", type=_positive_int, default=DEMO_EVAL_SAMPLES,
-                   help="evaluation windows (default: %(default)s)")
+                   help="test windows per domain (default: %(default)s)")
+    p.add_argument("--val-samples", type=_positive_int, default=DEMO_VAL_SAMPLES,
+                   help="validation windows per calibration domain for the shrinkage choice (default: %(default)s)")
     p.add_argument("--seqlen", type=_positive_int, default=DEMO_SEQLEN, help="tokens per window (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate (default: %(default)s)")
     p.add_argument("--out", help="new folder to keep the first pruned checkpoint in (default: a temporary folder)")

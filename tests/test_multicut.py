@@ -296,7 +296,7 @@ def test_cli_prune_blocks_then_eval(char_model_folder, tmp_path, capsys):
     out = tmp_path / "two-cuts"
     text = char_model_folder / "text.txt"
     assert main(["prune", "--model", str(char_model_folder), "--blocks", "4:6,1:3", "--calib-text", str(text),
-                 "--samples", "2", "--seqlen", "32", "--out", str(out)]) == 0
+                 "--samples", "2", "--seqlen", "32", "--scales", "paper", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "blocks: [1, 3) + [4, 6) of 8 (given by --blocks" in stdout and "calibrated in order" in stdout
     pruned = load_pruned(out)
@@ -310,7 +310,8 @@ def test_cli_prune_blocks_then_eval(char_model_folder, tmp_path, capsys):
 
     assert main(["eval", "--model", str(out), "--text", str(text), "--seqlen", "32", "--samples", "2"]) == 0
     stdout = capsys.readouterr().out
-    row = re.search(r"pruned \[1, 3\) \+ \[4, 6\) \+ patch \(rotate\)\s+4\s+([\d.]+)", stdout)
+    assert "pruned [1, 3) + [4, 6), 4 layers: with its patch and without" in stdout
+    row = re.search(rf"{re.escape(str(text))}\s+2\s+([\d.]+)", stdout)
     assert row, stdout
     assert float(row.group(1)) == pytest.approx(direct_perplexity(pruned, windows), abs=1e-3)
 

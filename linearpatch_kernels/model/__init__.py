@@ -6,6 +6,7 @@ from .calibration import (BLOCK_METHODS, block_similarities, estimate_cut_scales
 from .checkpoint import is_pruned_checkpoint, load_pruned, save_pruned, upgrade_checkpoint
 from .distill import DistillResult, distill_patch, topk_kl_loss, train_patch
 from .patch import PATCH_MODES, LinearPatch
+from .shrinkage import SHRINK_FACTORS, CutShrinkage, choose_shrinkage, domain_losses, shrunk_patch
 from .surgery import (
     SUPPORTED_MODEL_TYPES,
     CutHandoff,
@@ -29,6 +30,11 @@ from .surgery import (
 from .teacher_cache import TeacherCache, build_teacher_cache
 
 __all__ = [
+    "SHRINK_FACTORS",
+    "CutShrinkage",
+    "choose_shrinkage",
+    "domain_losses",
+    "shrunk_patch",
     "BLOCK_METHODS",
     "PATCH_MODES",
     "SUPPORTED_MODEL_TYPES",

@@ -7,7 +7,9 @@ architecture* (see ``modeling_linearpatch``), so that every loader either applie
   ``architectures`` ``["LinearPatch<Family>ForCausalLM"]``, ``auto_map`` pointing at the modeling file,
   and the record ``"linearpatch"``: ``{"format_version": 2, "record_version", "num_layers_original",
   "hidden_size", "base_model_type", "cuts": [{"start", "end", "mode", "kept_index", "position"}],
-  "hadamard": {"construction", "k", "n"} | null, "package_version"}``;
+  "hadamard": {"construction", "k", "n"} | null, "package_version"}``, and optionally ``"calibration":
+  {"estimator", "factors", "corpus", "tokens", "validation"}`` (how the scales were made: ``"shrunk"`` or
+  ``"paper"``, the shrinkage factor of each cut; see ``shrinkage``), which loaders do not need;
 * the safetensors weights with the family's weight names (``model.layers.3.self_attn.q_proj.weight``),
   plus, per cut ``c``, ``model.linearpatch.{c}.scale`` / ``.weight`` (fp32) and, for a rotate patch,
   ``model.linearpatch.{c}.hadamard_k`` (the ``K x K`` Hadamard factor the scales were calibrated with);
@@ -42,6 +44,7 @@ from ..devices import resolve_device
 from ..hadamard import hadamard_factors
 from . import modeling_linearpatch
 from .patch import PATCH_MODES, LinearPatch
+from .shrinkage import check_calibration_record
 from .surgery import (SUPPORTED_MODEL_TYPES, attach_patches, check_blocks, cut_positions, decoder_layers,
                       get_patches, plain_layers, pruning_cuts, pruning_record)
 
@@ -106,8 +109,11 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     hadamard = _hadamard_record(d) if rotate else None
     disk_cuts = [{**c, "mode": p.mode, "kept_index": index, "position": position}
                  for c, p, (index, position) in zip(cuts, patches, modeling_linearpatch.kept_slots(cuts))]
-    disk_record = {**pruning_record(cuts, record["num_layers_original"], d), "format_version": FORMAT_VERSION,
-                   "base_model_type": family, "cuts": disk_cuts, "hadamard": hadamard,
+    calibration = record.get("calibration")
+    if calibration is not None:
+        check_calibration_record(calibration, len(cuts), "save_pruned: config.linearpatch")
+    disk_record = {**pruning_record(cuts, record["num_layers_original"], d, calibration=calibration),
+                   "format_version": FORMAT_VERSION, "base_model_type": family, "cuts": disk_cuts, "hadamard": hadamard,
                    "package_version": _package_version()}
     holders = nn.ModuleList()
     for p in patches:
@@ -408,7 +414,10 @@ def _load_v2(directory: Path, dtype: torch.dtype | None):
     base_config = AutoConfig.for_model(family, **fields)
     kwargs = {} if dtype is None else {"dtype": dtype}
     model = _base_model_class(family).from_pretrained(directory, config=base_config, **kwargs)
-    return model, cuts, patches, config.linearpatch["num_layers_original"]
+    calibration = config.linearpatch.get("calibration")
+    if calibration is not None:  # optional: checkpoints written before it existed have none
+        check_calibration_record(calibration, len(cuts), str(directory / "config.json"))
+    return model, cuts, patches, config.linearpatch["num_layers_original"], calibration
 
 
 def _load_v1(directory: Path, dtype: torch.dtype | None):
@@ -424,7 +433,7 @@ def _load_v1(directory: Path, dtype: torch.dtype | None):
     if len(decoder_layers(model)) != meta["num_layers"]:
         raise ValueError(f"{directory}: the loaded model has {len(decoder_layers(model))} layers; "
                          f"{METADATA_FILE} says {meta['num_layers']}")
-    return model, meta["cuts"], patches, meta["num_layers_original"]
+    return model, meta["cuts"], patches, meta["num_layers_original"], None
 
 
 def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu",
@@ -447,9 +456,9 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{directory / 'config.json'}: not valid JSON ({e})") from None
     if str(raw.get("model_type", "")).startswith(modeling_linearpatch.MODEL_TYPE_PREFIX):
-        model, cuts, patches, total = _load_v2(directory, dtype)
+        model, cuts, patches, total, calibration = _load_v2(directory, dtype)
     elif (directory / METADATA_FILE).is_file():
-        model, cuts, patches, total = _load_v1(directory, dtype)
+        model, cuts, patches, total, calibration = _load_v1(directory, dtype)
     elif "linearpatch" in raw:
         raise FileNotFoundError(f"{directory / METADATA_FILE} not found, but config.json records a pruning: a format "
                                 f"version 1 checkpoint missing its patch metadata ({METADATA_FILE}, {PATCH_FILE}); "
@@ -458,7 +467,7 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
         raise FileNotFoundError(f"{directory}: not a LinearPatch checkpoint written by save_pruned (config.json has "
                                 f"model_type {raw.get('model_type')!r}, no linearpatch record, no {METADATA_FILE})")
     d = int(model.config.hidden_size)
-    model.config.linearpatch = pruning_record(cuts, total, d)
+    model.config.linearpatch = pruning_record(cuts, total, d, calibration=calibration)
     model.to(device)
     attach_patches(model, cut_positions(model.config.linearpatch["cuts"]), patches, fuse=fuse)
     return model.eval()

@@ -539,15 +539,20 @@ def cut_positions(cuts: list[dict]) -> list[int]:
     return positions
 
 
-def pruning_record(cuts, num_layers_original: int, hidden_size: int) -> dict:
+def pruning_record(cuts, num_layers_original: int, hidden_size: int, calibration: dict | None = None) -> dict:
     """The ``config.linearpatch`` dict that marks a model as pruned (and travels in config.json):
     ``{"record_version", "num_layers_original", "hidden_size", "cuts": [{"start", "end", "mode"}, ...]}``
     with ``start``/``end`` original layer indices and the cuts sorted by ``start``. ``cuts``: dicts with
-    those keys or ``(start, end, mode)`` triples. ``pruning_cuts`` reads it back."""
+    those keys or ``(start, end, mode)`` triples. ``pruning_cuts`` reads it back. ``calibration`` (optional,
+    see ``shrinkage.calibration_record``: how the scales were made, the shrinkage factor per cut) is kept
+    as the record's ``"calibration"`` entry."""
     listed = [dict(c) if isinstance(c, dict) else {"start": c[0], "end": c[1], "mode": c[2]} for c in cuts]
     listed = [{"start": int(c["start"]), "end": int(c["end"]), "mode": c["mode"]} for c in listed]
-    return {"record_version": RECORD_VERSION, "num_layers_original": int(num_layers_original),
-            "hidden_size": int(hidden_size), "cuts": sorted(listed, key=lambda c: c["start"])}
+    record = {"record_version": RECORD_VERSION, "num_layers_original": int(num_layers_original),
+              "hidden_size": int(hidden_size), "cuts": sorted(listed, key=lambda c: c["start"])}
+    if calibration is not None:
+        record["calibration"] = calibration
+    return record
 
 
 def pruning_cuts(record) -> list[dict]:
@@ -771,7 +776,8 @@ def set_patch(model: nn.Module, patch: LinearPatch, cut: int | None = None) -> N
     record = model.config.linearpatch
     cuts = pruning_cuts(record)
     cuts[_cut_wrappers(decoder_layers(model)).index(wrapper)]["mode"] = patch.mode
-    model.config.linearpatch = pruning_record(cuts, record["num_layers_original"], model.config.hidden_size)
+    model.config.linearpatch = pruning_record(cuts, record["num_layers_original"], model.config.hidden_size,
+                                              calibration=record.get("calibration"))
     _plan_fusion(model, wrapper, wrapper.fuse_requested)
 
 
