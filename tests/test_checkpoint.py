@@ -221,15 +221,6 @@ def edit_record(directory, cut=None, **changes):
     path.write_text(json.dumps(config))
 
 
-def edit_tensors(directory, drop=(), **replace):
-    path = directory / "model.safetensors"
-    tensors = load_file(str(path))
-    for name in drop:
-        del tensors[name]
-    tensors.update(replace)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
 def truncate(path, keep_fraction=0.5):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep_fraction)])
@@ -278,54 +269,14 @@ def test_garbled_safetensors_header(checkpoint_copy):
         load_pruned(checkpoint_copy)
 
 
-@pytest.mark.parametrize(
-    "changes, cut, message",
-    [
-        ({"format_version": 7}, None, "format_version 7; this package reads 2"),
-        ({}, {"mode": "hadamard"}, "mode 'hadamard'"),
-        ({}, {"start": "2"}, "start must be an int"),
-        ({}, {"end": 5}, "leave 3, but num_hidden_layers is 4"),
-        ({}, {"start": 3, "end": 5}, "records kept_index 1.*put the patch at kept_index 2"),  # moved cut
-        ({}, {"kept_index": 7}, "records kept_index 7"),  # a layer that is not there
-        ({"num_layers_original": 9}, None, "leave 7, but num_hidden_layers is 4"),
-        ({"hidden_size": 64}, None, "hidden_size 64 but the config has 48"),
-        ({"hadamard": {"construction": "sylvester", "k": 1, "n": 48}}, None, "calibrated with Hadamard matrix"),
-    ],
-)
-def test_record_that_disagrees_with_the_checkpoint_is_refused(checkpoint_copy, changes, cut, message):
-    edit_record(checkpoint_copy, cut, **changes)
-    with pytest.raises(ValueError, match=message):
-        load_pruned(checkpoint_copy)
-    with pytest.raises(ValueError):  # the Auto classes (registered by the package) refuse it as well
-        AutoModelForCausalLM.from_pretrained(checkpoint_copy)
-
-
-def test_patch_tensors_that_disagree_with_the_record_are_refused(checkpoint_copy, tmp_path):
-    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.scale": torch.ones(64)})
-    with pytest.raises(ValueError, match=r"'model.linearpatch.0.scale' is torch.float32 of shape \(64,\); the record's "
-                                         r"cut \[2, 4\) mode 'rotate' needs float32 of shape \(48,\)"):
-        load_pruned(checkpoint_copy)
-    edit_tensors(checkpoint_copy, drop=["model.linearpatch.0.scale"])
-    with pytest.raises(ValueError, match="'model.linearpatch.0.scale' is missing"):
-        load_pruned(checkpoint_copy)
-    with pytest.raises(ValueError, match=r"lacks the patch tensors \['model.linearpatch.0.scale'\]"):
-        AutoModelForCausalLM.from_pretrained(checkpoint_copy)
-    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.scale": torch.ones(48),
-                                     "model.linearpatch.0.hadamard_k": -torch.ones(12, 12)})
-    with pytest.raises(ValueError, match="hadamard_k is not the Hadamard factor"):
-        load_pruned(checkpoint_copy)
-    from linearpatch_kernels.hadamard import hadamard_factors
-
-    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.hadamard_k": hadamard_factors(48).h_k.float(),
-                                     "model.linearpatch.1.scale": torch.ones(48)})
-    with pytest.raises(ValueError, match=r"patch tensors \['model.linearpatch.1.scale'\] belong to no cut"):
-        load_pruned(checkpoint_copy)
+# Records and patch tensors that disagree: tests/test_record_check.py, for every loader.
 
 
 def test_rotate_record_for_a_size_without_a_hadamard_matrix_is_refused(tmp_path):
     _, directory = save_diag_52(tmp_path)
-    edit_record(directory, {"mode": "rotate"})
-    with pytest.raises(ValueError, match="a rotate patch with hidden_size 52: .*52"):
+    # 52 = 13 * 4: K = 13 is no Hadamard order (13 = 12 + 1 with 12 not prime).
+    edit_record(directory, {"mode": "rotate"}, hadamard={"construction": "paley1(q=12)", "k": 13, "n": 4})
+    with pytest.raises(ValueError, match="a rotate patch with hidden_size 52: no Hadamard matrix of size 52"):
         load_pruned(directory)
 
 

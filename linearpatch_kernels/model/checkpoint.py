@@ -45,14 +45,14 @@ from .patch import PATCH_MODES, LinearPatch
 from .surgery import (SUPPORTED_MODEL_TYPES, attach_patches, check_blocks, cut_positions, decoder_layers,
                       get_patches, plain_layers, pruning_cuts, pruning_record)
 
-__all__ = ["FORMAT_VERSION", "is_pruned_checkpoint", "load_pruned", "save_pruned", "upgrade_checkpoint", "validated_cuts"]
+__all__ = ["FORMAT_VERSION", "is_pruned_checkpoint", "load_pruned", "save_pruned", "upgrade_checkpoint"]
 
 FORMAT_VERSION = modeling_linearpatch.FORMAT_VERSION
 MODELING_FILE = "modeling_linearpatch.py"
 # Format version 1: the patch and its metadata in files of their own beside a plain checkpoint.
 PATCH_FILE = "linearpatch.safetensors"
 METADATA_FILE = "linearpatch.json"
-PATCH_PREFIX = "model.linearpatch."
+PATCH_PREFIX = modeling_linearpatch.PATCH_PREFIX
 # Written into each checkpoint: transformers' refusal of the unknown architecture points at the folder.
 CHECKPOINT_README = """# A layer-pruned model with LinearPatch cuts ({arch})
 
@@ -313,40 +313,9 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def validated_cuts(config, where="config.json") -> list[dict]:
-    """The cuts of a patched (format version 2) config as stored, ``{"start", "end", "mode",
-    "kept_index", "position"}`` sorted by ``start``, after checking the record against the config: the
-    cuts fit the original and kept layer counts, each stored position is the one derived from the
-    cuts, the hidden size matches, and a rotate patch's hidden size has this package's Hadamard matrix.
-    Used by every loader of this package (``load_pruned``, the vLLM models)."""
-    record = getattr(config, "linearpatch", None)
-    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
-        got = record.get("format_version") if isinstance(record, dict) else record
-        raise ValueError(f"{where}: linearpatch record format_version {got!r}; this package reads {FORMAT_VERSION} "
-                         f"(and version 1 with {METADATA_FILE})")
-    try:
-        modes = [c["mode"] for c in pruning_cuts(record)]
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{where}: {e}") from None
-    if record.get("hidden_size") != config.hidden_size:
-        raise ValueError(f"{where}: the linearpatch record has hidden_size {record.get('hidden_size')!r} but the "
-                         f"config has {config.hidden_size}; the patch does not belong to this model")
-    if "rotate" in modes:
-        try:
-            expected = _hadamard_record(config.hidden_size)
-        except ValueError as e:
-            raise ValueError(f"{where}: a rotate patch with hidden_size {config.hidden_size}: {e}") from None
-        if record.get("hadamard") != expected:
-            raise ValueError(f"{where}: the patch was calibrated with Hadamard matrix {record.get('hadamard')!r}; this "
-                             f"package builds {expected!r} for d={config.hidden_size}, so the scales do not apply")
-    try:
-        return modeling_linearpatch.checkpoint_cuts(config)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def _read_cut_tensors(directory: Path, files: list[Path], cuts: list[dict], d: int) -> list[LinearPatch]:
-    """The patch of each cut from the ``model.linearpatch.{c}.*`` tensors, checked against the record."""
+def _read_cut_tensors(directory: Path, files: list[Path], config, cuts: list[dict]) -> list[LinearPatch]:
+    """The patch of each cut from the ``model.linearpatch.{c}.*`` tensors, after the shared record check
+    of the stored tensors (``modeling_linearpatch.check_patch_tensors``)."""
     from safetensors import safe_open
 
     found = {}
@@ -355,29 +324,12 @@ def _read_cut_tensors(directory: Path, files: list[Path], cuts: list[dict], d: i
             for name in f.keys():
                 if name.startswith(PATCH_PREFIX):
                     found[name] = f.get_tensor(name)
+    modeling_linearpatch.check_patch_tensors(config, found, str(directory / "config.json"), cuts)
+    d = int(config.hidden_size)
     patches = []
-    expected_names = set()
     for c, cut in enumerate(cuts):
-        mode = cut["mode"]
-        name, shape = ("weight", (d, d)) if mode == "dense" else ("scale", (d,))
-        want = {f"{PATCH_PREFIX}{c}.{name}": shape}
-        if mode == "rotate":
-            k = hadamard_factors(d).k
-            want[f"{PATCH_PREFIX}{c}.hadamard_k"] = (k, k)
-        for key, shape_ in want.items():
-            t = found.get(key)
-            if t is None or tuple(t.shape) != shape_ or t.dtype != torch.float32:
-                what = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
-                raise ValueError(f"{directory}: tensor {key!r} is {what}; the record's cut [{cut['start']}, "
-                                 f"{cut['end']}) mode {mode!r} needs float32 of shape {shape_}")
-        if mode == "rotate" and not torch.equal(found[f"{PATCH_PREFIX}{c}.hadamard_k"].double(), hadamard_factors(d).h_k):
-            raise ValueError(f"{directory}: {PATCH_PREFIX}{c}.hadamard_k is not the Hadamard factor this package builds "
-                             f"for d={d}; the scales do not apply")
-        expected_names.update(want)
-        patches.append(LinearPatch(d, mode=mode, **{name: found[f"{PATCH_PREFIX}{c}.{name}"]}))
-    extra = sorted(set(found) - expected_names)
-    if extra:
-        raise ValueError(f"{directory}: patch tensors {extra} belong to no cut of the record ({len(cuts)} cut(s))")
+        name = "weight" if cut["mode"] == "dense" else "scale"
+        patches.append(LinearPatch(d, mode=cut["mode"], **{name: found[f"{PATCH_PREFIX}{c}.{name}"]}))
     return patches
 
 
@@ -396,14 +348,10 @@ def _load_v2(directory: Path, dtype: torch.dtype | None):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(directory)
-    cuts = validated_cuts(config, directory / "config.json")
+    cuts = modeling_linearpatch.check_record(config, str(directory / "config.json"))
     files = _weight_files(directory)
-    d = int(config.hidden_size)
-    patches = _read_cut_tensors(directory, files, cuts, d)
-    family = config.linearpatch.get("base_model_type")
-    if family != config.model_type[len(modeling_linearpatch.MODEL_TYPE_PREFIX):]:
-        raise ValueError(f"{directory / 'config.json'}: base_model_type {family!r} does not match model_type "
-                         f"{config.model_type!r}")
+    patches = _read_cut_tensors(directory, files, config, cuts)
+    family = config.linearpatch["base_model_type"]
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map", "linearpatch")}
     base_config = AutoConfig.for_model(family, **fields)
     kwargs = {} if dtype is None else {"dtype": dtype}
