@@ -8,9 +8,12 @@ without it these tests skip.
 """
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from linearpatch_kernels import load_pruned, patch_disabled, prune_and_patch, save_pruned
-from linearpatch_kernels.integrations.vllm import TESTED_VLLM, check_vllm_version
+from linearpatch_kernels.integrations import vllm as plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "vllm_scripts" / "generate.py"
@@ -78,14 +81,63 @@ def tiny_qwen3_checkpoint(directory):
     return directory
 
 
-def test_version_range_is_checked():
-    check_vllm_version("0.32.0")
-    check_vllm_version("0.32.3+cpu")
-    low = ".".join(map(str, TESTED_VLLM[0]))
-    with pytest.raises(RuntimeError, match=f"needs vLLM >= {low}, < 0.33.0.*this is vLLM 0.31.2"):
-        check_vllm_version("0.31.2")
-    with pytest.warns(UserWarning, match="tested with vLLM >= 0.32.0, < 0.33.0; this is vLLM 0.34.0"):
-        check_vllm_version("0.34.0")
+class FakeRegistry:
+    def __init__(self, fail=False):
+        self.registered, self.fail = {}, fail
+
+    def get_supported_archs(self):
+        if self.fail:
+            raise RuntimeError("registry unavailable")
+        return list(self.registered)
+
+    def register_model(self, arch, target):
+        self.registered[arch] = target
+
+
+def fake_vllm(monkeypatch, version, registry):
+    """A stand-in ``vllm`` module of the given version, so that the plugin's own decision is tested
+    without vLLM installed (the real one: test_plugin_on_another_vllm_version_lets_vllm_run)."""
+    module = types.ModuleType("vllm")
+    module.__version__ = version
+    module.ModelRegistry = registry
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(plugin, "_warned", False)
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.3+cpu", "0.32.1.dev4+g1234abc", "0.32"])
+def test_plugin_registers_on_a_supported_vllm(monkeypatch, caplog, version):
+    registry = FakeRegistry()
+    fake_vllm(monkeypatch, version, registry)
+    plugin.register()
+    assert sorted(registry.registered) == sorted(plugin.VLLM_ARCHITECTURES)
+    assert registry.registered["LinearPatchQwen3ForCausalLM"] == (
+        "linearpatch_kernels.integrations.vllm_models:LinearPatchQwen3ForCausalLM")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0", "0.34.0rc1", "unknown"])
+def test_plugin_on_an_unsupported_vllm_warns_once_and_registers_nothing(monkeypatch, caplog, version):
+    """An older or newer vLLM than the supported range: vLLM calls the plugin for every model it
+    serves, so it must not raise (that stops vLLM altogether), and registers nothing (vLLM then
+    refuses LinearPatch checkpoints as an unknown architecture)."""
+    registry = FakeRegistry()
+    fake_vllm(monkeypatch, version, registry)
+    with caplog.at_level(logging.WARNING, logger=plugin.__name__):
+        plugin.register()
+        plugin.register()  # vLLM may call it again in the same process
+    assert registry.registered == {}
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings_) == 1, warnings_
+    assert f"vLLM {version} is outside the range the vLLM plugin supports (>= 0.32.0, < 0.33.0" in warnings_[0]
+    assert "\n" not in warnings_[0]
+
+
+def test_plugin_that_fails_to_register_warns_instead_of_raising(monkeypatch, caplog):
+    fake_vllm(monkeypatch, "0.32.0", FakeRegistry(fail=True))
+    with caplog.at_level(logging.WARNING, logger=plugin.__name__):
+        plugin.register()
+    [message] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "registered nothing (RuntimeError: registry unavailable)" in message
 
 
 def test_importing_the_package_does_not_import_vllm():
@@ -154,6 +206,55 @@ def test_record_naming_a_missing_layer_is_refused(tmp_path):
     result, out = run_vllm(checkpoint, [[5, 6]], 2, tmp_path)
     assert result.returncode != 0 and out is None
     assert "records kept_index 9" in result.stdout + result.stderr
+
+
+def test_every_tampered_checkpoint_is_refused(tmp_path):
+    """The record check of tests/test_record_check.py, in vLLM: every tampered checkpoint is refused
+    with the same one-line message as load_pruned's (one vLLM process loads them all), the untampered
+    one loads, and LoRA is refused up front with the reason."""
+    from test_record_check import TAMPERS, good_checkpoint, tampered
+
+    python = vllm_python()
+    good = good_checkpoint(tmp_path / "good")
+    paths = {name: str(tampered(good, tmp_path, name)) for name in TAMPERS}
+    paths["good"] = paths["lora"] = str(good)
+    result = subprocess.run([python, str(ROOT / "tests" / "vllm_scripts" / "load_each.py"), json.dumps(paths),
+                             json.dumps({"lora": {"enable_lora": True, "max_lora_rank": 8},
+                                         # vLLM itself refuses fp8 with float32 activations, before the model
+                                         "quantization_config": {"dtype": "bfloat16"}})],
+                            capture_output=True, text=True, env=vllm_env(), timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(result.stdout.split("RESULTS ", 1)[1])
+    assert results.pop("good") == "LOADED"
+    assert "do not support LoRA adapters in vLLM: an adapter addresses layers by index" in results.pop("lora")
+    for name, message in results.items():
+        assert re.search(TAMPERS[name][1], message) and "\n" not in message, (name, message)
+
+
+def test_plugin_on_another_vllm_version_lets_vllm_run(tmp_path):
+    """The real vLLM, told it is 0.31 before it loads its plugins: the plugin warns once and registers
+    nothing, vLLM serves a plain model, and refuses the pruned checkpoint as an unknown architecture
+    instead of running it without its patch. (Older and newer versions against a stand-in vLLM:
+    test_plugin_on_an_unsupported_vllm_warns_once_and_registers_nothing.)"""
+    python, version = vllm_python(), "0.31.0"
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=128, initializer_range=0.2,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(4)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "plain")
+    want = hf_greedy(model, [[5, 6, 7]], 4)[0]
+    save_pruned(prune_and_patch(model, 1, 2, torch.rand(64) + 0.5), tmp_path / "pruned")
+    result = subprocess.run([python, str(ROOT / "tests" / "vllm_scripts" / "other_version.py"), version,
+                             str(tmp_path / "plain"), str(tmp_path / "pruned")],
+                            capture_output=True, text=True, env=vllm_env(), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.split("REPORT ", 1)[1])
+    assert report["registered"] == []
+    assert report["plain_tokens"] == want
+    assert "LinearPatchLlamaForCausalLM" in report["pruned"] and "LOADED" != report["pruned"]
+    warning = f"vLLM {version} is outside the range the vLLM plugin supports (>= 0.32.0, < 0.33.0"
+    assert (result.stdout + result.stderr).count(warning) == 1, result.stderr[-3000:]
 
 
 @pytest.mark.slow

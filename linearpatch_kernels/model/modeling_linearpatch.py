@@ -204,6 +204,12 @@ def check_record(config, where: str | None = None) -> list[dict]:
     if record.get("hidden_size") != d:
         raise ValueError(f"{where}: the linearpatch record has hidden_size {record.get('hidden_size')!r} but the "
                          f"config has {d}; the patch does not belong to this model")
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
+        raise ValueError(f"{where}: the config has a quantization_config ({method}); checkpoints of pruned quantized "
+                         "models are not supported (quantization settings name layers by their original index, which "
+                         "pruning renumbers): prune the unquantized model")
     total = record.get("num_layers_original")
     if not _is_int(total) or total < 1:
         raise ValueError(f"{where}: the linearpatch record has num_layers_original {total!r}; expected a positive int")
