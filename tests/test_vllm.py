@@ -176,10 +176,10 @@ def test_tiny_llama_cut_after_the_last_layer(tmp_path):
     assert out["cuts"] == [["unfused: the cut is after the last layer (the final norm runs in the model's forward)"]]
 
 
-def test_tiny_mistral_three_cuts(tmp_path):
-    """Several cuts in one model (a Mistral of 10 layers, d=64): one at the very start (input of kept
-    layer 0, unfused), a rotate cut in the middle (fused), a diag cut after the last kept layer."""
-    vllm_python()
+def mistral_three_cuts(directory):
+    """A Mistral of 10 layers (d=64, heads of 32) with three cuts: [0, 1) rotate at the very start
+    (input of kept layer 0, unfused), [4, 6) rotate in the middle (fused), [8, 10) diag after the last
+    kept layer (unfused). Returns the checkpoint folder."""
     config = MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=10,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
                            initializer_range=0.2, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
@@ -190,11 +190,100 @@ def test_tiny_mistral_three_cuts(tmp_path):
     scales = [torch.rand(64, generator=g) * 2 + 0.2 for _ in range(3)]
     prune_and_patch(model, blocks=[(4, 6), (0, 1), (8, 10)], scales=[scales[1], scales[0], scales[2]],
                     mode=["rotate", "rotate", "diag"])
-    save_pruned(model, tmp_path / "mistral")
-    out = check_against_transformers(tmp_path / "mistral", [[5, 6, 7, 8], [40, 41, 3], [9, 60, 61, 17, 4]], 8, tmp_path)
+    save_pruned(model, directory)
+    return directory
+
+
+def test_tiny_mistral_three_cuts(tmp_path):
+    """Several cuts in one model: the input cut and the cut after the last layer unfused, the middle
+    one fused."""
+    vllm_python()
+    checkpoint = mistral_three_cuts(tmp_path / "mistral")
+    out = check_against_transformers(checkpoint, [[5, 6, 7, 8], [40, 41, 3], [9, 60, 61, 17, 4]], 8, tmp_path)
     notes = out["cuts"][0]
     assert len(notes) == 3 and notes[1] == "fused: patch_add_rmsnorm with the next layer's input_layernorm", notes
     assert notes[0].startswith("unfused") and notes[2].startswith("unfused: the cut is after the last layer"), notes
+
+
+def eagle3_draft(directory, target_config, layer_ids):
+    """A random EAGLE-3 draft for the target (one decoder layer whose attention reads the normed
+    embedding and hidden state side by side, ``fc`` mapping the concatenated auxiliary hidden states
+    to the hidden size), in the layout of published EAGLE-3 checkpoints. Its proposals are random;
+    greedy speculative decoding still gives the target's own tokens."""
+    d, ff, vocab = target_config.hidden_size, target_config.intermediate_size, target_config.vocab_size
+    heads, kv_heads, head_dim = 2, 1, 32
+    g = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    tensors = {
+        "midlayer.self_attn.q_proj.weight": rand(heads * head_dim, 2 * d),
+        "midlayer.self_attn.k_proj.weight": rand(kv_heads * head_dim, 2 * d),
+        "midlayer.self_attn.v_proj.weight": rand(kv_heads * head_dim, 2 * d),
+        "midlayer.self_attn.o_proj.weight": rand(d, heads * head_dim),
+        "midlayer.mlp.gate_proj.weight": rand(ff, d), "midlayer.mlp.up_proj.weight": rand(ff, d),
+        "midlayer.mlp.down_proj.weight": rand(d, ff),
+        "midlayer.input_layernorm.weight": torch.ones(d), "midlayer.hidden_norm.weight": torch.ones(d),
+        "midlayer.post_attention_layernorm.weight": torch.ones(d),
+        "fc.weight": rand(d, len(layer_ids) * d), "norm.weight": torch.ones(d), "lm_head.weight": rand(vocab, d),
+    }
+    directory.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": d, "intermediate_size": ff,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim, "num_hidden_layers": 1,
+        "vocab_size": vocab, "draft_vocab_size": vocab, "rms_norm_eps": 1e-6, "max_position_embeddings": 128,
+        "hidden_act": "silu", "tie_word_embeddings": False, "dtype": "float32",
+        "eagle_aux_hidden_state_layer_ids": list(layer_ids)}))
+    return directory
+
+
+def streams_entering_kept_layers(model, ids):
+    """The residual stream entering each kept layer of a ``load_pruned`` model (and, last, the stream
+    after the last layer): the embedding through the input patch for kept layer 0, then the output of
+    each slot (the patched stream; for a fused cut, the hand-off's ``hidden_states``, h')."""
+    from linearpatch_kernels import get_patches
+    from linearpatch_kernels.model.surgery import CutHandoff
+
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out.hidden_states if isinstance(out, CutHandoff)
+                                                                           else out[0] if isinstance(out, tuple) else out))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids)
+        first = get_patches(model)[0]
+        embedded = model.model.embed_tokens(ids)
+        stream0 = first(embedded) if model.config.linearpatch["cuts"][0]["start"] == 0 else embedded
+    for h in hooks:
+        h.remove()
+    return [stream0[0]] + [o[0] for o in outputs]
+
+
+def test_eagle3_receives_the_stream_entering_each_kept_layer(tmp_path):
+    """EAGLE-3 speculative decoding on the three-cut Mistral: the auxiliary hidden states vLLM hands
+    the draft at kept positions 0 (after the input cut), 3 (after the fused cut) and 5 (after the last
+    layer's cut) are the residual streams entering those layers, as transformers computes them (not
+    the fused hand-off's ``normed + stream``, not the embedding before the input patch), and the
+    greedy tokens are load_pruned's."""
+    python = vllm_python()
+    checkpoint = mistral_three_cuts(tmp_path / "mistral")
+    model = load_pruned(checkpoint)
+    layer_ids = [0, 3, 5]
+    draft = eagle3_draft(tmp_path / "draft", model.config, layer_ids)
+    prompt = [9, 60, 61, 17, 4, 33]
+    cmd = [python, str(ROOT / "tests" / "vllm_scripts" / "eagle3.py"), str(checkpoint), str(draft),
+           str(tmp_path / "out.pt"), "--prompt", json.dumps(prompt), "--max-tokens", "8"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=vllm_env(), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["tokens"] == hf_greedy(model, [prompt], 8)[0]
+    streams = streams_entering_kept_layers(model, torch.tensor([prompt]))
+    want = torch.cat([streams[i] for i in layer_ids], dim=-1)
+    assert out["aux"].shape == want.shape
+    assert torch.allclose(out["aux"], want, rtol=1e-3, atol=1e-3), (out["aux"] - want).abs().amax(0).view(3, -1).amax(-1)
 
 
 def test_record_naming_a_missing_layer_is_refused(tmp_path):
