@@ -42,10 +42,11 @@ def vllm_env(**extra) -> dict:
             **extra}
 
 
-def run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None, compile=False):
+def run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None, compile=False, prefix_caching=False):
     out = tmp_path / f"vllm-{tp}.json"
     cmd = [vllm_python(), str(SCRIPT), str(checkpoint), str(out), "--prompts", json.dumps(prompts),
-           "--max-tokens", str(max_tokens), "--tp", str(tp)] + (["--compile"] if compile else [])
+           "--max-tokens", str(max_tokens), "--tp", str(tp)] + (["--compile"] if compile else []) + (
+           ["--prefix-caching"] if prefix_caching else [])
     result = subprocess.run(cmd, capture_output=True, text=True, env=env or vllm_env(), timeout=600)
     return result, (json.loads(out.read_text()) if out.is_file() else None)
 
@@ -56,8 +57,10 @@ def hf_greedy(model, prompts, max_tokens):
                                eos_token_id=None)[0, len(p):].tolist() for p in prompts]
 
 
-def check_against_transformers(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None, compile=False):
-    result, out = run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=tp, env=env, compile=compile)
+def check_against_transformers(checkpoint, prompts, max_tokens, tmp_path, tp=1, env=None, compile=False,
+                               prefix_caching=False):
+    result, out = run_vllm(checkpoint, prompts, max_tokens, tmp_path, tp=tp, env=env, compile=compile,
+                           prefix_caching=prefix_caching)
     assert result.returncode == 0 and out is not None, result.stdout[-4000:] + result.stderr[-4000:]
     model = load_pruned(checkpoint)
     want = hf_greedy(model, prompts, max_tokens)
@@ -160,6 +163,17 @@ def test_tiny_qwen3_fused_cut_under_torch_compile(tmp_path):
     env = vllm_env(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"))  # compile from scratch, not from a cache
     out = check_against_transformers(checkpoint, [[5, 6, 7, 8], [10, 20, 30]], 8, tmp_path, env=env, compile=True)
     assert out["cuts"] == [["fused: patch_add_rmsnorm with the next layer's input_layernorm"]]
+
+
+def test_tiny_qwen3_fused_cut_with_prefix_caching(tmp_path):
+    """Prefix caching: later prompts that share the first prompt's 40-token prefix reuse its cached
+    blocks (computed through the patched layers) and still give load_pruned's tokens."""
+    vllm_python()
+    checkpoint = tiny_qwen3_checkpoint(tmp_path / "qwen3")
+    prefix = [(7 * i) % 90 + 3 for i in range(40)]
+    out = check_against_transformers(checkpoint, [prefix, prefix + [11, 12], prefix + [50]], 6, tmp_path,
+                                     prefix_caching=True)
+    assert out["cached_tokens"][0] == 0 and min(out["cached_tokens"][1:]) >= 32, out["cached_tokens"]
 
 
 def test_tiny_llama_cut_after_the_last_layer(tmp_path):
@@ -344,6 +358,88 @@ def test_plugin_on_another_vllm_version_lets_vllm_run(tmp_path):
     assert "LinearPatchLlamaForCausalLM" in report["pruned"] and "LOADED" != report["pruned"]
     warning = f"vLLM {version} is outside the range the vLLM plugin supports (>= 0.32.0, < 0.33.0"
     assert (result.stdout + result.stderr).count(warning) == 1, result.stderr[-3000:]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def start_server(checkpoint, log_path):
+    """``vllm serve CHECKPOINT`` (the venv's own command) on a free local port; returns the process
+    and the base URL once /health answers (vLLM's CPU build starts in about 30 s)."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cli = str(Path(vllm_python()).parent / "vllm")
+    log = open(log_path, "w")
+    server = subprocess.Popen([cli, "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
+                               "--served-model-name", "pruned", "--dtype", "float32", "--max-model-len", "128",
+                               "--enforce-eager", "--seed", "0", "--gpu-memory-utilization", "0.08"],
+                              stdout=log, stderr=subprocess.STDOUT, env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"vllm serve exited with {server.returncode}:\n" + Path(log_path).read_text()[-4000:])
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return server, url
+        except OSError:
+            time.sleep(1)
+    server.terminate()
+    raise AssertionError("vllm serve did not answer /health in 600 s:\n" + Path(log_path).read_text()[-4000:])
+
+
+def test_vllm_serve_over_http_gives_load_pruned_tokens(tmp_path):
+    """``vllm serve CHECKPOINT`` and its OpenAI-compatible HTTP API: a completion and a chat request
+    with greedy sampling return the tokens of ``load_pruned``'s ``generate`` on the same prompt ids
+    (the chat prompt rendered by the checkpoint's chat template), which the unpatched model does not."""
+    vllm_python()
+    from test_evaluation import CHAR_VOCAB_SIZE, char_tokenizer
+
+    config = LlamaConfig(vocab_size=CHAR_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         initializer_range=0.2, tie_word_embeddings=False, pad_token_id=2, bos_token_id=1,
+                         eos_token_id=2)
+    torch.manual_seed(8)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.float32).eval()
+    prune_and_patch(model, 2, 4, torch.rand(64, generator=torch.Generator().manual_seed(8)) * 1.5 + 0.25)
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    save_pruned(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    server, url = start_server(tmp_path / "ckpt", tmp_path / "server.log")
+    try:
+        common = {"model": "pruned", "max_tokens": 12, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        completion = post(url + "/v1/completions", {**common, "prompt": "It was the best of times"})
+        messages = [{"role": "user", "content": "Hello, who are you?"}]
+        chat = post(url + "/v1/chat/completions", {**common, "messages": messages})
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    loaded = load_pruned(tmp_path / "ckpt")
+    prompt = tokenizer("It was the best of times")["input_ids"]
+    chat_prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    chat_prompt = chat_prompt["input_ids"] if isinstance(chat_prompt, dict) else list(chat_prompt)
+    assert completion["choices"][0]["prompt_token_ids"] == prompt and chat["prompt_token_ids"] == chat_prompt
+    want = hf_greedy(loaded, [prompt, chat_prompt], 12)
+    assert completion["choices"][0]["token_ids"] == want[0]
+    assert chat["choices"][0]["token_ids"] == want[1]
+    assert chat["choices"][0]["message"]["content"] == tokenizer.decode(want[1])
+    with patch_disabled(loaded):
+        assert hf_greedy(loaded, [prompt, chat_prompt], 12) != want
 
 
 @pytest.mark.slow
