@@ -431,6 +431,7 @@ def test_push_to_hub_of_a_pruned_model_uploads_the_pruned_checkpoint(tmp_path, m
     assert torch.equal(logits(load_pruned(tmp_path / "hub"), ids), logits(model, ids))
     card = (tmp_path / "hub" / "README.md").read_text()
     assert card.startswith("---\n") and "pruned, with LinearPatch" in card  # the model card, not a generic one
+    assert 'from_pretrained("someone/pruned")' in card and "vllm serve someone/pruned" in card
     if how == "push_to_hub":
         assert "- demo\n" in card
 
@@ -466,7 +467,8 @@ def test_model_card_states_base_licence_cuts_calibration_and_survives_a_resave(t
     meta = metadata_load(tmp_path / "a" / "README.md")
     assert meta["base_model"] == "someone/base-7b" and meta["license"] == "apache-2.0"
     assert meta["library_name"] == "transformers" and "linearpatch" in meta["tags"]
-    assert "| [2, 4) | rotate: `P = H diag(s) Hᵀ` (Hadamard paley1(q=11) ⊗ Sylvester 4) | output of kept layer 1 |" in card
+    assert ("| [2, 4) | rotate: `P = H diag(s) Hᵀ`, `H ∝ H_12 ⊗ H_4` (paley1(q=11) ⊗ Sylvester) | output of kept "
+            "layer 1 |") in card
     assert "| [6, 7) | diag: `P = diag(s)` | output of kept layer 3 |" in card
     assert "**Calibration data**: 8 windows x 512 tokens of some text." in card
     assert "vllm serve" in card and "trust_remote_code=True" in card and "curl http://localhost:8000/v1/completions" in card

@@ -116,20 +116,21 @@ def _card_license(path: Path) -> str | None:
     return license if isinstance(license, str) else None
 
 
-def model_card(record: dict, architecture: str, name: str = "path/to/checkpoint") -> str:
+def model_card(record: dict, architecture: str, name: str = "path/to/checkpoint", tags=()) -> str:
     """The checkpoint's ``README.md``: a Hugging Face model card (YAML metadata, then text) that says
     what the model is (base model, licence carried from it, the cuts and their patches, the
-    calibration data) and how to load and serve it. ``name``: how the examples refer to the model."""
+    calibration data) and how to load and serve it. ``name``: how the examples refer to the model (the
+    Hub repository when pushed); ``tags``: more Hub tags."""
     provenance = record.get("provenance") or {}
     base, license, calibration = (provenance.get(k) for k in ("base_model", "license", "calibration"))
     total, cuts = record["num_layers_original"], record["cuts"]
     removed = sum(c["end"] - c["start"] for c in cuts)
     meta = ["---"] + ([f"base_model: {base}"] if base else []) + ([f"license: {license}"] if license else []) + [
         "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- linearpatch", "- layer-pruning",
-        "---", ""]
+        *(f"- {t}" for t in tags), "---", ""]
     hadamard = record.get("hadamard")
-    forms = {"rotate": "`P = H diag(s) Hᵀ`" + (f" (Hadamard {hadamard['construction']} ⊗ Sylvester {hadamard['n']})"
-                                                 if hadamard else ""),
+    forms = {"rotate": "`P = H diag(s) Hᵀ`" + (f", `H ∝ H_{hadamard['k']} ⊗ H_{hadamard['n']}` ({hadamard['construction']} "
+                                                 "⊗ Sylvester)" if hadamard else ""),
              "diag": "`P = diag(s)`", "dense": "dense `d × d` matrix"}
     rows = [f"| [{c['start']}, {c['end']}) | {c['mode']}: {forms[c['mode']]} | "
             + (f"input of kept layer {c['kept_index']}" if c["position"] == "input" else
@@ -173,7 +174,7 @@ curl http://localhost:8000/v1/completions -H "Content-Type: application/json" \\
      -d '{{"model": "{name}", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}}'
 ```
 """
-    return "\n".join(meta) + text
+    return "\n".join(meta) + "\n" + text
 
 
 def _check_savable(model: nn.Module, what: str) -> tuple[dict, str]:
@@ -335,10 +336,9 @@ def _upload(folder: Path, repo_id: str, commit_message=None, commit_description=
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if tags:  # the card's YAML tag list, as transformers' push_to_hub adds them
-        card = folder / "README.md"
-        card.write_text(card.read_text().replace("- layer-pruning\n", "- layer-pruning\n" + "".join(
-            f"- {t}\n" for t in tags), 1))
+    config = json.loads((folder / "config.json").read_text())  # the card again, naming the repository
+    (folder / "README.md").write_text(model_card(config["linearpatch"], config["architectures"][0], repo_id,
+                                                 tags or ()))
     # One commit of every file of the checkpoint (what upload_folder does, less its online card check).
     operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
                   for p in sorted(folder.rglob("*")) if p.is_file()]
