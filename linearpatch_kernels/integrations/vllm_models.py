@@ -25,6 +25,12 @@ Tensor parallelism: the residual stream is replicated on every rank (row-paralle
 before the add), so each rank applies the whole patch to its full hidden state; the patch is not
 sharded. Pipeline parallelism: every rank holds the few-KB patch tensors; only the rank whose layers
 include the cut's layer applies it (other ranks hold ``PPMissingLayer`` there).
+
+Checks and features: the record is checked (``modeling_linearpatch.check_record``, the same function
+as every other loader) before the family's layers are built, and the stored patch tensors
+(``check_patch_tensors``) in ``load_weights``, as they come from the files. LoRA is refused when the
+model is built (an adapter names layers by index; pruning renumbers them). EAGLE-3's auxiliary hidden
+states are the stream entering each kept layer, fused cuts included (``_aux_hidden_state``).
 """
 
 from __future__ import annotations
