@@ -431,8 +431,8 @@ def test_vllm_serve_over_http_gives_load_pruned_tokens(tmp_path):
         server.wait(timeout=60)
     loaded = load_pruned(tmp_path / "ckpt")
     prompt = tokenizer("It was the best of times")["input_ids"]
-    chat_prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    chat_prompt = chat_prompt["input_ids"] if isinstance(chat_prompt, dict) else list(chat_prompt)
+    chat_prompt = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                            add_special_tokens=False)["input_ids"]
     assert completion["choices"][0]["prompt_token_ids"] == prompt and chat["prompt_token_ids"] == chat_prompt
     want = hf_greedy(loaded, [prompt, chat_prompt], 12)
     assert completion["choices"][0]["token_ids"] == want[0]
