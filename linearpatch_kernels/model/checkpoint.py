@@ -98,7 +98,7 @@ def _base_model_of(model: nn.Module) -> dict:
         card = path / "README.md"
         return {"base_model": f"{match.group(1)}/{match.group(2)}" if match else None,
                 "license": _card_license(card) if card.is_file() else None}
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name):  # ORG/NAME, not a relative path like ./model
         from huggingface_hub import try_to_load_from_cache
 
         card = try_to_load_from_cache(name, "README.md")
