@@ -205,3 +205,29 @@ def test_the_modeling_files_hadamard_factor_is_the_packages(d):
 def test_the_modeling_file_refuses_unknown_hadamard_constructions(construction, k, message):
     with pytest.raises(ValueError, match=message):
         hadamard_factor(construction, k)
+
+
+def test_stored_patch_tensors_of_a_hub_repository(good, tmp_path, monkeypatch):
+    """For a Hub id the Auto classes read the patch tensors through transformers' file cache, shard by
+    shard as the index names them (here a fake cache: a sharded copy of the checkpoint)."""
+    import transformers.utils
+
+    from linearpatch_kernels.model.modeling_linearpatch import stored_patch_tensors
+
+    sharded = tmp_path / "sharded"
+    load_pruned(good).save_pretrained(sharded, max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    asked = []
+
+    def cached_file(repo, name, subfolder="", _raise_exceptions_for_missing_entries=True, **kwargs):
+        asked.append((repo, name, kwargs.get("revision")))
+        return str(sharded / name) if (sharded / name).is_file() else None
+
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+    found = stored_patch_tensors("someone/pruned", revision="v1")
+    stored = load_file(str(good / "model.safetensors"))
+    want = {n: t for n, t in stored.items() if n.startswith("model.linearpatch.")}
+    assert sorted(found) == sorted(want) and all(torch.equal(found[n], want[n]) for n in want)
+    assert asked[0] == ("someone/pruned", "model.safetensors.index.json", "v1")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {name for _, name, _ in asked[1:]} == set(index.values())
