@@ -166,14 +166,14 @@ def test_tiny_qwen3_fused_cut_under_torch_compile(tmp_path):
 
 
 def test_tiny_qwen3_fused_cut_with_prefix_caching(tmp_path):
-    """Prefix caching: later prompts that share the first prompt's 40-token prefix reuse its cached
-    blocks (computed through the patched layers) and still give load_pruned's tokens."""
+    """Prefix caching: later prompts that share the first prompt's 72-token prefix reuse its cached
+    blocks of 32 tokens (computed through the patched layers) and still give load_pruned's tokens."""
     vllm_python()
     checkpoint = tiny_qwen3_checkpoint(tmp_path / "qwen3")
-    prefix = [(7 * i) % 90 + 3 for i in range(40)]
+    prefix = [(7 * i) % 90 + 3 for i in range(72)]
     out = check_against_transformers(checkpoint, [prefix, prefix + [11, 12], prefix + [50]], 6, tmp_path,
                                      prefix_caching=True)
-    assert out["cached_tokens"][0] == 0 and min(out["cached_tokens"][1:]) >= 32, out["cached_tokens"]
+    assert out["cached_tokens"][0] == 0 and min(out["cached_tokens"][1:]) >= 64, out["cached_tokens"]
 
 
 def test_tiny_llama_cut_after_the_last_layer(tmp_path):
@@ -373,8 +373,8 @@ def post(url: str, body: dict) -> dict:
 
 
 def start_server(checkpoint, log_path):
-    """``vllm serve CHECKPOINT`` (the venv's own command) on a free local port; returns the process
-    and the base URL once /health answers (vLLM's CPU build starts in about 30 s)."""
+    """``vllm serve CHECKPOINT`` on a free local port; returns the process and the base URL once
+    /health answers (vLLM's CPU build starts in about 30 s)."""
     import socket
     import time
     import urllib.request
@@ -382,9 +382,9 @@ def start_server(checkpoint, log_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cli = str(Path(vllm_python()).parent / "vllm")
+    serve = [vllm_python(), str(ROOT / "tests" / "vllm_scripts" / "serve.py")]  # `vllm serve` (see the script)
     log = open(log_path, "w")
-    server = subprocess.Popen([cli, "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
+    server = subprocess.Popen([*serve, str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
                                "--served-model-name", "pruned", "--dtype", "float32", "--max-model-len", "128",
                                "--enforce-eager", "--seed", "0", "--gpu-memory-utilization", "0.08"],
                               stdout=log, stderr=subprocess.STDOUT, env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1"))

@@ -24,13 +24,13 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="vLLM's torch.compile mode instead of eager")
     parser.add_argument("--prefix-caching", action="store_true",
-                        help="blocks of 16 tokens, the prompts one at a time, so later ones hit the prefix cache")
+                        help="blocks of 32 tokens, the prompts one at a time, so later ones hit the prefix cache")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    caching = {"enable_prefix_caching": True, "block_size": 16} if args.prefix_caching else {}
+    caching = {"enable_prefix_caching": True, "block_size": 32} if args.prefix_caching else {}
     llm = LLM(model=args.checkpoint, dtype=args.dtype, enforce_eager=not args.compile, max_model_len=args.max_model_len,
               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, skip_tokenizer_init=True, seed=0,
               gpu_memory_utilization=0.08, **caching)  # on the CPU backend: the share of RAM for the KV cache
