@@ -19,7 +19,10 @@ PY
 VENV="${TMPDIR:-/tmp}/linearpatch-transformers-$FLOOR"
 [ -x "$VENV/bin/python" ] || python -m venv --system-site-packages "$VENV"
 "$VENV/bin/python" -m pip install --quiet "transformers==$FLOOR"
-"$VENV/bin/python" -c "import transformers; assert transformers.__version__ == '$FLOOR', transformers.__version__"
+"$VENV/bin/python" -c "
+import transformers
+from packaging.version import Version
+assert Version(transformers.__version__) == Version('$FLOOR'), transformers.__version__"
 echo "transformers $FLOOR (the declared floor):"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_surgery.py tests/test_fusion.py tests/test_checkpoint.py \
     tests/test_architectures.py tests/test_record_check.py

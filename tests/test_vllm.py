@@ -1,10 +1,12 @@
 """vLLM serves a format-2 checkpoint with its patch: greedy tokens from vLLM equal those of
-``load_pruned`` (transformers) and differ from the unpatched model's.
+``load_pruned`` (transformers) and differ from the unpatched model's -- offline, over ``vllm serve``'s
+HTTP API, under compile, tensor parallel, prefix caching and EAGLE-3 speculative decoding; every
+tampered checkpoint and LoRA are refused; the plugin leaves another vLLM version working.
 
-vLLM runs in its own virtual environment (its CPU build pins another torch), as subprocesses of
-``tests/vllm_scripts/generate.py``; the transformers side runs here. The environment is
+vLLM runs in its own virtual environment (its CPU build pins another torch), as subprocesses of the
+scripts in ``tests/vllm_scripts/``; the transformers side runs here. The environment is
 ``$LINEARPATCH_VLLM_PYTHON`` or ``~/.cache/linearpatch/vllm-venv`` (what ``.ci/vllm_check.sh`` builds);
-without it these tests skip.
+without it these tests skip (the plugin's own version logic is tested without vLLM, on a stand-in).
 """
 
 import json
