@@ -43,7 +43,7 @@ VARIANTS = ("dense", "pruned", "pruned+patch")
 
 def write_checkpoints(model_dir: Path, start: int, end: int, spread: float, out: Path) -> dict[str, Path]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     import linearpatch_kernels as lp
     from linearpatch_kernels.model import plain_layers
@@ -59,7 +59,8 @@ def write_checkpoints(model_dir: Path, start: int, end: int, spread: float, out:
     with plain_layers(model):
         del model.config.linearpatch  # a plain checkpoint of the family: the pruned model, nothing at the cut
         try:
-            model.save_pretrained(paths["pruned"])
+            # transformers' own save on purpose (a pruned model's save_pretrained writes the patched checkpoint)
+            PreTrainedModel.save_pretrained(model, paths["pruned"])
         finally:
             model.config.linearpatch = record
     tokenizer.save_pretrained(paths["pruned"])

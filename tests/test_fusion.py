@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, random_batches, tiny_model
+from tiny_models import FAMILIES, cache_name, cache_of, random_batches, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from linearpatch_kernels import LinearPatch, hadamard_matrix, load_pruned, save_pruned
@@ -152,7 +152,7 @@ def test_generate_with_kv_cache_matches_without(family):
         out = fused(cached[:, :9], use_cache=True)
         steps = [out.logits]
         for t in range(9, 16):
-            out = fused(cached[:, t:t + 1], cache=out.cache, use_cache=True)
+            out = fused(cached[:, t:t + 1], **cache_of(fused, out), use_cache=True)
             steps.append(out.logits)
     assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5
 
@@ -375,10 +375,10 @@ def test_static_cache_decode_has_no_host_syncs():
     cache = StaticCache(config=fused.config, max_cache_len=16)
     with torch.no_grad():
         full = fused(ids, use_cache=False).logits
-        steps = [fused(ids[:, :8], cache=cache, use_cache=True).logits]
+        steps = [fused(ids[:, :8], **{cache_name(fused): cache}, use_cache=True).logits]
         for t in range(8, 12):
             with OpRecorder() as rec:
-                steps.append(fused(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+                steps.append(fused(ids[:, t:t + 1], **{cache_name(fused): cache}, use_cache=True).logits)
             syncs = [op for op in rec.ops if any(k in op for k in ("_local_scalar_dense", "nonzero", "is_nonzero"))]
             assert syncs == [] and rec.count("linearpatch.patch_add_rmsnorm") == 1
     assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILIES, random_batches, tiny_model
+from tiny_models import FAMILIES, cache_of, random_batches, tiny_model
 
 from linearpatch_kernels import (
     LinearPatch,
@@ -194,7 +194,7 @@ def check_generate_with_kv_cache(model):
         out = model(cached[:, :10], use_cache=True)
         steps = [out.logits]
         for t in range(10, 18):
-            out = model(cached[:, t:t + 1], cache=out.cache, use_cache=True)
+            out = model(cached[:, t:t + 1], **cache_of(model, out), use_cache=True)
             steps.append(out.logits)
     assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5
 

@@ -82,3 +82,18 @@ def random_batches(num_batches: int = 3, seqlen: int = 16, vocab_size: int = VOC
     """Calibration-style inputs: a list of ``[1, seqlen]`` LongTensors of random token ids."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab_size, (1, seqlen), generator=g) for _ in range(num_batches)]
+
+
+def cache_name(model) -> str:
+    """The name of the KV cache argument of ``model``'s forward and output: ``cache`` in transformers
+    >= 5.2x, ``past_key_values`` in the oldest supported release (5.17), so that the tests run on both
+    ends of the supported range."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def cache_of(model, out) -> dict:
+    """The keyword argument that hands a forward's KV cache (in ``out``) to the next forward."""
+    name = cache_name(model)
+    return {name: getattr(out, name)}

@@ -25,9 +25,17 @@ Tensor parallelism: the residual stream is replicated on every rank (row-paralle
 before the add), so each rank applies the whole patch to its full hidden state; the patch is not
 sharded. Pipeline parallelism: every rank holds the few-KB patch tensors; only the rank whose layers
 include the cut's layer applies it (other ranks hold ``PPMissingLayer`` there).
+
+Checks and features: the record is checked (``modeling_linearpatch.check_record``, the same function
+as every other loader) before the family's layers are built, and the stored patch tensors
+(``check_patch_tensors``) in ``load_weights``, as they come from the files. LoRA is refused when the
+model is built (an adapter names layers by index; pruning renumbers them). EAGLE-3's auxiliary hidden
+states are the stream entering each kept layer, fused cuts included (``_aux_hidden_state``).
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 from torch import nn
@@ -38,8 +46,7 @@ from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from ..hadamard import hadamard_factors
-from ..model.checkpoint import validated_cuts
+from ..model.modeling_linearpatch import PATCH_PREFIX, check_patch_tensors, check_record
 from ..model.patch import LinearPatch
 
 # Decoder layers whose forward is: [add +] input_layernorm, self_attn(positions, hidden_states),
@@ -117,16 +124,21 @@ def install_cuts(model: nn.Module, hf_config) -> list[str]:
     Must run in ``__init__`` (before weights load, CUDA-graph capture and compilation). Fusion is
     decided from the layer classes alone, never from which pipeline rank holds a layer, so every rank
     takes the same decision and a fused hand-off can cross a rank boundary."""
-    cuts = validated_cuts(hf_config)
+    cuts = check_record(hf_config)
     inner = model.model
     d = int(hf_config.hidden_size)
     inner.linearpatch = nn.ModuleList(LinearPatch(d, mode=c["mode"]) for c in cuts)
     layers = inner.layers
+    # For EAGLE-3's auxiliary hidden states (``set_aux_hidden_state_layers``): the positions where the
+    # layer loop receives a fused hand-off (n, h') instead of (hidden_states, residual), and the patch
+    # applied to the input of kept layer 0.
+    inner.lp_fused_handoffs, inner.lp_input_patch = set(), None
     notes = []
     for patch, cut in zip(inner.linearpatch, cuts):
         index, position = cut["kept_index"], cut["position"]
         layer = layers[index]
         if position == "input":
+            inner.lp_input_patch = patch
             if not isinstance(layer, PPMissingLayer):
                 _as_cut_layer(layer).lp_input = (patch,)
             notes.append("unfused: the cut is before the first layer (no layer before it to fuse with)")
@@ -150,42 +162,73 @@ def install_cuts(model: nn.Module, hf_config) -> list[str]:
             cut_layer.lp_output = (patch, next_layer.input_layernorm) if fused else (patch,)
         if fused and not isinstance(next_layer, PPMissingLayer):
             _as_cut_layer(next_layer).lp_after_fused = True
+        if fused:
+            inner.lp_fused_handoffs.add(index + 1)
     return notes
 
 
-def _check_hadamard_tensor(name: str, tensor: torch.Tensor, d: int) -> None:
-    if not torch.equal(tensor.detach().double().cpu(), hadamard_factors(d).h_k):
-        raise ValueError(f"checkpoint tensor {name}: not the Hadamard factor linearpatch_kernels builds for d={d}; "
-                         "the patch's scales do not apply")
+def _aux_hidden_state(self, aux_hidden_states: list, layer_idx: int, hidden_states: torch.Tensor,
+                      residual: torch.Tensor | None) -> list:
+    """``EagleModelMixin._maybe_add_hidden_state`` for a stack with cuts: the auxiliary hidden state at
+    position ``i`` is the residual stream entering kept layer ``i``, as vLLM records it for any stack
+    (``hidden_states + residual``), except where a cut changes what the loop carries: after a fused
+    cut the loop holds ``(n, h')`` = (the next layer's normed input, the patched stream), so the stream
+    is ``h'`` alone (``n + h'`` is no hidden state of the model); before kept layer 0 with a cut at the
+    start, the stream entering the layer is the patched embedding."""
+    if layer_idx in self.aux_hidden_state_layers:
+        if layer_idx in self.lp_fused_handoffs:
+            value = residual
+        else:
+            value = hidden_states if residual is None else hidden_states + residual
+            if layer_idx == 0 and self.lp_input_patch is not None:
+                value = self.lp_input_patch(value)
+        aux_hidden_states.append(value)
+    return aux_hidden_states
 
 
 class _PatchedVllmModel:
-    """Mixin: build the family's vLLM model, then install the cuts; load the patch tensors too."""
+    """Mixin: build the family's vLLM model, then install the cuts; load and check the patch tensors."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
+        if vllm_config.lora_config is not None:
+            # A LoRA adapter names its modules by layer index (model.layers.17.self_attn.q_proj); one
+            # trained on the dense model would land on other layers after the renumbering, and nothing
+            # in an adapter says which numbering it uses.
+            raise ValueError("LinearPatch checkpoints do not support LoRA adapters in vLLM: an adapter addresses "
+                             "layers by index and pruning renumbers them; merge the adapter into the model before "
+                             "pruning (or serve without --enable-lora)")
+        check_record(vllm_config.model_config.hf_config)  # before the family's layers are built (quantized ones too)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.linearpatch_cuts = install_cuts(self, vllm_config.model_config.hf_config)
 
-    def load_weights(self, weights):
-        d = int(self.config.hidden_size)
-        seen = set()
+    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
+        """EAGLE-3: record at each requested position the stream entering that kept layer
+        (``_aux_hidden_state``). Positions are those of the pruned stack, as vLLM numbers them."""
+        inner = self.model
+        if not callable(getattr(inner, "_maybe_add_hidden_state", None)):
+            raise ValueError(f"{type(inner).__name__} records EAGLE-3 hidden states in a way this plugin does not "
+                             "know; speculative decoding with auxiliary hidden states is refused")
+        super().set_aux_hidden_state_layers(layers)
+        inner._maybe_add_hidden_state = types.MethodType(_aux_hidden_state, inner)
 
-        def without_hadamard_factors():
+    def load_weights(self, weights):
+        """The family's weights through vLLM's loader; the patch tensors, checked against the record
+        (``check_patch_tensors``, as stored: before any cast), into ``model.linearpatch``."""
+        stored = {}
+
+        def family_weights():
             for name, tensor in weights:
-                if name.startswith("model.linearpatch.") and name.endswith(".hadamard_k"):
-                    _check_hadamard_tensor(name, tensor, d)
-                    seen.add(name)
+                if name.startswith(PATCH_PREFIX):
+                    stored[name] = tensor
                     continue
                 yield name, tensor
 
-        loaded = super().load_weights(without_hadamard_factors())
-        missing = [f"model.linearpatch.{c}.{'weight' if p.mode == 'dense' else 'scale'}"
-                   for c, p in enumerate(self.model.linearpatch)]
-        missing = [m for m in missing if m not in loaded]
-        if missing:
-            raise ValueError(f"checkpoint: patch tensors {missing} are missing; the config records "
-                             f"{len(self.model.linearpatch)} cut(s)")
-        return loaded | seen
+        loaded = super().load_weights(family_weights())
+        check_patch_tensors(self.config, stored)
+        params = dict(self.model.linearpatch.named_parameters(prefix=PATCH_PREFIX.rstrip(".")))
+        for name, param in params.items():
+            param.data.copy_(stored[name])
+        return loaded | set(params) | set(stored)
 
 
 class LinearPatchLlamaForCausalLM(_PatchedVllmModel, LlamaForCausalLM):

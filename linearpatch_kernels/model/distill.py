@@ -446,8 +446,12 @@ def distill_patch(student, teacher, out_dir: str | os.PathLike | None = None, *,
     if out_dir is not None:
         record = {"result": result.to_dict(), "teacher": cache.model, "teacher_cache": str(cache.directory),
                   "topk": cache.topk, "seqlen": cache.seqlen, "cache_samples": cache.num_samples}
+        before = (model.config.linearpatch.get("provenance") or {}).get("calibration")
+        distilled = (f"distilled ({train}) on the dense model's top-{cache.topk} next-token log-probs of "
+                     f"{cache.num_samples} windows of {cache.seqlen} tokens")
         save_pruned(model, out_dir, tokenizer=tokenizer, overwrite=overwrite,
-                    extra_files={RESULT_FILE: json.dumps(record, indent=1) + "\n"})
+                    extra_files={RESULT_FILE: json.dumps(record, indent=1) + "\n"},
+                    calibration=f"{before}; then {distilled}" if before else distilled)
         log(f"saved the distilled model to {out_dir}")
     return model, result
 

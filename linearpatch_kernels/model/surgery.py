@@ -104,6 +104,7 @@ __all__ = [
     "FusedCutNextLayer",
     "FusionStatus",
     "PatchedDecoderLayer",
+    "PrunedModel",
     "decoder_layers",
     "check_blocks",
     "cut_positions",
@@ -149,6 +150,75 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if getattr(config, "is_heterogeneous", False):
         raise ValueError("unsupported model: heterogeneous configs (per_layer_config) cannot be pruned by this package")
     return layers
+
+
+class PrunedModel:
+    """Mixed into the class of every model that ``prune_and_patch`` or ``load_pruned`` returns, so that
+    Hugging Face's own ``save_pretrained`` and ``push_to_hub`` write the pruned checkpoint.
+
+    Without it they would save the stack as it is in memory -- the family's architecture in
+    ``config.json``, the wrapped layers' weights under ``model.layers.{i}.layer.*`` -- a checkpoint that
+    plain transformers loads with those layers randomly initialised (the only sign a load warning).
+    Here both write ``save_pruned``'s checkpoint (the patched architecture, its record, the patch
+    tensors, the modeling file, the model card). The class keeps the family's name; pickling stores
+    the family class and re-applies this mixin on load (``_restore_pruned``)."""
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """``save_pruned``'s checkpoint into ``save_directory`` (created if needed; other files in an
+        existing folder, e.g. a tokenizer saved there first, are kept), with transformers' arguments
+        ``max_shard_size``, ``is_main_process``, ``safe_serialization=True``, ``token`` and
+        ``push_to_hub=True`` (+ ``repo_id``, ``commit_message``, ``private``, ...). Arguments that would
+        write something else (``state_dict``, ``variant``, ...) raise a ``TypeError`` naming
+        ``save_pruned``."""
+        from .checkpoint import save_pretrained_pruned
+
+        return save_pretrained_pruned(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload ``save_pruned``'s checkpoint (model card included) to the Hub repository
+        ``repo_id``; the arguments of transformers' ``push_to_hub``."""
+        from .checkpoint import push_pruned_to_hub
+
+        return push_pruned_to_hub(self, repo_id, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        reduced = super().__reduce_ex__(protocol)
+        return (_restore_pruned, (_family_class(type(self)),), *reduced[2:])
+
+
+def _importable(cls: type) -> bool:
+    import importlib
+
+    try:
+        found = importlib.import_module(cls.__module__)
+        for part in cls.__qualname__.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return False
+    return found is cls
+
+
+def _family_class(cls: type) -> type:
+    """The importable family class under a pruned model's run-time class (what pickle can name)."""
+    return next(c for c in cls.__mro__ if c is not PrunedModel and not issubclass(c, PrunedModel) and _importable(c))
+
+
+_PRUNED_CLASSES: dict[type, type] = {}
+
+
+def pruned_class(base: type, **attributes) -> type:
+    """``base`` (a family ``*ForCausalLM``) with ``PrunedModel`` mixed in, under ``base``'s own name."""
+    if issubclass(base, PrunedModel) and not attributes:
+        return base
+    key = (base, tuple(sorted((k, repr(v)) for k, v in attributes.items())))
+    if key not in _PRUNED_CLASSES:
+        _PRUNED_CLASSES[key] = type(base.__name__, (PrunedModel, base), {
+            "__module__": base.__module__, "__qualname__": base.__qualname__, **attributes})
+    return _PRUNED_CLASSES[key]
+
+
+def _restore_pruned(base: type):
+    return object.__new__(pruned_class(base))
 
 
 def module_execution_device(module: nn.Module) -> torch.device:
@@ -706,6 +776,7 @@ def prune_and_patch(model: nn.Module, start: int | None = None, end: int | None 
     _renumber_layers(model, layers, kept)
     attach_patches(model, cut_positions(cuts), [patches[k] for k in order], fuse=fuse)
     config.linearpatch = pruning_record(cuts, num_layers, hidden_size)
+    model.__class__ = pruned_class(type(model))
     return model
 
 
