@@ -135,7 +135,7 @@ def test_prune_with_given_start_and_diag_mode(tiny_folder, tmp_path, capsys):
     torch.testing.assert_close(get_patch(pruned).scale.double(), want, rtol=1e-5, atol=1e-6)
     # The model card states the calibration data, naming the file but not this machine's path to it.
     card = (out / "README.md").read_text()
-    assert "**Calibration data**: 2 windows x 32 tokens of the text in text.txt." in card
+    assert "**Calibration data**: 2 windows x 32 tokens (64 tokens) of the text in text.txt." in card
     assert str(tiny_folder) not in card
 
 
