@@ -40,7 +40,7 @@ from vllm.model_executor.models.utils import PPMissingLayer
 
 from ..hadamard import hadamard_factors
 from ..model.checkpoint import validated_cuts
-from ..model.patch import LinearPatch
+from ..model.patch import LinearPatch, check_cut_patches
 
 # Decoder layers whose forward is: [add +] input_layernorm, self_attn(positions, hidden_states),
 # post_attention_layernorm(h, residual), mlp -- what the fused cut's next layer runs after its norm.
@@ -185,6 +185,7 @@ class _PatchedVllmModel:
         if missing:
             raise ValueError(f"checkpoint: patch tensors {missing} are missing; the config records "
                              f"{len(self.model.linearpatch)} cut(s)")
+        check_cut_patches(self.model.linearpatch, validated_cuts(self.config), "checkpoint")
         return loaded | seen
 
 

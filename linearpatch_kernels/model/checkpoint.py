@@ -41,7 +41,7 @@ from ..atomic_files import atomic_directory, check_new_directory
 from ..devices import resolve_device
 from ..hadamard import hadamard_factors
 from . import modeling_linearpatch
-from .patch import PATCH_MODES, LinearPatch
+from .patch import PATCH_MODES, LinearPatch, check_cut_patches
 from .surgery import (SUPPORTED_MODEL_TYPES, attach_patches, check_blocks, cut_positions, decoder_layers,
                       get_patches, plain_layers, pruning_cuts, pruning_record)
 
@@ -100,6 +100,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     if len(cuts) != len(patches):
         raise ValueError(f"save_pruned: config.linearpatch records {len(cuts)} cuts but the model holds "
                          f"{len(patches)} patches")
+    check_cut_patches(patches, cuts, "save_pruned")
     directory = check_new_directory(directory, overwrite, what="save_pruned: checkpoint folder")
     d = int(model.config.hidden_size)
     rotate = any(p.mode == "rotate" for p in patches)
@@ -400,6 +401,7 @@ def _load_v2(directory: Path, dtype: torch.dtype | None):
     files = _weight_files(directory)
     d = int(config.hidden_size)
     patches = _read_cut_tensors(directory, files, cuts, d)
+    check_cut_patches(patches, cuts, f"load_pruned: {directory}")
     family = config.linearpatch.get("base_model_type")
     if family != config.model_type[len(modeling_linearpatch.MODEL_TYPE_PREFIX):]:
         raise ValueError(f"{directory / 'config.json'}: base_model_type {family!r} does not match model_type "
@@ -416,6 +418,7 @@ def _load_v1(directory: Path, dtype: torch.dtype | None):
     config = _check_config(directory, meta)
     _weight_files(directory)
     patches = _load_patches(directory, meta)
+    check_cut_patches(patches, meta["cuts"], f"load_pruned: {directory}")
 
     from transformers import AutoModelForCausalLM
 

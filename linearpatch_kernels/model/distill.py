@@ -76,6 +76,10 @@ TRAIN_MODES = ("s", "dense")
 # steps may want less.
 DEFAULT_LR = {"s": 2e-2, "dense": 5e-4}
 WARMUP_FRACTION = 0.05
+# train="s" keeps every scale at or above this: a scale is a ratio of channel magnitudes, and a patch
+# with a scale <= 0 is refused by set_patch, save_pruned and every loader (check_patch_values). A step
+# that would cross it stops there instead (projected gradient descent onto s >= SCALE_FLOOR).
+SCALE_FLOOR = 1e-4
 RESULT_FILE = "distill.json"
 
 
@@ -311,6 +315,10 @@ def train_patch(model: nn.Module, cache: TeacherCache, *, train: str = "s", lr: 
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
+                if train == "s":
+                    with torch.no_grad():
+                        for param in params:
+                            param.clamp_(min=SCALE_FLOOR)
                 schedule.step()
                 step += 1
                 running += float(loss.detach())
