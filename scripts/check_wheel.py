@@ -2,7 +2,7 @@
 """Check a linearpatch-kernels wheel with the compiled CUDA extension; no GPU needed.
 
     python scripts/check_wheel.py WHEEL TORCH_PYTHON [TORCH_PYTHON ...] [--pytest TEST_FILE ...]
-                                  [--symbols-only TORCH_PYTHON ...]
+                                  [--symbols-only TORCH_PYTHON ...] [--find-links DIR]
 
 ``TORCH_PYTHON``: interpreters of environments that each hold one torch to check under (e.g. the
 oldest and the newest of the wheel's CUDA major). Checks, failing with a message on the first miss:
@@ -15,8 +15,10 @@ oldest and the newest of the wheel's CUDA major). Checks, failing with a message
    symbol versioned, i.e. bound to libstdc++ (not to a copy one torch release exports);
 2. for each torch: every symbol it takes from torch is exported by that torch's libraries and every
    CUDA runtime symbol by that torch's libcudart;
-3. for each torch, in a fresh virtual environment holding only the wheel (torch comes from the
-   given environment through a .pth file): the installed package is the wheel's, the build record
+3. for each torch, in a fresh virtual environment holding the wheel and its dependencies, installed
+   there by pip (torch, and what the given torch environment shares, comes from that environment
+   through a .pth file; nothing from the base interpreter's site-packages): the installed package is
+   the wheel's, the build record
    matches the torch's CUDA major, ``torch.ops.load_library`` loads the extension, the three
    ``linearpatch_cuda::*`` kernels are registered for the CUDA dispatch key and not for CPU, and CPU
    calls of ``torch.ops.linearpatch.*`` go to the torch backend and match an fp64 reference; then
@@ -178,22 +180,39 @@ def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str)
         + (f", {found[0].name} all {len(from_cudart)} CUDA runtime symbols" if found else ""))
 
 
-def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str]) -> None:
-    """Step 3 for one torch: a fresh venv with the wheel; torch from the given environment via a .pth file."""
-    # Only what the fresh environment holds: no PYTHONPATH that could put a source tree first.
+def fresh_env(wheel: Path, layout: dict, work: Path, extra: list[str] = (), pip_args: list[str] = ()) -> Path:
+    """A new virtual environment holding the wheel and the wheel's own dependencies; returns its python.
+
+    The environment does not see the base interpreter's site-packages (that interpreter may be any
+    Python, e.g. the one a venv running this script was made from); the torch under test comes from
+    its own environment through a .pth file (``layout["path"]``, that environment's site folders). pip
+    then installs the wheel with its dependencies: whatever the torch environment already provides in
+    a version the wheel accepts (torch itself, and what that environment shares) is taken from there,
+    the rest (tqdm, transformers, ...) is installed into the new environment from the package index or
+    pip's cache (``pip_args``: e.g. ``--no-index --find-links DIR`` for a local wheelhouse). ``extra``:
+    more requirements to install, e.g. ``pytest``."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = work / f"venv-torch{layout['version']}"
     base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    # Before the base interpreter's packages: the torch under test, not another one.
+                              capture_output=True, text=True, check=True, env=env).stdout.strip()
+    # After the environment's own site-packages: what pip installs there comes first.
     Path(site_dir, "torch_under_test.pth").write_text("\n".join(layout["path"]) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
-                   check=True, env=env)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *pip_args,
+                    str(wheel), *extra], check=True, env=env)
+    return python
+
+
+def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str], pip_args: list[str] = ()) -> None:
+    """Step 3 for one torch: the wheel in a fresh environment (``fresh_env``), checked from outside the
+    source tree (the installed package only), then the ``--pytest`` files run against it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    python = fresh_env(wheel, layout, work, ["pytest"] if tests else [], pip_args)
+    venv = python.parent.parent
     subprocess.run([str(python), str(Path(__file__).resolve()), "--inside", str(venv), layout["version"]],
-                   check=True, cwd=work, env=env)  # from outside the source tree: the installed package only
+                   check=True, cwd=work, env=env)
     if tests:
         subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                         *[str(Path(t).resolve()) for t in tests]], check=True, cwd=work, env=env)
@@ -273,6 +292,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pytest", nargs="*", default=[], metavar="TEST_FILE", help="run against each installed wheel")
     parser.add_argument("--symbols-only", nargs="*", default=[], metavar="TORCH_PYTHON",
                         help="torch environments (any CUDA major) to check the torch symbols against, nothing else")
+    parser.add_argument("--find-links", action="append", default=[], metavar="DIR",
+                        help="a folder of wheels for pip to install the wheel's dependencies from (repeatable)")
     if len(argv) < 2:
         print(__doc__)
         return 2
@@ -298,7 +319,7 @@ def main(argv: list[str]) -> int:
             if (layout["cuda"] or "").split(".")[0] != cuda_major:
                 fail(f"torch {layout['version']} of {python} is built for CUDA {layout['cuda']}, the wheel for CUDA {cuda_major}")
             check_symbols(symbols, layout, cuda_major)
-            check_in_fresh_env(wheel, layout, work, args.pytest)
+            check_in_fresh_env(wheel, layout, work, args.pytest, [f"--find-links={d}" for d in args.find_links])
             versions.append(layout["version"])
         for python in args.symbols_only:
             check_symbols_only(symbols, python)

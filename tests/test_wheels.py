@@ -224,3 +224,51 @@ def test_unversioned_standard_library_imports_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(check_wheel, "needed_libraries", lambda path: ["libcudart.so.13"])
     with pytest.raises(SystemExit, match="libcudart.so.13"):
         check_wheel.check_library(tmp_path / "_C.abi3.so", "12")  # the other CUDA major's runtime
+
+
+def make_wheel(folder: Path, name: str, version: str = "1.0", requires=()) -> Path:
+    """A minimal pure-Python wheel (one package, its metadata) written as the zip file a wheel is."""
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    entries = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                            + "".join(f"Requires-Dist: {r}\n" for r in requires),
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    entries[f"{dist}/RECORD"] = "".join(f"{path},,\n" for path in [*entries, f"{dist}/RECORD"])
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for entry, text in entries.items():
+            z.writestr(entry, text)
+    return path
+
+
+def test_the_check_environment_installs_the_wheels_own_dependencies(tmp_path):
+    """The fresh environment of ``check_wheel.py`` gets the wheel's dependencies installed into it (here
+    from a local wheelhouse), takes the torch under test from that torch's own environment, and sees
+    nothing of the base interpreter's site-packages: it used to be made with --system-site-packages and
+    the wheel installed with --no-deps, so the check failed wherever that interpreter lacked a dependency
+    (``No module named 'tqdm'`` when the release script ran from a virtual environment)."""
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    make_wheel(wheelhouse, "lpcheck_dep", "1.2")
+    make_wheel(wheelhouse, "lpcheck_dep", "0.5")
+    wheel = make_wheel(tmp_path, "lpcheck_pkg", requires=["lpcheck_dep>=1.0", "lpcheck_torch>=2.0"])
+    torch_site = tmp_path / "torch-env" / "site-packages"  # stands for the environment holding the torch under test
+    torch_site.mkdir(parents=True)
+    shutil.unpack_archive(make_wheel(tmp_path, "lpcheck_torch", "2.1"), torch_site, format="zip")
+    work = tmp_path / "work"
+    work.mkdir()
+    python = check_wheel.fresh_env(wheel, {"version": "2.1", "path": [str(torch_site)]}, work,
+                                   pip_args=["--no-index", f"--find-links={wheelhouse}"])
+    code = ("import importlib.util, json, lpcheck_pkg, lpcheck_dep, lpcheck_torch; print(json.dumps("
+            "[lpcheck_dep.__file__, lpcheck_dep.VERSION, lpcheck_torch.__file__, importlib.util.find_spec('pytest')]))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=work)
+    assert out.returncode == 0, out.stderr
+    dep_file, dep_version, torch_file, pytest_spec = json.loads(out.stdout)
+    assert Path(dep_file).is_relative_to(work) and dep_version == "1.2"  # installed there, the version it asks for
+    assert Path(torch_file).is_relative_to(torch_site)  # the torch under test, not a copy
+    assert pytest_spec is None  # the base interpreter's packages (pytest is one) are not visible
