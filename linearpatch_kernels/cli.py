@@ -263,6 +263,26 @@ def _path_arg(value: str) -> str:
     return value
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {value!r}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
 def _positive_int(value: str, expected: str = "a positive int") -> int:
     try:
         n = int(value)
@@ -625,24 +645,24 @@ def add_distill_subcommand(subparsers) -> None:
                         f"the validation ones, at most {PAPER_DISTILL_SAMPLES}; the paper used {PAPER_DISTILL_SAMPLES} "
                         "windows of 2048 tokens; the shipped corpus holds about 190 windows of 2048 tokens, pass --text "
                         f"for more. Default on the CPU: {CPU_WINDOWS['distill'][0]})")
-    p.add_argument("--val-samples", type=int, default=16,
+    p.add_argument("--val-samples", type=_positive_int, default=16,
                    help="held-out validation windows, cut after the training ones (default 16)")
-    p.add_argument("--seqlen", type=int, default=None,
+    p.add_argument("--seqlen", type=_positive_int, default=None,
                    help=f"tokens per window (default: {GPU_WINDOWS['distill'][1]} on a GPU, as in the paper; "
                         f"{CPU_WINDOWS['distill'][1]} on the CPU)")
-    p.add_argument("--topk", type=int, default=50, help="teacher tokens kept per position (default 50)")
+    p.add_argument("--topk", type=_positive_int, default=50, help="teacher tokens kept per position (default 50)")
     p.add_argument("--train", choices=DISTILL_TRAIN_MODES, default="s",
                    help="s: the Hadamard-domain scales (keeps the fast patch); dense: a free d x d matrix")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=_positive_float, default=None,
                    help=f"peak learning rate (default {DISTILL_DEFAULT_LR['s']:g} for s, "
                         f"{DISTILL_DEFAULT_LR['dense']:g} for dense)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training windows (default 1)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step (default 1)")
-    p.add_argument("--patience", type=int, default=2, help="validations without improvement before stopping (default 2)")
-    p.add_argument("--eval-every", type=int, default=None, help="also validate every N steps (default: once per epoch)")
+    p.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training windows (default 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per optimizer step (default 1)")
+    p.add_argument("--patience", type=_positive_int, default=2, help="validations without improvement before stopping (default 2)")
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="also validate every N steps (default: once per epoch)")
     p.add_argument("--cache", type=_path_arg, default=None,
                    help="teacher cache directory (default OUT.teacher-cache, beside --out); a partial one is resumed")
-    p.add_argument("--chunk-size", type=int, default=64, help="windows per cache file (default 64)")
+    p.add_argument("--chunk-size", type=_positive_int, default=64, help="windows per cache file (default 64)")
     p.add_argument("--text", type=_path_arg, nargs="+", default=None,
                    help="UTF-8 text files to cut the windows from (default: the package's calibration corpus)")
     p.add_argument("--device", default="auto",
@@ -655,8 +675,7 @@ def add_distill_subcommand(subparsers) -> None:
 
 
 def _distill_samples(value: str) -> int | str:
-    # Checked for >= 1 with the other counts in run_distill_command.
-    return "all" if value == "all" else int(value)
+    return "all" if value == "all" else _positive_int(value, "a positive int or 'all'")
 
 
 def _load_tokenizer(*directories):
@@ -717,10 +736,6 @@ def run_distill_command(args) -> int:
     from .model.checkpoint import is_pruned_checkpoint
     from .model.distill import check_out_dir, default_cache_dir, distill_patch, is_teacher_cache_dir
 
-    for name in ("samples", "val_samples", "seqlen", "topk", "epochs", "batch_size", "chunk_size"):
-        value = getattr(args, name)
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     device = _check_device(args.device)
     note = _default_windows(args, "distill", device)
     student = Path(args.model).expanduser()
@@ -902,7 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--selection", choices=("cosine", "block_influence"), default="cosine",
                        help="how to choose the block (default: %(default)s)")
-    which.add_argument("--start", type=int, help="remove layers [START, START + N) instead of selecting")
+    which.add_argument("--start", type=_non_negative_int, help="remove layers [START, START + N) instead of selecting")
     p.add_argument("--blocks", type=_parse_blocks, metavar="S:E[,S:E...]",
                    help="remove these blocks of layers (END exclusive), one patch per cut, e.g. 14:17,20:23")
     p.add_argument("--max-cuts", type=_positive_int, default=1,
@@ -936,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the unpruned model, for retained performance (same forms as --model)")
     p.add_argument("--include-path", type=_path_arg, help="folder of extra lm-eval task YAML files")
     p.add_argument("--limit", type=_positive_int, help="at most this many examples per lm-eval task")
-    p.add_argument("--num-fewshot", type=int, default=0, help="lm-eval few-shot examples (default: %(default)s)")
+    p.add_argument("--num-fewshot", type=_non_negative_int, default=0, help="lm-eval few-shot examples (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="lm-eval batch size (default: %(default)s)")
     p.set_defaults(func=cmd_eval)
 

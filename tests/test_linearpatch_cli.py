@@ -50,7 +50,10 @@ def test_help_and_usage_errors_import_nothing_heavy():
     argvs = [["--help"], ["prune", "--help"], ["eval", "--help"], ["distill", "--help"], ["demo", "--help"],
              [], ["frobnicate"], ["prune"], ["eval", "--samples", "0"], ["prune", "--out", ""],
              ["prune", "--out", "o"], ["prune", "--out", "o", "--blocks", "1:3", "--start", "2"],
-             ["distill", "--model", "m", "--teacher", "t"]]
+             ["distill", "--model", "m", "--teacher", "t"],
+             ["distill", "--model", "m", "--teacher", "t", "--out", "o", "--topk", "0"],
+             ["distill", "--model", "m", "--teacher", "t", "--out", "o", "--lr", "-1"],
+             ["prune", "--out", "o", "--num-prune", "2", "--start", "-1"]]
     report = probe(argvs)
     for entry in report:
         assert entry["imported"] == [], entry
@@ -64,6 +67,9 @@ def test_help_and_usage_errors_import_nothing_heavy():
                                        "S:E,S:E (the blocks themselves)")
     assert "--blocks gives the blocks itself" in errors["prune --out o --blocks 1:3 --start 2"]
     assert "invalid choice: 'frobnicate'" in errors["frobnicate"]
+    assert "argument --topk: expected a positive int, got '0'" in errors["distill --model m --teacher t --out o --topk 0"]
+    assert "argument --lr: expected a positive number, got '-1'" in errors["distill --model m --teacher t --out o --lr -1"]
+    assert "argument --start: expected a non-negative int, got '-1'" in errors["prune --out o --num-prune 2 --start -1"]
     assert all(len(err.splitlines()) == 1 for err in errors.values()), errors
 
 
