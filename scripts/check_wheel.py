@@ -15,10 +15,10 @@ oldest and the newest of the wheel's CUDA major). Checks, failing with a message
    symbol versioned, i.e. bound to libstdc++ (not to a copy one torch release exports);
 2. for each torch: every symbol it takes from torch is exported by that torch's libraries and every
    CUDA runtime symbol by that torch's libcudart;
-3. for each torch, in a fresh virtual environment holding the wheel and its dependencies, installed
-   there by pip (torch, and what the given torch environment shares, comes from that environment
-   through a .pth file; nothing from the base interpreter's site-packages): the installed package is
-   the wheel's, the build record
+3. for each torch, in a fresh virtual environment holding that torch (through a .pth file naming the
+   folder it is installed in), the wheel, and every other requirement of the two installed there by
+   pip (nothing from the base interpreter's site-packages): the installed package is the wheel's, the
+   build record
    matches the torch's CUDA major, ``torch.ops.load_library`` loads the extension, the three
    ``linearpatch_cuda::*`` kernels are registered for the CUDA dispatch key and not for CPU, and CPU
    calls of ``torch.ops.linearpatch.*`` go to the torch backend and match an fp64 reference; then
@@ -151,7 +151,8 @@ def check_library(library: Path, cuda_major: str) -> dict[str, str | None]:
 def torch_layout(python: str) -> dict:
     """Version, CUDA version, library folder and site-packages folders of the torch of ``python``."""
     code = ("import json, os, site, sys, torch; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
-            "'lib': os.path.join(os.path.dirname(torch.__file__), 'lib'), 'path': [p for p in sys.path if p.endswith('-packages')]}))")
+            "'lib': os.path.join(os.path.dirname(torch.__file__), 'lib'), 'path': [p for p in sys.path if p.endswith('-packages')], "
+            "'site': os.path.dirname(os.path.dirname(torch.__file__))}))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -181,16 +182,17 @@ def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str)
 
 
 def fresh_env(wheel: Path, layout: dict, work: Path, extra: list[str] = (), pip_args: list[str] = ()) -> Path:
-    """A new virtual environment holding the wheel and the wheel's own dependencies; returns its python.
+    """A new virtual environment with the torch under test, the wheel and the wheel's own dependencies;
+    returns its python.
 
-    The environment does not see the base interpreter's site-packages (that interpreter may be any
-    Python, e.g. the one a venv running this script was made from); the torch under test comes from
-    its own environment through a .pth file (``layout["path"]``, that environment's site folders). pip
-    then installs the wheel with its dependencies: whatever the torch environment already provides in
-    a version the wheel accepts (torch itself, and what that environment shares) is taken from there,
-    the rest (tqdm, transformers, ...) is installed into the new environment from the package index or
-    pip's cache (``pip_args``: e.g. ``--no-index --find-links DIR`` for a local wheelhouse). ``extra``:
-    more requirements to install, e.g. ``pytest``."""
+    Nothing of the base interpreter's site-packages is visible there (that interpreter may be any Python,
+    e.g. the one a venv running this script was made from). torch comes from its own environment through
+    a .pth file naming only the folder torch is installed in (``layout["site"]``); pip then installs the
+    wheel and everything the wheel and that torch declare that is not in that folder (tqdm,
+    transformers, ..., and torch's own requirements such as its CUDA libraries) into the new environment,
+    from the package index or pip's cache (``pip_args``: e.g. ``--no-index --find-links DIR`` for a local
+    wheelhouse). So the check holds what a user's ``pip install torch==X WHEEL`` holds. ``extra``: more
+    requirements to install, e.g. ``pytest``."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = work / f"venv-torch{layout['version']}"
     base = getattr(sys, "_base_executable", sys.executable)
@@ -198,8 +200,8 @@ def fresh_env(wheel: Path, layout: dict, work: Path, extra: list[str] = (), pip_
     python = venv / "bin" / "python"
     site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               capture_output=True, text=True, check=True, env=env).stdout.strip()
-    # After the environment's own site-packages: what pip installs there comes first.
-    Path(site_dir, "torch_under_test.pth").write_text("\n".join(layout["path"]) + "\n")
+    # After the environment's own site-packages on sys.path: what pip installs there comes first.
+    Path(site_dir, "torch_under_test.pth").write_text(layout["site"] + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *pip_args,
                     str(wheel), *extra], check=True, env=env)
     return python

@@ -246,29 +246,35 @@ def make_wheel(folder: Path, name: str, version: str = "1.0", requires=()) -> Pa
 
 
 def test_the_check_environment_installs_the_wheels_own_dependencies(tmp_path):
-    """The fresh environment of ``check_wheel.py`` gets the wheel's dependencies installed into it (here
-    from a local wheelhouse), takes the torch under test from that torch's own environment, and sees
-    nothing of the base interpreter's site-packages: it used to be made with --system-site-packages and
-    the wheel installed with --no-deps, so the check failed wherever that interpreter lacked a dependency
-    (``No module named 'tqdm'`` when the release script ran from a virtual environment)."""
+    """The fresh environment of ``check_wheel.py`` takes the torch under test from that torch's own
+    environment, gets the wheel's other dependencies and torch's own installed into it (here from a
+    local wheelhouse), and sees nothing of the base interpreter's site-packages: it used to be made with
+    --system-site-packages and the wheel installed with --no-deps, so the check failed wherever that
+    interpreter lacked a dependency (``No module named 'tqdm'`` when the release script ran from a
+    virtual environment)."""
     wheelhouse = tmp_path / "wheelhouse"
     wheelhouse.mkdir()
-    make_wheel(wheelhouse, "lpcheck_dep", "1.2")
-    make_wheel(wheelhouse, "lpcheck_dep", "0.5")
+    for name, version in [("lpcheck_dep", "1.2"), ("lpcheck_dep", "0.5"), ("lpcheck_cudalib", "13.0")]:
+        make_wheel(wheelhouse, name, version)
     wheel = make_wheel(tmp_path, "lpcheck_pkg", requires=["lpcheck_dep>=1.0", "lpcheck_torch>=2.0"])
-    torch_site = tmp_path / "torch-env" / "site-packages"  # stands for the environment holding the torch under test
+    # The environment holding the torch under test: torch installed without its requirement (as
+    # build_wheels installs it, --no-deps), beside the base interpreter's packages (pytest is one).
+    torch_site = tmp_path / "torch-env" / "site-packages"
     torch_site.mkdir(parents=True)
-    shutil.unpack_archive(make_wheel(tmp_path, "lpcheck_torch", "2.1"), torch_site, format="zip")
+    shutil.unpack_archive(make_wheel(tmp_path, "lpcheck_torch", "2.1", requires=["lpcheck_cudalib==13.0"]), torch_site,
+                          format="zip")
+    layout = {"version": "2.1", "site": str(torch_site), "path": [str(torch_site), str(Path(pytest.__file__).parents[1])]}
     work = tmp_path / "work"
     work.mkdir()
-    python = check_wheel.fresh_env(wheel, {"version": "2.1", "path": [str(torch_site)]}, work,
-                                   pip_args=["--no-index", f"--find-links={wheelhouse}"])
-    code = ("import importlib.util, json, lpcheck_pkg, lpcheck_dep, lpcheck_torch; print(json.dumps("
-            "[lpcheck_dep.__file__, lpcheck_dep.VERSION, lpcheck_torch.__file__, importlib.util.find_spec('pytest')]))")
+    python = check_wheel.fresh_env(wheel, layout, work, pip_args=["--no-index", f"--find-links={wheelhouse}"])
+    code = ("import importlib.util, json, lpcheck_pkg, lpcheck_dep, lpcheck_torch, lpcheck_cudalib; print(json.dumps("
+            "[lpcheck_dep.__file__, lpcheck_dep.VERSION, lpcheck_cudalib.__file__, lpcheck_torch.__file__, "
+            "importlib.util.find_spec('pytest')]))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=work)
     assert out.returncode == 0, out.stderr
-    dep_file, dep_version, torch_file, pytest_spec = json.loads(out.stdout)
+    dep_file, dep_version, cudalib_file, torch_file, pytest_spec = json.loads(out.stdout)
     assert Path(dep_file).is_relative_to(work) and dep_version == "1.2"  # installed there, the version it asks for
+    assert Path(cudalib_file).is_relative_to(work)  # torch's own requirement, installed too
     assert Path(torch_file).is_relative_to(torch_site)  # the torch under test, not a copy
-    assert pytest_spec is None  # the base interpreter's packages (pytest is one) are not visible
+    assert pytest_spec is None  # the base interpreter's packages are not visible
