@@ -226,11 +226,13 @@ def _default_windows(args, command: str, device: str) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"about {seconds:.0f} s"
     if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 def _estimate_time(model, window, passes: float, windows: int, what: str, *, head: bool = False) -> None:
@@ -251,7 +253,7 @@ def _estimate_time(model, window, passes: float, windows: int, what: str, *, hea
             model.model(input_ids=ids, use_cache=False)
     per_window = time.perf_counter() - t0
     total = per_window * passes * windows
-    print(f"estimated time: about {_duration(total)} for {what} ({per_window:.1f} s per window of "
+    print(f"estimated time: {_duration(total)} for {what} ({per_window:.1f} s per window of "
           f"{window.shape[-1]} tokens on this CPU, {torch.get_num_threads()} threads); fewer --samples or a shorter "
           "--seqlen make it faster", file=sys.stderr)
 
