@@ -242,6 +242,8 @@ def test_good_checkpoint_loads(good_checkpoint):
 def test_missing_directory_and_files(tmp_path, checkpoint_copy):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         load_pruned(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="load_pruned: the checkpoint path is empty"):
+        load_pruned("")  # not "config.json not found" in the current folder
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_pruned(tmp_path)
     model = tiny_model("llama", num_layers=3)
