@@ -318,32 +318,37 @@ def test_an_interrupted_distill_says_the_teacher_cache_is_kept(folders, tmp_path
 def test_cpu_defaults_and_the_time_estimate(folders, tmp_path, capsys):
     """Without --samples/--seqlen the CPU takes 16 windows of 512 tokens (the paper's 128 x 2048 take about
     45 minutes per pass of SmolLM2 on two cores), says so, and prints how long the work will take before
-    doing it."""
+    doing it. (The runs give --seqlen 64, short enough for the tiny model's context and a quick test.)"""
     root, dense, _ = folders
-    text = tmp_path / "long.txt"
-    text.write_text(TEXT * 2, encoding="utf-8")
-    result = run_cli("prune", "--model", dense, "--num-prune", 2, "--calib-text", text, "--device", "cpu",
-                     "--out", tmp_path / "p")
+    result = run_cli("prune", "--model", dense, "--num-prune", 2, "--calib-text", root / "text.txt", "--seqlen", 64,
+                     "--device", "cpu", "--out", tmp_path / "p")
     assert result.returncode == 0, result.stderr
-    assert "calibration: 16 windows x 512 tokens" in result.stdout
-    assert "(--samples and --seqlen: the CPU default; on a GPU: --samples 128 --seqlen 2048)" in result.stdout
+    assert "calibration: 16 windows x 64 tokens" in result.stdout
+    assert "(--samples: the CPU default; on a GPU: --samples 128 --seqlen 2048)" in result.stdout
     estimate = re.search(r"estimated time: (about \d+ s|under a second) for the selection pass and the scales pass "
-                         r"over 16 windows "
-                         r"\([\d.]+ s per window of 512 tokens on this CPU, \d+ threads?\); fewer --samples or a "
-                         r"shorter --seqlen make it faster", result.stderr)
+                         r"over 16 windows \([\d.]+ s per window of 64 tokens on this CPU, \d+ threads?\); fewer "
+                         r"--samples or a shorter --seqlen make it faster", result.stderr)
     assert estimate, result.stderr
     assert result.stderr.index("estimated time") < result.stderr.index("block scores")  # before the work
 
-    assert main(["eval", "--model", str(dense), "--text", str(text), "--seqlen", "64", "--device", "cpu"]) == 0
+    assert main(["eval", "--model", str(dense), "--text", str(root / "text.txt"), "--seqlen", "64", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "perplexity on 16 windows x 64 tokens" in captured.out
     assert "(--samples: the CPU default; on a GPU: --samples 32 --seqlen 2048)" in captured.out
     assert re.search(r"estimated time: (about \d+ s|under a second) for 1 perplexity pass over 16 windows", captured.err)
 
-    args = build_parser().parse_args(["distill", "--model", "m", "--teacher", "t", "--out", "o"])
-    assert _default_windows(args, "distill", "cpu").startswith(" (--samples and --seqlen: the CPU default")
-    assert (args.samples, args.seqlen) == (32, 512)
-    args = build_parser().parse_args(["distill", "--model", "m", "--teacher", "t", "--out", "o", "--samples", "all"])
-    assert _default_windows(args, "distill", "cuda:0") == "" and (args.samples, args.seqlen) == (None, 2048)
-    args = build_parser().parse_args(["prune", "--num-prune", "2", "--out", "o", "--seqlen", "256"])
-    assert _default_windows(args, "prune", "cuda") == "" and (args.samples, args.seqlen) == (128, 256)
+    for argv, command, device, want, note in [
+        (["prune", "--num-prune", "2", "--out", "o"], "prune", "cpu", (16, 512),
+         " (--samples and --seqlen: the CPU default; on a GPU: --samples 128 --seqlen 2048)"),
+        (["prune", "--num-prune", "2", "--out", "o", "--seqlen", "256"], "prune", "cuda", (128, 256), ""),
+        (["eval"], "eval", "cpu", (16, 512), " (--samples and --seqlen: the CPU default; on a GPU: --samples 32 "
+                                            "--seqlen 2048)"),
+        (["eval", "--samples", "all"], "eval", "cuda:1", (None, 2048), ""),
+        (["distill", "--model", "m", "--teacher", "t", "--out", "o"], "distill", "cpu", (32, 512),
+         " (--samples and --seqlen: the CPU default; on a GPU: --seqlen 2048 and every window the text holds)"),
+        (["distill", "--model", "m", "--teacher", "t", "--out", "o", "--samples", "all"], "distill", "cuda:0",
+         (None, 2048), ""),
+    ]:
+        args = build_parser().parse_args(argv)
+        assert _default_windows(args, command, device) == note
+        assert (args.samples, args.seqlen) == want, argv
