@@ -319,7 +319,7 @@ def test_cpu_defaults_and_the_time_estimate(folders, tmp_path, capsys):
     """Without --samples/--seqlen the CPU takes 16 windows of 512 tokens (the paper's 128 x 2048 take about
     45 minutes per pass of SmolLM2 on two cores), says so, and prints how long the work will take before
     doing it. (The runs give --seqlen 64, short enough for the tiny model's context and a quick test.)"""
-    root, dense, _ = folders
+    root, dense, pruned = folders
     result = run_cli("prune", "--model", dense, "--num-prune", 2, "--calib-text", root / "text.txt", "--seqlen", 64,
                      "--device", "cpu", "--out", tmp_path / "p")
     assert result.returncode == 0, result.stderr
@@ -336,6 +336,9 @@ def test_cpu_defaults_and_the_time_estimate(folders, tmp_path, capsys):
     assert "perplexity on 16 windows x 64 tokens" in captured.out
     assert "(--samples: the CPU default; on a GPU: --samples 32 --seqlen 2048)" in captured.out
     assert re.search(r"estimated time: (about \d+ s|under a second) for 1 perplexity pass over 16 windows", captured.err)
+    main(["eval", "--model", str(pruned), "--dense-model", str(dense), "--text", str(root / "text.txt"), "--seqlen",
+          "64", "--samples", "2", "--device", "cpu"])
+    assert "for 3 perplexity passes over 2 windows" in capsys.readouterr().err
 
     for argv, command, device, want, note in [
         (["prune", "--num-prune", "2", "--out", "o"], "prune", "cpu", (16, 512),
