@@ -666,8 +666,10 @@ def add_distill_subcommand(subparsers) -> None:
                         f"{DISTILL_DEFAULT_LR['dense']:g} for dense)")
     p.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training windows (default 1)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per optimizer step (default 1)")
-    p.add_argument("--patience", type=_positive_int, default=2, help="validations without improvement before stopping (default 2)")
-    p.add_argument("--eval-every", type=_positive_int, default=None, help="also validate every N steps (default: once per epoch)")
+    p.add_argument("--patience", type=_positive_int, default=2,
+                   help="validations without improvement before stopping (default 2)")
+    p.add_argument("--eval-every", type=_positive_int, default=None,
+                   help="also validate every N steps (default: once per epoch)")
     p.add_argument("--cache", type=_path_arg, default=None,
                    help="teacher cache directory (default OUT.teacher-cache, beside --out); a partial one is resumed")
     p.add_argument("--chunk-size", type=_positive_int, default=64, help="windows per cache file (default 64)")
@@ -959,7 +961,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the unpruned model, for retained performance (same forms as --model)")
     p.add_argument("--include-path", type=_path_arg, help="folder of extra lm-eval task YAML files")
     p.add_argument("--limit", type=_positive_int, help="at most this many examples per lm-eval task")
-    p.add_argument("--num-fewshot", type=_non_negative_int, default=0, help="lm-eval few-shot examples (default: %(default)s)")
+    p.add_argument("--num-fewshot", type=_non_negative_int, default=0,
+                   help="lm-eval few-shot examples (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="lm-eval batch size (default: %(default)s)")
     p.set_defaults(func=cmd_eval)
 

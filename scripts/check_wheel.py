@@ -151,7 +151,8 @@ def check_library(library: Path, cuda_major: str) -> dict[str, str | None]:
 def torch_layout(python: str) -> dict:
     """Version, CUDA version, library folder and site-packages folders of the torch of ``python``."""
     code = ("import json, os, site, sys, torch; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
-            "'lib': os.path.join(os.path.dirname(torch.__file__), 'lib'), 'path': [p for p in sys.path if p.endswith('-packages')], "
+            "'lib': os.path.join(os.path.dirname(torch.__file__), 'lib'), "
+            "'path': [p for p in sys.path if p.endswith('-packages')], "
             "'site': os.path.dirname(os.path.dirname(torch.__file__))}))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)

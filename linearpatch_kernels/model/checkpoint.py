@@ -441,7 +441,8 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
         raise TypeError(f"load_pruned: fuse must be a bool, got {fuse!r}")
     device = resolve_device(device, "load_pruned: device")
     if not str(directory).strip():  # Path("") is the current folder: never what was meant
-        raise ValueError(f"load_pruned: the checkpoint path is empty ({str(directory)!r}); pass the folder save_pruned wrote")
+        raise ValueError(f"load_pruned: the checkpoint path is empty ({str(directory)!r}); pass the folder "
+                         "save_pruned wrote")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint directory written by save_pruned")
