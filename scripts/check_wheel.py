@@ -18,8 +18,7 @@ oldest and the newest of the wheel's CUDA major). Checks, failing with a message
 3. for each torch, in a fresh virtual environment holding that torch (through a .pth file naming the
    folder it is installed in), the wheel, and every other requirement of the two installed there by
    pip (nothing from the base interpreter's site-packages): the installed package is the wheel's, the
-   build record
-   matches the torch's CUDA major, ``torch.ops.load_library`` loads the extension, the three
+   build record matches the torch's CUDA major, ``torch.ops.load_library`` loads the extension, the three
    ``linearpatch_cuda::*`` kernels are registered for the CUDA dispatch key and not for CPU, and CPU
    calls of ``torch.ops.linearpatch.*`` go to the torch backend and match an fp64 reference; then
    the ``--pytest`` test files run there against the installed wheel;
@@ -195,6 +194,9 @@ def fresh_env(wheel: Path, layout: dict, work: Path, extra: list[str] = (), pip_
     wheelhouse). So the check holds what a user's ``pip install torch==X WHEEL`` holds. ``extra``: more
     requirements to install, e.g. ``pytest``."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # The torch under test is exact: a machine-wide pip constraint (e.g. torch<=2.14) must not make pip
+    # replace it with another torch in the new environment (build_wheels does the same for its pips).
+    pip_env = {**env, "PIP_CONSTRAINT": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     venv = work / f"venv-torch{layout['version']}"
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
@@ -203,8 +205,8 @@ def fresh_env(wheel: Path, layout: dict, work: Path, extra: list[str] = (), pip_
                               capture_output=True, text=True, check=True, env=env).stdout.strip()
     # After the environment's own site-packages on sys.path: what pip installs there comes first.
     Path(site_dir, "torch_under_test.pth").write_text(layout["site"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *pip_args,
-                    str(wheel), *extra], check=True, env=env)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pip_args, str(wheel), *extra], check=True,
+                   env=pip_env)
     return python
 
 

@@ -245,7 +245,7 @@ def make_wheel(folder: Path, name: str, version: str = "1.0", requires=()) -> Pa
     return path
 
 
-def test_the_check_environment_installs_the_wheels_own_dependencies(tmp_path):
+def test_the_check_environment_installs_the_wheels_own_dependencies(tmp_path, monkeypatch):
     """The fresh environment of ``check_wheel.py`` takes the torch under test from that torch's own
     environment, gets the wheel's other dependencies and torch's own installed into it (here from a
     local wheelhouse), and sees nothing of the base interpreter's site-packages: it used to be made with
@@ -266,6 +266,9 @@ def test_the_check_environment_installs_the_wheels_own_dependencies(tmp_path):
     layout = {"version": "2.1", "site": str(torch_site), "path": [str(torch_site), str(Path(pytest.__file__).parents[1])]}
     work = tmp_path / "work"
     work.mkdir()
+    constraints = tmp_path / "constraints.txt"  # a machine-wide cap below the torch under test changes nothing
+    constraints.write_text("lpcheck_torch<2.0\n")
+    monkeypatch.setenv("PIP_CONSTRAINT", str(constraints))
     python = check_wheel.fresh_env(wheel, layout, work, pip_args=["--no-index", f"--find-links={wheelhouse}"])
     code = ("import importlib.util, json, lpcheck_pkg, lpcheck_dep, lpcheck_torch, lpcheck_cudalib; print(json.dumps("
             "[lpcheck_dep.__file__, lpcheck_dep.VERSION, lpcheck_cudalib.__file__, lpcheck_torch.__file__, "
