@@ -50,9 +50,10 @@ DISTILL_DEFAULT_LR = {"s": 2e-2, "dense": 5e-4}
 
 # Default window sizes, (windows, tokens per window), when --samples / --seqlen are not given: the
 # paper's on a GPU; on the CPU far fewer tokens, because a forward pass of SmolLM2-135M over one
-# window of 2048 tokens takes about 20 s on two cores (512 tokens: about 5 s), so the paper's
-# 128 x 2048 calibration windows cost about 45 min per pass there. 16 x 512 = 8,192 tokens still
-# average every scale over 8,192 tokens (README, "Command line", has the measured times).
+# window of 512 tokens takes 0.7 s on two cores (2048 tokens: about 3 times that), so the paper's
+# 128 x 2048 calibration windows cost about 5 minutes per pass with the cores to itself and 5 to 15
+# times more on a shared machine, where 16 x 512 (every scale still averaged over 8,192 tokens)
+# takes seconds to minutes (README, "Command line", has the measured times).
 # distill's None: every window the text holds, at most PAPER_DISTILL_SAMPLES.
 GPU_WINDOWS = {"prune": (128, 2048), "eval": (32, 2048), "distill": (None, 2048)}
 CPU_WINDOWS = {"prune": (16, 512), "eval": (16, 512), "distill": (32, 512)}

@@ -316,9 +316,10 @@ def test_an_interrupted_distill_says_the_teacher_cache_is_kept(folders, tmp_path
 
 
 def test_cpu_defaults_and_the_time_estimate(folders, tmp_path, capsys):
-    """Without --samples/--seqlen the CPU takes 16 windows of 512 tokens (the paper's 128 x 2048 take about
-    45 minutes per pass of SmolLM2 on two cores), says so, and prints how long the work will take before
-    doing it. (The runs give --seqlen 64, short enough for the tiny model's context and a quick test.)"""
+    """Without --samples/--seqlen the CPU takes 16 windows of 512 tokens (the paper's 128 x 2048 take minutes
+    per pass of SmolLM2 on two idle cores, half an hour on shared ones), says so, and prints how long the
+    work will take before doing it. (The runs give --seqlen 64, short enough for the tiny model's context
+    and a quick test.)"""
     root, dense, pruned = folders
     result = run_cli("prune", "--model", dense, "--num-prune", 2, "--calib-text", root / "text.txt", "--seqlen", 64,
                      "--device", "cpu", "--out", tmp_path / "p")
