@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-prune", type=int, default=7, help="layers to remove in all (default 7 of 30)")
     p.add_argument("--max-cuts", type=int, nargs="+", default=[2, 3], help="cut counts to compare with one block")
-    p.add_argument("--method", choices=("cosine", "block_influence"), default="cosine",
+    # --selection, as `linearpatch prune` calls it; --method, this script's first name for it, still works.
+    p.add_argument("--selection", "--method", dest="method", choices=("cosine", "block_influence"), default="cosine",
                    help="block cost: 1 - cos(X_start, X_end), or the summed Block Influence of the layers")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=8)

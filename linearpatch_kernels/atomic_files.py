@@ -15,6 +15,12 @@ Replacing an existing target is explicit (``overwrite=True``): the old folder is
 aside, the new one renamed into place, then the old one deleted, so at every instant ``target``
 is either the complete old folder or the complete new one (or, for an instant between the two
 renames, absent).
+
+What is renamed into place has the permissions an ordinary write gives under the user's umask
+(files ``0o666 & ~umask``, folders ``0o777 & ~umask``): some writers stage through private
+temporary files (safetensors' serializer creates its file ``0o600``), which would otherwise leave a
+checkpoint that another account, e.g. a serving process, cannot read. ``ordinary_permissions``
+does that for writes that do not go through this module.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_directory", "atomic_write_text", "check_can_create", "check_new_directory"]
+__all__ = ["atomic_directory", "atomic_write_text", "check_can_create", "check_new_directory", "check_not_an_input",
+           "ordinary_permissions"]
 
 _PARTIAL = ".partial-"
 _OLD = ".old-"
@@ -58,34 +65,54 @@ def _remove_stale_partials(target: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _holds(folder: Path, path: Path) -> bool:
-    """``folder`` is ``path`` or one of its parents (replacing ``folder`` would delete ``path``)."""
-    folder, path = folder.resolve(), path.resolve()
-    return folder == path or folder in path.parents
+def _relation(path: Path, other: Path) -> str | None:
+    """How ``path`` overlaps ``other``: ``"is"``, ``"contains"`` (``other`` lies inside ``path``, so
+    replacing ``path`` deletes it), ``"is inside"`` (writing ``path`` writes into ``other``), or None."""
+    path, other = path.resolve(), other.resolve()
+    if path == other:
+        return "is"
+    if path in other.parents:
+        return "contains"
+    if other in path.parents:
+        return "is inside"
+    return None
+
+
+def check_not_an_input(path: str | os.PathLike, what: str, inputs) -> None:
+    """``ValueError`` when the output ``path`` is, contains or lies inside one of ``inputs``
+    (``(label, path)`` pairs, ``None`` paths skipped): an output never overwrites an input or writes
+    into an input's folder, whatever ``overwrite`` says."""
+    for label, other in inputs:
+        if other is None:
+            continue
+        relation = _relation(Path(path).expanduser(), Path(other).expanduser())
+        if relation is not None:
+            raise ValueError(f"{what} {path} {relation} the {label} {other}; write to a folder outside every input: "
+                             "an input is never overwritten or written into")
 
 
 def check_new_directory(target: str | os.PathLike, overwrite: bool = False, what: str = "output folder",
-                        inputs=()) -> Path:
+                        inputs=(), overwrite_option: str = "overwrite=True") -> Path:
     """``target`` as a ``Path`` if a folder can be written there, else an error that says why.
 
     Accepted: a path that does not exist (its parent is created if needed) or an empty folder;
-    an existing non-empty folder only with ``overwrite=True``; never a file, and never a folder that
-    is or contains one of ``inputs`` (``(label, path)`` pairs: what the command reads), whatever
-    ``overwrite`` says. The check creates and removes a staging folder beside ``target``, so
-    an unwritable place (a read-only file system, ``/proc``, a missing permission) is found before
-    any work is done.
+    an existing non-empty folder only with ``overwrite=True``; never an empty path, never a file, and
+    never a folder that is, contains or lies inside one of ``inputs`` (``(label, path)`` pairs: what
+    the command reads), whatever ``overwrite`` says. ``overwrite_option`` is how the caller's user
+    says "overwrite" (``--overwrite`` on the command line). The check creates and removes a staging
+    folder beside ``target``, so an unwritable place (a read-only file system, ``/proc``, a missing
+    permission) is found before any work is done.
     """
+    if not str(target).strip():
+        raise ValueError(f"{what} is an empty path ({str(target)!r}); pass the folder to write, e.g. 'pruned-model'")
     path = Path(target).expanduser()
-    for label, folder in inputs:
-        if folder is not None and _holds(path, Path(folder).expanduser()):
-            raise ValueError(f"{what} {target} is or contains the {label} {folder}; write to a new folder: an input "
-                             "is never overwritten")
+    check_not_an_input(target, what, inputs)
     if path.exists():
         if not path.is_dir():
             raise FileExistsError(f"{what} {target} is an existing file; pass a folder path")
         if any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"{what} {target} exists and is not empty; choose a new folder, or pass "
-                                  "--overwrite (overwrite=True) to replace it")
+                                  f"{overwrite_option} to replace it")
     check_can_create(path, what)
     return path
 
@@ -103,6 +130,39 @@ def check_can_create(path: Path, what: str = "output") -> None:
                       f"cannot write the {what} {path}: {reason} (in {path.parent}); choose a writable location") from None
 
 
+def _umask() -> int:
+    """The process's umask. Linux reports it in ``/proc/self/status``; elsewhere it can only be read by
+    setting it and putting it back (``os.umask`` returns the old value), which a thread creating a
+    file at that instant would see, hence the second choice."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions an ordinary write
+    gives under the umask: ``0o666 & ~umask`` for files (``0o777 & ~umask`` for those with an
+    execute bit), ``0o777 & ~umask`` for folders. Links are left alone."""
+    mask = _umask()
+    path = Path(path)
+    entries = [path] + (sorted(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        mode = entry.stat().st_mode
+        executable = entry.is_dir() or mode & 0o111
+        wanted = (0o777 if executable else 0o666) & ~mask
+        if mode & 0o7777 != wanted:
+            os.chmod(entry, wanted)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Stage a folder and rename it to ``target`` at the end of the ``with`` block (see the module doc).
@@ -116,6 +176,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     staging.mkdir()
     try:
         yield staging
+        ordinary_permissions(staging)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

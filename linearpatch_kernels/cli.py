@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import sys
@@ -45,6 +46,21 @@ DEEP_PRUNE_FRACTION = 0.5
 # distill: the paper's 5000 windows of 2048 tokens, capped at what the text holds.
 PAPER_DISTILL_SAMPLES = 5000
 
+# linearpatch_kernels.model.distill's TRAIN_MODES and DEFAULT_LR, for --help: importing that module
+# imports torch, which --help must not wait for (tests/test_linearpatch_cli.py checks that they agree).
+DISTILL_TRAIN_MODES = ("s", "dense")
+DISTILL_DEFAULT_LR = {"s": 2e-2, "dense": 5e-4}
+
+# Default window sizes, (windows, tokens per window), when --samples / --seqlen are not given: the
+# paper's on a GPU; on the CPU far fewer tokens, because a forward pass of SmolLM2-135M over one
+# window of 512 tokens takes 0.7 s on two cores (2048 tokens: about 3 times that), so the paper's
+# 128 x 2048 calibration windows cost about 5 minutes per pass with the cores to itself and 5 to 15
+# times more on a shared machine, where 16 x 512 (every scale still averaged over 8,192 tokens)
+# takes seconds to minutes (README, "Command line", has the measured times).
+# distill's None: every window the text holds, at most PAPER_DISTILL_SAMPLES.
+GPU_WINDOWS = {"prune": (128, 2048), "eval": (32, 2048), "distill": (None, 2048)}
+CPU_WINDOWS = {"prune": (16, 512), "eval": (4, 512), "distill": (32, 512)}
+
 
 class CliError(Exception):
     """A usage problem reported as one line on stderr (exit status 2), never as a traceback."""
@@ -57,8 +73,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 layer``, ``2 layers``; ``1 pass``, ``2 passes``."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "x", "sh", "ch")) else f"{n} {noun}s"
+
+
 def _layers(n: int) -> str:
-    return f"{n} layer" if n == 1 else f"{n} layers"
+    return _count(n, "layer")
 
 
 @dataclass
@@ -72,6 +95,10 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
+
+    @property
+    def device(self) -> str:
+        return str(next(self.model.parameters()).device)
 
     def describe(self) -> str:
         config = self.model.config
@@ -125,11 +152,26 @@ def resolve_model_path(spec: str | None, option: str = "--model") -> tuple[str, 
             raise CliError(f"{option} {spec}: the folder has no config.json; expected a Hugging Face model folder "
                            "(config.json, *.safetensors, tokenizer files) or a checkpoint written by "
                            "'linearpatch prune'")
+        _check_config_json(path / "config.json", f"{option} {spec}")
         return spec, path
     if path.exists():
         raise CliError(f"{option} {spec}: is a file; expected a model folder (config.json, weights, tokenizer)")
     raise CliError(f"{option} {spec}: no such folder.{_hub_hint(spec)} Accepted: a local model folder, a checkpoint written "
                    f"by 'linearpatch prune', or 'default' for the embedded {DEFAULT_MODEL_NAME}")
+
+
+def _check_config_json(path: Path, where: str) -> None:
+    """A model's ``config.json`` must be a JSON object with a ``model_type``; said here, before transformers
+    reads it (which would report a broken config as a missing tokenizer or a multi-line traceback)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CliError(f"{where}: {path} is not valid JSON ({e}); the model's config is corrupt or truncated; "
+                       "expected the config.json that save_pretrained writes") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        got = f"a JSON {type(config).__name__}" if not isinstance(config, dict) else "no \"model_type\""
+        raise CliError(f"{where}: {path} holds {got}; expected a Hugging Face model config (a JSON object with "
+                       "\"model_type\", e.g. \"llama\")")
 
 
 def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32", option: str = "--model") -> LoadedModel:
@@ -138,10 +180,15 @@ def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32", op
     device = _check_device(device)
     name, path = resolve_model_path(spec, option)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .model import is_pruned_checkpoint, load_pruned
 
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CliError(f"{option} {spec}: transformers cannot read {path / 'config.json'}: {first}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -157,8 +204,95 @@ def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32", op
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path, record=record)
 
 
-def _parse_samples(value: str) -> int | None:
-    return None if value == "all" else _positive_int(value, "a positive int or 'all'")
+def _parse_samples(value: str) -> int | str:
+    return "all" if value == "all" else _positive_int(value, "a positive int or 'all'")
+
+
+def _default_windows(args, command: str, device: str) -> str:
+    """Fill ``args.samples`` / ``args.seqlen`` left unset with the device's defaults (``GPU_WINDOWS``,
+    ``CPU_WINDOWS``); ``"all"`` becomes None (every window the text holds). Returns a note for the
+    output saying which defaults were taken, or ""."""
+    gpu = not device.startswith("cpu")
+    samples, seqlen = (GPU_WINDOWS if gpu else CPU_WINDOWS)[command]
+    chosen = []
+    if args.samples is None:
+        args.samples = samples
+        chosen.append("--samples")
+    if args.seqlen is None:
+        args.seqlen = seqlen
+        chosen.append("--seqlen")
+    if args.samples == "all":
+        args.samples = None
+    if gpu or not chosen:
+        return ""
+    paper_samples, paper_seqlen = GPU_WINDOWS[command]
+    paper = f"--samples {paper_samples} --seqlen {paper_seqlen}" if paper_samples else \
+        f"--seqlen {paper_seqlen} and every window the text holds"
+    return f" ({' and '.join(chosen)}: the CPU default; on a GPU: {paper})"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    if seconds < 5400:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def _estimate_time(model, window, passes: float, windows: int, what: str, *, head: bool = False) -> None:
+    """Before a long CPU job: time one forward pass over one window (``head``: with the LM head and the
+    logits, as perplexity needs) and print how long ``passes`` passes over ``windows`` windows will take
+    and how to make it shorter. On a GPU the same work takes seconds, so nothing is measured there."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return
+    # Twice, keeping the faster: the first call also pays one-time costs (allocations, lazy set-up),
+    # which made a one-call estimate of an 8-window eval 2.3x too long on SmolLM2.
+    times = []
+    with torch.no_grad():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            if head:
+                model(input_ids=window.to(device), use_cache=False)
+            else:
+                model.model(input_ids=window.to(device), use_cache=False)
+            times.append(time.perf_counter() - t0)
+    per_window = min(times)
+    total = per_window * passes * windows
+    print(f"estimated time: {_duration(total)} for {what} ({per_window:.1f} s per window of "
+          f"{window.shape[-1]} tokens on this CPU, {torch.get_num_threads()} threads); fewer --samples or a shorter "
+          "--seqlen make it faster", file=sys.stderr)
+
+
+def _path_arg(value: str) -> str:
+    """A file or folder argument: an empty string would mean the current folder, never what was meant."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {value!r}")
+    return value
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {value!r}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
 
 
 def _positive_int(value: str, expected: str = "a positive int") -> int:
@@ -225,6 +359,16 @@ def _corpus_name(args) -> str:
     if args.calib_text:
         return "text in " + ", ".join(Path(p).name for p in args.calib_text)
     return corpus.MIX_NAME
+
+
+def _guard_passes(args, validation: dict, cuts: int) -> float:
+    """Forward passes over one window that the shrinkage choice costs (for the time estimate): every
+    validation window scored once per factor (the unpatched factor 0 included) at every cut, with the
+    logits (about one pass each; the layers before a cut are replayed, so this is an upper bound)."""
+    from .model.shrinkage import SHRINK_FACTORS
+
+    factors = len(SHRINK_FACTORS) if args.scales == "shrunk" else 2
+    return float(cuts * factors * sum(len(w) for w in validation.values()))
 
 
 def _guard(args, model, validation: dict, corpus_name: str, tokens: int) -> None:
@@ -295,10 +439,21 @@ def _card_calibration(described: str, text_files) -> str:
 
 def _check_out_dir(out: str, overwrite: bool, *inputs) -> Path:
     """``--out`` checked before anything is loaded: new or empty (non-empty only with ``--overwrite``),
-    writable, never one of the command's inputs (``(label, path)`` pairs)."""
+    writable, never one of the command's inputs (``(label, path)`` pairs), inside one or containing one."""
     from .atomic_files import check_new_directory
 
-    return check_new_directory(out, overwrite, what="--out", inputs=inputs)
+    return check_new_directory(out, overwrite, what="--out", inputs=inputs, overwrite_option="--overwrite")
+
+
+def _warn_if_beyond_context(seqlen: int, config) -> None:
+    """Windows longer than the model's context (``max_position_embeddings``) score positions it was never
+    trained on: the numbers are valid arithmetic but say little about the model."""
+    context = config.get("max_position_embeddings") if isinstance(config, dict) else \
+        getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        print(f"warning: --seqlen {seqlen} is beyond the model's context of {context} tokens "
+              "(max_position_embeddings); positions past it were never trained, so results there say little "
+              f"about the model: use --seqlen {context} or less", file=sys.stderr)
 
 
 def _warn_if_deep(num_prune: int, num_layers: int) -> None:
@@ -309,11 +464,18 @@ def _warn_if_deep(num_prune: int, num_layers: int) -> None:
               "about a quarter)", file=sys.stderr)
 
 
-def _model_input(spec: str | None) -> tuple[str, Path] | None:
-    """``("--model", folder)`` for an existing model folder argument, for the output-folder check."""
+def _model_input(spec: str | None, option: str = "--model") -> tuple[str, Path]:
+    """``(label, folder)`` of a model argument, for the output-folder check: the default model's is
+    its converted folder in the cache (which may not exist yet)."""
     if spec is None or spec in DEFAULT_MODEL_ALIASES:
-        return None
-    return ("--model", Path(spec).expanduser())
+        from .default_model import cached_model_dir
+
+        return (f"{option} default (the converted default model)", cached_model_dir())
+    return (f"{option} folder", Path(spec).expanduser())
+
+
+def _text_inputs(files, option: str) -> list[tuple[str, Path]]:
+    return [(f"{option} file", Path(f).expanduser()) for f in files or ()]
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -354,10 +516,23 @@ def _scale_summary(scales) -> str:
     return f"min {float(scales.min()):.3f}, mean {float(scales.mean()):.3f}, max {float(scales.max()):.3f}"
 
 
+def _check_prune_options(args) -> None:
+    """What the options alone say is wrong, before anything is imported or loaded."""
+    if args.blocks is not None:
+        if args.start is not None or args.num_prune is not None or args.max_cuts > 1:
+            raise CliError("--blocks gives the blocks itself; leave out --start, --num-prune and --max-cuts")
+    elif args.num_prune is None:
+        raise CliError("give --num-prune N (layers to remove) or --blocks S:E,S:E (the blocks themselves)")
+    elif args.start is not None and args.max_cuts > 1:
+        raise CliError("--start gives one block; with --max-cuts use --blocks S:E,S:E to give several")
+
+
 def cmd_prune(args) -> int:
+    _check_prune_options(args)
     from .model import estimate_scales, prune_and_patch, save_pruned
 
-    out = _check_out_dir(args.out, args.overwrite, *filter(None, [_model_input(args.model)]))
+    out = _check_out_dir(args.out, args.overwrite, _model_input(args.model),
+                         *_text_inputs(args.calib_text, "--calib-text"))
     t_total = time.perf_counter()
     loaded = load_model(args.model, args.device, args.dtype)
     if loaded.record is not None:
@@ -365,8 +540,6 @@ def cmd_prune(args) -> int:
     print(f"model: {loaded.describe()}")
     if args.blocks is not None or args.max_cuts > 1:
         return _prune_cuts(args, loaded, out, t_total)
-    if args.num_prune is None:
-        raise CliError("give --num-prune N (layers to remove) or --blocks S:E,S:E (the blocks themselves)")
     num_layers = loaded.num_layers
     n = args.num_prune
     if not 1 <= n < num_layers:
@@ -375,10 +548,20 @@ def cmd_prune(args) -> int:
     if args.start is not None and not 0 <= args.start <= num_layers - n:
         raise CliError(f"--start {args.start} with --num-prune {n}: the block must lie inside the model's "
                        f"{num_layers} layers; accepted starts 0 .. {num_layers - n}")
+    note = _default_windows(args, "prune", loaded.device)
+    _warn_if_beyond_context(args.seqlen, loaded.model.config)
     windows, described = _windows(loaded.tokenizer, args.calib_text, args.seqlen, args.samples, calibration=True)
-    print(f"calibration: {described}")
+    print(f"calibration: {described}{note}")
     validation = _validation_windows(loaded.tokenizer, args.calib_text, len(windows), args.seqlen, args.val_samples,
                                      required=args.scales == "shrunk")
+    # The selection pass runs the whole model; the scales pass stops at the input of layer `end`.
+    if args.start is not None:
+        passes, what = (args.start + n) / num_layers, "the scales pass"
+    else:
+        passes, what = 2.0, "the selection pass and the scales pass"
+    passes += _guard_passes(args, validation, 1) / len(windows)
+    _estimate_time(loaded.model, windows[0], passes, len(windows),
+                   f"{what} over {_count(len(windows), 'window')} and the shrinkage choice")
 
     t0 = time.perf_counter()
     if args.start is not None:
@@ -422,28 +605,37 @@ def _prune_cuts(args, loaded, out: Path, t_total: float) -> int:
 
     num_layers = loaded.num_layers
     if args.blocks is not None:
-        if args.start is not None or args.num_prune is not None or args.max_cuts > 1:
-            raise CliError("--blocks gives the blocks itself; leave out --start, --num-prune and --max-cuts")
         try:
             blocks = sorted(check_blocks(args.blocks, num_layers, "--blocks"))
         except (TypeError, ValueError) as e:
             raise CliError(str(e)) from None
     else:
-        if args.start is not None:
-            raise CliError("--start gives one block; with --max-cuts use --blocks S:E,S:E to give several")
-        if args.num_prune is None or not 1 <= args.num_prune < num_layers:
+        if not 1 <= args.num_prune < num_layers:
             raise CliError(f"--num-prune {args.num_prune}: the model has {num_layers} layers; accepted 1 .. "
                            f"{num_layers - 1}")
     _warn_if_deep(sum(e - s for s, e in blocks) if args.blocks is not None else args.num_prune, num_layers)
+    note = _default_windows(args, "prune", loaded.device)
+    _warn_if_beyond_context(args.seqlen, loaded.model.config)
     windows, described = _windows(loaded.tokenizer, args.calib_text, args.seqlen, args.samples, calibration=True)
-    print(f"calibration: {described}")
+    print(f"calibration: {described}{note}")
     validation = _validation_windows(loaded.tokenizer, args.calib_text, len(windows), args.seqlen, args.val_samples,
                                      required=args.scales == "shrunk")
+    # Calibrating cut k runs the model, its earlier blocks skipped, up to the input of layer end_k; the
+    # selection (--max-cuts) is one pass of the whole model and finds at most --max-cuts blocks.
+    if args.blocks is not None:
+        removed = [sum(e - s for s, e in blocks[:k]) for k in range(len(blocks))]
+        passes = sum(e - r for (_, e), r in zip(blocks, removed)) / num_layers
+        what = f"one scales pass per cut over {_count(len(windows), 'window')}"
+    else:
+        passes = 1.0 + args.max_cuts
+        what = f"the selection pass and up to {args.max_cuts} scales passes over {_count(len(windows), 'window')}"
+    passes += _guard_passes(args, validation, len(blocks) if args.blocks is not None else args.max_cuts) / len(windows)
+    _estimate_time(loaded.model, windows[0], passes, len(windows), what + " and the shrinkage choice")
     t0 = time.perf_counter()
     if args.blocks is None:
         blocks = select_blocks(loaded.model, windows, args.num_prune, args.max_cuts, args.selection)
         print(f"blocks: {_blocks_text(blocks)} of {num_layers} (selection: {args.selection}, at most "
-              f"{args.max_cuts} cuts, {_seconds(t0)})")
+              f"{_count(args.max_cuts, 'cut')}, {_seconds(t0)})")
     else:
         print(f"blocks: {_blocks_text(blocks)} of {num_layers} (given by --blocks; no selection pass)")
     t0 = time.perf_counter()
@@ -457,7 +649,8 @@ def _prune_cuts(args, loaded, out: Path, t_total: float) -> int:
     save_pruned(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite,
                 calibration=_card_calibration(described, args.calib_text))
     removed = sum(e - s for s, e in blocks)
-    print(f"saved: {out} ({_layers(num_layers - removed)}, {len(blocks)} cuts, patch {args.mode}; {_seconds(t0)})")
+    print(f"saved: {out} ({_layers(num_layers - removed)}, {_count(len(blocks), 'cut')}, patch {args.mode}; "
+          f"{_seconds(t0)})")
     print(f"total time: {_seconds(t_total)}")
     return 0
 
@@ -506,7 +699,11 @@ def cmd_eval(args) -> int:
     print(f"model: {loaded.describe()}")
     if dense is not None:
         print(f"dense model: {dense.describe()}")
+    note = _default_windows(args, "eval", loaded.device)
+    _warn_if_beyond_context(args.seqlen, loaded.model.config)
     texts = _eval_texts(loaded.tokenizer, args.text, args.seqlen, args.samples)
+    windows = [w for _, text_windows in texts for w in text_windows]
+    print(f"perplexity on {_count(len(texts), 'text')}, {_count(len(windows), 'window')} of {args.seqlen} tokens{note}")
 
     # (label, loaded model, patch enabled?)
     variants = []
@@ -517,6 +714,8 @@ def cmd_eval(args) -> int:
         variants.append((_pruned_label(loaded.record, False), loaded, False))
     else:
         variants.append(("model", loaded, True))
+    _estimate_time(loaded.model, windows[0], len(variants), len(windows),
+                   f"{_count(len(variants), 'perplexity pass')} over {_count(len(windows), 'window')}", head=True)
 
     def run(variant, fn):
         _, which, patched = variant
@@ -572,8 +771,6 @@ def cmd_eval(args) -> int:
 
 def add_distill_subcommand(subparsers) -> None:
     """Register ``linearpatch distill`` on an argparse ``subparsers`` object."""
-    from .model.distill import DEFAULT_LR, TRAIN_MODES
-
     p = subparsers.add_parser(
         "distill",
         help="train the patch of a pruned model against its dense teacher's top-k log-probs",
@@ -584,38 +781,44 @@ def add_distill_subcommand(subparsers) -> None:
                     "--val-samples validation windows, held out for early stopping, from its validation split "
                     "(or the end of --text); the held-out perplexity per domain is reported before and after.",
     )
-    p.add_argument("--model", required=True, help="pruned checkpoint directory (from `linearpatch prune`)")
-    p.add_argument("--teacher", required=True,
+    p.add_argument("--model", type=_path_arg, required=True,
+                   help="pruned checkpoint directory (from `linearpatch prune`)")
+    p.add_argument("--teacher", type=_path_arg, required=True,
                    help="the dense model the student was pruned from: its folder, or 'default' for the embedded "
                         "SmolLM2-135M-Instruct; or a teacher cache folder built before")
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", type=_path_arg, required=True,
                    help="new folder for the distilled checkpoint (never the student's or the teacher's folder); "
                         "the teacher cache goes beside it, to OUT.teacher-cache, unless --cache says otherwise")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
-    p.add_argument("--samples", type=int, default=None,
-                   help=f"training windows (default: every window the text holds after the validation ones, at most "
-                        f"{PAPER_DISTILL_SAMPLES}; the paper used {PAPER_DISTILL_SAMPLES} windows of 2048 tokens; the "
-                        "shipped mix's calibration split holds about 350 windows of 2048 tokens, pass --text for "
-                        "more)")
-    p.add_argument("--val-samples", type=int, default=16,
+    p.add_argument("--samples", type=_distill_samples, default=None,
+                   help=f"training windows, or 'all' (default on a GPU: all, i.e. every window the text holds after "
+                        f"the validation ones, at most {PAPER_DISTILL_SAMPLES}; the paper used {PAPER_DISTILL_SAMPLES} "
+                        "windows of 2048 tokens; the shipped mix's calibration split holds about 350 windows of 2048 "
+                        f"tokens, pass --text for more. Default on the CPU: {CPU_WINDOWS['distill'][0]})")
+    p.add_argument("--val-samples", type=_positive_int, default=16,
                    help="held-out validation windows, cut after the training ones (default 16)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, as in the paper)")
-    p.add_argument("--topk", type=int, default=50, help="teacher tokens kept per position (default 50)")
-    p.add_argument("--train", choices=TRAIN_MODES, default="s",
+    p.add_argument("--seqlen", type=_positive_int, default=None,
+                   help=f"tokens per window (default: {GPU_WINDOWS['distill'][1]} on a GPU, as in the paper; "
+                        f"{CPU_WINDOWS['distill'][1]} on the CPU)")
+    p.add_argument("--topk", type=_positive_int, default=50, help="teacher tokens kept per position (default 50)")
+    p.add_argument("--train", choices=DISTILL_TRAIN_MODES, default="s",
                    help="s: the Hadamard-domain scales (keeps the fast patch); dense: a free d x d matrix")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default {DEFAULT_LR['s']:g} for s, {DEFAULT_LR['dense']:g} for dense)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training windows (default 1)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step (default 1)")
-    p.add_argument("--patience", type=int, default=2, help="validations without improvement before stopping (default 2)")
-    p.add_argument("--eval-every", type=int, default=None, help="also validate every N steps (default: once per epoch)")
-    p.add_argument("--cache", default=None,
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"peak learning rate (default {DISTILL_DEFAULT_LR['s']:g} for s, "
+                        f"{DISTILL_DEFAULT_LR['dense']:g} for dense)")
+    p.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training windows (default 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per optimizer step (default 1)")
+    p.add_argument("--patience", type=_positive_int, default=2,
+                   help="validations without improvement before stopping (default 2)")
+    p.add_argument("--eval-every", type=_positive_int, default=None,
+                   help="also validate every N steps (default: once per epoch)")
+    p.add_argument("--cache", type=_path_arg, default=None,
                    help="teacher cache directory (default OUT.teacher-cache, beside --out); a partial one is resumed")
-    p.add_argument("--chunk-size", type=int, default=64, help="windows per cache file (default 64)")
-    p.add_argument("--text", nargs="+", default=None,
+    p.add_argument("--chunk-size", type=_positive_int, default=64, help="windows per cache file (default 64)")
+    p.add_argument("--text", type=_path_arg, nargs="+", default=None,
                    help="UTF-8 text files to cut the windows from (default: the shipped mix: training windows from its "
                         "calibration split, validation windows from its validation split)")
-    p.add_argument("--eval-samples", type=int, default=2,
+    p.add_argument("--eval-samples", type=_non_negative_int, default=2,
                    help="test windows per domain of the shipped mix for the held-out perplexity before and after "
                         "(0: skip; default: %(default)s)")
     p.add_argument("--device", default="auto",
@@ -625,6 +828,10 @@ def add_distill_subcommand(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the order in which the training windows are visited (default: %(default)s)")
     p.set_defaults(func=run_distill_command)
+
+
+def _distill_samples(value: str) -> int | str:
+    return "all" if value == "all" else _positive_int(value, "a positive int or 'all'")
 
 
 def _load_tokenizer(*directories):
@@ -649,13 +856,15 @@ def _distill_teacher(spec: str) -> Path:
     if not teacher.is_dir():
         raise FileNotFoundError(f"--teacher {spec}: no such folder.{_hub_hint(spec)} Accepted: the dense model's "
                                 "folder, 'default' for the embedded SmolLM2-135M-Instruct, or a teacher cache folder")
-    if not is_teacher_cache_dir(teacher) and not (teacher / "config.json").is_file():
-        raise FileNotFoundError(f"--teacher {spec}: {teacher} holds neither a model (config.json) nor a "
-                                f"teacher cache ({MANIFEST_FILE})")
+    if not is_teacher_cache_dir(teacher):
+        if not (teacher / "config.json").is_file():
+            raise FileNotFoundError(f"--teacher {spec}: {teacher} holds neither a model (config.json) nor a "
+                                    f"teacher cache ({MANIFEST_FILE})")
+        _check_config_json(teacher / "config.json", f"--teacher {spec}")
     return teacher
 
 
-def _distill_windows(tokenizer, args):
+def _distill_windows(tokenizer, args, note: str = ""):
     """Training + validation windows (validation last). ``--text``: consecutive windows of the text, the
     last ``--val-samples`` held out. Default: the default mix, training windows from its calibration split
     and validation windows from its validation split (domains interleaved in both). ``--samples`` unset
@@ -666,6 +875,8 @@ def _distill_windows(tokenizer, args):
         text = read_text_files(args.text)
         what = "text in " + ", ".join(args.text)
         if args.samples is not None:
+            print(f"distill: {args.samples} training + {args.val_samples} validation windows of {args.seqlen} tokens "
+                  f"from the {what}{note}", file=sys.stderr)
             return token_windows(tokenizer, text, args.seqlen, args.samples + args.val_samples, what=what)
         windows = token_windows(tokenizer, text, args.seqlen, None, what=what)
         if len(windows) <= args.val_samples:
@@ -673,13 +884,13 @@ def _distill_windows(tokenizer, args):
                              f"--val-samples {args.val_samples}; use a smaller --seqlen or --val-samples, or more text")
         train = min(len(windows) - args.val_samples, PAPER_DISTILL_SAMPLES)
         print(f"distill: {train} training + {args.val_samples} validation windows of {args.seqlen} tokens from the "
-              f"{what} (all it holds, at most {PAPER_DISTILL_SAMPLES})", file=sys.stderr)
+              f"{what} (all it holds, at most {PAPER_DISTILL_SAMPLES}){note}", file=sys.stderr)
         return windows[:train + args.val_samples]
     train = mix_windows(tokenizer, args.samples, args.seqlen, "calibration")[:PAPER_DISTILL_SAMPLES]
     val = mix_windows(tokenizer, args.val_samples, args.seqlen, "validation")
     print(f"distill: {len(train)} training windows of {args.seqlen} tokens from the calibration split of the {MIX_NAME}"
           f"{' (all it holds)' if args.samples is None else ''}, {len(val)} validation windows from its validation "
-          "split", file=sys.stderr)
+          f"split{note}", file=sys.stderr)
     return train + val
 
 
@@ -698,30 +909,31 @@ def run_distill_command(args) -> int:
 
     from .default_model import cached_model_dir
     from .model.checkpoint import is_pruned_checkpoint
-    from .model.distill import check_out_dir, distill_patch, is_teacher_cache_dir
+    from .model.distill import check_out_dir, default_cache_dir, distill_patch, is_teacher_cache_dir
 
-    for name in ("samples", "val_samples", "seqlen", "topk", "epochs", "batch_size", "chunk_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.eval_samples < 0:
-        raise ValueError(f"--eval-samples must be >= 0 (0 skips the held-out report), got {args.eval_samples}")
     device = _check_device(args.device)
+    note = _default_windows(args, "distill", device)
     student = Path(args.model).expanduser()
+    if (student / "config.json").is_file():
+        _check_config_json(student / "config.json", f"--model {args.model}")
     if not is_pruned_checkpoint(student):
         raise FileNotFoundError(f"--model {args.model}: not a pruned checkpoint (its config.json records no pruning); "
                                 "create one with `linearpatch prune`")
     # Where the output goes is checked before the teacher is loaded or converted: the output is new
     # (or --overwrite), writable, and never an input.
     teacher_input = cached_model_dir() if args.teacher in DEFAULT_MODEL_ALIASES else Path(args.teacher).expanduser()
-    check_out_dir(args.out, args.overwrite, student=student, teacher=teacher_input, cache_dir=args.cache)
+    check_out_dir(args.out, args.overwrite, student=student, teacher=teacher_input, cache_dir=args.cache,
+                  texts=args.text or (), overwrite_option="--overwrite")
     teacher = _distill_teacher(args.teacher)
+    if not is_teacher_cache_dir(teacher):  # built by this run: kept for resuming if it is interrupted
+        args.resumable_cache = Path(args.cache).expanduser() if args.cache else default_cache_dir(args.out)
     tokenizer = _load_tokenizer(student, None if is_teacher_cache_dir(teacher) else teacher)
     input_ids = None
     if not is_teacher_cache_dir(teacher):
         if tokenizer is None:
             raise FileNotFoundError(f"no tokenizer in {student} or {teacher}; one is needed to cut the text into windows")
-        input_ids = _distill_windows(tokenizer, args)
+        _warn_if_beyond_context(args.seqlen, json.loads((student / "config.json").read_text()))
+        input_ids = _distill_windows(tokenizer, args, note)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     before = None
     if args.eval_samples and tokenizer is not None:
@@ -804,7 +1016,7 @@ def cmd_demo(args) -> int:
 
     t_total = time.perf_counter()
     device = _check_device(args.device)
-    out = _check_out_dir(args.out, args.overwrite, *filter(None, [_model_input(args.model)])) if args.out else None
+    out = _check_out_dir(args.out, args.overwrite, _model_input(args.model)) if args.out is not None else None
     loaded = load_model(args.model, device, args.dtype)
     if loaded.record is not None:
         raise CliError(f"--model {args.model} is already a pruned checkpoint; the demo starts from a dense model")
@@ -914,7 +1126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_model_options(p, default_model="default"):
-        p.add_argument("--model", default=default_model,
+        p.add_argument("--model", type=_path_arg, default=default_model,
                        help="local Hugging Face model folder, a checkpoint written by 'linearpatch prune', or "
                             "'default' for the embedded SmolLM2-135M-Instruct (default: %(default)s)")
         p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default: %(default)s)")
@@ -927,14 +1139,14 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--selection", choices=("cosine", "block_influence"), default="cosine",
                        help="how to choose the block (default: %(default)s)")
-    which.add_argument("--start", type=int, help="remove layers [START, START + N) instead of selecting")
+    which.add_argument("--start", type=_non_negative_int, help="remove layers [START, START + N) instead of selecting")
     p.add_argument("--blocks", type=_parse_blocks, metavar="S:E[,S:E...]",
                    help="remove these blocks of layers (END exclusive), one patch per cut, e.g. 14:17,20:23")
     p.add_argument("--max-cuts", type=_positive_int, default=1,
                    help="select up to this many blocks removing --num-prune layers in all (default: %(default)s)")
     p.add_argument("--mode", choices=("rotate", "diag"), default="rotate",
                    help="rotate: P = H diag(s) H^T; diag: P = diag(s) (default: %(default)s)")
-    p.add_argument("--calib-text", nargs="+", metavar="FILE",
+    p.add_argument("--calib-text", type=_path_arg, nargs="+", metavar="FILE",
                    help="UTF-8 text files for calibration (default: the shipped mix of prose, dialogue, docs, code and "
                         "structured text); their last --val-samples windows are held out for the shrinkage choice")
     p.add_argument("--scales", choices=("shrunk", "paper"), default="shrunk",
@@ -944,25 +1156,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-samples", type=_positive_int, default=2,
                    help="held-out windows per domain for the shrinkage choice and the per-cut report "
                         "(default: %(default)s)")
-    p.add_argument("--samples", type=_positive_int, default=128, help="calibration windows (default: %(default)s)")
-    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: %(default)s)")
-    p.add_argument("--out", required=True, help="new (or empty) folder for the pruned checkpoint")
+    p.add_argument("--samples", type=_positive_int,
+                   help=f"calibration windows (default: {GPU_WINDOWS['prune'][0]} on a GPU, the paper's; "
+                        f"{CPU_WINDOWS['prune'][0]} on the CPU)")
+    p.add_argument("--seqlen", type=_positive_int,
+                   help=f"tokens per window (default: {GPU_WINDOWS['prune'][1]} on a GPU, the paper's; "
+                        f"{CPU_WINDOWS['prune'][1]} on the CPU)")
+    p.add_argument("--out", type=_path_arg, required=True, help="new (or empty) folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity (with and without the patch), optionally lm-eval accuracy")
     add_model_options(p)
-    p.add_argument("--text", nargs="+", metavar="FILE",
+    p.add_argument("--text", type=_path_arg, nargs="+", metavar="FILE",
                    help="UTF-8 text files to score, one row each (default: the test split of every domain of the "
                         "shipped mix, and of the held-out legal text, marked *)")
-    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default: %(default)s)")
-    p.add_argument("--samples", type=_parse_samples, default=32,
-                   help="windows to score, or 'all' (default: %(default)s)")
+    p.add_argument("--seqlen", type=_positive_int,
+                   help=f"tokens per window (default: {GPU_WINDOWS['eval'][1]} on a GPU, {CPU_WINDOWS['eval'][1]} on "
+                        "the CPU)")
+    p.add_argument("--samples", type=_parse_samples,
+                   help=f"windows to score per text, or 'all' (default: {GPU_WINDOWS['eval'][0]} on a GPU, "
+                        f"{CPU_WINDOWS['eval'][0]} on the CPU)")
     p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag (needs the 'eval' extra)")
-    p.add_argument("--dense-model", help="the unpruned model, for retained performance (same forms as --model)")
-    p.add_argument("--include-path", help="folder of extra lm-eval task YAML files")
+    p.add_argument("--dense-model", type=_path_arg,
+                   help="the unpruned model, for retained performance (same forms as --model)")
+    p.add_argument("--include-path", type=_path_arg, help="folder of extra lm-eval task YAML files")
     p.add_argument("--limit", type=_positive_int, help="at most this many examples per lm-eval task")
-    p.add_argument("--num-fewshot", type=int, default=0, help="lm-eval few-shot examples (default: %(default)s)")
+    p.add_argument("--num-fewshot", type=_non_negative_int, default=0,
+                   help="lm-eval few-shot examples (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="lm-eval batch size (default: %(default)s)")
     p.set_defaults(func=cmd_eval)
 
@@ -981,10 +1202,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation windows per calibration domain for the shrinkage choice (default: %(default)s)")
     p.add_argument("--seqlen", type=_positive_int, default=DEMO_SEQLEN, help="tokens per window (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--out", help="new folder to keep the first pruned checkpoint in (default: a temporary folder)")
+    p.add_argument("--out", type=_path_arg,
+                   help="new folder to keep the first pruned checkpoint in (default: a temporary folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a non-empty folder")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _package_user_errors() -> tuple[type, ...]:
+    """The package's exceptions that report a user's problem, imported only when an error is being reported
+    (importing them imports the package, which --help and the option checks must not wait for)."""
+    from .default_model import DefaultModelUnavailable
+    from .evaluation import LmEvalUnavailable, TaskDataUnavailable
+
+    return DefaultModelUnavailable, LmEvalUnavailable, TaskDataUnavailable
+
+
+def _interrupted_note(args) -> str:
+    cache = getattr(args, "resumable_cache", None)
+    if cache is not None and Path(cache).is_dir():
+        return (f"no partial checkpoint was left behind; the teacher cache {cache} is kept (its finished chunks and "
+                "their manifest): run the same command again to resume it, or delete the folder")
+    return "no partial output was left behind"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -997,20 +1236,18 @@ def main(argv: list[str] | None = None) -> int:
     # interleave in order when both are piped to one log.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
-    from .default_model import DefaultModelUnavailable
-    from .evaluation import LmEvalUnavailable, TaskDataUnavailable
-
     try:
         return args.func(args)
     # OSError covers missing files and a teacher cache that would not fit on the disk.
-    except (CliError, DefaultModelUnavailable, LmEvalUnavailable, TaskDataUnavailable, OSError,
-            ValueError) as e:
+    except Exception as e:
+        if not (isinstance(e, (CliError, OSError, ValueError)) or isinstance(e, _package_user_errors())):
+            raise
         print(f"linearpatch {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Outputs are staged and renamed at the end, so an interrupted command leaves no partial
-        # result; a teacher cache keeps its finished chunks and resumes on the next run.
-        print(f"linearpatch {args.command}: interrupted; no partial output was left behind", file=sys.stderr)
+        # result; a teacher cache keeps its finished chunks (and its manifest) to resume on the next run.
+        print(f"linearpatch {args.command}: interrupted; {_interrupted_note(args)}", file=sys.stderr)
         return 130
 
 

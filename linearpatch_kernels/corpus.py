@@ -82,6 +82,8 @@ def read_text_files(paths) -> str:
         raise ValueError("read_text_files: no files given; pass one or more UTF-8 text files")
     texts = []
     for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(f"text file {path} is a folder; pass the text files in it (e.g. {path}/*.txt)")
         if not path.is_file():
             raise FileNotFoundError(f"text file {path} not found; expected a UTF-8 text file (or .gz of one)")
         raw = path.read_bytes()

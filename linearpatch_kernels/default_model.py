@@ -86,6 +86,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    from .atomic_files import ordinary_permissions
+
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     folder, filename = str(gguf_path.parent), gguf_path.name
@@ -109,6 +111,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        # mkdtemp makes the folder 0o700 and safetensors its file 0o600: readable as an ordinary write is.
+        ordinary_permissions(staging)
         try:
             os.replace(staging, out_dir)
         except OSError:

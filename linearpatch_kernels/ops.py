@@ -32,6 +32,7 @@ Autograd (``H`` symmetric, so ``P`` is symmetric):
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 from torch._C._functorch import peek_interpreter_stack
@@ -276,6 +277,19 @@ def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch
     return torch.ops.linearpatch.patch_add_rmsnorm(residual, update, scale, norm_weight, float(eps))
 
 
+def _check_transform_scale(scale, op: str) -> None:
+    # The op's schema takes a Python float: a real number (a 0-d or one-element float tensor converts too).
+    # A string would convert through float() ("2" -> 2.0) or fail with float()'s own message, and True
+    # would silently be 1.0: neither is a scale.
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() == 1 and scale.dtype != torch.bool and not scale.is_complex():
+            return
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        return
+    raise TypeError(f"{op}: scale must be a real number (a float or an int, e.g. d ** -0.5 for the orthonormal "
+                    f"transform), got {scale!r} of type {type(scale).__name__}")
+
+
 def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``x . H_u * scale`` along the last dim (``H_u``: the +-1 Hadamard matrix, symmetric).
 
@@ -286,6 +300,7 @@ def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         return plan_for(x, "hadamard_transform", _check_x_transform)(x, float(scale))
     if not torch.compiler.is_compiling():
         _check_x(x, "hadamard_transform")
+        _check_transform_scale(scale, "hadamard_transform")
     return torch.ops.linearpatch.hadamard_transform(x, float(scale))
 
 

@@ -3,7 +3,7 @@
 extension and the C++ CPU kernels, or the +cpu wheel with the CPU kernels only); no GPU needed.
 
     python scripts/check_wheel.py WHEEL TORCH_PYTHON [TORCH_PYTHON ...] [--pytest TEST_FILE ...]
-                                  [--symbols-only TORCH_PYTHON ...]
+                                  [--symbols-only TORCH_PYTHON ...] [--find-links DIR]
 
 ``TORCH_PYTHON``: interpreters of environments that each hold one torch to check under (e.g. the
 oldest and the newest of the wheel's CUDA major). Checks, failing with a message on the first miss:
@@ -16,9 +16,10 @@ oldest and the newest of the wheel's CUDA major). Checks, failing with a message
    symbol versioned, i.e. bound to libstdc++ (not to a copy one torch release exports);
 2. for each torch: every symbol it takes from torch is exported by that torch's libraries and every
    CUDA runtime symbol by that torch's libcudart;
-3. for each torch, in a fresh virtual environment holding only the wheel (torch comes from the
-   given environment through a .pth file): the installed package is the wheel's, the build record
-   matches the torch's CUDA major, ``torch.ops.load_library`` loads the extension, the three
+3. for each torch, in a fresh virtual environment holding that torch (through a .pth file naming the
+   folder it is installed in), the wheel, and every other requirement of the two installed there by
+   pip (nothing from the base interpreter's site-packages): the installed package is the wheel's, the
+   build record matches the torch's CUDA major, ``torch.ops.load_library`` loads the extension, the three
    ``linearpatch_cuda::*`` kernels are registered for the CUDA dispatch key and not for CPU, the
    three ``linearpatch_cpu::*`` kernels for the CPU key, and CPU calls of ``torch.ops.linearpatch.*``
    go to the C++ CPU kernels and match an fp64 reference; then the ``--pytest`` test files run there
@@ -152,7 +153,9 @@ def check_library(library: Path, cuda_major: str | None) -> dict[str, str | None
 def torch_layout(python: str) -> dict:
     """Version, CUDA version, library folder and site-packages folders of the torch of ``python``."""
     code = ("import json, os, site, sys, torch; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
-            "'lib': os.path.join(os.path.dirname(torch.__file__), 'lib'), 'path': [p for p in sys.path if p.endswith('-packages')]}))")
+            "'lib': os.path.join(os.path.dirname(torch.__file__), 'lib'), "
+            "'path': [p for p in sys.path if p.endswith('-packages')], "
+            "'site': os.path.dirname(os.path.dirname(torch.__file__))}))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -181,22 +184,44 @@ def check_symbols(symbols: dict[str, str | None], layout: dict, cuda_major: str 
         + (f", {found[0].name} all {len(from_cudart)} CUDA runtime symbols" if found and from_cudart else ""))
 
 
-def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str], kind: str) -> None:
-    """Step 3 for one torch: a fresh venv with the wheel; torch from the given environment via a .pth file."""
-    # Only what the fresh environment holds: no PYTHONPATH that could put a source tree first.
+def fresh_env(wheel: Path, layout: dict, work: Path, extra: list[str] = (), pip_args: list[str] = ()) -> Path:
+    """A new virtual environment with the torch under test, the wheel and the wheel's own dependencies;
+    returns its python.
+
+    Nothing of the base interpreter's site-packages is visible there (that interpreter may be any Python,
+    e.g. the one a venv running this script was made from). torch comes from its own environment through
+    a .pth file naming only the folder torch is installed in (``layout["site"]``); pip then installs the
+    wheel and everything the wheel and that torch declare that is not in that folder (tqdm,
+    transformers, ..., and torch's own requirements such as its CUDA libraries) into the new environment,
+    from the package index or pip's cache (``pip_args``: e.g. ``--no-index --find-links DIR`` for a local
+    wheelhouse). So the check holds what a user's ``pip install torch==X WHEEL`` holds. ``extra``: more
+    requirements to install, e.g. ``pytest``."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # The torch under test is exact: a machine-wide pip constraint (e.g. torch<=2.14) must not make pip
+    # replace it with another torch in the new environment (build_wheels does the same for its pips).
+    pip_env = {**env, "PIP_CONSTRAINT": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     venv = work / f"venv-torch{layout['version']}"
     base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    # Before the base interpreter's packages: the torch under test, not another one.
-    Path(site_dir, "torch_under_test.pth").write_text("\n".join(layout["path"]) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
-                   check=True, env=env)
+                              capture_output=True, text=True, check=True, env=env).stdout.strip()
+    # After the environment's own site-packages on sys.path: what pip installs there comes first.
+    Path(site_dir, "torch_under_test.pth").write_text(layout["site"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pip_args, str(wheel), *extra], check=True,
+                   env=pip_env)
+    return python
+
+
+def check_in_fresh_env(wheel: Path, layout: dict, work: Path, tests: list[str], kind: str,
+                       pip_args: list[str] = ()) -> None:
+    """Step 3 for one torch: the wheel in a fresh environment (``fresh_env``), checked from outside the
+    source tree (the installed package only), then the ``--pytest`` files run against it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    python = fresh_env(wheel, layout, work, ["pytest"] if tests else [], pip_args)
+    venv = python.parent.parent
     subprocess.run([str(python), str(Path(__file__).resolve()), "--inside", str(venv), layout["version"], kind],
-                   check=True, cwd=work, env=env)  # from outside the source tree: the installed package only
+                   check=True, cwd=work, env=env)
     if tests:
         subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                         *[str(Path(t).resolve()) for t in tests]], check=True, cwd=work, env=env)
@@ -297,6 +322,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pytest", nargs="*", default=[], metavar="TEST_FILE", help="run against each installed wheel")
     parser.add_argument("--symbols-only", nargs="*", default=[], metavar="TORCH_PYTHON",
                         help="torch environments (any CUDA major) to check the torch symbols against, nothing else")
+    parser.add_argument("--find-links", action="append", default=[], metavar="DIR",
+                        help="a folder of wheels for pip to install the wheel's dependencies from (repeatable)")
     if len(argv) < 2:
         print(__doc__)
         return 2
@@ -336,7 +363,7 @@ def main(argv: list[str]) -> int:
             if symbols:
                 check_symbols(symbols, layout, cuda_major)
             check_symbols(cpu_symbols, layout, None)
-            check_in_fresh_env(wheel, layout, work, args.pytest, kind)
+            check_in_fresh_env(wheel, layout, work, args.pytest, kind, [f"--find-links={d}" for d in args.find_links])
             versions.append(layout["version"])
         for python in args.symbols_only:
             check_symbols_only({**symbols, **cpu_symbols}, python)

@@ -113,7 +113,7 @@ def test_overwrite_replaces_and_refusal_keeps(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="exists and is not empty.*--overwrite"):
+    with pytest.raises(FileExistsError, match="exists and is not empty.*pass overwrite=True to replace"):
         with atomic_directory(target):
             pass
     assert (target / "notes.txt").read_text() == "mine"
@@ -127,10 +127,13 @@ def test_check_new_directory_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="is an existing file"):
         check_new_directory(tmp_path / "file")
-    with pytest.raises(ValueError, match="is or contains the model"):
+    with pytest.raises(ValueError, match="contains the model"):
         check_new_directory(tmp_path, overwrite=True, inputs=[("model", tmp_path / "model")])
-    with pytest.raises(ValueError, match="is or contains the model"):
+    with pytest.raises(ValueError, match="is the model"):
         check_new_directory(tmp_path / "m", overwrite=True, inputs=[("model", tmp_path / "m")])
+    for empty in ("", " "):
+        with pytest.raises(ValueError, match="output folder is an empty path"):
+            check_new_directory(empty)
     if Path("/proc/self").is_dir():
         with pytest.raises(OSError, match="cannot write the output folder /proc/x"):
             check_new_directory("/proc/x")
@@ -144,3 +147,52 @@ def test_atomic_write_text(tmp_path):
     atomic_write_text(path, json.dumps({"a": 2}))
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_an_output_inside_an_input_is_refused(tmp_path):
+    """Writing into an input's folder changes the input as surely as replacing it: refused like "is" and
+    "contains", whatever ``overwrite`` says, and before anything is created."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model / "sub", model / "a" / "b", model / "." / "sub"):
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=r"is inside the model .*an input is never overwritten or written "
+                                                 r"into"):
+                check_new_directory(out, overwrite, inputs=[("model", model)])
+    assert sorted(p.name for p in model.iterdir()) == before  # no parent folder was created inside the input
+    link = tmp_path / "link"
+    link.symlink_to(model)
+    with pytest.raises(ValueError, match="is inside the model"):
+        check_new_directory(link / "sub", inputs=[("model", model)])  # through a symbolic link too
+    assert check_new_directory(tmp_path / "model-out", inputs=[("model", model)]) == tmp_path / "model-out"
+    text = tmp_path / "texts" / "a.txt"
+    text.parent.mkdir()
+    text.write_text("x")
+    with pytest.raises(ValueError, match="contains the text"):
+        check_new_directory(tmp_path / "texts", True, inputs=[("text", text)])
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and put the old one back."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077], ids=["022", "002", "077"])
+def test_saved_files_have_the_permissions_of_an_ordinary_write(tmp_path, umask, mask):
+    """safetensors writes its file 0o600 whatever the umask; a checkpoint must be as readable as any file
+    the user writes: 0o666 & ~umask for files, 0o777 & ~umask for folders."""
+    umask(mask)
+    model = tiny_model("llama", num_layers=4, hidden_size=64)
+    prune_and_patch(model, 1, 2, torch.rand(64) + 0.5)
+    save_pruned(model, tmp_path / "ckpt")
+    atomic_write_text(tmp_path / "results.json", "{}")
+    files = [p for p in (tmp_path / "ckpt").rglob("*") if p.is_file()] + [tmp_path / "results.json"]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}
+    assert oct((tmp_path / "ckpt").stat().st_mode & 0o777) == oct(0o777 & ~mask)

@@ -147,3 +147,12 @@ def test_bench_e2e_variants_share_weights_and_leave_dense_intact():
     h = lp.hadamard_matrix(config.hidden_size)
     assert p.dtype == torch.float32
     torch.testing.assert_close(p.double(), (h * scale.double()) @ h.T, rtol=0, atol=1e-6)
+
+
+def test_multicut_benchmark_takes_the_cli_name_of_the_selection():
+    """README points Block Influence users at `--selection block_influence`, the CLI's name; the benchmark
+    that made its table takes it too, and its first name, --method, still works for the recorded command."""
+    multicut = _load("multicut_smollm2.py")
+    assert multicut.parse_args(["--selection", "block_influence"]).method == "block_influence"
+    assert multicut.parse_args(["--method", "block_influence"]).method == "block_influence"
+    assert multicut.parse_args([]).method == "cosine"

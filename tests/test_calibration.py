@@ -137,6 +137,53 @@ def test_zero_denominator_channels_get_scale_one():
     assert torch.allclose(s[others].double(), expected[others], rtol=1e-5, atol=0)
 
 
+def replace_channel(layer, channel, value):
+    """A pre-hook that sets ``channel`` of ``layer``'s input hidden states to ``value`` for every token (run
+    before the calibration's own hooks, so that they read the changed stream)."""
+    def hook(module, args, kwargs):
+        if args:
+            h = args[0].clone()
+            h[..., channel] = value
+            return (h, *args[1:]), kwargs
+        h = kwargs["hidden_states"].clone()
+        h[..., channel] = value
+        return args, {**kwargs, "hidden_states": h}
+    return layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_calibration_that_cannot_give_a_scale_says_which_channels_and_why():
+    model = tiny_model("llama", num_layers=5, hidden_size=64, seed=9)
+    batches = random_batches(2, seqlen=8, seed=9)
+    with torch.no_grad():  # an overflowing layer: X_3 onwards hold infinities and NaN
+        model.model.layers[2].mlp.down_proj.weight[6, :] = float("inf")
+    with pytest.raises(ValueError, match=r"estimate_scales: block \[1, 3\): the residual stream entering layer 3 is "
+                                         r"not finite in calibration batch 0 \(mean\|x H\| is NaN or infinite at "
+                                         r"channels? .*\): the model overflows in torch.float32"):
+        estimate_scales(model, batches, 1, 3, "rotate", progress=False)
+    with pytest.raises(ValueError, match=r"block \[3, 4\): the residual stream entering layer 3 is not finite.*"
+                                         r"mean\|x\| is NaN or infinite at channel"):
+        estimate_cut_scales(model, batches, [(3, 4)], "diag", progress=False)
+
+    model = tiny_model("llama", num_layers=5, hidden_size=64, seed=9)
+    handle = replace_channel(model.model.layers[3], [12, 30], 0.0)  # no signal after the cut in two channels
+    try:
+        with pytest.raises(ValueError, match=r"estimate_scales: block \[1, 3\): diag scales come out 0 at channels "
+                                             r"12, 30: mean\|x\| of the residual stream entering layer 3 is 0 there "
+                                             r"in every calibration batch"):
+            estimate_scales(model, batches, 1, 3, "diag", progress=False)
+        assert torch.isfinite(estimate_scales(model, batches, 1, 2, "diag", progress=False)).all()  # other blocks
+    finally:
+        handle.remove()
+    handles = [replace_channel(model.model.layers[1], 7, 1e-29), replace_channel(model.model.layers[3], 7, 1e12)]
+    try:
+        with pytest.raises(ValueError, match=r"diag scales overflow float32 at channel 7: mean\|x\| of the residual "
+                                             r"stream entering layer 1 is so close to 0"):
+            estimate_scales(model, batches, 1, 3, "diag", progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_calibration_leaves_the_model_as_it_was():
     model = tiny_model("llama", num_layers=4, hidden_size=64, seed=6).train()
     batches = random_batches(1, seqlen=8, seed=6)

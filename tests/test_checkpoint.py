@@ -235,6 +235,8 @@ def test_good_checkpoint_loads(good_checkpoint):
 def test_missing_directory_and_files(tmp_path, checkpoint_copy):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         load_pruned(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="load_pruned: the checkpoint path is empty"):
+        load_pruned("")  # not "config.json not found" in the current folder
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_pruned(tmp_path)
     model = tiny_model("llama", num_layers=3)
@@ -515,3 +517,41 @@ def test_save_refuses_a_quantized_model(tmp_path):
         ["model.layers.5.self_attn.q_proj"]]}
     with pytest.raises(ValueError, match=r"save_pruned: the model is quantized \(gptq\); .*prune the unquantized model"):
         save_pruned(model, tmp_path / "q")
+
+
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), r"scale has 1 non-finite values \(1 NaN, 0 infinite\) at channel 5"),
+    (float("-inf"), r"scale has 1 non-finite values \(0 NaN, 1 infinite\) at channel 5"),
+    (0.0, r"scale is <= 0 at channel 5 \(smallest 0\)"),
+    (-2.0, r"scale is <= 0 at channel 5 \(smallest -2\)"),
+])
+def test_a_nan_zero_or_negative_patch_is_refused_at_load(checkpoint_copy, value, message):
+    scale = torch.rand(48) + 0.5
+    scale[5] = value
+    edit_tensors(checkpoint_copy, **{"model.linearpatch.0.scale": scale})
+    with pytest.raises(ValueError, match=r"load_pruned: .*ckpt: cut \[2, 4\): the rotate patch's " + message):
+        load_pruned(checkpoint_copy)
+    with pytest.raises(ValueError, match=r"LinearPatchLlamaForCausalLM: cut \[2, 4\): the rotate patch has 1 "):
+        AutoModelForCausalLM.from_pretrained(checkpoint_copy)  # the Auto classes (package registered) too
+
+
+def test_a_nan_patch_is_refused_at_load_of_a_format_1_checkpoint(tmp_path):
+    model = pruned_model("llama", 48, 2, 4, "dense")
+    with torch.no_grad():
+        get_patch(model).weight[1, 2] = float("nan")
+    write_format_1(model, tmp_path / "v1")
+    with pytest.raises(ValueError, match=r"load_pruned: .*v1: cut \[2, 4\): the dense patch's weight has 1 non-finite"):
+        load_pruned(tmp_path / "v1")
+
+
+def test_a_nan_or_negative_patch_is_refused_at_save(tmp_path):
+    model = pruned_model("qwen2", 64, 1, 3, "diag")
+    with torch.no_grad():
+        get_patch(model).scale[10] = float("nan")
+    with pytest.raises(ValueError, match=r"save_pruned: cut \[1, 3\): the diag patch's scale has 1 non-finite values"):
+        save_pruned(model, tmp_path / "out")
+    with torch.no_grad():
+        get_patch(model).scale[10] = -0.5
+    with pytest.raises(ValueError, match=r"save_pruned: cut \[1, 3\): the diag patch's scale is <= 0 at channel 10"):
+        save_pruned(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

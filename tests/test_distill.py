@@ -17,6 +17,7 @@ from tiny_models import tiny_model
 from linearpatch_kernels import estimate_scales, get_patch, load_pruned, prune_and_patch, save_pruned
 from linearpatch_kernels.cli import add_distill_subcommand
 from linearpatch_kernels.model.distill import (
+    SCALE_FLOOR,
     distill_patch,
     student_support_logits,
     support_kl_loss,
@@ -307,6 +308,20 @@ def test_distillation_lowers_validation_loss(tiny_setup, train, lr):
     assert all(p.requires_grad for p in student.parameters())  # the flags are restored afterwards
 
 
+def test_trained_scales_stay_positive_and_save(tiny_setup, tmp_path):
+    """Adam moves each parameter by about lr per step: from scales of 0.01 a step of lr = 1 would take
+    about half of them below zero, which no patch may hold. Training projects them onto s >= SCALE_FLOOR,
+    so the result still saves and loads."""
+    teacher, cache, _ = tiny_setup
+    student = prune_and_patch(copy.deepcopy(teacher), 2, 4, torch.full((64,), 0.01))
+    train_patch(student, cache, train="s", lr=1.0, epochs=1, batch_size=8, val_samples=8, patience=4, eval_every=1,
+                progress=False, log=quiet)
+    scale = get_patch(student).scale.detach()
+    assert scale.min() >= SCALE_FLOOR and (scale == SCALE_FLOOR).any()  # trained, and the floor was reached
+    save_pruned(student, tmp_path / "out")
+    assert torch.equal(get_patch(load_pruned(tmp_path / "out")).scale, scale)
+
+
 def test_dense_starts_from_the_structured_patch(tiny_setup):
     teacher, cache, scales = tiny_setup
     student = prune_and_patch(copy.deepcopy(teacher), 2, 4, scales)
@@ -358,8 +373,9 @@ def test_distill_patch_end_to_end_saves_a_loadable_patch(tiny_setup, tmp_path):
     cli_record = json.loads((tmp_path / "cli" / "distill.json").read_text())["result"]
     assert cli_record["best_val_loss"] < cli_record["initial_val_loss"]
 
+    (tmp_path / "empty").mkdir()
     for model_arg, teacher_arg, match in [(student_dir, tmp_path / "nowhere", "--teacher .*no such folder"),
-                                          (student_dir, tmp_path, "neither a model"),
+                                          (student_dir, tmp_path / "empty", "neither a model"),
                                           (teacher_dir, tmp_path / "out.teacher-cache", "not a pruned checkpoint")]:
         bad = parser.parse_args(["distill", "--model", str(model_arg), "--teacher", str(teacher_arg), "--out",
                                  str(tmp_path / "bad")])

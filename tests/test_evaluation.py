@@ -133,6 +133,8 @@ def test_read_text_files(tmp_path):
     assert corpus.read_text_files([tmp_path / "a.txt", tmp_path / "b.txt.gz"]) == "first\n\nsecond"
     with pytest.raises(FileNotFoundError, match="missing.txt not found"):
         corpus.read_text_files([tmp_path / "missing.txt"])
+    with pytest.raises(IsADirectoryError, match=r"is a folder; pass the text files in it \(e.g. .*/\*.txt\)"):
+        corpus.read_text_files([tmp_path])  # not "not found": it is there, and it is not a file
     (tmp_path / "c.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="not UTF-8"):
         corpus.read_text_files(tmp_path / "c.txt")

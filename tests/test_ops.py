@@ -255,6 +255,26 @@ def test_scale_not_a_tensor():
         lp.hadamard_transform([1.0, 2.0])
 
 
+@pytest.mark.parametrize("scale", ["a", "2", None, True, 1j, [0.5], torch.ones(3), torch.tensor(True)])
+def test_transform_scale_that_is_not_a_real_number(scale):
+    """hadamard_transform's scale is one real number; anything else is named (float("a")'s own message,
+    "could not convert string to float", said nothing about which argument)."""
+    with pytest.raises(TypeError, match=r"hadamard_transform: scale must be a real number \(a float or an int, e.g. "
+                                        r"d \*\* -0.5 for the orthonormal transform\), got "):
+        lp.hadamard_transform(torch.randn(2, 64), scale)
+
+
+def test_transform_scale_forms_that_are_numbers():
+    import numpy as np
+
+    x = torch.randn(2, 64)
+    want = lp.hadamard_transform(x, 0.125)
+    for scale in (0.125, np.float32(0.125), torch.tensor(0.125), torch.tensor([0.125])):
+        assert torch.equal(lp.hadamard_transform(x, scale), want)
+    assert torch.equal(lp.hadamard_transform(x, 2), lp.hadamard_transform(x, 2.0))
+    assert torch.equal(lp.hadamard_transform(x, torch.tensor(2)), lp.hadamard_transform(x, 2.0))
+
+
 def test_float64_scale_accepted_only_with_float64_x():
     x = torch.randn(2, 64, dtype=torch.float64)
     s = torch.ones(64, dtype=torch.float64)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from linearpatch_kernels import LinearPatch, hadamard_matrix
+from linearpatch_kernels.model.patch import check_patch_values
 
 
 def sylvester_orthonormal(d: int) -> torch.Tensor:
@@ -148,3 +149,39 @@ def test_bad_arguments():
     assert LinearPatch(50, "diag").hidden_size == 50  # no Hadamard matrix needed without rotation
     with pytest.raises(ValueError, match="input has last dim 32; expected hidden size 64"):
         LinearPatch(64, "diag")(torch.ones(2, 32))
+
+
+@pytest.mark.parametrize("mode", ["rotate", "diag"])
+def test_check_patch_values_names_the_bad_scales(mode):
+    """Finite scales > 0 pass; NaN, infinities, 0 and negative values are refused with where they are."""
+    s = torch.rand(64) + 0.5
+    patch = LinearPatch(64, mode, scale=s)
+    assert check_patch_values(patch, "here") is patch
+    for values, message in [
+        ({3: float("nan")}, r"here: the %s patch's scale has 1 non-finite values \(1 NaN, 0 infinite\) at channel 3;"),
+        ({3: float("inf"), 9: float("-inf"), 11: float("nan")},
+         r"has 3 non-finite values \(1 NaN, 2 infinite\) at channels 3, 9, 11;"),
+        ({c: float("nan") for c in range(10)}, r"at channels 0, 1, 2, 3, 4, 5 and 4 more;"),
+        ({7: 0.0}, r"here: the %s patch's scale is <= 0 at channel 7 \(smallest 0\); scales are ratios"),
+        ({7: -0.25, 40: 0.0}, r"scale is <= 0 at channels 7, 40 \(smallest -0.25\)"),
+    ]:
+        bad = s.clone()
+        for c, v in values.items():
+            bad[c] = v
+        with pytest.raises(ValueError, match=message.replace("%s", mode)):
+            check_patch_values(LinearPatch(64, mode, scale=bad), "here")
+    with torch.no_grad():  # a patch changed after it was built is checked as it is now
+        patch.scale[0] = float("nan")
+    with pytest.raises(ValueError, match="at channel 0;"):
+        check_patch_values(patch, "here")
+
+
+def test_check_patch_values_on_a_dense_patch():
+    """A dense P may hold zeros and negative entries (an orthogonal matrix does), never NaN or infinity."""
+    w = torch.linalg.qr(torch.randn(48, 48))[0]
+    w[0, 0] = 0.0
+    assert check_patch_values(LinearPatch(48, "dense", weight=w), "here").mode == "dense"
+    w[2, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"here: the dense patch's weight has 1 non-finite values \(0 NaN, 1 infinite\) "
+                                         r"at flat index 101;"):
+        check_patch_values(LinearPatch(48, "dense", weight=w), "here")

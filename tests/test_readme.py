@@ -47,3 +47,43 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch, capsys):
         assert patched < plain, out  # the README's claim: the patch helps the pruned model
         config = json.loads((tmp_path / "pruned" / "config.json").read_text())
         assert config["model_type"] == "linearpatch_llama" and config["linearpatch"]["cuts"]
+
+
+def _cli_commands_and_bare_options():
+    """``linearpatch ...`` command lines of README (in code blocks and inline code) and the inline code spans
+    that are options alone (``--selection cosine|block_influence``)."""
+    text = README.read_text(encoding="utf-8")
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    inline = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+    commands = [c for c in lines + inline if c.startswith("linearpatch ") and " --" in c]  # not the bare names
+    bare = [c for c in inline if c.startswith("--")]
+    return commands, bare
+
+
+def test_readme_command_lines_use_options_the_cli_has():
+    """A user copies these: every ``linearpatch`` command of README parses, and every option it names on its
+    own is one of the command's (README once sent Block Influence users to ``--method``, the benchmark
+    script's name for the CLI's ``--selection``). Outside the CLI: pip's ``--no-deps``, the benchmarks'
+    ``--threads``."""
+    import argparse
+    import shlex
+
+    from linearpatch_kernels.cli import build_parser
+
+    parser = build_parser()
+    commands, bare = _cli_commands_and_bare_options()
+    assert len(commands) >= 5 and len(bare) >= 10
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit as e:  # --help exits 0
+            if e.code != 0:
+                pytest.fail(f"README command does not parse: {command}")
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = {o for sub in subparsers.choices.values() for a in sub._actions for o in a.option_strings}
+    for span in bare:
+        for option in re.findall(r"(?<![\w-])--[a-z][\w-]*", span):
+            assert option in options | {"--no-deps", "--threads"}, f"README names {option} ({span!r}), not an option " \
+                                                                     "of the linearpatch command"

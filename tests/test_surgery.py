@@ -327,3 +327,31 @@ def test_scale_gradient_through_the_model_matches_fp64():
         for handle in hooks:
             handle.remove()
     assert rel_err(patch.scale.grad, s64.grad) <= 1e-4
+
+
+def test_non_finite_or_non_positive_scales_are_refused_naming_the_cut():
+    """prune_and_patch refuses before touching the model, set_patch before swapping the patch."""
+    model = tiny_model("llama", num_layers=6, hidden_size=64, seed=2)
+    s = random_scales(64, seed=2)
+    for bad_value, message in [(float("nan"), "has 1 non-finite values"), (float("inf"), "has 1 non-finite values"),
+                               (0.0, "is <= 0 at channel 4"), (-1.0, "is <= 0 at channel 4")]:
+        bad = s.clone()
+        bad[4] = bad_value
+        with pytest.raises(ValueError, match=r"prune_and_patch: cut \[1, 3\): the rotate patch's scale " + message):
+            prune_and_patch(model, 1, 3, bad)
+        with pytest.raises(ValueError, match=r"prune_and_patch: cut \[4, 5\): the diag patch's scale"):
+            prune_and_patch(model, blocks=[(1, 2), (4, 5)], scales=[s, bad], mode="diag")
+    w = torch.eye(64)
+    w[3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"prune_and_patch: cut \[1, 3\): the dense patch's weight has 1 non-finite"):
+        prune_and_patch(model, 1, 3, mode="dense", weight=w)
+    assert len(model.model.layers) == 6 and getattr(model.config, "linearpatch", None) is None  # untouched
+
+    prune_and_patch(model, blocks=[(1, 2), (4, 5)], scales=[s, s])
+    good = get_patch(model, cut=1)
+    bad = s.clone()
+    bad[0] = float("nan")
+    with pytest.raises(ValueError, match=r"set_patch: cut \[4, 5\): the diag patch's scale has 1 non-finite values "
+                                         r"\(1 NaN, 0 infinite\) at channel 0"):
+        set_patch(model, LinearPatch(64, "diag", scale=bad), cut=1)
+    assert get_patch(model, cut=1) is good and pruning_cuts(model.config.linearpatch)[1]["mode"] == "rotate"

@@ -19,6 +19,7 @@ import types
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -442,6 +443,19 @@ def test_vllm_serve_over_http_gives_load_pruned_tokens(tmp_path):
     assert chat["choices"][0]["message"]["content"] == tokenizer.decode(want[1])
     with patch_disabled(loaded):
         assert hf_greedy(loaded, [prompt, chat_prompt], 12) != want
+
+
+def test_a_nan_patch_is_refused(tmp_path):
+    vllm_python()
+    checkpoint = tiny_qwen3_checkpoint(tmp_path / "nan")
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.linearpatch.0.scale"][7] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    result, out = run_vllm(checkpoint, [[5, 6]], 2, tmp_path)
+    assert result.returncode != 0 and out is None
+    assert ("checkpoint: cut [2, 4): the rotate patch's scale has 1 non-finite values (1 NaN, 0 infinite) at "
+            "channel 7") in result.stdout + result.stderr
 
 
 @pytest.mark.slow

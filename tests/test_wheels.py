@@ -278,3 +278,60 @@ def test_the_build_environments_torch_is_told_apart_from_the_installed_one(monke
         origin = str(fake)
     monkeypatch.setattr(setup_script.importlib.util, "find_spec", lambda name: Spec())
     assert setup_script.torch_is_the_build_environments()
+
+
+def make_wheel(folder: Path, name: str, version: str = "1.0", requires=()) -> Path:
+    """A minimal pure-Python wheel (one package, its metadata) written as the zip file a wheel is."""
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    entries = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                            + "".join(f"Requires-Dist: {r}\n" for r in requires),
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    entries[f"{dist}/RECORD"] = "".join(f"{path},,\n" for path in [*entries, f"{dist}/RECORD"])
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for entry, text in entries.items():
+            z.writestr(entry, text)
+    return path
+
+
+def test_the_check_environment_installs_the_wheels_own_dependencies(tmp_path, monkeypatch):
+    """The fresh environment of ``check_wheel.py`` takes the torch under test from that torch's own
+    environment, gets the wheel's other dependencies and torch's own installed into it (here from a
+    local wheelhouse), and sees nothing of the base interpreter's site-packages: it used to be made with
+    --system-site-packages and the wheel installed with --no-deps, so the check failed wherever that
+    interpreter lacked a dependency (``No module named 'tqdm'`` when the release script ran from a
+    virtual environment)."""
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    for name, version in [("lpcheck_dep", "1.2"), ("lpcheck_dep", "0.5"), ("lpcheck_cudalib", "13.0")]:
+        make_wheel(wheelhouse, name, version)
+    wheel = make_wheel(tmp_path, "lpcheck_pkg", requires=["lpcheck_dep>=1.0", "lpcheck_torch>=2.0"])
+    # The environment holding the torch under test: torch installed without its requirement (as
+    # build_wheels installs it, --no-deps), beside the base interpreter's packages (pytest is one).
+    torch_site = tmp_path / "torch-env" / "site-packages"
+    torch_site.mkdir(parents=True)
+    shutil.unpack_archive(make_wheel(tmp_path, "lpcheck_torch", "2.1", requires=["lpcheck_cudalib==13.0"]), torch_site,
+                          format="zip")
+    layout = {"version": "2.1", "site": str(torch_site), "path": [str(torch_site), str(Path(pytest.__file__).parents[1])]}
+    work = tmp_path / "work"
+    work.mkdir()
+    constraints = tmp_path / "constraints.txt"  # a machine-wide cap below the torch under test changes nothing
+    constraints.write_text("lpcheck_torch<2.0\n")
+    monkeypatch.setenv("PIP_CONSTRAINT", str(constraints))
+    python = check_wheel.fresh_env(wheel, layout, work, pip_args=["--no-index", f"--find-links={wheelhouse}"])
+    code = ("import importlib.util, json, lpcheck_pkg, lpcheck_dep, lpcheck_torch, lpcheck_cudalib; print(json.dumps("
+            "[lpcheck_dep.__file__, lpcheck_dep.VERSION, lpcheck_cudalib.__file__, lpcheck_torch.__file__, "
+            "importlib.util.find_spec('pytest')]))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=work)
+    assert out.returncode == 0, out.stderr
+    dep_file, dep_version, cudalib_file, torch_file, pytest_spec = json.loads(out.stdout)
+    assert Path(dep_file).is_relative_to(work) and dep_version == "1.2"  # installed there, the version it asks for
+    assert Path(cudalib_file).is_relative_to(work)  # torch's own requirement, installed too
+    assert Path(torch_file).is_relative_to(torch_site)  # the torch under test, not a copy
+    assert pytest_spec is None  # the base interpreter's packages are not visible

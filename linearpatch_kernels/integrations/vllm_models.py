@@ -47,7 +47,7 @@ from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from ..model.modeling_linearpatch import PATCH_PREFIX, check_patch_tensors, check_record
-from ..model.patch import LinearPatch
+from ..model.patch import LinearPatch, check_cut_patches
 
 # Decoder layers whose forward is: [add +] input_layernorm, self_attn(positions, hidden_states),
 # post_attention_layernorm(h, residual), mlp -- what the fused cut's next layer runs after its norm.
@@ -224,10 +224,12 @@ class _PatchedVllmModel:
                 yield name, tensor
 
         loaded = super().load_weights(family_weights())
-        check_patch_tensors(self.config, stored)
+        cuts = check_record(self.config)
+        check_patch_tensors(self.config, stored, cuts=cuts)
         params = dict(self.model.linearpatch.named_parameters(prefix=PATCH_PREFIX.rstrip(".")))
         for name, param in params.items():
             param.data.copy_(stored[name])
+        check_cut_patches(self.model.linearpatch, cuts, "checkpoint")
         return loaded | set(params) | set(stored)
 
 

@@ -71,7 +71,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..ops import hadamard_transform
-from .patch import LinearPatch
+from .patch import LinearPatch, _positions
 from .surgery import check_blocks, decoder_layers, module_execution_device
 
 __all__ = ["BLOCK_METHODS", "best_block_start", "block_similarities", "estimate_cut_scales", "estimate_scales",
@@ -240,15 +240,38 @@ def estimate_scales(model: nn.Module, batches, start: int, end: int, mode: str =
             x = hadamard_transform(x, d ** -0.5)  # x . H, H orthonormal
         return x.abs().mean(0)
 
+    where = f"estimate_scales: block [{start}, {end})"
+    basis = "x H" if mode == "rotate" else "x"
     with _EvalMode(model):
-        for ids in tqdm(batches, desc=f"scales ({mode})", disable=not progress):
+        for b, ids in enumerate(tqdm(batches, desc=f"scales ({mode})", disable=not progress)):
             xs = _residual_inputs(model, ids, [start, end])
             num = channel_magnitude(xs[end]).double().cpu()
             den = channel_magnitude(xs[start]).double().cpu()
+            for layer, magnitude in ((start, den), (end, num)):
+                bad = ~torch.isfinite(magnitude)
+                if bool(bad.any()):
+                    raise ValueError(f"{where}: the residual stream entering layer {layer} is not finite in "
+                                     f"calibration batch {b} (mean|{basis}| is NaN or infinite at {_positions(bad)}): "
+                                     f"the model overflows in {xs[layer].dtype} on this text, so no scale can be read; "
+                                     "calibrate in float32, or check the model's weights")
             ok = den > _DENOMINATOR_FLOOR
             ratio_sum += torch.where(ok, num / torch.where(ok, den, 1.0), 1.0)
             del xs
-    return (ratio_sum / len(batches)).to(torch.float32)
+    scales = (ratio_sum / len(batches)).to(torch.float32)
+    # A scale is a ratio of magnitudes, so > 0 and finite, unless the stream after the block has no
+    # signal in a channel (0) or the one before it almost none (beyond float32's range).
+    if bool((scales <= 0).any()):
+        raise ValueError(f"{where}: {mode} scales come out 0 at {_positions(scales <= 0)}: mean|{basis}| of the "
+                         f"residual stream entering layer {end} is 0 there in every calibration batch, so the patch "
+                         "would erase those channels for every later layer; calibrate on other text, or remove "
+                         "another block")
+    if not bool(torch.isfinite(scales).all()):
+        bad = ~torch.isfinite(scales)
+        raise ValueError(f"{where}: {mode} scales overflow float32 at {_positions(bad)}: mean|{basis}| of the "
+                         f"residual stream entering layer {start} is so close to 0 there, against the stream entering "
+                         f"layer {end}, that the ratio leaves float32's range; calibrate on other text, or remove "
+                         "another block")
+    return scales
 
 
 # --- several cuts --------------------------------------------------------------------------------------

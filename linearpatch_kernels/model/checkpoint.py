@@ -44,7 +44,7 @@ from ..atomic_files import atomic_directory, check_new_directory
 from ..devices import resolve_device
 from ..hadamard import hadamard_factors
 from . import modeling_linearpatch
-from .patch import PATCH_MODES, LinearPatch
+from .patch import PATCH_MODES, LinearPatch, check_cut_patches
 from .shrinkage import check_calibration_record
 from .surgery import (SUPPORTED_MODEL_TYPES, PrunedModel, attach_patches, check_blocks, cut_positions,
                       decoder_layers, get_patches, plain_layers, pruned_class, pruning_cuts, pruning_record)
@@ -223,6 +223,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     if len(cuts) != len(patches):
         raise ValueError(f"save_pruned: config.linearpatch records {len(cuts)} cuts but the model holds "
                          f"{len(patches)} patches")
+    check_cut_patches(patches, cuts, "save_pruned")
     directory = check_new_directory(directory, overwrite, what="save_pruned: checkpoint folder")
     d = int(model.config.hidden_size)
     rotate = any(p.mode == "rotate" for p in patches)
@@ -553,6 +554,7 @@ def _load_v2(directory: Path, dtype: torch.dtype | None):
     cuts = modeling_linearpatch.check_record(config, str(directory / "config.json"))
     files = _weight_files(directory)
     patches = _read_cut_tensors(directory, files, config, cuts)
+    check_cut_patches(patches, cuts, f"load_pruned: {directory}")
     family = config.linearpatch["base_model_type"]
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map", "linearpatch")}
     base_config = AutoConfig.for_model(family, **fields)
@@ -569,6 +571,7 @@ def _load_v1(directory: Path, dtype: torch.dtype | None):
     config = _check_config(directory, meta)
     _weight_files(directory)
     patches = _load_patches(directory, meta)
+    check_cut_patches(patches, meta["cuts"], f"load_pruned: {directory}")
 
     from transformers import AutoModelForCausalLM
 
@@ -590,6 +593,9 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
     if not isinstance(fuse, bool):
         raise TypeError(f"load_pruned: fuse must be a bool, got {fuse!r}")
     device = resolve_device(device, "load_pruned: device")
+    if not str(directory).strip():  # Path("") is the current folder: never what was meant
+        raise ValueError(f"load_pruned: the checkpoint path is empty ({str(directory)!r}); pass the folder "
+                         "save_pruned wrote")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint directory written by save_pruned")

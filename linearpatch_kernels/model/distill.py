@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..atomic_files import check_new_directory
+from ..atomic_files import check_new_directory, check_not_an_input
 from ..devices import resolve_device
 from .checkpoint import load_pruned, save_pruned
 from .patch import LinearPatch
@@ -76,6 +76,10 @@ TRAIN_MODES = ("s", "dense")
 # steps may want less.
 DEFAULT_LR = {"s": 2e-2, "dense": 5e-4}
 WARMUP_FRACTION = 0.05
+# train="s" keeps every scale at or above this: a scale is a ratio of channel magnitudes, and a patch
+# with a scale <= 0 is refused by set_patch, save_pruned and every loader (check_patch_values). A step
+# that would cross it stops there instead (projected gradient descent onto s >= SCALE_FLOOR).
+SCALE_FLOOR = 1e-4
 RESULT_FILE = "distill.json"
 
 
@@ -311,6 +315,10 @@ def train_patch(model: nn.Module, cache: TeacherCache, *, train: str = "s", lr: 
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
+                if train == "s":
+                    with torch.no_grad():
+                        for param in params:
+                            param.clamp_(min=SCALE_FLOOR)
                 schedule.step()
                 step += 1
                 running += float(loss.detach())
@@ -464,9 +472,20 @@ def default_cache_dir(out_dir: str | os.PathLike) -> Path:
     return out_dir.parent / f"{out_dir.name}.teacher-cache"
 
 
-def check_out_dir(out_dir, overwrite: bool = False, *, student=None, teacher=None, cache_dir=None) -> Path:
+def check_out_dir(out_dir, overwrite: bool = False, *, student=None, teacher=None, cache_dir=None, texts=(),
+                  overwrite_option: str = "overwrite=True") -> Path:
     """``out_dir`` checked before any work: new or empty (or ``overwrite``), writable, and never the
-    student's, the teacher's or the teacher cache's folder (see ``check_new_directory``)."""
-    inputs = [("student checkpoint", student), ("teacher", teacher), ("teacher cache", cache_dir)]
-    return check_new_directory(out_dir, overwrite, what="distill: output folder",
-                               inputs=[(label, p) for label, p in inputs if isinstance(p, (str, os.PathLike))])
+    student's, the teacher's or the teacher cache's folder, inside one of them or containing one (see
+    ``check_new_directory``); nor does it contain a text file the windows are cut from. The teacher
+    cache is written too (when the teacher is a model): ``cache_dir`` must not be, contain or lie
+    inside the student's or the teacher's folder either."""
+    def given(label, path):
+        return (label, path) if isinstance(path, (str, os.PathLike)) else (label, None)
+
+    models = [given("student checkpoint", student), given("teacher", teacher)]
+    if isinstance(cache_dir, (str, os.PathLike)) and not (isinstance(teacher, (str, os.PathLike))
+                                                           and Path(teacher).resolve() == Path(cache_dir).resolve()):
+        check_not_an_input(cache_dir, "distill: teacher cache", models)
+    inputs = models + [given("teacher cache", cache_dir)] + [given("text file", t) for t in texts]
+    return check_new_directory(out_dir, overwrite, what="distill: output folder", inputs=inputs,
+                               overwrite_option=overwrite_option)

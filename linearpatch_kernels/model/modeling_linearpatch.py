@@ -391,6 +391,21 @@ class LinearPatchCut(nn.Module):
         return hadamard_rotate(x * self.scale, self.hadamard_k).to(h.dtype)
 
 
+def _check_patch_values(patch: LinearPatchCut, where: str) -> None:
+    """The values a patch can apply (as ``linearpatch_kernels.model.patch.check_patch_values``, which this
+    self-contained file cannot import): finite, and scales > 0 (a scale is a ratio of magnitudes; NaN or
+    infinity spreads to every later hidden state, 0 erases a channel, a negative value flips it)."""
+    values = (patch.weight if patch.mode == "dense" else patch.scale).detach()
+    if values.device.type == "meta":  # offloaded by accelerate: read at forward time, not here
+        return
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{where}: the {patch.mode} patch has {int((~torch.isfinite(values)).sum())} non-finite "
+                         "values (NaN or infinite); the checkpoint is corrupt")
+    if patch.mode != "dense" and not bool((values > 0).all()):
+        raise ValueError(f"{where}: the {patch.mode} patch has {int((values <= 0).sum())} scales <= 0; scales are "
+                         "ratios of channel magnitudes and must be > 0; the checkpoint is corrupt")
+
+
 def _patch_output(patch: LinearPatchCut):
     def hook(module, args, output):
         if isinstance(output, torch.Tensor):  # transformers >= 5: the hidden states alone
@@ -452,7 +467,8 @@ class _LinearPatchMixin:
         check_patch_tensors(config, stored, cuts=cuts)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        for patch in model.model.linearpatch:
+        for patch, c in zip(model.model.linearpatch, cuts):
+            _check_patch_values(patch, f"{cls.__name__}: cut [{c['start']}, {c['end']})")
             patch.checked = True
         return loaded
 

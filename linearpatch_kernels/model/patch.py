@@ -23,7 +23,7 @@ from torch import nn
 from ..hadamard import hadamard_factors, hadamard_matrix
 from .. import ops as _ops  # registers torch.ops.linearpatch.*
 
-__all__ = ["PATCH_MODES", "LinearPatch"]
+__all__ = ["PATCH_MODES", "LinearPatch", "check_cut_patches", "check_patch_values"]
 
 PATCH_MODES = ("rotate", "diag", "dense")
 
@@ -123,3 +123,48 @@ class LinearPatch(nn.Module):
     def extra_repr(self) -> str:
         text = f"mode={self.mode}, hidden_size={self.hidden_size}"
         return text if self.enabled else text + ", enabled=False"
+
+
+def _positions(mask: torch.Tensor, shown: int = 6) -> str:
+    """Where ``mask`` is set: ``"channels 3, 17, 40"`` for a scale, ``"flat indices ..."`` for a matrix."""
+    index = torch.nonzero(mask.reshape(-1)).reshape(-1).tolist()
+    listed = ", ".join(map(str, index[:shown])) + (f" and {len(index) - shown} more" if len(index) > shown else "")
+    noun = ("channel", "channels") if mask.dim() == 1 else ("flat index", "flat indices")
+    return f"{noun[len(index) > 1]} {listed}"
+
+
+def check_patch_values(patch: LinearPatch, where: str) -> LinearPatch:
+    """``patch`` if its parameters can be applied, else a ``ValueError`` that starts with ``where`` (the
+    caller and the cut, e.g. ``"prune_and_patch: cut [14, 19)"``) and says which values and why.
+
+    A NaN or infinite scale or weight turns every later hidden state of every token into NaN, and a
+    scale ``s_c <= 0`` cannot come from the calibration ``s = mean|X_end H| / mean|X_start H|`` (a ratio of
+    magnitudes): zero erases channel ``c`` of ``x H`` for every later layer, a negative value flips its
+    sign. So rotate and diag patches need finite scales > 0, a dense patch a finite matrix. Returns the
+    patch, so that a caller can check and use it in one expression."""
+    if patch.mode == "dense":
+        name, values = "weight", patch.weight.detach()
+    else:
+        name, values = "scale", patch.scale.detach()
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        nan = int(torch.isnan(values).sum())
+        raise ValueError(f"{where}: the {patch.mode} patch's {name} has {int(bad.sum())} non-finite values "
+                         f"({nan} NaN, {int(bad.sum()) - nan} infinite) at {_positions(bad)}; a patch needs finite "
+                         f"values, or every later hidden state becomes NaN")
+    if patch.mode != "dense":
+        low = values <= 0
+        if bool(low.any()):
+            worst = float(values.min())
+            raise ValueError(f"{where}: the {patch.mode} patch's scale is <= 0 at {_positions(low)} (smallest "
+                             f"{worst:.3g}); scales are ratios of channel magnitudes and must be > 0 (0 erases the "
+                             "channel in every later layer, a negative value flips it)")
+    return patch
+
+
+def check_cut_patches(patches, cuts, where: str) -> None:
+    """``check_patch_values`` for the patch of every cut (``cuts``: ``(start, end)`` pairs or records with
+    ``"start"``/``"end"``, in the order of ``patches``), naming the cut as ``"<where>: cut [start, end)"``."""
+    for patch, cut in zip(patches, cuts):
+        start, end = (cut["start"], cut["end"]) if isinstance(cut, dict) else cut
+        check_patch_values(patch, f"{where}: cut [{start}, {end})")

@@ -96,7 +96,7 @@ import torch
 from torch import nn
 
 from .. import ops as _ops
-from .patch import PATCH_MODES, LinearPatch
+from .patch import PATCH_MODES, LinearPatch, check_cut_patches
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -766,6 +766,7 @@ def prune_and_patch(model: nn.Module, start: int | None = None, end: int | None 
             raise ValueError(f"prune_and_patch: unknown mode {m!r}; accepted: {', '.join(PATCH_MODES)}")
     hidden_size = int(config.hidden_size)
     patches = [LinearPatch(hidden_size, mode=m, scale=s, weight=w) for m, s, w in zip(mode, scales, weight)]
+    check_cut_patches(patches, blocks, "prune_and_patch")
 
     order = sorted(range(len(blocks)), key=lambda k: blocks[k][0])
     cuts = [{"start": blocks[k][0], "end": blocks[k][1], "mode": mode[k]} for k in order]
@@ -843,10 +844,12 @@ def set_patch(model: nn.Module, patch: LinearPatch, cut: int | None = None) -> N
     wrapper = _cut_wrapper(model, cut)
     if patch.hidden_size != model.config.hidden_size:
         raise ValueError(f"set_patch: patch hidden_size {patch.hidden_size} != model hidden_size {model.config.hidden_size}")
-    wrapper.patch = patch.to(module_execution_device(wrapper.layer))
     record = model.config.linearpatch
     cuts = pruning_cuts(record)
-    cuts[_cut_wrappers(decoder_layers(model)).index(wrapper)]["mode"] = patch.mode
+    index = _cut_wrappers(decoder_layers(model)).index(wrapper)
+    check_cut_patches([patch], [cuts[index]], "set_patch")
+    wrapper.patch = patch.to(module_execution_device(wrapper.layer))
+    cuts[index]["mode"] = patch.mode
     model.config.linearpatch = pruning_record(cuts, record["num_layers_original"], model.config.hidden_size,
                                               calibration=record.get("calibration"))
     _plan_fusion(model, wrapper, wrapper.fuse_requested)

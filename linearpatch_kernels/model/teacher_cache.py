@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..atomic_files import atomic_write_text
+from ..atomic_files import atomic_write_text, ordinary_permissions
 from .surgery import module_execution_device
 
 __all__ = [
@@ -325,6 +325,7 @@ def build_teacher_cache(teacher: nn.Module, input_ids, directory: str | os.PathL
                 name = _chunk_file(c)
                 tmp = directory / (name + ".tmp")
                 save_file(tensors, str(tmp), metadata={"format": "pt"})
+                ordinary_permissions(tmp)  # safetensors creates it 0o600, whatever the umask
                 os.replace(tmp, directory / name)
                 entry = {"index": c, "file": name, "first_sample": first, "num_samples": int(rows.shape[0]),
                          "bytes": (directory / name).stat().st_size, "sha256": _sha256_file(directory / name)}
