@@ -16,7 +16,8 @@ interpreter (benchmarks/sass_sim.py) and models every measured number with the c
 The fitted constants (least squares on log(model / measured) over all the measured numbers): the launch
 cost t_launch, the DRAM latency L_dram, the latency L_hit of a load that hits L2/L1 (s, the norm weight
 after the first touch), the copy bandwidth BW, the issue efficiency e and the compute/memory overlap phi.
-Refit after every GPU run (add its numbers to MEASURED) and commit the table.
+Refit after every GPU run (add it to RUNS: its timings and the commit of the kernels it timed) and
+commit the table.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sass_budget as sb  # noqa: E402
 
-COMMIT = "9974255"
-RUN = ROOT / "benchmarks" / "results" / "h200-2026-12-01"
+# The GPU runs the constants are fitted to: (timings of the run, the commit whose kernels it timed). Add
+# each new run here (its gpu_timings.json and the commit of the wheel it loaded) and refit.
+RUNS = [(ROOT / "benchmarks" / "results" / "h200-2026-12-01" / "run1" / "gpu_timings.json", "9974255")]
 TOLERANCE = 0.15
 # The measured cases: (case name in run1/gpu_timings.json, op, d, rows). The copies are modelled too.
 CASES = [("cuda patch", "hadamard_patch"), ("cuda transform", "hadamard_transform"),
@@ -55,22 +57,21 @@ std::string launch_patch_add_rmsnorm_f16(const HadamardArgs&) { return "not buil
 
 
 def measured() -> list[dict]:
-    """Every CUDA kernel and copy time of the run: [{case, op, d, rows, ms}]."""
-    data = json.loads((RUN / "run1" / "gpu_timings.json").read_text())
+    """Every CUDA kernel and copy time of the runs: [{case, op, d, rows, ms, commit}]."""
     out = []
-    for r in data["results"]:
-        op = dict(CASES).get(r["case"])
-        if op is None and r["case"] != "copy":
-            continue
-        out.append(dict(case=r["case"], op=op or "copy", d=r["d"], rows=r["rows"], ms=r["median_ms"]))
-    # the copies timed in the epilogue part repeat those of the first part: keep the first of each shape
-    seen, unique = set(), []
-    for r in out:
-        key = (r["op"], r["d"], r["rows"])
-        if key not in seen:
+    for path, commit in RUNS:
+        data = json.loads(path.read_text())
+        seen = set()
+        for r in data["results"]:
+            op = dict(CASES).get(r["case"])
+            if op is None and r["case"] != "copy":
+                continue
+            key = (op or "copy", r["d"], r["rows"])
+            if key in seen:  # the copies timed in the epilogue part repeat those of the first part
+                continue
             seen.add(key)
-            unique.append(r)
-    return unique
+            out.append(dict(case=r["case"], op=op or "copy", d=r["d"], rows=r["rows"], ms=r["median_ms"], commit=commit))
+    return out
 
 
 def commit_sources(commit: str) -> dict[str, str]:
@@ -82,7 +83,7 @@ def commit_sources(commit: str) -> dict[str, str]:
             for n in names if n.endswith((".cu", ".cuh", ".h"))}
 
 
-def build_sass(sources: dict[str, str], cache: Path) -> tuple[dict, dict]:
+def build_sass(sources: dict[str, str], cache: Path, commit: str) -> tuple[dict, dict]:
     """(ptxas resources, SASS instructions) per kernel symbol of the bf16 units, sm_90."""
     nvcc = sb.find_tool("nvcc")
     cuobjdump = sb.find_tool("cuobjdump")
@@ -104,7 +105,7 @@ def build_sass(sources: dict[str, str], cache: Path) -> tuple[dict, dict]:
                 done = subprocess.run([nvcc, "-cubin", "-arch=sm_90", *sb.NVCC_FLAGS, "-Xptxas", "-v", "-I", tmp,
                                        str(Path(tmp) / unit), "-o", str(cubin)], capture_output=True, text=True)
                 if done.returncode != 0:
-                    raise RuntimeError(f"nvcc failed for {unit} of {COMMIT}:\n{done.stderr[-4000:]}")
+                    raise RuntimeError(f"nvcc failed for {unit} of {commit}:\n{done.stderr[-4000:]}")
                 dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
                 sass.write_text(dump)
                 log.write_text(done.stderr)
@@ -137,13 +138,24 @@ def model_case(case: dict, kernels, emulate, resources, code, gpu: dict, c: dict
     return m
 
 
+_BUILT: dict = {}
+
+
+def commit_kernels(commit: str):
+    """(resources, code, emulate, kernels) of the bf16 kernels of ``commit``, built once per process."""
+    if commit not in _BUILT:
+        sources = commit_sources(commit)
+        resources, code = build_sass(sources, sb.default_cache(), commit)
+        emulate, kernels = emulated_launchers(sources)
+        _BUILT[commit] = (resources, code, emulate, kernels)
+    return _BUILT[commit]
+
+
 def run(constants: dict) -> list[dict]:
-    sources = commit_sources(COMMIT)
-    resources, code = build_sass(sources, sb.default_cache())
-    emulate, kernels = emulated_launchers(sources)
     gpu = sb.GPUS["H200"]
     rows = []
     for case in measured():
+        resources, code, emulate, kernels = commit_kernels(case["commit"])
         m = model_case(case, kernels, emulate, resources, code, gpu, constants)
         rows.append(dict(case, model_ms=m["time_s"] * 1e3, detail={k: v for k, v in m.items() if k != "time_s"}))
     return rows
@@ -166,17 +178,19 @@ def fit(constants: dict) -> tuple[dict, dict]:
     import numpy as np
     from scipy.optimize import least_squares
 
-    sources = commit_sources(COMMIT)
-    resources, code = build_sass(sources, sb.default_cache())
-    emulate, kernels = emulated_launchers(sources)
     gpu = sb.GPUS["H200"]
     cases = measured()
     from linearpatch_kernels.hadamard import hadamard_factors
 
     # Profiles do not depend on the constants: simulate once, then model many times.
-    cached = [None if case["op"] == "copy" else
-              sb.launch_profiles(case["op"], "bfloat16", case["d"], case["rows"], hadamard_factors(case["d"]).k,
-                                 kernels, emulate, resources, code, gpu) for case in cases]
+    cached = []
+    for case in cases:
+        if case["op"] == "copy":
+            cached.append(None)
+            continue
+        resources, code, emulate, kernels = commit_kernels(case["commit"])
+        cached.append(sb.launch_profiles(case["op"], "bfloat16", case["d"], case["rows"], hadamard_factors(case["d"]).k,
+                                         kernels, emulate, resources, code, gpu))
     scale = np.array(SCALE)
 
     def consts(x, fixed=None):

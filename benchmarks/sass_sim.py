@@ -354,6 +354,8 @@ class SimResult:
     waits: list = field(default_factory=list)
     barriers_at: list = field(default_factory=list)   # (phase, warp, pos) of every barrier
     first_store: dict = field(default_factory=dict)   # (phase, warp) -> pos of its first global store
+    opcodes: dict = field(default_factory=dict)       # (phase, base opcode) -> instructions issued by warp 0
+    mma: np.ndarray | None = None                     # [phase, warp] tensor-core instructions (HMMA)
     unresolved: int = 0                        # branches on unknown predicates (taken as not taken)
     stored: dict = field(default_factory=dict)  # (phase, tensor) -> sorted unique byte offsets stored (for checks)
     iterations: int = 0                        # row-loop iterations executed (complete)
@@ -397,6 +399,8 @@ class BlockSim:
         self.pending = [dict() for _ in range(self.nw)]   # register -> load sequence number
         self.pending_loads = [dict() for _ in range(self.nw)]  # sequence -> (bytes, absolute position, streamed)
         self.seq = 0
+        self.async_open = [[] for _ in range(self.nw)]     # cp.async (LDGSTS) not yet committed: (bytes, pos, streamed)
+        self.async_groups = [[] for _ in range(self.nw)]   # committed groups (LDGDEPBAR), oldest first
         self.pos = np.zeros(self.nw, dtype=np.int64)       # instructions issued so far, per warp
         self.phase_start = {}                              # (phase, warp) -> pos at the phase's first instruction
         self.exited = np.zeros(n, dtype=bool)
@@ -422,8 +426,17 @@ class BlockSim:
         elif o.kind == "imm":
             v, k = np.full(n, o.n, dtype=np.int64), np.ones(n, dtype=bool)
         elif o.kind == "c":
-            if o.creg is not None:
-                return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
+            if o.creg is not None and o.creg[1] not in (RZ, URZ):
+                # c[bank][R + imm]: an indexed constant, lane by lane
+                rv, rk = self._get(Operand(o.creg[0], n=o.creg[1]))
+                words = [self.bank.get(int(o.offset + a)) for a in rv]
+                ok = np.array([w is not None for w in words]) & rk
+                v = np.array([w or 0 for w in words], dtype=np.int64)
+                if wide:
+                    hi = [self.bank.get(int(o.offset + a + 4)) for a in rv]
+                    ok &= np.array([w is not None for w in hi])
+                    v = v.astype(np.uint64) | (np.array([w or 0 for w in hi], dtype=np.uint64) << np.uint64(32))
+                return v, ok
             lo = self.bank.get(o.offset)
             if wide:
                 hi = self.bank.get(o.offset + 4)
@@ -505,6 +518,7 @@ class BlockSim:
         max_phase = self.max_iterations + 2
         res = SimResult(nw, max_phase, *(np.zeros((max_phase, nw), dtype=np.int64) for _ in range(3)),
                         np.zeros((max_phase, nw), dtype=np.int64), np.zeros((max_phase, nw), dtype=np.int64))
+        res.mma = np.zeros((max_phase, nw), dtype=np.int64)
         self.res = res
         lo, hi = self.row_loop if self.row_loop else (None, None)
         # groups: [pc index, mask, phase, call stack]
@@ -527,6 +541,11 @@ class BlockSim:
             for w in warps:
                 self.phase_start.setdefault((phase, int(w)), int(self.pos[w]))
             res.instructions[phase, warps] += 1
+            if ins.base in ("HMMA", "HGMMA", "IMMA"):
+                res.mma[phase, warps] += 1
+            if warps[0] == 0:
+                key = (phase, ins.base)
+                res.opcodes[key] = res.opcodes.get(key, 0) + 1
             self.phase = phase
             m = mask
             if ins.guard is not None:
@@ -675,9 +694,15 @@ class BlockSim:
             v = v & np.uint64(M32)  # a 32-bit (shared-memory) address
         return v.astype(np.int64), k
 
+    @staticmethod
+    def _global_operand(ins: Ins) -> Operand:
+        """The global-memory operand (LDGSTS has a shared one first): desc[..][..] or a 64-bit address."""
+        mems = [o for o in ins.ops if o.kind == "mem"]
+        return next((o for o in mems if o.text.startswith("desc[") or any(w for _, _, w, _ in o.regs)), mems[-1])
+
     def _global(self, ins: Ins, m, phase, warps, store: bool):
         width = access_width(ins.opcode)
-        mem = next(o for o in ins.ops if o.kind == "mem")
+        mem = self._global_operand(ins)
         addr, known = self._address(mem)
         res = self.res
         lanes = m
@@ -735,10 +760,28 @@ class BlockSim:
         mods = ins.mods
         ops = ins.ops
         self._wait_check(ins, warps, phase)
-        if b in ("NOP", "BSSY", "BSYNC", "WARPSYNC", "ENDCOLLECTIVE", "DEPBAR", "MEMBAR", "ERRBAR", "CCTL", "FENCE",
-                 "YIELD", "NANOSLEEP", "LDGDEPBAR", "ARRIVES", "SYNCS", "BPT", "UCGABAR_ARV", "UCGABAR_WAIT", "ACQBULK"):
-            if b == "DEPBAR":
-                pass
+        if b == "LDGDEPBAR":  # commit the open cp.async group
+            for w in np.unique(self.warp_of[m]):
+                self.async_groups[w].append(self.async_open[w])
+                self.async_open[w] = []
+            return
+        if b == "DEPBAR":  # DEPBAR.LE SB0, n: wait until at most n committed cp.async groups are pending
+            n = ins.ops[1].n if len(ins.ops) > 1 and ins.ops[1].kind == "imm" else 0
+            for w in np.unique(self.warp_of[m]):
+                groups = self.async_groups[w]
+                done, self.async_groups[w] = groups[:max(0, len(groups) - n)], groups[max(0, len(groups) - n):]
+                copies = [c for g in done for c in g]
+                if copies:
+                    start = self.phase_start.get((phase, int(w)), int(self.pos[w]))
+                    stream = max((p for _, p, st in copies if st), default=None)
+                    reused = max((p for _, p, st in copies if not st), default=None)
+                    inflight = sum(c[0] for g in groups for c in g) + sum(b_ for b_, _, _ in self.pending_loads[w].values())
+                    self.res.waits.append(Wait(phase, int(w), int(self.pos[w]) - start,
+                                               -1 if stream is None else stream - start,
+                                               -1 if reused is None else reused - start, int(inflight), ins.address))
+            return
+        if b in ("NOP", "BSSY", "BSYNC", "WARPSYNC", "ENDCOLLECTIVE", "MEMBAR", "ERRBAR", "CCTL", "FENCE",
+                 "YIELD", "NANOSLEEP", "ARRIVES", "SYNCS", "BPT", "UCGABAR_ARV", "UCGABAR_WAIT", "ACQBULK"):
             return
         if b in ("BAR", "BARRIER"):
             for w in np.unique(self.warp_of[m]):
@@ -767,8 +810,14 @@ class BlockSim:
                         if ops[0].n + i != RZ:
                             self.pending[w][ops[0].n + i] = self.seq
                     self.pending_loads[w][self.seq] = (int(lanes.sum()) * access_width(ins.opcode), int(self.pos[w]), streamed)
-            else:
+            else:  # cp.async: into shared memory, waited for by DEPBAR after its group is committed
                 self._shared(ins, m, phase, warps)
+                addr, known = self._address(self._global_operand(ins))
+                for w in np.unique(self.warp_of[m]):
+                    lanes = m & (self.warp_of == w)
+                    streamed = (not known[lanes].all()) or bool(np.isin((addr[lanes] >> POINTER_SHIFT) - 1,
+                                                                       list(self.stream_tensors)).any())
+                    self.async_open[w].append((int(lanes.sum()) * access_width(ins.opcode), int(self.pos[w]), streamed))
             return
         if b in ("STG", "ST", "RED", "ATOMG"):
             self._global(ins, m, phase, warps, store=True)

@@ -16,6 +16,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -139,6 +140,53 @@ __device__ __forceinline__ uint2 pack4(float4 a, float c) {
   }
   return raw;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level matrix instructions (sm_80+): the kernels' portable names. On the GPU inline PTX; the CUDA
+// emulator (csrc/emulation/include/emulated_cuda.h) defines the same names with the PTX semantics.
+//   mma_m16n8k16_{bf16,f16}(d, a, b, c): D (16 x 8, fp32) = A (16 x 16) B (16 x 8) + C; fragments (groupID
+//     g = lane >> 2, threadID_in_group t = lane % 4): a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1],
+//     a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9]; b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g];
+//     c/d: [0] = (g, 2t), [1] = (g, 2t+1), [2] = (g+8, 2t), [3] = (g+8, 2t+1); the lower index of a pair
+//     in the low 16 bits.
+//   ldmatrix_x4_trans(r, p): lane l names row l % 8 of 8 x 8 matrix l / 8 (16 bytes in shared memory);
+//     r[j] = the elements (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4) of matrix j: a column pair.
+
+#ifndef __CUDA_EMULATION__
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                  const float (&c)[4]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                 const float (&c)[4]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address)
+               : "memory");
+}
+#endif
+
+// D = A B + C for the 16-bit input type T (__half or __nv_bfloat16), and T's 1.0 and -1.0 as bits.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                             const float (&c)[4]) {
+  if constexpr (std::is_same<T, __half>::value) mma_m16n8k16_f16(d, a, b, c);
+  else mma_m16n8k16_bf16(d, a, b, c);
+}
+template <typename T>
+__host__ __device__ constexpr uint32_t one_bits() { return std::is_same<T, __half>::value ? 0x3c00u : 0x3f80u; }
 
 // ---------------------------------------------------------------------------------------------
 // Butterflies and shared memory

@@ -128,6 +128,10 @@ __host__ __device__ constexpr bool kfast_size(int k, int log2_n) {
 
 constexpr int kFastThreads = 256;
 
+// The first H_K on the tensor cores (fp16/bf16 inputs, K <= 36: see "Tensor cores" below), where the
+// tile, the raw input tile and (epilogue) the raw update tile fit kFastSmemBudget.
+constexpr int kFastTensorCoreMaxK = 36;
+
 template <typename T, int K_, int kLogN_>
 struct FastLayout {
   static constexpr int K = K_, kLogN = kLogN_, N = 1 << kLogN, D = K * N;
@@ -142,8 +146,6 @@ struct FastLayout {
   static constexpr int C = K <= 12 ? 4 : (K <= 28 ? 2 : 1);
   // Shared-memory word of column n in a K-row: 4 words of padding after every 32.
   static __host__ __device__ constexpr int word(int n) { return n + 4 * (n >> 5); }
-  static constexpr int kSegWords = word(N);
-  static constexpr int kRowWords = K * kSegWords;
   // Rows per tile: enough column items for every thread.
   static constexpr int rows_per_tile() {
     int p = 1;
@@ -151,19 +153,53 @@ struct FastLayout {
     return p;
   }
   static constexpr int P = rows_per_tile();
+  // Tensor cores: the raw input tile in shared memory as fp16/bf16 K-rows of N elements and 8 more (a
+  // pitch of 16 bytes beyond a multiple of 128, so the 8 rows of one ldmatrix matrix fall in 8
+  // different 16-byte bank groups), then 16 zero bytes that stand for the padded rows K .. 16 ceil(K/16).
+  static constexpr int kRawPitch = N + 8;
+  static constexpr int kRawWords = (P * K * kRawPitch * 2 + 3) / 4 / 4 * 4 + 4;  // floats, whole float4
+  // Segment stride with tensor cores: 8 or 24 (mod 32) words, so that the 8 rows g of an mma result
+  // (rows g and g + 8 of D) stored as float2 fill 2 wavefronts, the fewest 256 bytes can.
+  static constexpr int kPaddedSegWords = word(N) + ((8 - word(N)) & 15);  // 8 or 24 (mod 32)
+  // Where the layout allows the tensor cores (the transform fits kFastSmemBudget with one raw tile and
+  // H_K's fragments; kfast_tensor_cores decides per op).
+  static constexpr bool kTensorCores =
+      sizeof(T) == 2 && K <= kFastTensorCoreMaxK &&
+      4 * (P * K * kPaddedSegWords + kRawWords + ceil_div(K, 16) * ceil_div(K, 16) * 128) <= 101376;
+  static constexpr int kSegWords = kTensorCores ? kPaddedSegWords : word(N);
+  static constexpr int kRowWords = K * kSegWords;
   static constexpr int kTileWords = P * kRowWords;
   static_assert(kLogN >= kLogV, "a segment holds whole 16-byte vectors");
 };
 
 
+// Work items of a step go to the threads in rounds of kFastThreads; where the last round is partial
+// (5120: 320 items for 256 threads in steps 1, 2, 4 and 5) its items would always fall to the same
+// warps, which would then issue one round more than the others in every such step, and the busiest
+// scheduler sets the time. So the k-th step with a partial round rotates the thread -> item map by k
+// times the warps of that partial round: across the tile every warp takes its share of the extra work.
+// Thread t takes item ((t + shift) mod kFastThreads) + round * kFastThreads.
+template <int kItems, int kStep>
+__host__ __device__ constexpr int kfast_shift() {
+  constexpr int extra = kItems % kFastThreads, warps = kFastThreads / 32;
+  return extra == 0 ? 0 : (kStep * ceil_div(extra, 32) % warps) * 32;
+}
+
+template <int kItems, int kStep>
+__device__ __forceinline__ int kfast_item(int round) {
+  constexpr int shift = kfast_shift<kItems, kStep>();
+  const int t = shift == 0 ? int(threadIdx.x) : (int(threadIdx.x) + shift) & (kFastThreads - 1);
+  return t + round * kFastThreads;
+}
+
 // Step 2: butterflies over bits [S, S + B) of n in every K-row of the tile, 4 columns per float4.
-template <class L, int S, int B>
+template <class L, int S, int B, int kStep>
 __device__ __forceinline__ void kfast_pass(float* z) {
   constexpr int kLow = S - 2, kHigh = L::kLogN - S - B;          // item bits below and above the pass
   constexpr int kItems = L::P * L::K << (kLow + kHigh), kRounds = ceil_div(kItems, kFastThreads);
 #pragma unroll
   for (int round = 0; round < kRounds; ++round) {
-    const int item = threadIdx.x + round * kFastThreads;
+    const int item = kfast_item<kItems, kStep>(round);
     if (kItems % kFastThreads != 0 && item >= kItems) break;
     const int lo = item & ((1 << kLow) - 1), rest = item >> kLow;
     const int hi = rest & ((1 << kHigh) - 1), seg = rest >> kHigh;
@@ -188,26 +224,30 @@ __device__ __forceinline__ void kfast_pass(float* z) {
   }
 }
 
-// Step 2 for the bits of n that steps 1 and 5 leave, 3 at a time.
-template <class L, int S = L::kPassFirst>
+// Step 2 for the bits of n that steps 1 and 5 leave, 3 at a time (the passes are steps kStep, kStep + 1, ...).
+template <class L, int kStep, int S = L::kPassFirst>
 __device__ __forceinline__ void kfast_passes(float* z) {
   if constexpr (S < L::kPassLast) {
     constexpr int B = cmin(3, L::kPassLast - S);
-    kfast_pass<L, S, B>(z);
+    kfast_pass<L, S, B, kStep>(z);
     __syncthreads();
-    kfast_passes<L, S + B>(z);
+    kfast_passes<L, kStep + 1, S + B>(z);
   }
 }
+
+// The number of passes of step 2 (the step numbers they take).
+template <class L>
+__host__ __device__ constexpr int kfast_pass_count() { return ceil_div(L::kPassLast - L::kPassFirst, 3); }
 
 // Steps 1, 5 and 6 visit the tile's items of R vectors (a K-row `seg` and its first column `n`), the
 // threads taking consecutive items: f(seg, n) for each item of this thread, unrolled (a compile-time
 // count; a guard, not a loop, for the last partial round).
-template <class L, class F>
+template <class L, int kStep, class F>
 __device__ __forceinline__ void kfast_vector_items(F&& f) {
   constexpr int kItems = L::P * L::K * L::U, kRounds = ceil_div(kItems, kFastThreads);
 #pragma unroll
   for (int round = 0; round < kRounds; ++round) {
-    const int item = threadIdx.x + round * kFastThreads;
+    const int item = kfast_item<kItems, kStep>(round);
     if (kItems % kFastThreads != 0 && item >= kItems) break;
     f(item / L::U, (item % L::U) * L::V);
   }
@@ -241,7 +281,7 @@ __device__ __forceinline__ void kfast_fetch(const T* __restrict__ x, int64_t row
                                             uint4 (&raw)[FastPrefetch<L>::kVectors]) {
 #pragma unroll
   for (int round = 0; round < FastPrefetch<L>::kRounds; ++round) {
-    const int item = threadIdx.x + round * kFastThreads;
+    const int item = kfast_item<L::P * L::K * L::U, 0>(round);  // step 1's map, as kfast_deposit
     const int seg = item / L::U, n = (item % L::U) * L::V;
 #pragma unroll
     for (int r = 0; r < L::R; ++r) {
@@ -258,7 +298,7 @@ template <typename T, class L>
 __device__ __forceinline__ void kfast_deposit(const uint4 (&raw)[FastPrefetch<L>::kVectors], float* z) {
 #pragma unroll
   for (int round = 0; round < FastPrefetch<L>::kRounds; ++round) {
-    const int item = threadIdx.x + round * kFastThreads;
+    const int item = kfast_item<L::P * L::K * L::U, 0>(round);
     if (L::P * L::K * L::U % kFastThreads != 0 && item >= L::P * L::K * L::U) break;
     const int seg = item / L::U, n = (item % L::U) * L::V;
     float v[L::R * L::V];
@@ -268,10 +308,206 @@ __device__ __forceinline__ void kfast_deposit(const uint4 (&raw)[FastPrefetch<L>
   }
 }
 
-// Shared memory of kfast_kernel in floats: the tile, then (epilogue) one rstd per row of the tile.
+// ---------------------------------------------------------------------------------------------
+// Tensor cores: the first H_K on the raw fp16/bf16 input.
+//
+// H_K X (X the K x N view of a row) is a +-1 matrix times fp16/bf16 values: the tensor cores multiply
+// those exactly and sum in fp32, so this stage needs no split of its inputs into high and low parts
+// (which fp32 inputs would: that is why only the first H_K, on the raw input, runs there; the second
+// H_K of the patch keeps the +-1 add network). The stages commute (H_d = H_K (x) H_N), so the patch
+// runs H_K first, then H_N, * s, H_K, H_N; the epilogue sums H_K x + H_K u in the accumulators
+// (exact again: no fp32 x + u before the product).
+// mma.m16n8k16 computes D = A B with A = H_K padded with zeros to 16 ceil(K / 16) rows and columns
+// (constant fragments, built per lane from the compile-time Paley signs) and B = a 16-row slice of X
+// by 8 columns, read from the raw tile with ldmatrix.trans (8 x 8 matrices whose rows are K-rows of X:
+// a lane receives a column pair, the layout of B). Work item: one P-row and 16 columns; a warp takes
+// every 8th item (P N / 16 items, a multiple of 8 at every size: balanced). The result (rows g, g + 8
+// of each 16-row tile, columns 2t, 2t + 1 of each 8-column tile) goes to the fp32 tile as float2.
+// The raw tile comes by cp.async: the next tile's copies leave as soon as this tile's products are in
+// the fp32 tile, and land during its passes (a whole tile in flight per block, no registers held).
+
+// bit k of hk_row_bits(K, m): H_K[m][k] < 0 (0 for the padded rows m >= K).
+__host__ __device__ constexpr uint64_t hk_row_bits(int k, int m) {
+  uint64_t bits = 0;
+  if (m < k)
+    for (int c = 0; c < k; ++c)
+      if (paley_entry(k, m, c) < 0) bits |= uint64_t(1) << c;
+  return bits;
+}
+
+template <int K, int M>
+struct HkRow {
+  static constexpr uint64_t bits = hk_row_bits(K, M);
+};
+
+// The sign bits of row kBase + g for a runtime g in [0, 8) (the row of a lane's fragment).
+template <int K, int kBase, int... I>
+__device__ __forceinline__ uint64_t hk_row_of(int g, std::integer_sequence<int, I...>) {
+  uint64_t r = 0;
+  ((r = g == I ? HkRow<K, kBase + I>::bits : r), ...);
+  return r;
+}
+
+// The A fragments of the padded H_K live in shared memory (built once per block, an LDS.128 per use:
+// held in registers through the tile they would cost up to 36 of them, and spill the column pass).
+template <int K>
+struct HkTiles {
+  static constexpr int kTiles = ceil_div(K, 16);        // 16-row (and 16-column) tiles of the padded H_K
+  static constexpr int kWords = kTiles * kTiles * 32 * 4;  // [m tile][k step][lane][register]
+};
+
+// Lane's A fragments of the padded H_K into `f`: register r of tile (mt, ks) holds rows 16 mt + g (+ 8
+// for r = 1, 3) and columns 16 ks + 2t, 2t + 1 (+ 8 for r = 2, 3), as two 16-bit +-1.0 (or 0 in the
+// padding), at f[((mt * kTiles + ks) * 32 + lane) * 4 + r].
+template <typename T, int K, int kMt = 0>
+__device__ __forceinline__ void hk_fragments(uint32_t* f, int lane) {
+  constexpr int kTiles = HkTiles<K>::kTiles;
+  if constexpr (kMt < kTiles) {
+    const int g = lane >> 2, t = lane & 3;
+    const uint64_t rows[2] = {hk_row_of<K, 16 * kMt>(g, std::make_integer_sequence<int, 8>{}),
+                              hk_row_of<K, 16 * kMt + 8>(g, std::make_integer_sequence<int, 8>{})};
+    const bool real[2] = {16 * kMt + g < K, 16 * kMt + 8 + g < K};
+#pragma unroll
+    for (int ks = 0; ks < kTiles; ++ks) {
+      uint32_t words[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int half = r & 1, c = 16 * ks + 2 * t + 8 * (r >> 1);
+        uint32_t word = 0;
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (real[half] && c + e < K)
+            word |= (one_bits<T>() | ((rows[half] >> (c + e)) & 1 ? 0x8000u : 0u)) << (16 * e);
+        words[r] = word;
+      }
+      *reinterpret_cast<uint4*>(f + ((kMt * kTiles + ks) * 32 + lane) * 4) = make_uint4(words[0], words[1], words[2], words[3]);
+    }
+    hk_fragments<T, K, kMt + 1>(f, lane);
+  }
+}
+
+// cp.async copies of the tile at row0 (fp16/bf16, nrows real rows, zeros past them) into `raw`.
+template <typename T, class L>
+__device__ __forceinline__ void kfast_fetch_raw(const T* __restrict__ src, int64_t row0, int nrows, T* raw) {
+  constexpr int kVectors = L::P * L::K * (L::N / 8), kRounds = ceil_div(kVectors, kFastThreads);
+  const T* const tile = src + row0 * L::D;  // one 64-bit address per tile, 32-bit offsets per copy
+  const int real_segs = nrows * L::K;
+#pragma unroll
+  for (int round = 0; round < kRounds; ++round) {
+    const int i = threadIdx.x + round * kFastThreads;
+    if (kVectors % kFastThreads != 0 && i >= kVectors) break;
+    const int seg = i / (L::N / 8), c = (i % (L::N / 8)) * 8;
+    const bool real = seg < real_segs;
+    __pipeline_memcpy_async(raw + seg * L::kRawPitch + c, tile + (real ? seg * L::N + c : 0), 16, real ? 0 : 16);
+  }
+}
+
+// z = H_K X for the tile (X from `raw`, plus the tile `raw2` when given: H_K (x + u) = H_K x + H_K u).
+template <typename T, class L>
+__device__ __forceinline__ void kfast_hk_tensor_cores(const uint32_t* f, const T* raw, const T* raw2, const T* zero,
+                                                      float* z) {
+  constexpr int kTiles = HkTiles<L::K>::kTiles, kItems = L::P * (L::N / 16), kWarps = kFastThreads / 32;
+  static_assert(kItems % kWarps == 0, "every warp takes as many 16-column items");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll 1
+  for (int item = warp; item < kItems; item += kWarps) {
+    const int r = item / (L::N / 16), n0 = (item % (L::N / 16)) * 16;
+    float acc[kTiles][2][4];
+#pragma unroll
+    for (int mt = 0; mt < kTiles; ++mt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.f;
+#pragma unroll
+    for (int src = 0; src < (raw2 == nullptr ? 1 : 2); ++src) {
+      const T* const base = (src == 0 ? raw : raw2) + r * L::K * L::kRawPitch;
+#pragma unroll
+      for (int ks = 0; ks < kTiles; ++ks) {
+        // lane l: row l % 8 of matrix l / 8 = (K-rows 16 ks + 8 ((l / 8) % 2) .., columns n0 + 8 (l / 16) ..)
+        const int k = 16 * ks + 8 * ((lane >> 3) & 1) + (lane & 7);
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, k < L::K ? base + k * L::kRawPitch + n0 + 8 * (lane >> 4) : zero);
+        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+#pragma unroll
+        for (int mt = 0; mt < kTiles; ++mt) {
+          const uint4 w = *reinterpret_cast<const uint4*>(f + ((mt * kTiles + ks) * 32 + lane) * 4);
+          const uint32_t a[4] = {w.x, w.y, w.z, w.w};
+          mma_m16n8k16<T>(acc[mt][0], a, b0, acc[mt][0]);
+          mma_m16n8k16<T>(acc[mt][1], a, b1, acc[mt][1]);
+        }
+      }
+    }
+    float* const out = z + r * L::kRowWords;
+#pragma unroll
+    for (int mt = 0; mt < kTiles; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = 16 * mt + 8 * h + g;
+        if (m < L::K) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            *reinterpret_cast<float2*>(out + m * L::kSegWords + L::word(n0 + 8 * j + 2 * t)) =
+                make_float2(acc[mt][j][2 * h], acc[mt][j][2 * h + 1]);
+        }
+      }
+  }
+}
+
+// The H_N butterflies over the bits steps 1 and 5 keep in registers (the vector bits and the top
+// kLogR bits), in place in the tile: transform 1's share where step 1 is the tensor-core H_K.
+template <class L, int kStep>
+__device__ __forceinline__ void kfast_register_bits_in_place(float* z) {
+  kfast_vector_items<L, kStep>([&](int seg, int n) {
+    float v[L::R * L::V];
+    float* const at = z + seg * L::kSegWords + L::word(n);
+#pragma unroll
+    for (int r = 0; r < L::R; ++r) load_f32(at + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
+    butterflies_over<0, L::kLogV + L::kLogR>(v);
+#pragma unroll
+    for (int r = 0; r < L::R; ++r) store_f32(at + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
+  });
+}
+
+// Where the tensor cores run the first H_K of an op: the layout allows it and the raw tiles (two for
+// the epilogue: residual and update) fit kFastSmemBudget beside the fp32 tile.
+constexpr int kFastSmemBudget = 101376;  // the smallest opt-in of the sm_80+ GPUs (sm_86/89), bytes
+// The shared memory the tensor cores add: the raw tiles (two for the epilogue) and H_K's fragments.
+template <class L, Op kOp>
+__host__ __device__ constexpr int kfast_tensor_core_floats() {
+  return (kOp == Op::kAddPatchRmsNorm ? 2 : 1) * L::kRawWords + HkTiles<L::K>::kWords;
+}
+
+// Where the tensor cores run the first H_K: the layout allows them and their shared memory fits
+// kFastSmemBudget; not the patch or epilogue at N = 16 (576), whose passes already make it
+// shared-memory bound: the raw tile and the in-place pass of the register bits cost more there than
+// the H_K they save (by the speed model).
+template <class L, Op kOp>
+__host__ __device__ constexpr bool kfast_tensor_cores() {
+  return L::kTensorCores && (kOp == Op::kTransform || L::kLogN > 4) &&
+         4 * (L::kTileWords + (kOp == Op::kAddPatchRmsNorm ? round_up4(L::P) : 0) +
+              kfast_tensor_core_floats<L, kOp>()) <= kFastSmemBudget;
+}
+
+template <class L, Op kOp>
+__host__ __device__ constexpr int kfast_floats_before_s() {
+  return L::kTileWords + (kOp == Op::kAddPatchRmsNorm ? round_up4(L::P) : 0) +
+         (kfast_tensor_cores<L, kOp>() ? kfast_tensor_core_floats<L, kOp>() : 0);
+}
+
+// s is staged in shared memory once per block (cp.async, a copy of its d floats: the column pass
+// then reads it with LDS instead of waiting for L2 in every tile) wherever the block still fits
+// kFastSmemBudget; else it is read through the L1 cache.
+template <class L, Op kOp>
+__host__ __device__ constexpr bool kfast_stages_s() {
+  return kOp != Op::kTransform && 4 * (kfast_floats_before_s<L, kOp>() + L::D) <= kFastSmemBudget;
+}
+
+// Shared memory of kfast_kernel in floats: the tile, then (epilogue) one rstd per row of the tile, then
+// (tensor cores) the raw tiles, then (where staged) s.
 template <class L, Op kOp>
 __host__ __device__ constexpr int kfast_shared_floats() {
-  return L::kTileWords + (kOp == Op::kAddPatchRmsNorm ? round_up4(L::P) : 0);
+  return kfast_floats_before_s<L, kOp>() + (kfast_stages_s<L, kOp>() ? L::D : 0);
 }
 
 // ptxas's own register choice (no minimum blocks given: 0), except where that choice spills and a
@@ -284,7 +520,8 @@ __host__ __device__ constexpr int kfast_shared_floats() {
 //  * the fp16/bf16 transform at 18432 (K = 36, N = 512) on sm_90: 80 registers and 8 bytes of spills.
 template <typename T, int K, int kLogN, Op kOp>
 __host__ __device__ constexpr int kfast_min_blocks() {
-  return (kOp == Op::kAddPatchRmsNorm && sizeof(T) == 2 && K == 12 && kLogN == 9) ||
+  return (kOp == Op::kPatch && sizeof(T) == 2 && ((K == 20 && kLogN == 8) || (K == 36 && kLogN == 6))) ||
+                 (kOp == Op::kAddPatchRmsNorm && sizeof(T) == 2 && K == 12 && kLogN == 9) ||
                  (kOp == Op::kTransform && K == 36 && (sizeof(T) == 4 ? kLogN == 4 || kLogN == 6 : kLogN == 9))
              ? 1
              : 0;
@@ -300,28 +537,75 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
   extern __shared__ float4 smem4[];
   float* const z = reinterpret_cast<float*>(smem4);
   float* const rstd = z + L::kTileWords;  // epilogue only
+  constexpr bool kTensorCores = kfast_tensor_cores<L, kOp>();
+  T* const raw = reinterpret_cast<T*>(rstd + (kEpilogue ? round_up4(L::P) : 0));  // tensor cores: x's raw tile
+  T* const raw_u = raw + 2 * L::kRawWords;                                         // and (epilogue) update's
+  const T* const zero = raw + L::P * K * L::kRawPitch;                            // 16 zero bytes after x's
+  uint32_t* const hk = reinterpret_cast<uint32_t*>(raw) + (kEpilogue ? 2 : 1) * L::kRawWords;  // H_K's fragments
+  constexpr bool kStageS = kfast_stages_s<L, kOp>();
+  float* const s_sm = z + kfast_floats_before_s<L, kOp>();  // where staged
   constexpr int kCols = L::P * L::N / L::C, kColRounds = ceil_div(kCols, kFastThreads);
+  // Step numbers for kfast_item's rotation: step 1 is 0 (with tensor cores: the in-place register bits
+  // of the patch), the passes 1, 2, ..., the passes again (the patch) and step 5 next; the column pass
+  // (a partial round at other sizes than step 1's) after them.
+  constexpr int kPasses = kfast_pass_count<L>();
+  constexpr int kStepPasses2 = 1 + kPasses, kStepStore = kPatch ? kStepPasses2 + kPasses : kStepPasses2;
+  constexpr int kStepColumns = kStepStore + 1;
   const int64_t tiles = (rows + L::P - 1) / L::P;
-
-  // The epilogue also reads `update`, so it keeps the loads in step 1 (its registers are spent).
-  constexpr bool kPrefetch = FastPrefetch<L>::kEnabled && !kEpilogue;
-  uint4 next[FastPrefetch<L>::kVectors];
   auto rows_from = [&](int64_t r0) { return int(rows - r0 < L::P ? rows - r0 : L::P); };
+
+  // The first tile's raw copies (tensor cores) and s leave together; one wait at the top of the loop.
+  if constexpr (kTensorCores) {
+    if (threadIdx.x == 0) *reinterpret_cast<uint4*>(const_cast<T*>(zero)) = make_uint4(0u, 0u, 0u, 0u);
+    if (blockIdx.x < tiles) {
+      kfast_fetch_raw<T, L>(x, int64_t(blockIdx.x) * L::P, rows_from(int64_t(blockIdx.x) * L::P), raw);
+      if constexpr (kEpilogue) kfast_fetch_raw<T, L>(e.update, int64_t(blockIdx.x) * L::P, rows_from(int64_t(blockIdx.x) * L::P), raw_u);
+    }
+    if (threadIdx.x < 32) hk_fragments<T, K>(hk, threadIdx.x);  // read after the barrier at the loop's top
+  }
+  if constexpr (kStageS) {
+    for (int i = threadIdx.x; i < L::D / 4; i += kFastThreads) __pipeline_memcpy_async(s_sm + 4 * i, s + 4 * i, 16);
+  }
+  if constexpr (kTensorCores || kStageS) __pipeline_commit();
+
+  // Without tensor cores: the epilogue also reads `update`, so it keeps the loads in step 1 (its
+  // registers are spent).
+  constexpr bool kPrefetch = !kTensorCores && FastPrefetch<L>::kEnabled && !kEpilogue;
+  uint4 next[FastPrefetch<L>::kVectors];
   if constexpr (kPrefetch) {
     if (blockIdx.x < tiles) kfast_fetch<T, L>(x, int64_t(blockIdx.x) * L::P, rows_from(int64_t(blockIdx.x) * L::P), next);
+  }
+  if constexpr (kStageS && !kTensorCores) {  // s before any column pass (the tile loop has a barrier before it)
+    __pipeline_wait_prior(0);
   }
 
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t row0 = tile * L::P;
     const int nrows = rows_from(row0);
-    // 1. load, butterflies over the bits in registers, to shared memory (rows past the end as zeros).
-    if constexpr (kPrefetch) {
+    const int64_t following = tile + gridDim.x;
+    if constexpr (kTensorCores) {
+      // 1. the tile's raw copies have landed (and s); H_K on the tensor cores into the fp32 tile; the
+      // next tile's copies leave.
+      __pipeline_wait_prior(0);
+      __syncthreads();
+      kfast_hk_tensor_cores<T, L>(hk, raw, kEpilogue ? raw_u : nullptr, zero, z);
+      __syncthreads();
+      if (following < tiles) {
+        kfast_fetch_raw<T, L>(x, following * L::P, rows_from(following * L::P), raw);
+        if constexpr (kEpilogue) kfast_fetch_raw<T, L>(e.update, following * L::P, rows_from(following * L::P), raw_u);
+      }
+      __pipeline_commit();
+      if constexpr (kPatch) {  // transform 1's H_N over the register bits (step 5 does transform 2's)
+        kfast_register_bits_in_place<L, 0>(z);
+        __syncthreads();
+      }
+    } else if constexpr (kPrefetch) {
+      // 1. load, butterflies over the bits in registers, to shared memory (rows past the end as zeros).
       kfast_deposit<T, L>(next, z);
       __syncthreads();
       // The next tile's loads go out now and land during this tile's passes.
-      const int64_t following = tile + gridDim.x;
       if (following < tiles) kfast_fetch<T, L>(x, following * L::P, rows_from(following * L::P), next);
-    } else kfast_vector_items<L>([&](int seg, int n) {
+    } else kfast_vector_items<L, 0>([&](int seg, int n) {
       float v[L::R * L::V];
 #pragma unroll
       for (int r = 0; r < L::R; ++r) {
@@ -341,12 +625,12 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
       }
       kfast_item_to_shared<L>(v, z, seg, n);
     });
-    if constexpr (!kPrefetch) __syncthreads();
-    kfast_passes<L>(z);
-    // 3. the column pass.
+    if constexpr (!kPrefetch && !kTensorCores) __syncthreads();
+    kfast_passes<L, 1>(z);
+    // 3. the column pass (with tensor cores: only the patch's * s and second H_K; the transform has none).
 #pragma unroll
-    for (int round = 0; round < kColRounds; ++round) {
-      const int item = threadIdx.x + round * kFastThreads;
+    for (int round = 0; round < (kTensorCores && !kPatch ? 0 : kColRounds); ++round) {
+      const int item = kfast_item<kCols, kStepColumns>(round);
       if (kCols % kFastThreads != 0 && item >= kCols) break;
       const int r = item / (L::N / L::C), n = (item % (L::N / L::C)) * L::C;
       float* const col = z + r * L::kRowWords + L::word(n);
@@ -359,12 +643,21 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
         for (int c = 0; c < L::C; ++c) a[c][k] = t[c];
       }
 #pragma unroll
-      for (int c = 0; c < L::C; ++c) apply_h_k<K>(a[c], b[c]);
+      for (int c = 0; c < L::C; ++c) {
+        if constexpr (kTensorCores) {  // H_K is done: b = a
+#pragma unroll
+          for (int k = 0; k < K; ++k) b[c][k] = a[c][k];
+        } else {
+          apply_h_k<K>(a[c], b[c]);
+        }
+      }
       if constexpr (kPatch) {
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           float t[L::C];
-          if constexpr (L::C == 4) {
+          if constexpr (kStageS) {
+            shared_to_registers<L::C>(s_sm + k * L::N + n, t);
+          } else if constexpr (L::C == 4) {
             const float4 q = __ldg(reinterpret_cast<const float4*>(s + k * L::N + n));
             t[0] = q.x; t[1] = q.y; t[2] = q.z; t[3] = q.w;
           } else if constexpr (L::C == 2) {
@@ -387,15 +680,16 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
         registers_to_shared<L::C>(t, col + k * L::kSegWords);
       }
     }
-    __syncthreads();
-    if constexpr (kPatch) kfast_passes<L>(z);
-    // 5. (patch) butterflies over the bits in registers; * out_scale (1/d for the patch), store.
-    kfast_vector_items<L>([&](int seg, int n) {
+    if constexpr (!kTensorCores || kPatch) __syncthreads();
+    if constexpr (kPatch) kfast_passes<L, kStepPasses2>(z);
+    // 5. (patch, or with tensor cores) butterflies over the bits in registers; * out_scale (1/d for the
+    // patch), store.
+    kfast_vector_items<L, kStepStore>([&](int seg, int n) {
       float v[L::R * L::V];
       float* const in = z + seg * L::kSegWords + L::word(n);
 #pragma unroll
       for (int r = 0; r < L::R; ++r) load_f32(in + L::word(r * L::U * L::V), vec_at<L::V>(v, r));
-      if constexpr (kPatch) butterflies_over<0, L::kLogV + L::kLogR>(v);  // the second transform's
+      if constexpr (kPatch || kTensorCores) butterflies_over<0, L::kLogV + L::kLogR>(v);  // the last transform's
       if constexpr (kEpilogue) {
         // h stays in shared memory (in place) for the row sums of step 6.
 #pragma unroll
@@ -434,7 +728,7 @@ kfast_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict
         if (lane == 0) rstd[r] = rsqrtf(acc * (1.f / L::D) + e.eps);
       }
       __syncthreads();
-      kfast_vector_items<L>([&](int seg, int n) {
+      kfast_vector_items<L, kStepStore>([&](int seg, int n) {
         if (seg < nrows * K) {
           const float* const in = z + seg * L::kSegWords + L::word(n);
           const int64_t off = row0 * L::D + seg * L::N + n;

@@ -100,7 +100,6 @@ constexpr int kMaxRowLog2N = 15;  // N = 32768: 128 values per thread, 256 threa
 template <class L>
 __host__ __device__ constexpr int row_block_threads() { return cmax(kRowThreads, L::T); }
 constexpr int kRowPartials = 8;  // the epilogue's per-warp sums: up to 8 warps per block
-constexpr int kRowStageBatch = 16;  // loads in flight per thread while row_kernel stages s (and the norm weight)
 
 // The epilogue keeps the norm weight in shared memory up to N = 4096; at 8192 it is read through the
 // L1 cache instead (16-byte loads in L0 order), so that a block fits in every sm_80+ GPU.
@@ -169,41 +168,15 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     else __syncwarp();
   };
 
-  if constexpr (kStageS) {
-    // A gather of N values, N / blockDim.x per thread (32 at N = 4096): loaded in batches of
-    // kRowStageBatch independent loads before any is stored, so that a thread waits for one memory
-    // round trip per batch instead of one per value (before: ~16 us per block on an H200, inferred
-    // from a one-row patch taking 21.1 us against the transform's 4.8 us).
-    for (int first = 0; first < L::N; first += kRowStageBatch * blockDim.x) {  // the same trip count for every thread
-      float sv[kRowStageBatch], wv[kRowStageBatch];
-#pragma unroll
-      for (int b = 0; b < kRowStageBatch; ++b) {
-        const int i = first + b * blockDim.x + threadIdx.x;
-        if (i < L::N) {
-          const int q = i >> (2 + L::kLogT), tt = (i >> 2) & (L::T - 1), j = 4 * q + (i & 3);
-          sv[b] = __ldg(s + (L::l1_thread(tt) | L::l1_reg(j)));
-          if constexpr (kStageWeight) wv[b] = __ldg(e.weight + (L::l0_thread(tt) | L::l0_reg(j)));
-        }
-      }
-      // Keeps the compiler from moving the first stores (which wait for their loads) above the last loads.
-      __syncwarp();
-#pragma unroll
-      for (int b = 0; b < kRowStageBatch; ++b) {
-        const int i = first + b * blockDim.x + threadIdx.x;
-        if (i < L::N) {
-          s_l1[i] = sv[b] * out_scale;  // out_scale = 1/d
-          if constexpr (kStageWeight) w_l0[i] = wv[b];
-        }
-      }
-    }
-    __syncthreads();
-  }
   const float4* const s4 = reinterpret_cast<const float4*>(s_l1) + t;
   const float* const s1 = kPatch ? s + L::l1_thread(t) : s;  // N >= 16384: s in L1 order through the cache
   const float4* const w4 = reinterpret_cast<const float4*>(w_l0) + t;
   const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
-  // 1/d: folded into the staged s/d, else applied at the store (the epilogue: before the sum of squares).
-  const float s_scale = kPatch && !kStageS ? out_scale : 1.f;
+  // 1/d (out_scale): folded into the staged s/d (once per block), else applied at the store (the
+  // epilogue: before the sum of squares). (At the store it would cost the patch a multiply per value
+  // where the staged scale costs none: the compiler drops the multiply by 1.)
+  constexpr bool kFoldScale = kStageS;
+  const float s_scale = kPatch && !kFoldScale ? out_scale : 1.f;
   const int64_t step = int64_t(gridDim.x) * rows_per_iter;
 
   constexpr bool kPrefetch = row_prefetches<L, kOp>();
@@ -220,7 +193,27 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       }
     }
   };
+  // The first row's loads leave before the staging of s, so that the two round trips overlap.
   if constexpr (kPrefetch) load_ahead(int64_t(blockIdx.x) * rows_per_iter + slot);
+
+  if constexpr (kStageS) {
+    // A gather of N values into shared memory in register order, N / blockDim.x per thread (32 at
+    // N = 4096), as cp.async copies: all of a thread's copies leave before it waits for any, one
+    // memory round trip per block. (Loads into registers, stored after a batch of 16, compiled into
+    // 4-8 dependent round trips at N = 4096 and 8192 by the SASS model; one load and store at a time,
+    // 32 of them, took ~16 us per block on the H200: a one-row patch took 21.1 us, the transform 4.8.)
+    for (int i = threadIdx.x; i < L::N; i += blockDim.x) {
+      const int q = i >> (2 + L::kLogT), tt = (i >> 2) & (L::T - 1), j = 4 * q + (i & 3);
+      __pipeline_memcpy_async(&s_l1[i], s + (L::l1_thread(tt) | L::l1_reg(j)), sizeof(float));
+      if constexpr (kStageWeight) __pipeline_memcpy_async(&w_l0[i], e.weight + (L::l0_thread(tt) | L::l0_reg(j)), sizeof(float));
+    }
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+    if constexpr (kFoldScale) {  // each thread rescales the words it copied (visible to it after its own wait)
+      for (int i = threadIdx.x; i < L::N; i += blockDim.x) s_l1[i] *= out_scale;
+    }
+    __syncthreads();
+  }
 
   for (int64_t base = int64_t(blockIdx.x) * rows_per_iter; base < rows; base += step) {
     const int64_t row = base + slot;
@@ -303,7 +296,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
 
     T* const yr = y + row * L::N + g0;
     if constexpr (kEpilogue) {
-      if constexpr (!kStageS) {
+      if constexpr (!kFoldScale) {
 #pragma unroll
         for (int j = 0; j < L::R; ++j) v[j] *= s_scale;
       }

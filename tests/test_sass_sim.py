@@ -120,6 +120,12 @@ def test_64bit_compare_and_constants():
     assert (sim.U[4] == 32).all() and sim.Uk[4].all()
 
 
+def test_indexed_constant_bank():
+    # LDC R2, c[0x0][RZ] is blockDim.x; c[0x0][R0+0x4] with R0 = 8 reads word 0xc (gridDim.x)
+    sim, _ = run(["LDC R2, c[0x0][RZ]", "MOV R0, 0x8", "LDC R3, c[0x0][R0+0x4]", "EXIT"], bank={0x0: 128, 0xC: 528})
+    assert (reg(sim, 2) == 128).all() and (reg(sim, 3) == 528).all()
+
+
 def test_simt_issue_counts_if_else_and_loops():
     # if (t < 8) {2 instructions} else {3 instructions}; then a loop of t % 4 + 1 trips (3 instructions each)
     sim, res = run([
@@ -183,6 +189,27 @@ def test_global_bytes_sectors_stores_and_waits():
     assert (b.pos, b.stream, b.inflight) == (8, 6, 512)
     stored = np.concatenate(res.stored[(0, 1)])
     assert sorted(stored.tolist()) == list(range(512))
+
+
+def test_cp_async_groups_wait_at_depbar():
+    # two groups of 16-byte cp.async copies; DEPBAR.LE SB0, 0x1 waits for the first group only, 0x0 for both
+    bank = {0x210: 0, 0x214: 0x10}
+    sim, res = run([
+        "S2R R0, SR_TID.X",
+        "LDC.64 R2, c[0x0][0x210]",
+        "IMAD.WIDE.U32 R4, R0, 0x10, R2",
+        "IMAD.SHL.U32 R6, R0, 0x10, RZ",
+        "LDGSTS.E.BYPASS.128 [R6], desc[UR4][R4.64]",
+        "LDGDEPBAR",
+        "LDGSTS.E.BYPASS.128 [R6+0x200], desc[UR4][R4.64+0x200]",
+        "LDGDEPBAR",
+        "DEPBAR.LE SB0, 0x1",
+        "DEPBAR.LE SB0, 0x0",
+        "EXIT",
+    ], bank=bank)
+    assert res.global_bytes[(0, 0, "ld")] == 2 * 512 and res.smem_bytes[0, 0] == 2 * 512
+    first, second = res.waits
+    assert (first.pos, first.stream, first.inflight) == (8, 4, 1024) and (second.pos, second.stream) == (9, 6)
 
 
 def test_shared_memory_bank_conflicts():

@@ -143,7 +143,9 @@ Device device;
 std::map<std::tuple<int, int, int, int>, int> device_ordinals{{{4, 232448, 9, 0}, 0}};
 cudaError_t last_error = cudaSuccess;
 std::string diagnostic;                    // why the last failed launch failed
-std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+// cudaFuncAttributeMaxDynamicSharedMemorySize per (kernel, device ordinal): like the runtime, an
+// attribute set for one device does not carry over to another.
+std::map<std::pair<const void*, int>, int> max_dynamic_smem;
 uint64_t launches = 0;
 bool dry_run = false;  // record launches without running them
 
@@ -677,7 +679,7 @@ void run_kernel(const void* kernel, dim3 grid, dim3 dims, size_t smem, const std
                  std::to_string(grid.y) + "," + std::to_string(grid.z) + ")";
     return;
   }
-  auto attr = max_dynamic_smem.find(kernel);
+  auto attr = max_dynamic_smem.find({kernel, device.ordinal});
   const size_t allowed = attr == max_dynamic_smem.end() ? 48 * 1024 : size_t(attr->second);
   if (smem > allowed) {
     last_error = cudaErrorInvalidValue;
@@ -758,7 +760,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d) {
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (value < 0 || value > emu::device.smem_optin) return cudaErrorInvalidValue;
-    emu::max_dynamic_smem[func] = value;
+    emu::max_dynamic_smem[{func, emu::device.ordinal}] = value;
   }
   return cudaSuccess;
 }
@@ -785,8 +787,8 @@ cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 extern "C" {
 
 // Seed of the schedules, emulated SM count, opt-in shared memory per block (sm_90: 232448,
-// sm_80: 166912), compute capability. Kernel attributes already set stay set (as in a process
-// whose launchers cache their attribute setup).
+// sm_80: 166912), compute capability. Kernel attributes already set stay set for the device they
+// were set on (as in a process whose launchers cache their attribute setup per device).
 void emu_configure(uint64_t seed, int sm_count, int smem_optin, int cc_major, int cc_minor) {
   emu::device.seed = seed;
   emu::device.sm_count = sm_count;
