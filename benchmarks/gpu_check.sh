@@ -177,7 +177,17 @@ from linearpatch_kernels.backends import cuda_backend, triton_backend
 # Loads the library (its ops are registered at load): every part below calls the kernels directly.
 assert cuda_backend.is_available(torch.device("cuda")), cuda_backend._load_error
 results, sweep, speedups, errors = [], [], {}, []
-meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
+def source_commit():
+    """The commit of the kernels timed (benchmarks/sass_backtest.py refits the speed model to each run's
+    numbers against that commit's kernels): GPU_CHECK_COMMIT, else git, else unknown."""
+    import subprocess
+    if os.environ.get("GPU_CHECK_COMMIT"):
+        return os.environ["GPU_CHECK_COMMIT"]
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda, commit=source_commit(),
             method="median of 50 CUDA-event timings per call, 5 warm-ups, L2 flushed between calls")
 
 

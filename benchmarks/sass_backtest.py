@@ -43,34 +43,54 @@ TOLERANCE = 0.15
 # The measured cases: (case name in run1/gpu_timings.json, op, d, rows). The copies are modelled too.
 CASES = [("cuda patch", "hadamard_patch"), ("cuda transform", "hadamard_transform"),
          ("epilogue: cuda fused", "patch_add_rmsnorm")]
-# The bf16 units of the measured commit (the other dtypes were not timed); the other launchers are stubs.
-UNITS = ("hadamard_bf16.cu", "patch_add_rmsnorm_bf16.cu")
-STUBS = """// Launchers of the dtypes the backtest does not build.
-#include "hadamard_launch.h"
-namespace linearpatch_cuda {
-std::string launch_hadamard_f32(const HadamardArgs&) { return "not built for the backtest"; }
-std::string launch_hadamard_f16(const HadamardArgs&) { return "not built for the backtest"; }
-std::string launch_patch_add_rmsnorm_f32(const HadamardArgs&) { return "not built for the backtest"; }
-std::string launch_patch_add_rmsnorm_f16(const HadamardArgs&) { return "not built for the backtest"; }
-}  // namespace linearpatch_cuda
-"""
+# The units of each dtype (only those of the dtypes a run timed are built; the others' launchers are stubs).
+UNITS = {"bfloat16": ("hadamard_bf16.cu", "patch_add_rmsnorm_bf16.cu"), "float16": ("hadamard_f16.cu", "patch_add_rmsnorm_f16.cu"),
+         "float32": ("hadamard_f32.cu", "patch_add_rmsnorm_f32.cu")}
+SUFFIX = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+def stubs(dtypes) -> str:
+    lines = ["// Launchers of the dtypes the backtest does not build.", '#include "hadamard_launch.h"',
+             "namespace linearpatch_cuda {"]
+    for dtype, suffix in SUFFIX.items():
+        if dtype not in dtypes:
+            for op in ("hadamard", "patch_add_rmsnorm"):
+                lines.append(f'std::string launch_{op}_{suffix}(const HadamardArgs&) {{ return "not built for the backtest"; }}')
+    lines.append("}  // namespace linearpatch_cuda")
+    return "\n".join(lines) + "\n"
+
+
+SWEEP_OPS = {"patch": "hadamard_patch", "transform": "hadamard_transform", "patch_add_rmsnorm": "patch_add_rmsnorm"}
 
 
 def measured() -> list[dict]:
-    """Every CUDA kernel and copy time of the runs: [{case, op, d, rows, ms, commit}]."""
+    """Every CUDA kernel and copy time of the runs: [{case, op, dtype, d, rows, ms, commit, weight_cast}], from
+    the timings table (bf16) and the copy-ratio sweep (every dtype; where it ran)."""
     out = []
     for path, commit in RUNS:
         data = json.loads(path.read_text())
         seen = set()
+
+        def add(case, op, dtype, d, rows, ms, weight_cast=False):
+            key = (op, dtype, d, rows)
+            if key in seen or not isinstance(ms, (int, float)) or ms != ms:  # repeated copies; NaN: not measured
+                return
+            seen.add(key)
+            out.append(dict(case=case, op=op, dtype=dtype, d=d, rows=rows, ms=ms, commit=commit, weight_cast=weight_cast))
+
         for r in data["results"]:
             op = dict(CASES).get(r["case"])
             if op is None and r["case"] != "copy":
                 continue
-            key = (op or "copy", r["d"], r["rows"])
-            if key in seen:  # the copies timed in the epilogue part repeat those of the first part
+            # the timings table's epilogue took a bf16 norm weight, cast to fp32 by cuda_backend first
+            add(r["case"], op or "copy", r.get("dtype", "bfloat16"), r["d"], r["rows"], r["median_ms"],
+                weight_cast=op == "patch_add_rmsnorm")
+        for r in data.get("copy_ratios", []):
+            op = SWEEP_OPS.get(r["op"])
+            if op is None:
                 continue
-            seen.add(key)
-            out.append(dict(case=r["case"], op=op or "copy", d=r["d"], rows=r["rows"], ms=r["median_ms"], commit=commit))
+            add(f"sweep {r['op']}", op, r["dtype"], r["d"], r["rows"], r["median_ms"])
+            add("sweep copy", "copy", r["dtype"], r["d"], r["rows"], r.get("copy_ms"))
     return out
 
 
@@ -83,8 +103,8 @@ def commit_sources(commit: str) -> dict[str, str]:
             for n in names if n.endswith((".cu", ".cuh", ".h"))}
 
 
-def build_sass(sources: dict[str, str], cache: Path, commit: str) -> tuple[dict, dict]:
-    """(ptxas resources, SASS instructions) per kernel symbol of the bf16 units, sm_90."""
+def build_sass(sources: dict[str, str], cache: Path, commit: str, dtypes) -> tuple[dict, dict]:
+    """(ptxas resources, SASS instructions) per kernel symbol of the units of ``dtypes``, sm_90."""
     nvcc = sb.find_tool("nvcc")
     cuobjdump = sb.find_tool("cuobjdump")
     h = hashlib.sha256(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
@@ -95,7 +115,7 @@ def build_sass(sources: dict[str, str], cache: Path, commit: str) -> tuple[dict,
     out.mkdir(parents=True, exist_ok=True)
     resources, code = {}, {}
     sim = sb.load_sim()
-    for unit in UNITS:
+    for unit in [u for dtype in sorted(dtypes) for u in UNITS[dtype]]:
         log, sass = out / f"{unit}.ptxas.txt", out / f"{unit}.sass.txt"
         if not (log.exists() and sass.exists()):
             with tempfile.TemporaryDirectory() as tmp:
@@ -114,11 +134,12 @@ def build_sass(sources: dict[str, str], cache: Path, commit: str) -> tuple[dict,
     return resources, code
 
 
-def emulated_launchers(sources: dict[str, str]):
-    """The commit's launchers in the CUDA emulator (bf16 units only)."""
+def emulated_launchers(sources: dict[str, str], dtypes):
+    """The commit's launchers in the CUDA emulator (the units of ``dtypes`` only)."""
     emulate = sb.load_emulate()
-    units = {n: t for n, t in sources.items() if not n.endswith(".cu") or n in UNITS}
-    units["backtest_stubs.cu"] = STUBS
+    wanted = {u for dtype in dtypes for u in UNITS[dtype]}
+    units = {n: t for n, t in sources.items() if not n.endswith(".cu") or n in wanted}
+    units["backtest_stubs.cu"] = stubs(dtypes)
     lib = emulate.compile_emulated(units, [emulate.HERE / "driver.cpp"], "libbacktest_kernels.so")
     return emulate, emulate.EmulatedKernels(lib)
 
@@ -126,12 +147,12 @@ def emulated_launchers(sources: dict[str, str]):
 def model_case(case: dict, kernels, emulate, resources, code, gpu: dict, c: dict) -> dict:
     """The modelled time of one measured case (seconds) and what went into it."""
     if case["op"] == "copy":
-        return dict(time_s=sb.copy_time(case["rows"] * case["d"] * 2 * 2, c))
+        return dict(time_s=sb.copy_time(case["rows"] * case["d"] * sb.DTYPES[case["dtype"]] * 2, c))
     from linearpatch_kernels.hadamard import hadamard_factors
 
-    m = sb.model_launches(case["op"], "bfloat16", case["d"], case["rows"], hadamard_factors(case["d"]).k, kernels,
+    m = sb.model_launches(case["op"], case["dtype"], case["d"], case["rows"], hadamard_factors(case["d"]).k, kernels,
                           emulate, resources, code, gpu, c)
-    if case["op"] == "patch_add_rmsnorm":
+    if case["weight_cast"]:
         # the measured call (cuda_backend.patch_add_rmsnorm) cast the bf16 norm weight to fp32 first: one
         # more small kernel (d elements read as bf16, written as fp32)
         m["time_s"] += sb.copy_time(case["d"] * 6, c)
@@ -142,11 +163,12 @@ _BUILT: dict = {}
 
 
 def commit_kernels(commit: str):
-    """(resources, code, emulate, kernels) of the bf16 kernels of ``commit``, built once per process."""
+    """(resources, code, emulate, kernels) of ``commit``'s kernels of the dtypes its runs timed, built once."""
     if commit not in _BUILT:
+        dtypes = {c["dtype"] for c in measured() if c["commit"] == commit}
         sources = commit_sources(commit)
-        resources, code = build_sass(sources, sb.default_cache(), commit)
-        emulate, kernels = emulated_launchers(sources)
+        resources, code = build_sass(sources, sb.default_cache(), commit, dtypes)
+        emulate, kernels = emulated_launchers(sources, dtypes)
         _BUILT[commit] = (resources, code, emulate, kernels)
     return _BUILT[commit]
 
@@ -189,7 +211,7 @@ def fit(constants: dict) -> tuple[dict, dict]:
             cached.append(None)
             continue
         resources, code, emulate, kernels = commit_kernels(case["commit"])
-        cached.append(sb.launch_profiles(case["op"], "bfloat16", case["d"], case["rows"], hadamard_factors(case["d"]).k,
+        cached.append(sb.launch_profiles(case["op"], case["dtype"], case["d"], case["rows"], hadamard_factors(case["d"]).k,
                                          kernels, emulate, resources, code, gpu))
     scale = np.array(SCALE)
 
@@ -200,9 +222,9 @@ def fit(constants: dict) -> tuple[dict, dict]:
 
     def modelled(c, case, prof):
         if case["op"] == "copy":
-            return sb.copy_time(case["rows"] * case["d"] * 4, c)
+            return sb.copy_time(case["rows"] * case["d"] * sb.DTYPES[case["dtype"]] * 2, c)
         t = sb.model_from_profiles(prof, gpu, c)["time_s"]
-        return t + (sb.copy_time(case["d"] * 6, c) if case["op"] == "patch_add_rmsnorm" else 0.0)
+        return t + (sb.copy_time(case["d"] * 6, c) if case["weight_cast"] else 0.0)
 
     def residual(x, keep=None, fixed=None):
         c = consts(x, fixed)
