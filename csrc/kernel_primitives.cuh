@@ -79,6 +79,13 @@ __device__ __forceinline__ void unpack_vec(const uint4 raw, const __nv_bfloat16*
   }
 }
 
+// 16 bytes as loaded -> fp32, for every element type (fp32: the four floats as they are).
+__device__ __forceinline__ void unpack_raw(const uint4 raw, const float*, float (&v)[4]) {
+  v[0] = __uint_as_float(raw.x); v[1] = __uint_as_float(raw.y); v[2] = __uint_as_float(raw.z); v[3] = __uint_as_float(raw.w);
+}
+__device__ __forceinline__ void unpack_raw(const uint4 raw, const __half* p, float (&v)[8]) { unpack_vec(raw, p, v); }
+__device__ __forceinline__ void unpack_raw(const uint4 raw, const __nv_bfloat16* p, float (&v)[8]) { unpack_vec(raw, p, v); }
+
 __device__ __forceinline__ void load_vec(const __half* p, float (&v)[8]) {
   unpack_vec(*reinterpret_cast<const uint4*>(p), p, v);
 }

@@ -219,6 +219,23 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     const int64_t row = base + slot;
     const bool active = row < rows;  // idle rows of the last group compute on zeros, store nothing
     float v[L::R];
+    // Without the prefetch, up to N = 8192: every 16-byte load of the row leaves before any is
+    // converted, one memory round trip (converting each vector as it came, the compiler spread the
+    // loads over the first transform: 7 dependent round trips at N = 8192 by the SASS model). The empty
+    // asm with a memory clobber keeps the compiler from sinking loads below it. Not from 16384, where
+    // the raw vectors would not fit beside the row (170 registers for 3 blocks: they spill).
+    constexpr bool kLoadsFirst = !kPrefetch && L::kLogN <= 13;
+    uint4 raw[kLoadsFirst ? L::R / L::V : 1], raw_u[kLoadsFirst && kEpilogue ? L::R / L::V : 1];
+    if constexpr (kLoadsFirst) {
+      if (active) {
+#pragma unroll
+        for (int jt = 0; jt < L::R / L::V; ++jt) {
+          raw[jt] = *reinterpret_cast<const uint4*>(x + row * L::N + g0 + L::l0_reg(jt * L::V));
+          if constexpr (kEpilogue) raw_u[jt] = *reinterpret_cast<const uint4*>(e.update + row * L::N + g0 + L::l0_reg(jt * L::V));
+        }
+      }
+      asm volatile("" ::: "memory");
+    }
 #pragma unroll
     for (int jt = 0; jt < L::R / L::V; ++jt) {
       float(&vj)[L::V] = vec_at<L::V>(v, jt);
@@ -238,10 +255,12 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
         continue;
       }
       if (active) {
-        load_vec(x + row * L::N + g0 + L::l0_reg(jt * L::V), vj);
+        if constexpr (kLoadsFirst) unpack_raw(raw[jt], x, vj);
+        else load_vec(x + row * L::N + g0 + L::l0_reg(jt * L::V), vj);
         if constexpr (kEpilogue) {
           float u[L::V];
-          load_vec(e.update + row * L::N + g0 + L::l0_reg(jt * L::V), u);
+          if constexpr (kLoadsFirst) unpack_raw(raw_u[jt], x, u);
+          else load_vec(e.update + row * L::N + g0 + L::l0_reg(jt * L::V), u);
 #pragma unroll
           for (int i = 0; i < L::V; ++i) vj[i] += u[i];
         }
