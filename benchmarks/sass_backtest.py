@@ -96,8 +96,12 @@ def measured() -> list[dict]:
 
 def commit_sources(commit: str) -> dict[str, str]:
     """csrc/*.cu, *.cuh, *.h of ``commit`` (git show)."""
-    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{commit}:csrc"], capture_output=True,
-                           text=True, check=True).stdout.split()
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{commit}:csrc"], capture_output=True,
+                            text=True)
+    if listed.returncode != 0:
+        raise SystemExit(f"sass_backtest: cannot read csrc/ of commit {commit} with git ({listed.stderr.strip()}); "
+                         "the backtest rebuilds the kernels the GPU run measured and needs a clone with that history")
+    names = listed.stdout.split()
     return {n: subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:csrc/{n}"], capture_output=True, text=True,
                               check=True).stdout
             for n in names if n.endswith((".cu", ".cuh", ".h"))}

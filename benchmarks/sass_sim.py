@@ -34,6 +34,7 @@ import numpy as np
 
 M32 = 0xFFFFFFFF
 RZ, URZ, PT = 255, 63, 7
+SHARED_WINDOW_HI = 0x7FFF  # SR_SWINHI (see S2R below)
 SECTOR = 32
 POINTER_SHIFT = 36  # pointer parameter i points to (i + 1) << 36: the tensor of an address is addr >> 36
 PARAM_BASE = {90: 0x210, 80: 0x160, 86: 0x160, 89: 0x160}  # kernel parameters in constant bank 0
@@ -505,6 +506,10 @@ class BlockSim:
             raise SimError(f"predicate destination expected, got {o.text}")
 
     def _unknown(self, o: Operand, m, count: int = 1):
+        if o.kind in ("p", "up"):
+            if o.n != PT:
+                (self.Pk if o.kind == "p" else self.UPk)[o.n][m] = False
+            return
         if o.kind not in ("r", "ur") or o.n in (RZ, URZ):
             return
         arr = self.Rk if o.kind == "r" else self.Uk
@@ -561,7 +566,7 @@ class BlockSim:
                         self._exec(ins, mask & pv & pk, phase, warps)
                         self.pos[warps] += 1
                         for o in self._dests(ins):
-                            self._unknown(o, mask & ~pk, 4)
+                            self._unknown(o, mask & ~pk, written_registers(ins, o))
                         groups[gi] = [pc + 1, mask, phase, stack]
                         self._merge(groups)
                         continue
@@ -690,7 +695,7 @@ class BlockSim:
             rv, rk = self._get(Operand(kind, n=n, wide=wide))
             v = v + rv.astype(np.uint64) * np.uint64(scale)
             k = k & rk
-        if not wide:
+        if not any(w for _, _, w, _ in o.regs):
             v = v & np.uint64(M32)  # a 32-bit (shared-memory) address
         return v.astype(np.int64), k
 
@@ -825,7 +830,7 @@ class BlockSim:
         if b in ("LDS", "STS", "LDSM", "ATOMS"):
             self._shared(ins, m, phase, warps)
             if b in ("LDS", "LDSM"):
-                self._unknown(ops[0], m, max(1, access_width(ins.opcode) // 4))
+                self._unknown(ops[0], m, written_registers(ins, ops[0]))
             return
         if b in ("LDC", "ULDC"):
             wide = "64" in mods
@@ -848,6 +853,10 @@ class BlockSim:
                 v, k = np.full(n, self.block_idx, dtype=np.int64), np.ones(n, dtype=bool)
             elif sr == "SR_LANEID":
                 v, k = self.tid % 32, np.ones(n, dtype=bool)
+            elif sr == "SR_SWINHI":
+                # the high word of the generic address of shared memory: any value but 0 and -1 does,
+                # the kernels only compare generic shared-memory pointers with null
+                v, k = np.full(n, SHARED_WINDOW_HI, dtype=np.int64), np.ones(n, dtype=bool)
             else:
                 v, k = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
             self._set(ops[0], v, k, m)
@@ -1221,6 +1230,17 @@ def access_width(opcode: str) -> int:
         if mo in mods:
             return width
     return 4
+
+
+def written_registers(ins: Ins, o: Operand) -> int:
+    """Consecutive registers from ``o`` (a destination of ``ins``) that ``ins`` writes."""
+    if ins.base == "LDSM":  # ldmatrix .x1/.x2/.x4: one register per 8 x 8 matrix
+        return int(ins.mods[-1]) if ins.mods and ins.mods[-1] in ("2", "4") else 1
+    if ins.base in ("LDG", "LDS", "LD", "LDL", "LDC", "ULDC"):
+        return max(1, access_width(ins.opcode) // 4)
+    if o.wide:
+        return 2
+    return dest_registers(ins)
 
 
 def dest_registers(ins: Ins) -> int:

@@ -517,10 +517,12 @@ __host__ __device__ constexpr int kfast_shared_floats() {
 //  * the fp32 transform at 576 and 2304 (K = 36, N = 16 and 64) on sm_90: with every store a 16-byte
 //    vector it picks 80 / 64 registers and spills 20 / 36 bytes; 127 / 96 with the minimum (2 blocks
 //    of 8 warps per SM instead of 3);
-//  * the fp16/bf16 transform at 18432 (K = 36, N = 512) on sm_90: 80 registers and 8 bytes of spills.
+//  * the fp16/bf16 transform at 18432 (K = 36, N = 512) on sm_90: 80 registers and 8 bytes of spills;
+//  * the fp16/bf16 patch at 2304, 2560 and 5120 (K = 36, N = 64; K = 20, N = 128 and 256) with the
+//    tensor cores: 80-96 registers and 4-8 bytes of spills (2560: on sm_80).
 template <typename T, int K, int kLogN, Op kOp>
 __host__ __device__ constexpr int kfast_min_blocks() {
-  return (kOp == Op::kPatch && sizeof(T) == 2 && ((K == 20 && kLogN == 8) || (K == 36 && kLogN == 6))) ||
+  return (kOp == Op::kPatch && sizeof(T) == 2 && (K == 20 || (K == 36 && kLogN == 6))) ||
                  (kOp == Op::kAddPatchRmsNorm && sizeof(T) == 2 && K == 12 && kLogN == 9) ||
                  (kOp == Op::kTransform && K == 36 && (sizeof(T) == 4 ? kLogN == 4 || kLogN == 6 : kLogN == 9))
              ? 1

@@ -223,8 +223,10 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     // converted, one memory round trip (converting each vector as it came, the compiler spread the
     // loads over the first transform: 7 dependent round trips at N = 8192 by the SASS model). The empty
     // asm with a memory clobber keeps the compiler from sinking loads below it. Not from 16384, where
-    // the raw vectors would not fit beside the row (170 registers for 3 blocks: they spill).
-    constexpr bool kLoadsFirst = !kPrefetch && L::kLogN <= 13;
+    // the raw vectors would not fit beside the row (170 registers for 3 blocks: they spill), nor at
+    // 8192 for fp32 or the epilogue (two raw rows): 255 registers and 96-664 bytes of spills there.
+    constexpr bool kLoadsFirst =
+        !kPrefetch && (L::kLogN <= 12 || (L::kLogN == 13 && sizeof(T) == 2 && !kEpilogue));
     uint4 raw[kLoadsFirst ? L::R / L::V : 1], raw_u[kLoadsFirst && kEpilogue ? L::R / L::V : 1];
     if constexpr (kLoadsFirst) {
       if (active) {

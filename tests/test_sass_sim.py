@@ -262,6 +262,29 @@ def test_unknown_predicates_are_counted_not_guessed_wrong():
     assert res.unresolved == 1
 
 
+def test_write_under_an_unknown_guard_makes_only_its_destination_unknown():
+    # @P0 FMUL R31 with P0 unknown: R31 is unknown afterwards, R32 (a live address word) is not; an
+    # unknown-guarded 128-bit load makes its 4 registers unknown, a guarded ISETP its predicate
+    sim, _ = run([
+        "S2R R0, SR_TID.X",
+        "IADD3 R32, R0, 0x5, RZ",
+        "IADD3 R40, R0, 0x6, RZ",
+        "FSETP.GT.AND P0, PT, R4, RZ, PT",     # a float compare: unknown
+        "@!P0 FMUL R31, R31, 4096",
+        "@P0 LDS.128 R36, [R0]",
+        "@P0 ISETP.GE.AND P1, PT, R0, 0x3, PT",
+        "LDS R44, [0x10]",                     # an address that is an immediate alone
+        "S2UR UR7, SR_SWINHI",                 # a generic shared pointer compared with null: known
+        "ISETP.NE.AND P2, PT, RZ, UR7, PT",
+        "EXIT",
+    ])
+    assert sim.Pk[2].all() and sim.P[2].all()
+    t = np.arange(32)
+    assert (reg(sim, 32) == t + 5).all() and (reg(sim, 40) == t + 6).all()
+    assert not sim.Rk[31].any() and not sim.Rk[36:40].any() and not sim.Pk[1].any()
+    assert not sim.Rk[44].any()
+
+
 def test_param_layout_and_constant_bank():
     types = ["__nv_bfloat16 const*", "__nv_bfloat16*", "float const*", "long", "float",
              "linearpatch_cuda::EpilogueOperands<__nv_bfloat16>"]
