@@ -85,11 +85,29 @@ def gpu_clocks() -> dict:
         return {}
 
 
+def kernels_commit() -> str | None:
+    """The commit whose kernels are timed (benchmarks/sass_backtest.py refits the speed model to every
+    run against that commit's kernels): GPU_CHECK_COMMIT, else the commit the bundle was built from
+    (its manifest.json; GPU_BUNDLE, default .gpu-bundle), else the checkout's HEAD, else None."""
+    if os.environ.get("GPU_CHECK_COMMIT"):
+        return os.environ["GPU_CHECK_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    manifest = Path(os.environ.get("GPU_BUNDLE") or root / ".gpu-bundle") / "manifest.json"
+    try:
+        commit = json.loads(manifest.read_text()).get("commit")
+        if commit:
+            return commit
+    except (OSError, ValueError):
+        pass
+    out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
 def environment(device: torch.device, dry_run: bool) -> dict:
     env = dict(date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                device=str(device), dry_run=dry_run, loadavg_start=list(os.getloadavg()),
-               linearpatch_kernels=lp.__version__)
+               linearpatch_kernels=lp.__version__, commit=kernels_commit())
     try:
         import triton
         env["triton"] = triton.__version__

@@ -255,6 +255,84 @@ def test_nan_and_inf_propagate(fresh):
 
 
 # ------------------------------------------------------------------------------------------------
+# The accuracy contract (csrc/README.md, "Accuracy"): against fp64, a bf16/fp16 output is no worse than
+# computing in fp32 and rounding once, to a stated bound:
+#     rel_err(kernel) <= CONTRACT_FACTOR * rel_err(round(fp64 result)) + CONTRACT_FLOOR
+# (relative Frobenius error of each row; rounding the exact result once is what a perfect fp32
+# computation followed by the output cast gives, to within the fp32 error); fp32 outputs: rel_err <=
+# FP32_CONTRACT (design notes, section 5). For inputs whose values and sums of squares stay within the
+# fp32 range and scales s within a factor 256 of each other (P = H diag(s) H / d then has condition
+# number <= 256, which bounds how much a rounding error can grow relative to the result). Checked on
+# inputs built to break weaker arithmetic: a large dynamic range (|x| from 2**-40 to 2**40 in one row;
+# fp16: 2**-14 to 2**2), cancellation (a constant row: all its energy lands in one output of H and
+# the others are exact zeros; a row of H; a near-constant row), massive outliers, and scales spanning
+# 2**-4 .. 2**4.
+
+CONTRACT_FACTOR = 1.25
+CONTRACT_FLOOR = 2.0**-20
+FP32_CONTRACT = 1e-5
+
+
+def adversarial_rows(d: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(d)
+    lo, hi = (-14, 2) if dtype == torch.float16 else (-40, 40)
+    rows = []
+    sign = torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0).double()
+    rows.append(sign * torch.exp2(torch.randint(lo, hi + 1, (d,), generator=g).double()))  # dynamic range
+    rows.append(torch.full((d,), 3.0, dtype=torch.float64))                                # constant: cancellation
+    f = hadamard_factors(d)
+    r = d // 3
+    n = torch.arange(f.n)
+    sylvester = 1.0 - 2.0 * (torch.tensor([bin(int(v)).count("1") for v in (n & (r % f.n))]) % 2).double()
+    rows.append(7.0 * torch.kron(f.h_k[r // f.n].double(), sylvester))                     # a row of H
+    rows.append(1.0 + 2.0**-7 * torch.randn(d, generator=g).double())                      # near-constant
+    out = torch.randn(d, generator=g).double()
+    out[torch.randperm(d, generator=g)[:4]] = 3e4                                           # outliers
+    rows.append(out)
+    x = torch.stack(rows)
+    if dtype == torch.float16:  # |P x| <= 16 ||x||: keep every output below 2**14
+        x = x * torch.clamp(2.0**10 / x.norm(dim=1, keepdim=True), max=1.0)
+    return x.to(dtype)
+
+
+def wide_scales(d: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(d + seed)
+    return torch.exp2(8 * torch.rand(d, generator=g, dtype=torch.float64) - 4).to(torch.float32)
+
+
+def assert_contract(y, ref, dtype, what):
+    for i in range(ref.shape[0]):
+        if float(ref[i].norm()) == 0.0:
+            assert bool((y[i] == 0).all()), (what, i)
+            continue
+        err = rel_err(y[i:i + 1], ref[i:i + 1])
+        if dtype == torch.float32:
+            assert err <= FP32_CONTRACT, (what, i, err)
+        else:
+            floor = rel_err(ref[i:i + 1].to(dtype), ref[i:i + 1])
+            assert err <= CONTRACT_FACTOR * floor + CONTRACT_FLOOR, (what, i, err, floor)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", (576, 2048, 2304, 4096, 5120, 8192, 16384))
+def test_accuracy_contract_on_adversarial_inputs(fresh, d, dtype):
+    """Every op against the contract; 576, 2304 and 5120 (fp16/bf16) run the first H_K on the tensor
+    cores (the transform at 576, every op at 2304 and 5120)."""
+    x = adversarial_rows(d, dtype)
+    s = wide_scales(d)
+    h_k = hadamard_factors(d).h_k
+    assert_contract(fresh.hadamard_transform(x, h_k, d ** -0.5), transform_reference(x, d ** -0.5), dtype,
+                    f"transform d={d}")
+    assert_contract(fresh.hadamard_patch(x, h_k, s), patch_reference(x, s), dtype, f"patch d={d}")
+    u = torch.flip(x, (0,))
+    w = wide_scales(d, seed=7)
+    h, n = fresh.patch_add_rmsnorm(x, u, h_k, s, w, EPS)
+    h_ref, n_ref = epilogue_reference(x, u, s, w, EPS)
+    assert_contract(h, h_ref, dtype, f"epilogue h d={d}")
+    assert_contract(n, n_ref, dtype, f"epilogue normed d={d}")
+
+
+# ------------------------------------------------------------------------------------------------
 # The emulator itself.
 
 @pytest.fixture(scope="session")
@@ -324,6 +402,61 @@ def test_async_copies_land_at_the_wait(selftest):
     assert err is None and torch.equal(out[:256], torch.arange(256, dtype=torch.float32))
     err, out = selftest("async_copy_early", 64)
     assert err is None and bool(out[:256].isnan().all())  # read before the wait: the NaN fill
+
+
+def test_async_copies_zero_fill(selftest):
+    """cp.async with src-size < cp-size (__pipeline_memcpy_async's zero fill): the tail of the 16 bytes
+    is zeros and the source is not read there (a null source for a copy that is all zero fill)."""
+    inp = torch.arange(256, dtype=torch.float32) + 1
+    err, out = selftest("async_zfill", 64, inp=inp)
+    assert err is None
+    out = out[:256].reshape(64, 4)
+    for t in range(64):
+        keep = 4 - t % 5
+        assert out[t, :keep].tolist() == inp.reshape(64, 4)[t, :keep].tolist() and out[t, keep:].eq(0).all(), t
+
+
+@pytest.mark.parametrize("kind", ("bf16", "f16"))
+def test_mma_m16n8k16_against_its_definition(selftest, kind):
+    """mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: fragments built in the kernel from the PTX ISA's
+    layout formulas, D = A B + C against fp64 (products exact, one rounding of the sum: agreement to
+    fp32 rounding of a sum of 17 terms)."""
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(16, 16, generator=g).to(dtype).float()
+    b = torch.randn(16, 8, generator=g).to(dtype).float()
+    c = torch.randn(16, 8, generator=g)
+    # +-1 patterns and a large dynamic range, as the Hadamard stages use them
+    b[:, 0] = torch.tensor([1.0, -1.0] * 8)
+    a[0] = torch.tensor([2.0**k for k in range(-8, 8)]).to(dtype).float()
+    err, out = selftest(f"mma_{kind}", 32, inp=torch.cat([a.reshape(-1), b.reshape(-1), c.reshape(-1)]), out_size=128)
+    assert err is None
+    ref = a.double() @ b.double() + c.double()
+    got = out.reshape(16, 8).double()
+    assert torch.allclose(got, ref, rtol=2**-23, atol=2**-23 * float(ref.abs().max())), (got - ref).abs().max()
+
+
+def test_mma_reached_on_two_lines_stops_the_launch(selftest):
+    err, _ = selftest("mma_divergent", 32, inp=torch.zeros(512), out_size=128)
+    assert err is not None and "divergent warp collective" in err and "mma.sync" in err, err
+
+
+@pytest.mark.parametrize("trans", (False, True), ids=("ldmatrix", "ldmatrix.trans"))
+def test_ldmatrix_against_its_definition(selftest, trans):
+    """ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l receives, of matrix j, the 16-bit
+    elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1), or with .trans (2 (l % 4), l / 4) and
+    (2 (l % 4) + 1, l / 4), low then high half."""
+    inp = torch.arange(256, dtype=torch.float32)  # exact in bf16
+    err, out = selftest("ldmatrix_trans" if trans else "ldmatrix", 32, inp=inp, out_size=128)
+    assert err is None
+    words = out.view(torch.int32).reshape(32, 4)
+    bits = inp.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    m = bits.reshape(4, 8, 8)
+    for lane in range(32):
+        for j in range(4):
+            r, q = lane // 4, lane % 4
+            lo, hi = (m[j, 2 * q, r], m[j, 2 * q + 1, r]) if trans else (m[j, r, 2 * q], m[j, r, 2 * q + 1])
+            assert int(words[lane, j]) & 0xFFFFFFFF == int(lo) | int(hi) << 16, (lane, j)
 
 
 def test_grid_sized_from_the_sm_count_loops(selftest):

@@ -1,5 +1,7 @@
-"""benchmarks/sass_budget.py: parsing of ptxas logs and SASS, the executed-path counting and the
-model, on small hand-written fixtures (the real build runs in CI: .ci/cuda_proofs.sh)."""
+"""benchmarks/sass_budget.py: parsing of ptxas logs and SASS, the static executed-path counting (the
+Triton AOT model uses it), the fitted speed model and the CI gates, on small hand-written fixtures
+(the real build, the SASS interpreter on every gated kernel and the backtest run in CI:
+.ci/cuda_proofs.sh)."""
 
 import importlib.util
 import sys
@@ -90,33 +92,98 @@ def test_a_kernel_without_a_row_loop_is_all_body():
     assert not path.has_row_loop and path.prologue.instructions == 0 and path.body.instructions == 17
 
 
-def test_model_per_element_and_ratio():
-    path = sb.executed_path(sb.parse_sass(SASS)["_Z4rowsPKfPf"])
-    gpu = sb.GPUS["H200"]
-    launch = dict(symbol="_Z4rowsPKfPf", grid=(264, 1, 1), block=(128, 1, 1), smem=4096)
-    res = sb.Resources(registers=40, static_smem=1024)
-    row = sb.model_row("hadamard_patch", "bfloat16", 4096, launch, res, path, gpu)
-    pe = row["per_element"]
-    # one 16-byte store per lane per iteration: 32 * 16 / 2 = 256 bf16 elements per warp iteration
-    assert pe["instructions"] == pytest.approx(9 / 256, abs=1e-3)
-    assert pe["ldg_bytes"] == 2 and pe["stg_bytes"] == 2 and pe["sts_bytes"] == 2 and pe["lds_bytes"] == 1
-    elements = sb.ROWS * 4096
-    copy = elements * 2 * 2 / gpu["copy_bytes_per_s"]
-    assert row["copy_us"] == pytest.approx(copy * 1e6, rel=1e-3)
-    assert row["bound"] == "hbm" and row["ratio"] == pytest.approx(1.0)  # read + write once = a copy
-    assert row["smem"] == 5120 and row["lower_bound"]
+# ------------------------------------------------------------------------------------------------
+# The fitted model on hand-made profiles (benchmarks/sass_sim.py produces them from the real SASS).
+
+H200 = sb.GPUS["H200"]
+C = dict(t_launch_s=3e-6, latency_dram_s=0.5e-6, latency_hit_s=0.2e-6, copy_bytes_per_s=4.0e12,
+         issue_efficiency=0.5, overlap=0.75)
 
 
-def test_issue_bound_ratio():
-    """Many instructions per element: the issue pipe sets the time."""
-    path = sb.executed_path(sb.parse_sass(SASS)["_Z4rowsPKfPf"])
-    path.body.instructions = 256 * 2  # 2 warp instructions per element
-    row = sb.model_row("hadamard_patch", "bfloat16", 4096, dict(symbol="s", grid=(132, 1, 1), block=(128, 1, 1), smem=0),
-                       sb.Resources(registers=32), path, sb.GPUS["H200"])
-    gpu = sb.GPUS["H200"]
-    issue = (sb.ROWS * 4096 * 2 + 132 * 4 * path.prologue.instructions) / (4 * gpu["sms"] * gpu["clock_hz"])
-    copy = sb.ROWS * 4096 * 4 / gpu["copy_bytes_per_s"]
-    assert row["bound"] == "issue" and row["ratio"] == pytest.approx(issue / copy, rel=1e-3)
+def view(instructions, waits=None, barriers=None, wavefronts=None, sectors=None):
+    nw = len(instructions)
+    return dict(instructions=list(instructions), waits=waits or [[] for _ in range(nw)],
+                barriers=barriers or [[] for _ in range(nw)], wavefronts=wavefronts or [0] * nw,
+                shuffles=[0] * nw, smem_bytes=[0] * nw, global_bytes={}, global_sectors=sectors or {},
+                first_store=[None] * nw, store_widths={16: 1})
+
+
+def test_replay_waits_barriers_and_prefetch():
+    e = 0.5  # 2 clocks per instruction
+    # one warp: 100 instructions; at position 50 it waits for a streamed load issued at position 10
+    v = view([100], waits=[[(50, 10, -1, 512)]])
+    assert sb.replay(v, e, 300.0, 0.0) == pytest.approx(10 * 2 + 300 + 50 * 2)
+    # the same load issued 200 instructions before the phase (a prefetch): no stall left
+    v = view([100], waits=[[(50, -200, -1, 512)]])
+    assert sb.replay(v, e, 300.0, 0.0) == pytest.approx(100 * 2)
+    # a reused load (L_hit) and a streamed one awaited together: the later arrival counts
+    v = view([100], waits=[[(50, 40, 45, 512)]])
+    assert sb.replay(v, e, 30.0, 100.0) == pytest.approx(45 * 2 + 100 + 50 * 2)
+    # two warps meet at a barrier at position 20: the light warp waits for the heavy one's stall
+    v = view([40, 40], waits=[[(10, 0, -1, 0)], []], barriers=[[20], [20]])
+    stalls = []
+    assert sb.replay(v, 1.0, 100.0, 0.0, stalls) == pytest.approx(100 + 10 + 20)
+    assert stalls == [[10], []]
+
+
+def test_busiest_scheduler_and_unequal_warps():
+    # kfast_kernel at 5120: warps 0-1 carry the partial round
+    warps = [2169, 2169] + [1450] * 6
+    assert sb.busiest_scheduler(warps, 1) == 2169 + 1450
+    assert sb.busiest_scheduler(warps, 2) == 2 * (2169 + 1450)
+    # a block of 2 warps: two blocks fill all four schedulers evenly
+    assert sb.busiest_scheduler([100, 100], 2) == 100
+
+
+def test_round_times_bounds_and_loaded_latency():
+    sectors = {(0, "ld"): 512, (1, "st"): 512}  # 32 KiB per block iteration
+    # issue-bound: 4 warps x 4000 instructions, one block per scheduler
+    v = view([4000] * 4, sectors=sectors)
+    r = sb.round_times(v, 1, H200, C, {0})
+    issue = 4000 / (H200["clock_hz"] * 0.5)
+    dram = 32768 / (C["copy_bytes_per_s"] / H200["sms"])
+    assert r["issue"] == pytest.approx(issue) and r["dram"] == pytest.approx(dram)
+    assert r["io"] == pytest.approx(max(issue, dram) + 0.25 * min(issue, dram)) and r["round"] == pytest.approx(r["io"])
+    # latency-bound: 8 dependent round trips per iteration; the loaded latency L / (1 - U) with
+    # U = T_dram / T_round solves T_round = T_lat
+    waits = [[(10 * i + 1, 10 * i, -1, 512) for i in range(8)]]
+    v = view([80], waits=waits, sectors=sectors)
+    r = sb.round_times(v, 1, H200, C, {0})
+    f = H200["clock_hz"]
+    u = r["dram"] / r["round"]
+    lat = 8 * C["latency_dram_s"] / (1 - u) + 80 / (f * 0.5) - 8 * 1 / (f * 0.5)
+    assert r["latency"] == pytest.approx(r["round"], rel=1e-6) and r["round"] == pytest.approx(lat, rel=1e-3)
+    assert r["round"] > r["io"]
+
+
+def test_kernel_time_rounds_tail_and_prologue():
+    sectors = {(0, "ld"): 512, (1, "st"): 512}
+    prof = sb.Profile(4, view([10] * 4, waits=[[(5, 0, -1, 128)]] * 4), view([4000] * 4, sectors=sectors), 2, 0, True)
+    groups, grid, resident = 1000, 264, 2
+    t = sb.kernel_time(prof, dict(grid=(grid, 1, 1)), groups, resident, H200, C, {0})
+    full = sb.round_times(prof.iteration, 2, H200, C, {0})
+    assert t["rounds"] == 4 and t["blocks_per_sm"] == 2
+    # the last round has 1000 - 3 x 264 = 208 blocks: still 2 on some SMs
+    last = full
+    pro = sb.replay(prof.prologue, 0.5, C["latency_dram_s"] * H200["clock_hz"], C["latency_dram_s"] * H200["clock_hz"])
+    pro = max(pro / H200["clock_hz"], sb.busiest_scheduler([10] * 4, 2) / (H200["clock_hz"] * 0.5))
+    expected = C["t_launch_s"] + pro + max(full["latency"], C["latency_dram_s"] + full["io"]) + 2 * full["round"] + last["round"]
+    assert t["time_s"] == pytest.approx(expected)
+    # 300 groups: the last round has 36 blocks, one per SM: a round of one block
+    t = sb.kernel_time(prof, dict(grid=(grid, 1, 1)), 300, resident, H200, C, {0})
+    one = sb.round_times(prof.iteration, 1, H200, C, {0})
+    assert t["rounds"] == 2
+    assert t["time_s"] == pytest.approx(C["t_launch_s"] + pro + max(full["latency"], C["latency_dram_s"] + full["io"]) + one["round"])
+    assert sb.copy_time(1e6, C) == pytest.approx(3e-6 + 0.5e-6 + 1e6 / 4e12)
+
+
+def test_bytes_in_flight_and_round_trips():
+    v = view([100, 100], waits=[[(5, 0, -1, 4096), (50, 40, -1, 1024)], [(5, 0, -1, 2048)]])
+    assert sb.bytes_in_flight(v, 3) == 3 * (4096 + 2048)
+    prof = sb.Profile(2, view([400, 400], waits=[[(10 * i + 2, 10 * i, -1, 128) for i in range(32)], []]), v, 2, 0, True)
+    prof.iteration["first_store"] = [60, 60]
+    # 32 dependent loads in the prologue (row_kernel's staging of s before 6a5bf80), then the row's load
+    assert sb.round_trips_before_first_row(prof, H200, C) == 32 + 2
 
 
 def test_occupancy():
@@ -128,26 +195,35 @@ def test_occupancy():
 
 def test_check_gates():
     base = dict(gpu="H200", arch=90, op="hadamard_patch", dtype="bfloat16", d=4096, kernel="k", spill_bytes=0,
-                smem=1000, ratio=1.05)
-    assert sb.check([base], 1.10) == []
-    assert "modelled 1.2" in sb.check([{**base, "ratio": 1.2}], 1.10)[0]
-    assert sb.check([{**base, "ratio": 1.2}], 0) == []  # gate off
-    assert sb.check([{**base, "ratio": 1.2, "d": 5120}], 1.10) == []  # only d = 4096, 8192
-    assert "spills" in sb.check([{**base, "spill_bytes": 4}], 1.10)[0]
-    assert "shared memory" in sb.check([{**base, "arch": 80, "gpu": "A100", "smem": 170_000}], 1.10)[0]
-    assert "launch failed" not in sb.check([{**base, "error": "x"}], 1.10)[0] and sb.check([{**base, "error": "x"}], 1.10)
-    # Global stores: 16-byte vectors only (nvcc once split kfast_kernel's into 4-byte STG.E).
-    wide = {**base, "per_element": {"widths": {"ldg": [4, 16], "stg": [16]}}}
-    assert sb.check([wide], 1.10) == []
-    narrow = sb.check([{**wide, "per_element": {"widths": {"ldg": [16], "stg": [4, 16]}}}], 1.10)
+                smem=1000, ratio=1.05, issue_over_memory=0.8, store_widths=[16], store_check="", unresolved_branches=0,
+                per_element={"tensor_core": 0.0})
+    assert sb.check([base], {}) == []
+    assert "modelled 1.2 x copy > 1.1" in sb.check([{**base, "ratio": 1.2}], {})[0]
+    # a target the kernels miss: the gate is the value recorded for them, not looser
+    assert sb.check([{**base, "ratio": 1.2}], {"hadamard_patch bfloat16 4096": 1.25}) == []
+    assert sb.check([{**base, "ratio": 1.3}], {"hadamard_patch bfloat16 4096": 1.25})
+    assert sb.check([{**base, "ratio": 5.0, "d": 1024}], {}) == []  # no target at 1024
+    assert "busiest scheduler" in sb.check([{**base, "issue_over_memory": 0.9}], {})[0]
+    assert "spills" in sb.check([{**base, "spill_bytes": 4}], {})[0]
+    assert "shared memory" in sb.check([{**base, "arch": 80, "gpu": "A100", "smem": 170_000}], {})[0]
+    assert sb.check([{**base, "error": "x"}], {})
+    narrow = sb.check([{**base, "store_widths": [4, 16]}], {})
     assert narrow == ["H200 hadamard_patch bfloat16 d=4096 k: global stores of 4 bytes (16-byte vectors expected)"]
-    # K > 1: d = 576 and 5120 against the second threshold; a lower bound (inner loops counted once) fails.
-    k_row = {**base, "d": 5120, "ratio": 1.4, "lower_bound": False}
-    assert sb.check([k_row], 1.10, 1.50) == [] and sb.check([{**k_row, "d": 576}], 1.10, 1.50) == []
-    assert "modelled 1.6" in sb.check([{**k_row, "ratio": 1.6}], 1.10, 1.50)[0]
-    assert "modelled >=1.4" in sb.check([{**k_row, "lower_bound": True}], 1.10, 1.50)[0]
-    assert sb.check([{**k_row, "ratio": 1.6}], 1.10, 0) == []  # gate off
-    assert sb.check([{**k_row, "ratio": 1.6, "d": 960}], 1.10, 1.50) == []  # only d = 576, 5120
+    assert "does not cover" in sb.check([{**base, "store_check": "does not cover its rows"}], {})[0]
+    assert "could not compute" in sb.check([{**base, "unresolved_branches": 2}], {})[0]
+    # transform and epilogue targets, fp16 as bf16, fp32 not gated
+    assert sb.check([{**base, "op": "hadamard_transform", "ratio": 1.06}], {})
+    assert sb.check([{**base, "op": "patch_add_rmsnorm", "ratio": 2.21}], {})
+    assert sb.check([{**base, "dtype": "float16", "ratio": 1.2}], {}) and not sb.check([{**base, "dtype": "float32", "ratio": 1.2}], {})
+    # where H_K must run on the tensor cores (a silent fallback would pass every accuracy test)
+    tc = {**base, "d": 5120, "ratio": 1.2}
+    assert "tensor-core" in sb.check([tc], {})[0]
+    assert sb.check([{**tc, "per_element": {"tensor_core": 0.01}}], {}) == []
+    assert sb.check([{**tc, "dtype": "float32"}], {}) == []  # fp32 keeps the fp32 path
+    # A100: no worse than the recorded model of the kernels before the change
+    a100 = {**base, "gpu": "A100", "arch": 80, "ratio": 1.4}
+    assert sb.check([a100], {}, {"hadamard_patch bfloat16 4096": 1.4}) == []
+    assert "worse than before" in sb.check([{**a100, "ratio": 1.45}], {}, {"hadamard_patch bfloat16 4096": 1.4})[0]
 
 
 def test_short_kernel_names():

@@ -156,6 +156,7 @@ class EmulatedKernels:
             getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         lib.emu_launch_record.restype = ctypes.c_char_p
         lib.emu_launch_record.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint64)]
+        lib.emu_launch_args.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
         self.lib = lib
         self.configure()
 
@@ -241,7 +242,8 @@ class EmulatedKernels:
     def launches_of(self, op: str, dtype: str, d: int, rows: int, k: int) -> list[dict]:
         """The launches that ``op`` ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm") makes
         for ``rows`` rows of size ``d = k * 2**m`` in ``dtype``, recorded without running them (no data
-        is touched): kernel symbol (mangled, as in the compiled code), grid, block, dynamic shared memory."""
+        is touched): kernel symbol (mangled, as in the compiled code), grid, block, dynamic shared memory,
+        and ``args``: the kernel's arguments in order, the integers as passed and None for the others."""
         code = {"hadamard_transform": 0, "hadamard_patch": 1, "patch_add_rmsnorm": 2}[op]
         fake = 1 << 20  # an aligned address that is never dereferenced in a dry run
         self.lib.emu_clear_launch_log()
@@ -258,7 +260,10 @@ class EmulatedKernels:
             dims = (ctypes.c_uint * 6)()
             smem = ctypes.c_uint64()
             symbol = self.lib.emu_launch_record(i, dims, ctypes.byref(smem)).decode()
-            records.append(dict(symbol=symbol, grid=tuple(dims[:3]), block=tuple(dims[3:]), smem=smem.value))
+            raw = (ctypes.c_longlong * 32)()
+            count = self.lib.emu_launch_args(i, raw, 32)
+            args = [None if raw[j] == -(1 << 63) else int(raw[j]) for j in range(min(count, 32))]
+            records.append(dict(symbol=symbol, grid=tuple(dims[:3]), block=tuple(dims[3:]), smem=smem.value, args=args))
         return records
 
     # -- the emulated fp16/bf16 conversions, for their own test ------------------------------------

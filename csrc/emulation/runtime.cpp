@@ -90,17 +90,24 @@ struct Thread : ThreadState {
   struct Copy {
     void* dst;
     const void* src;
-    size_t bytes;
+    size_t bytes, zfill;  // the last zfill bytes are zeros, not read
+    void perform() const {
+      std::memcpy(dst, src, bytes - zfill);
+      std::memset(static_cast<char*>(dst) + (bytes - zfill), 0, zfill);
+    }
   };
   std::vector<std::vector<Copy>> pipeline{1};  // committed batches, then the open one (last)
 };
 
-// A warp collective in progress: the lanes of `mask` that have arrived and what they brought.
+// A warp collective in progress: the lanes of `mask` that have arrived and what they brought
+// (kGather: `param` bytes per lane into `blob`, and where each lane wants all of them).
 struct PendingCollective {
   Collective op;
   unsigned mask, arrived;
   int line, param, width;
   uint64_t values[32];
+  std::vector<unsigned char> blob;
+  void* outs[32];
 };
 
 const char* collective_name(Collective op) {
@@ -112,6 +119,7 @@ const char* collective_name(Collective op) {
     case Collective::kBallot: return "__ballot_sync";
     case Collective::kAny: return "__any_sync";
     case Collective::kAll: return "__all_sync";
+    case Collective::kGather: return "a warp-wide matrix instruction (mma.sync / ldmatrix)";
   }
   return "?";
 }
@@ -135,15 +143,19 @@ Device device;
 std::map<std::tuple<int, int, int, int>, int> device_ordinals{{{4, 232448, 9, 0}, 0}};
 cudaError_t last_error = cudaSuccess;
 std::string diagnostic;                    // why the last failed launch failed
-std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+// cudaFuncAttributeMaxDynamicSharedMemorySize per (kernel, device ordinal): like the runtime, an
+// attribute set for one device does not carry over to another.
+std::map<std::pair<const void*, int>, int> max_dynamic_smem;
 uint64_t launches = 0;
 bool dry_run = false;  // record launches without running them
 
-// What each launch asked for: the kernel's symbol, the grid, the block and its dynamic shared memory.
+// What each launch asked for: the kernel's symbol, the grid, the block, its dynamic shared memory and
+// its integer arguments (kNotInteger for the others).
 struct LaunchRecord {
   std::string symbol;
   dim3 grid, block;
   size_t smem;
+  std::vector<long long> int_args;
 };
 std::vector<LaunchRecord> launch_log;
 
@@ -216,7 +228,7 @@ void fiber_main() {
   (*block.body)();
   // Flush cp.async copies never waited for (the kernel's exit waits for them on the GPU too).
   for (auto& batch : self->pipeline)
-    for (auto& c : batch) std::memcpy(c.dst, c.src, c.bytes);
+    for (auto& c : batch) c.perform();
   self->wait = Wait::kDone;
   ++block.exited;
   switch_to_scheduler();
@@ -455,6 +467,8 @@ static uint64_t result_for_lane(const PendingCollective& c, int lane, int param)
       const int src = lane ^ param;
       return src < base + width && src >= base ? c.values[src] : c.values[lane];
     }
+    case Collective::kGather:
+      return 0;
     case Collective::kBallot:
     case Collective::kAny:
     case Collective::kAll: {
@@ -469,7 +483,19 @@ static uint64_t result_for_lane(const PendingCollective& c, int lane, int param)
   return 0;
 }
 
+static uint64_t collective(int line, Collective op, unsigned mask, uint64_t value, int param, int width,
+                           const void* gather_in, void* gather_out);
+
 uint64_t warp_collective(int line, Collective op, unsigned mask, uint64_t value, int param, int width) {
+  return collective(line, op, mask, value, param, width, nullptr, nullptr);
+}
+
+void warp_allgather(int line, unsigned mask, const void* in, size_t bytes, void* out) {
+  collective(line, Collective::kGather, mask, 0, int(bytes), 32, in, out);
+}
+
+static uint64_t collective(int line, Collective op, unsigned mask, uint64_t value, int param, int width,
+                           const void* gather_in, void* gather_out) {
   check_in_kernel(collective_name(op));
   Thread& self = *running;
   const int warp = self.linear / 32, lane = self.linear % 32;
@@ -501,8 +527,13 @@ uint64_t warp_collective(int line, Collective op, unsigned mask, uint64_t value,
     break;
   }
   if (c == nullptr) {
-    pending.push_back(PendingCollective{op, mask, 0u, line, param, width, {}});
+    pending.push_back(PendingCollective{op, mask, 0u, line, param, width, {}, {}, {}});
     c = &pending.back();
+    if (op == Collective::kGather) c->blob.assign(32 * size_t(param), 0);
+  }
+  if (op == Collective::kGather) {  // copied now: the lane's buffer may change once it runs again
+    std::memcpy(c->blob.data() + size_t(lane) * size_t(param), gather_in, size_t(param));
+    c->outs[lane] = gather_out;
   }
   // __shfl_sync reads the source lane's own index argument; keep it per lane.
   c->values[lane] = value;
@@ -516,6 +547,7 @@ uint64_t warp_collective(int line, Collective op, unsigned mask, uint64_t value,
     for (int l = 0; l < 32; ++l) {
       if (!((c->mask >> l) & 1u)) continue;
       Thread& t = block.threads[32 * warp + l];
+      if (op == Collective::kGather) std::memcpy(c->outs[l], c->blob.data(), c->blob.size());
       t.result = result_for_lane(*c, l, op == Collective::kShflIdx ? t.predicate : c->param);
       t.wait = Wait::kRunnable;
     }
@@ -528,6 +560,70 @@ uint64_t warp_collective(int line, Collective op, unsigned mask, uint64_t value,
 }
 
 void syncwarp(int line, unsigned mask) { warp_collective(line, Collective::kBallot, mask, 0, 0, 32); }
+
+// ------------------------------------------------------------------------------------------------
+// Matrix instructions: an all-gather of the warp's fragments, then each lane computes its own part.
+
+static double b16_value(uint16_t bits, MmaInput input) {
+  return input == MmaInput::kBf16 ? double(bfloat16_bits_to_float(bits)) : double(half_bits_to_float(bits));
+}
+
+static uint16_t b16_half(uint32_t word, int i) { return uint16_t(i ? word >> 16 : word & 0xffffu); }
+
+static void require_full_warp(const char* what, int line) {
+  Thread& self = *running;
+  const int warp = self.linear / 32;
+  if (int(block.threads.size()) < 32 * (warp + 1))
+    fail(std::string(what) + " on line " + std::to_string(line) + ": " + where(self) + " is in a warp of fewer than 32 threads");
+}
+
+void mma_m16n8k16(int line, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+                  MmaInput input) {
+  check_in_kernel("mma.sync");
+  require_full_warp("mma.sync", line);
+  struct Fragment {
+    uint32_t a[4], b[2];
+    float c[4];
+  } mine{}, all[32];
+  std::memcpy(mine.a, a, sizeof mine.a);
+  std::memcpy(mine.b, b, sizeof mine.b);
+  std::memcpy(mine.c, c, sizeof mine.c);
+  warp_allgather(line, 0xffffffffu, &mine, sizeof mine, all);
+  // Where the PTX fragment layouts put each element (groupID = lane >> 2, threadID_in_group = lane % 4):
+  //   A[r][k]: lane (r % 8) * 4 + (k % 8) / 2, register (k >= 8) * 2 + (r >= 8), half k % 2
+  //   B[k][n]: lane n * 4 + (k % 8) / 2, register (k >= 8), half k % 2
+  //   C[r][n]: lane (r % 8) * 4 + n / 2, element (r >= 8) * 2 + n % 2
+  auto A = [&](int r, int k) {
+    return b16_value(b16_half(all[(r % 8) * 4 + (k % 8) / 2].a[(k >= 8) * 2 + (r >= 8)], k % 2), input);
+  };
+  auto B = [&](int k, int n) { return b16_value(b16_half(all[n * 4 + (k % 8) / 2].b[k >= 8], k % 2), input); };
+  const int lane = running->linear % 32, g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + (i >= 2 ? 8 : 0), n = 2 * t + (i & 1);
+    double sum = double(all[(r % 8) * 4 + n / 2].c[(r >= 8) * 2 + n % 2]);
+    for (int k = 0; k < 16; ++k) sum += A(r, k) * B(k, n);
+    d[i] = float(sum);
+  }
+}
+
+void ldmatrix(int line, uint32_t* r, int count, const void* row_address, bool trans) {
+  check_in_kernel("ldmatrix");
+  require_full_warp("ldmatrix", line);
+  if (count != 1 && count != 2 && count != 4) fatal("ldmatrix loads 1, 2 or 4 matrices");
+  const int lane = running->linear % 32;
+  uint16_t mine[8] = {}, rows[32][8];
+  if (lane < 8 * count) {  // the other lanes' addresses are not used
+    if (reinterpret_cast<uintptr_t>(row_address) % 16) fatal("ldmatrix: a row address that is not 16-byte aligned");
+    std::memcpy(mine, row_address, sizeof mine);
+  }
+  warp_allgather(line, 0xffffffffu, mine, sizeof mine, rows);
+  for (int j = 0; j < count; ++j) {
+    const uint16_t(*m)[8] = rows + 8 * j;  // matrix j: rows 8 j .. 8 j + 7
+    const int q = lane % 4, p = lane / 4;
+    r[j] = trans ? uint32_t(m[2 * q][p]) | uint32_t(m[2 * q + 1][p]) << 16
+                 : uint32_t(m[p][2 * q]) | uint32_t(m[p][2 * q + 1]) << 16;
+  }
+}
 
 void* dynamic_shared_bytes() {
   check_in_kernel("extern __shared__");
@@ -542,12 +638,13 @@ void* static_shared_bytes(const void* key, size_t bytes, size_t align) {
   return reinterpret_cast<void*>((p + align - 1) / align * align);
 }
 
-void pipeline_memcpy_async(void* dst, const void* src, size_t bytes) {
+void pipeline_memcpy_async(void* dst, const void* src, size_t bytes, size_t zfill) {
   check_in_kernel("__pipeline_memcpy_async");
   if (bytes != 4 && bytes != 8 && bytes != 16) fatal("__pipeline_memcpy_async copies 4, 8 or 16 bytes");
-  if (reinterpret_cast<uintptr_t>(dst) % bytes || reinterpret_cast<uintptr_t>(src) % bytes)
+  if (zfill > bytes) fatal("__pipeline_memcpy_async zero-fills more bytes than it copies");
+  if (reinterpret_cast<uintptr_t>(dst) % bytes || (zfill < bytes && reinterpret_cast<uintptr_t>(src) % bytes))
     fatal("__pipeline_memcpy_async with a pointer not aligned to the copy size");
-  running->pipeline.back().push_back({dst, src, bytes});
+  running->pipeline.back().push_back({dst, src, bytes, zfill});
 }
 
 void pipeline_commit() {
@@ -561,7 +658,7 @@ void pipeline_wait_prior(int pending) {
   const int committed = int(batches.size()) - 1;
   const int complete = std::max(0, committed - pending);
   for (int b = 0; b < complete; ++b)
-    for (auto& c : batches[b]) std::memcpy(c.dst, c.src, c.bytes);
+    for (auto& c : batches[b]) c.perform();
   batches.erase(batches.begin(), batches.begin() + complete);
   switch_to_scheduler();  // let other threads run: their copies may still be in flight
 }
@@ -569,7 +666,8 @@ void pipeline_wait_prior(int pending) {
 // ------------------------------------------------------------------------------------------------
 // Launch.
 
-void run_kernel(const void* kernel, dim3 grid, dim3 dims, size_t smem, const std::function<void()>& body) {
+void run_kernel(const void* kernel, dim3 grid, dim3 dims, size_t smem, const std::function<void()>& body,
+                std::vector<long long> int_args) {
   if (running != nullptr) {
     std::fprintf(stderr, "emulation: a kernel launched from inside a kernel\n");
     std::abort();
@@ -581,7 +679,7 @@ void run_kernel(const void* kernel, dim3 grid, dim3 dims, size_t smem, const std
                  std::to_string(grid.y) + "," + std::to_string(grid.z) + ")";
     return;
   }
-  auto attr = max_dynamic_smem.find(kernel);
+  auto attr = max_dynamic_smem.find({kernel, device.ordinal});
   const size_t allowed = attr == max_dynamic_smem.end() ? 48 * 1024 : size_t(attr->second);
   if (smem > allowed) {
     last_error = cudaErrorInvalidValue;
@@ -591,7 +689,7 @@ void run_kernel(const void* kernel, dim3 grid, dim3 dims, size_t smem, const std
   }
   Dl_info info{};
   const bool named = dladdr(kernel, &info) != 0 && info.dli_sname != nullptr;
-  launch_log.push_back(LaunchRecord{named ? info.dli_sname : "?", grid, dims, smem});
+  launch_log.push_back(LaunchRecord{named ? info.dli_sname : "?", grid, dims, smem, std::move(int_args)});
   if (dry_run) return;
   install_fault_report();
   rng_state = (device.seed ^ (0x9e3779b97f4a7c15ull * ++launches)) | 1;
@@ -662,7 +760,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d) {
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (value < 0 || value > emu::device.smem_optin) return cudaErrorInvalidValue;
-    emu::max_dynamic_smem[func] = value;
+    emu::max_dynamic_smem[{func, emu::device.ordinal}] = value;
   }
   return cudaSuccess;
 }
@@ -689,8 +787,8 @@ cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 extern "C" {
 
 // Seed of the schedules, emulated SM count, opt-in shared memory per block (sm_90: 232448,
-// sm_80: 166912), compute capability. Kernel attributes already set stay set (as in a process
-// whose launchers cache their attribute setup).
+// sm_80: 166912), compute capability. Kernel attributes already set stay set for the device they
+// were set on (as in a process whose launchers cache their attribute setup per device).
 void emu_configure(uint64_t seed, int sm_count, int smem_optin, int cc_major, int cc_minor) {
   emu::device.seed = seed;
   emu::device.sm_count = sm_count;
@@ -715,6 +813,13 @@ const char* emu_launch_record(int i, unsigned* dims, uint64_t* smem) {
   std::copy(d, d + 6, dims);
   *smem = r.smem;
   return r.symbol.c_str();
+}
+// The integer arguments of launch i (up to `max`; INT64_MIN for an argument that is not an integer);
+// returns how many arguments the kernel has.
+int emu_launch_args(int i, long long* out, int max) {
+  const auto& r = emu::launch_log.at(size_t(i));
+  for (int j = 0; j < int(r.int_args.size()) && j < max; ++j) out[j] = r.int_args[size_t(j)];
+  return int(r.int_args.size());
 }
 
 const char* emu_last_diagnostic() { return emu::diagnostic.c_str(); }

@@ -81,6 +81,8 @@ _FAST_THREADS = 256  # kfast_kernel
 # (K, log2 N) of the kfast_kernel instances (kfast_size); other K > 1 sizes run kron_kernel.
 _FAST_SIZES = {(12, 7), (12, 8), (12, 9), (12, 10), (20, 7), (20, 8), (28, 5), (28, 7), (28, 8), (36, 4), (36, 6), (36, 7), (36, 9), (60, 4), (84, 6)}
 _FAST_EPILOGUE_MAX_K = 36  # kFastEpilogueMaxK
+_FAST_SMEM_BUDGET = 101376  # kFastSmemBudget: raw tiles and s in shared memory where the block stays within it
+_FAST_TENSOR_CORE_MAX_K = 36  # kFastTensorCoreMaxK
 _KRON_WARPS = 8
 
 
@@ -116,14 +118,32 @@ def _row_kernel_floats(op: str, log_v: int, log_n: int, threads: int) -> int:
             + (_ROW_PARTIALS if epilogue else 0) + threads // (1 << log_t) * buffer)
 
 
-def _fast_kernel_floats(op: str, k: int, log_n: int) -> int:
+def _fast_kernel_floats(op: str, k: int, log_n: int, log_v: int) -> int:
+    """kfast_shared_floats: the fp32 tile (segments padded to 8 mod 32 words where the tensor cores may
+    run), (epilogue) one rstd per row, (tensor cores) the raw fp16/bf16 tiles, (where it fits) s."""
     n = 1 << log_n
     columns = 4 if k <= 12 else (2 if k <= 28 else 1)
     rows = 1  # of the tile: enough column items for every thread
     while rows * n // columns < _FAST_THREADS:
         rows *= 2
-    # padded K-rows of the tile, then (epilogue) one rstd per row
-    return rows * k * (n + 4 * (n >> 5)) + (_round_up4(rows) if op == "patch_add_rmsnorm" else 0)
+    epilogue = op == "patch_add_rmsnorm"
+
+    def word(m):
+        return m + 4 * (m >> 5)
+
+    raw_words = (rows * k * (n + 8) * 2 + 3) // 4 // 4 * 4 + 4  # FastLayout::kRawWords
+    hk_words = ((k + 15) // 16) ** 2 * 128  # HkTiles::kWords
+    padded = word(n) + ((8 - word(n)) & 15)
+    tc_layout = (log_v == 3 and k <= _FAST_TENSOR_CORE_MAX_K
+                 and 4 * (rows * k * padded + raw_words + hk_words) <= _FAST_SMEM_BUDGET)
+    tile = rows * k * (padded if tc_layout else word(n))
+    rstd = _round_up4(rows) if epilogue else 0
+    tc_floats = (2 if epilogue else 1) * raw_words + hk_words
+    tensor_cores = (tc_layout and (op == "hadamard_transform" or log_n > 4)
+                    and 4 * (tile + rstd + tc_floats) <= _FAST_SMEM_BUDGET)
+    before_s = tile + rstd + (tc_floats if tensor_cores else 0)
+    stages_s = op != "hadamard_transform" and 4 * (before_s + k * n) <= _FAST_SMEM_BUDGET
+    return before_s + (k * n if stages_s else 0)
 
 
 def _kron_kernel_floats(op: str, d: int, rows: int) -> int:
@@ -150,7 +170,7 @@ def launch_plan(op: str, dtype: torch.dtype, d: int, rows: int, smem_limit: int)
                 break
         return "row_kernel", threads, smem
     if (f.k, f.log2_n) in _FAST_SIZES and (op != "patch_add_rmsnorm" or f.k <= _FAST_EPILOGUE_MAX_K):
-        return "kfast_kernel", _FAST_THREADS, 4 * _fast_kernel_floats(op, f.k, f.log2_n)
+        return "kfast_kernel", _FAST_THREADS, 4 * _fast_kernel_floats(op, f.k, f.log2_n, log_v)
     return "kron_kernel", 256, 4 * _kron_kernel_floats(op, d, max(rows, 1))
 
 

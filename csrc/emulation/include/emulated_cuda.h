@@ -18,6 +18,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ---------------------------------------------------------------------------------------------
 // Qualifiers: all code is host code here.
@@ -128,8 +129,17 @@ struct ThreadState {
 extern ThreadState* current;  // the running fiber's thread
 
 // Launch: run every block of the grid (in a random order), each block's threads as fibers.
-// Returns after the grid has finished (launches are synchronous here).
-void run_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+// Returns after the grid has finished (launches are synchronous here). `int_args` are the integer
+// arguments as passed (kNotInteger for the others), kept in the launch log for the SASS model.
+constexpr long long kNotInteger = (-9223372036854775807LL - 1);
+void run_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body,
+                std::vector<long long> int_args = {});
+
+template <typename A>
+long long integer_argument(const A& a) {
+  if constexpr (std::is_integral<A>::value) return static_cast<long long>(a);
+  else return kNotInteger;
+}
 
 template <typename... P>
 struct Launch {
@@ -141,7 +151,8 @@ struct Launch {
     static_assert(sizeof...(A) == sizeof...(P), "kernel launched with the wrong number of arguments");
     // By value, converted to the parameter types once, as a launch does.
     std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
-    run_kernel(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { std::apply(kernel, params); });
+    std::vector<long long> ints = std::apply([](const auto&... a) { return std::vector<long long>{integer_argument(a)...}; }, params);
+    run_kernel(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { std::apply(kernel, params); }, ints);
   }
 };
 
@@ -162,8 +173,11 @@ A& static_shared(const void* key) { return *static_cast<A*>(static_shared_bytes(
 void syncthreads(int line);
 int syncthreads_count(int line, int predicate);
 void syncwarp(int line, unsigned mask);
-enum class Collective { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll };
+enum class Collective { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kGather };
 uint64_t warp_collective(int line, Collective op, unsigned mask, uint64_t value, int param, int width);
+// Every lane of `mask` brings `bytes` bytes at the same line; each receives all 32 lanes' (lane order,
+// absent lanes zero) in `out`. The building block of the warp-wide matrix instructions below.
+void warp_allgather(int line, unsigned mask, const void* in, size_t bytes, void* out);
 [[noreturn]] void fatal(const char* what);
 
 template <typename T>
@@ -179,9 +193,26 @@ T shuffle(int line, Collective op, unsigned mask, T value, int param, int width)
 
 // cp.async (sm_80) as the pipeline primitives: a copy is recorded and only performed when the
 // thread waits for it, so reading the destination too early reads the NaN fill, as a race would.
-void pipeline_memcpy_async(void* dst, const void* src, size_t bytes);
+// `zfill`: the last zfill bytes of the copy are zeros, not read from src (cp.async's src-size <
+// cp-size; __pipeline_memcpy_async's fourth argument).
+void pipeline_memcpy_async(void* dst, const void* src, size_t bytes, size_t zfill = 0);
 void pipeline_commit();
 void pipeline_wait_prior(int pending);
+
+// Warp-level matrix instructions (PTX ISA, "Warp Level Matrix Multiply-Accumulate Instructions"),
+// with the fragment layouts of the PTX definitions; every lane of the warp must reach them at the same
+// line (".sync.aligned"), or the launch stops like a divergent shuffle.
+enum class MmaInput { kBf16, kF16 };
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32  {d0..d3}, {a0..a3}, {b0, b1}, {c0..c3}:
+// D (16 x 8) = A (16 x 16) B (16 x 8) + C in fp32. The products are exact; the emulator sums them and C
+// in fp64 and rounds once to fp32 (a GPU may differ in the last bit of the sum).
+void mma_m16n8k16(int line, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+                  MmaInput input);
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: lane l (< 8 * count) gives the address of row
+// l % 8 of matrix l / 8 (16 bytes, 16-byte aligned, in shared memory); lane l receives in r[j] the
+// 32-bit word (row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1) of matrix j, or with .trans the two
+// 16-bit elements (rows 2 (l % 4) and 2 (l % 4) + 1, column l / 4).
+void ldmatrix(int line, uint32_t* r, int count, const void* row_address, bool trans);
 
 }  // namespace emu
 
@@ -203,6 +234,14 @@ void pipeline_wait_prior(int pending);
   ::emu::shuffle(__LINE__, ::emu::Collective::kShflDown, (mask), (v), (delta), ::emu::detail_width(__VA_ARGS__))
 #define __shfl_xor_sync(mask, v, lane_mask, ...) \
   ::emu::shuffle(__LINE__, ::emu::Collective::kShflXor, (mask), (v), (lane_mask), ::emu::detail_width(__VA_ARGS__))
+// The kernels' portable names for the matrix instructions (csrc defines them with inline PTX).
+#define mma_m16n8k16_bf16(d, a, b, c) ::emu::mma_m16n8k16(__LINE__, (d), (a), (b), (c), ::emu::MmaInput::kBf16)
+#define mma_m16n8k16_f16(d, a, b, c) ::emu::mma_m16n8k16(__LINE__, (d), (a), (b), (c), ::emu::MmaInput::kF16)
+#define ldmatrix_x4(r, p) ::emu::ldmatrix(__LINE__, (r), 4, (p), false)
+#define ldmatrix_x4_trans(r, p) ::emu::ldmatrix(__LINE__, (r), 4, (p), true)
+#define ldmatrix_x2(r, p) ::emu::ldmatrix(__LINE__, (r), 2, (p), false)
+#define ldmatrix_x2_trans(r, p) ::emu::ldmatrix(__LINE__, (r), 2, (p), true)
+#define ldmatrix_x1(r, p) ::emu::ldmatrix(__LINE__, (r), 1, (p), false)
 #define __ballot_sync(mask, p) \
   unsigned(::emu::warp_collective(__LINE__, ::emu::Collective::kBallot, (mask), (p) ? 1 : 0, 0, 32))
 #define __any_sync(mask, p) int(::emu::warp_collective(__LINE__, ::emu::Collective::kAny, (mask), (p) ? 1 : 0, 0, 32))
@@ -213,6 +252,8 @@ constexpr unsigned detail_mask() { return 0xffffffffu; }
 constexpr unsigned detail_mask(unsigned m) { return m; }
 constexpr int detail_width() { return 32; }
 constexpr int detail_width(int w) { return w; }
+constexpr size_t detail_zfill() { return 0; }
+constexpr size_t detail_zfill(size_t z) { return z; }
 }  // namespace emu
 
 // Memory ordering is sequential in the emulator: fences have nothing to do.
@@ -220,7 +261,8 @@ inline void __threadfence() {}
 inline void __threadfence_block() {}
 inline void __threadfence_system() {}
 inline void __trap() { ::emu::fatal("__trap() called"); }
-#define __pipeline_memcpy_async(dst, src, bytes, ...) ::emu::pipeline_memcpy_async((dst), (src), (bytes))
+#define __pipeline_memcpy_async(dst, src, bytes, ...) \
+  ::emu::pipeline_memcpy_async((dst), (src), (bytes), ::emu::detail_zfill(__VA_ARGS__))
 #define __pipeline_commit() ::emu::pipeline_commit()
 #define __pipeline_wait_prior(n) ::emu::pipeline_wait_prior(n)
 
