@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from pathlib import Path
 
-from tiny_models import random_batches, tiny_model
+from tiny_models import edit_tensors, random_batches, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from linearpatch_kernels import (

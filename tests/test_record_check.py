@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny_models import random_batches, tiny_config
+from safetensors.torch import load_file
+from tiny_models import edit_tensors, random_batches, tiny_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from linearpatch_kernels import load_pruned, prune_and_patch, save_pruned
@@ -55,15 +55,6 @@ def edit_record_config(directory: Path, **fields) -> None:
     """Set top-level fields of config.json (beside the record)."""
     path = directory / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
-
-
-def edit_tensors(directory: Path, drop=(), **replace) -> None:
-    path = directory / "model.safetensors"
-    tensors = load_file(str(path))
-    for name in drop:
-        del tensors[name]
-    tensors.update(replace)
-    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def flipped_hadamard() -> torch.Tensor:

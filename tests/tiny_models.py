@@ -14,6 +14,8 @@ step with the layers; Mistral gets a short sliding window.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -97,3 +99,16 @@ def cache_of(model, out) -> dict:
     """The keyword argument that hands a forward's KV cache (in ``out``) to the next forward."""
     name = cache_name(model)
     return {name: getattr(out, name)}
+
+
+def edit_tensors(directory, drop=(), **replace) -> None:
+    """Rewrite a checkpoint's ``model.safetensors`` in place: the tensors named in ``drop`` removed, those in
+    ``replace`` set (added or replaced) — a corrupt or edited checkpoint for the loaders' checks."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory) / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in drop:
+        del tensors[name]
+    tensors.update(replace)
+    save_file(tensors, str(path), metadata={"format": "pt"})
