@@ -316,9 +316,9 @@ def test_an_interrupted_distill_says_the_teacher_cache_is_kept(folders, tmp_path
 
 
 def test_cpu_defaults_and_the_time_estimate(folders, tmp_path, capsys):
-    """Without --samples/--seqlen the CPU takes 16 windows of 512 tokens (the paper's 128 x 2048 take minutes
-    per pass of SmolLM2 on two idle cores, half an hour on shared ones), says so, and prints how long the
-    work will take before doing it. (The runs give --seqlen 64, short enough for the tiny model's context
+    """Without --samples/--seqlen the CPU takes 16 windows of 512 tokens to prune (the paper's 128 x 2048 take
+    minutes per pass of SmolLM2 on two idle cores, half an hour on shared ones) and 4 per text to evaluate,
+    says so, and prints how long the work will take before doing it. (The runs give --seqlen 64, short enough for the tiny model's context
     and a quick test.)"""
     root, dense, pruned = folders
     result = run_cli("prune", "--model", dense, "--num-prune", 2, "--calib-text", root / "text.txt", "--seqlen", 64,
@@ -327,16 +327,16 @@ def test_cpu_defaults_and_the_time_estimate(folders, tmp_path, capsys):
     assert "calibration: 16 windows x 64 tokens" in result.stdout
     assert "(--samples: the CPU default; on a GPU: --samples 128 --seqlen 2048)" in result.stdout
     estimate = re.search(r"estimated time: (about \d+ s|under a second) for the selection pass and the scales pass "
-                         r"over 16 windows \([\d.]+ s per window of 64 tokens on this CPU, \d+ threads?\); fewer "
+                         r"over 16 windows and the shrinkage choice \([\d.]+ s per window of 64 tokens on this CPU, \d+ threads?\); fewer "
                          r"--samples or a shorter --seqlen make it faster", result.stderr)
     assert estimate, result.stderr
     assert result.stderr.index("estimated time") < result.stderr.index("block scores")  # before the work
 
     assert main(["eval", "--model", str(dense), "--text", str(root / "text.txt"), "--seqlen", "64", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
-    assert "perplexity on 16 windows x 64 tokens" in captured.out
+    assert "perplexity on 1 text, 4 windows of 64 tokens" in captured.out
     assert "(--samples: the CPU default; on a GPU: --samples 32 --seqlen 2048)" in captured.out
-    assert re.search(r"estimated time: (about \d+ s|under a second) for 1 perplexity pass over 16 windows", captured.err)
+    assert re.search(r"estimated time: (about \d+ s|under a second) for 1 perplexity pass over 4 windows", captured.err)
     main(["eval", "--model", str(pruned), "--dense-model", str(dense), "--text", str(root / "text.txt"), "--seqlen",
           "64", "--samples", "2", "--device", "cpu"])
     assert "for 3 perplexity passes over 2 windows" in capsys.readouterr().err
@@ -345,7 +345,7 @@ def test_cpu_defaults_and_the_time_estimate(folders, tmp_path, capsys):
         (["prune", "--num-prune", "2", "--out", "o"], "prune", "cpu", (16, 512),
          " (--samples and --seqlen: the CPU default; on a GPU: --samples 128 --seqlen 2048)"),
         (["prune", "--num-prune", "2", "--out", "o", "--seqlen", "256"], "prune", "cuda", (128, 256), ""),
-        (["eval"], "eval", "cpu", (16, 512), " (--samples and --seqlen: the CPU default; on a GPU: --samples 32 "
+        (["eval"], "eval", "cpu", (4, 512), " (--samples and --seqlen: the CPU default; on a GPU: --samples 32 "
                                             "--seqlen 2048)"),
         (["eval", "--samples", "all"], "eval", "cuda:1", (None, 2048), ""),
         (["distill", "--model", "m", "--teacher", "t", "--out", "o"], "distill", "cpu", (32, 512),

@@ -107,7 +107,7 @@ def test_shrunk_patch_is_the_interpolation_toward_identity(mode):
 def test_choice_follows_the_rule_on_reference_losses(mode):
     base = tiny_char_model(num_layers=6, seed=5)
     g = torch.Generator().manual_seed(4)
-    s = 1 + 0.6 * torch.randn(D, generator=g)
+    s = torch.exp(0.6 * torch.randn(D, generator=g))  # scales are > 0 (non-positive ones are refused)
     model = prune_and_patch(copy.deepcopy(base), 2, 4, s, mode=mode)
     [choice] = choose_shrinkage(model, DOMAINS)
     want = {a: reference_losses(base, [(2, 4)], [dense_patch(mode, s, a)]) for a in SHRINK_FACTORS}
@@ -125,10 +125,11 @@ def test_choice_follows_the_rule_on_reference_losses(mode):
 
 
 def test_a_patch_that_only_hurts_gets_factor_zero():
-    """P = -I negates the residual stream at the cut: every shrunk version still hurts some domain, so the
-    guard keeps the unpatched cut (factor 0, s = 1: the identity) and the model is plain pruning."""
+    """Scales of e^(3 z), z standard normal, blow the rotated channels up and down by factors up to hundreds:
+    every shrunk version still hurts every domain, so the guard keeps the unpatched cut (factor 0, s = 1:
+    the identity) and the model is plain pruning."""
     base = tiny_char_model(num_layers=6, seed=5)
-    s = -torch.ones(D)
+    s = torch.exp(3 * torch.randn(D, generator=torch.Generator().manual_seed(1)))
     model = prune_and_patch(copy.deepcopy(base), 2, 4, s, mode="rotate")
     want = {a: reference_losses(base, [(2, 4)], [dense_patch("rotate", s, a)]) for a in SHRINK_FACTORS}
     assert all(any(want[a][d] > want[0.0][d] for d in DOMAINS) for a in SHRINK_FACTORS if a > 0)
@@ -145,7 +146,7 @@ def test_several_cuts_are_chosen_in_order_and_never_end_worse():
     base = tiny_char_model(num_layers=8, seed=6)
     g = torch.Generator().manual_seed(9)
     blocks = [(1, 3), (5, 6)]
-    scales = [1 + 0.5 * torch.randn(D, generator=g), 1 + 0.5 * torch.randn(D, generator=g)]
+    scales = [torch.exp(0.5 * torch.randn(D, generator=g)), torch.exp(0.5 * torch.randn(D, generator=g))]
     model = prune_and_patch(copy.deepcopy(base), blocks=blocks, scales=scales, mode="rotate")
     first, second = choose_shrinkage(model, DOMAINS)
     # Cut 1 is tried with cut 2 unpatched; cut 2 with cut 1 at its chosen factor.
@@ -163,7 +164,7 @@ def test_several_cuts_are_chosen_in_order_and_never_end_worse():
 
 def test_apply_false_leaves_the_papers_patches():
     base = tiny_char_model(num_layers=6, seed=5)
-    s = 1 + 0.6 * torch.randn(D, generator=torch.Generator().manual_seed(4))
+    s = torch.exp(0.6 * torch.randn(D, generator=torch.Generator().manual_seed(4)))
     model = prune_and_patch(copy.deepcopy(base), 2, 4, s)
     choose_shrinkage(model, DOMAINS, factors=(0.0, 1.0), apply=False)
     torch.testing.assert_close(get_patches(model)[0].scale, s)
