@@ -27,15 +27,15 @@ run() {  # run COMMAND...: the command, its exit status, wall/user/system second
 echo "::: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, $(python -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())'), commit $(git -C "$root" rev-parse --short HEAD)"
 run $lp demo
 run $lp prune --model default --num-prune 5 --samples 16 --seqlen 512 --out smollm2-p5
-run $lp eval --model smollm2-p5 --dense-model default --seqlen 512 --samples 8
+run $lp eval --model smollm2-p5 --dense-model default --seqlen 512 --samples 2
 run $lp eval --model smollm2-p5 --dense-model default --tasks arc_easy,hellaswag
 run $lp distill --model smollm2-p5 --teacher default --train s --samples 32 --val-samples 4 --seqlen 512 --out smollm2-p5-s
 run $lp prune --model default --blocks 14:17,20:23 --out smollm2-2cuts
 run $lp prune --model default --num-prune 6 --max-cuts 2 --out smollm2-sel
-run $lp eval --model smollm2-2cuts --seqlen 512 --samples 8
-run $lp eval --model smollm2-sel --seqlen 512 --samples 8
+run $lp eval --model smollm2-2cuts --seqlen 512 --samples 2
+run $lp eval --model smollm2-sel --seqlen 512 --samples 2
 if [ "$paper" = "--paper" ]; then
     run $lp prune --model default --blocks 14:17,20:23 --samples 128 --seqlen 2048 --out smollm2-2cuts-paper
-    run $lp eval --model smollm2-2cuts-paper --seqlen 512 --samples 8
+    run $lp eval --model smollm2-2cuts-paper --seqlen 512 --samples 2
 fi
 cd "$root" && run python -m pytest -q -p no:cacheprovider tests/test_readme.py -k python_block --durations=0

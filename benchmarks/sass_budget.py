@@ -443,6 +443,7 @@ class Profile:
     unresolved: int
     has_row_loop: bool
     store_check: str = ""  # empty, or what is wrong with the first iteration's stores
+    unresolved_at: tuple = ()  # the branches on unknown predicates ("address: instruction", first 8)
 
 
 def _phase_view(res, phase: int) -> dict:
@@ -487,7 +488,8 @@ def simulate_launch(code, demangled: str, launch: dict, rows: int, arch: int, it
     empty.update(instructions=[0] * res.warps, waits=[[] for _ in range(res.warps)], barriers=[[] for _ in range(res.warps)])
     return Profile(res.warps, _phase_view(res, 0) if lo_hi else empty, _phase_view(res, steady),
                    res.iterations, res.unresolved, lo_hi is not None,
-                   store_check(res, 1 if lo_hi else 0, sim.output_tensor_indices(types)[:outputs])), res
+                   store_check(res, 1 if lo_hi else 0, sim.output_tensor_indices(types)[:outputs]),
+                   tuple(res.unresolved_at)), res
 
 
 def store_check(res, phase: int, outputs: tuple) -> str:
@@ -1045,7 +1047,8 @@ def model_row(op: str, dtype: str, d: int, launches: list[LaunchProfile], gpu: d
                round_us={k: round(v * 1e6, 3) for k, v in full.items() if k != "utilisation"},
                utilisation=round(full["utilisation"], 3), time_us=round(m["time_s"] * 1e6, 2),
                copy_us=round(copy * 1e6, 2), ratio=round(m["time_s"] / copy, 3), bound=m["bound"],
-               unresolved_branches=sum(l.unresolved for l in launches), store_check=lp.profile.store_check)
+               unresolved_branches=sum(l.unresolved for l in launches),
+               unresolved_at=[a for l in launches for a in l.profile.unresolved_at][:8], store_check=lp.profile.store_check)
     return row
 
 
@@ -1149,7 +1152,8 @@ def check(rows: list[dict], gates: dict, a100_baseline: dict | None = None) -> l
         if r.get("store_check"):
             failures.append(f"{where}: the simulated block {r['store_check']}")
         if r.get("unresolved_branches"):
-            failures.append(f"{where}: {r['unresolved_branches']} branches on values the interpreter could not compute")
+            failures.append(f"{where}: {r['unresolved_branches']} branches on values the interpreter could not compute "
+                            f"({'; '.join(r.get('unresolved_at') or [])})")
         key = f"{r['op']} {r['dtype']} {r['d']}"
         if (r["dtype"] in ("bfloat16", "float16") and r["d"] in TENSOR_CORE_SIZES.get(r["op"], ())
                 and not (r.get("per_element") or {}).get("tensor_core")):

@@ -276,10 +276,14 @@ def signature_types(demangled: str) -> list[str]:
 
 
 def constant_bank_args(arch: int, block: tuple, grid: tuple, types: list[str], args: list) -> dict[int, int]:
-    """Constant bank 0 as 32-bit words: the launch shape (ntid at 0x0, nctaid at 0xc), then the
-    parameters: pointer i (in layout order) = (i + 1) << POINTER_SHIFT, integers from ``args`` (one
+    """Constant bank 0 as 32-bit words: the launch shape (ntid at 0x0, nctaid at 0xc), on sm_80 the
+    shared-memory window (0x18), then the parameters: pointer i (in layout order) = (i + 1) << POINTER_SHIFT, integers from ``args`` (one
     value per C++ parameter, None where unknown), floats unknown."""
     bank = {0x0: block[0], 0x4: block[1], 0x8: block[2], 0xC: grid[0], 0x10: grid[1], 0x14: grid[2]}
+    if arch < 90:
+        # the generic address of shared memory's window (sm_90 reads its high word from SR_SWINHI): the
+        # kernels only compare generic shared-memory pointers with null, so any nonzero window does
+        bank[0x18], bank[0x1C] = 0, SHARED_WINDOW_HI
     base = PARAM_BASE[arch]
     pointer = 0
     for p in param_layout(types):
@@ -358,6 +362,7 @@ class SimResult:
     opcodes: dict = field(default_factory=dict)       # (phase, base opcode) -> instructions issued by warp 0
     mma: np.ndarray | None = None                     # [phase, warp] tensor-core instructions (HMMA)
     unresolved: int = 0                        # branches on unknown predicates (taken as not taken)
+    unresolved_at: list = field(default_factory=list)  # their instructions, "address: text" (first 8)
     stored: dict = field(default_factory=dict)  # (phase, tensor) -> sorted unique byte offsets stored (for checks)
     iterations: int = 0                        # row-loop iterations executed (complete)
     finished: bool = False                     # the block ran to its end (not stopped after `iterations`)
@@ -560,6 +565,8 @@ class BlockSim:
                 if not pk[mask].all():
                     if ins.base in ("BRA", "EXIT"):
                         res.unresolved += 1
+                        if len(res.unresolved_at) < 8:
+                            res.unresolved_at.append(f"{ins.address:#06x}: {ins.text}")
                         pv = pv & pk  # unknown -> not taken / not executed
                     else:
                         # the write happens on unknown lanes or not: the result is unknown there

@@ -123,11 +123,12 @@ def dry_run(tmp_path_factory):
 def test_timing_dry_run_checks_every_provider_against_fp64(dry_run):
     result = json.loads((dry_run / "gpu_timings.json").read_text())
     assert result["meta"]["dry_run"] and not result["errors"]
-    # the commit of the kernels timed, which the speed model's backtest rebuilds (a clone has it; no
-    # bundle here, so it is the checkout's HEAD)
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if head and not (REPO / ".gpu-bundle" / "manifest.json").exists():
-        assert result["meta"]["commit"] == head
+    # the commit of the kernels timed, which the speed model's backtest rebuilds: the bundle's, else
+    # the checkout's HEAD
+    manifest = REPO / ".gpu-bundle" / "manifest.json"
+    expected = (json.loads(manifest.read_text())["commit"] if manifest.exists() else
+                subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+    assert result["meta"]["commit"] == expected and expected
     timed = [r for r in result["rows"] if "median_ms" in r]
     kinds = {(r["impl"], r["op"]) for r in timed}
     assert {("copy", "copy"), ("cuda", "patch"), ("triton", "epilogue"), ("op", "patch"), ("dense-matmul", "patch"),

@@ -222,8 +222,13 @@ def test_check_gates():
     assert sb.check([{**tc, "dtype": "float32"}], {}) == []  # fp32 keeps the fp32 path
     # A100: no worse than the recorded model of the kernels before the change
     a100 = {**base, "gpu": "A100", "arch": 80, "ratio": 1.4}
-    assert sb.check([a100], {}, {"hadamard_patch bfloat16 4096": 1.4}) == []
-    assert "worse than before" in sb.check([{**a100, "ratio": 1.45}], {}, {"hadamard_patch bfloat16 4096": 1.4})[0]
+    before = {"ratios": {"hadamard_patch bfloat16 4096": 1.4}}
+    assert sb.check([a100], {}, before) == []
+    assert "worse than before" in sb.check([{**a100, "ratio": 1.45}], {}, before)[0]
+    # a recorded regression ("not_met") moves the limit to its value, and no further
+    accepted = {**before, "not_met": {"hadamard_patch bfloat16 4096": 1.5}}
+    assert sb.check([{**a100, "ratio": 1.45}], {}, accepted) == []
+    assert "limit 1.5" in sb.check([{**a100, "ratio": 1.52}], {}, accepted)[0]
 
 
 def test_decode_gates():
@@ -252,3 +257,32 @@ def test_short_kernel_names():
     text = ("void linearpatch_cuda::row_kernel<__nv_bfloat16, 12, (linearpatch_cuda::Op)1>"
             "(__nv_bfloat16 const*, __nv_bfloat16*, float const*, long, float, linearpatch_cuda::EpilogueOperands<__nv_bfloat16>)")
     assert sb.short_kernel_name(text) == "row_kernel<bf16,12,1>"
+
+
+def test_recorded_gates_keep_only_missed_targets_rounded_up():
+    row = dict(gpu="H200", op="hadamard_patch", dtype="bfloat16", d=4096, ratio=1.621, issue_over_memory=1.347)
+    gates = sb.recorded_gates([
+        row,
+        {**row, "d": 5120, "ratio": 1.2},                          # within its 1.25 target: no gate
+        {**row, "dtype": "float32", "ratio": 3.0},                 # fp32 is not gated
+        {**row, "gpu": "A100", "ratio": 3.0},                      # the A100 has its own baseline
+        {**row, "op": "patch_add_rmsnorm", "d": 8192, "ratio": 4.341, "issue_over_memory": None},
+        {**row, "d": 576, "error": "launch failed"},
+    ])
+    # ratio + 0.005 rounded up to 0.01: 1.621 -> 1.63, 1.347 -> 1.36, 4.341 -> 4.35
+    assert gates == {"hadamard_patch bfloat16 4096": 1.63, "issue_over_memory hadamard_patch bfloat16 4096": 1.36,
+                     "patch_add_rmsnorm bfloat16 8192": 4.35}
+    # what CI then accepts: the kernels as they are, not 0.01 worse
+    base = dict(arch=90, gpu="H200", op="hadamard_patch", dtype="bfloat16", d=4096, kernel="row_kernel", spill_bytes=0,
+                smem=1000, ratio=1.621, issue_over_memory=1.347, store_widths=[16], store_check="",
+                unresolved_branches=0)
+    assert sb.check([base], gates) == []
+    assert sb.check([{**base, "ratio": 1.64}], gates)
+
+
+def test_unresolved_branches_are_named():
+    base = dict(arch=90, gpu="H200", op="hadamard_patch", dtype="bfloat16", d=1024, kernel="row_kernel", spill_bytes=0,
+                smem=1000, ratio=1.0, store_widths=[16], store_check="", unresolved_branches=1,
+                unresolved_at=["0x3b80: @!P0 BRA 0x3d00 ;"])
+    (failure,) = sb.check([base], {})
+    assert "0x3b80: @!P0 BRA 0x3d00" in failure

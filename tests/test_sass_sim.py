@@ -285,6 +285,23 @@ def test_write_under_an_unknown_guard_makes_only_its_destination_unknown():
     assert not sim.Rk[44].any()
 
 
+def test_sm80_generic_shared_pointer_compared_with_null_is_known():
+    # sm_80 code of kfast_kernel's epilogue: (shared window + 0xf320) != null, the window's 64 bits read
+    # from c[0x0][0x18]; the branch on it must resolve (it did not: 2-4 unresolved branches at 2304/5120)
+    bank = ss.constant_bank_args(80, (256, 1, 1), (1, 1, 1), [], [])
+    sim, res = run([
+        "MOV R48, c[0x0][0x18]",
+        "MOV R49, c[0x0][0x1c]",
+        "ISETP.NE.U32.AND P0, PT, R48, -0xf320, PT",
+        "ISETP.NE.AND.EX P0, PT, R49, -0x1, PT, P0",
+        "@!P0 BRA 0x60",
+        "MOV R2, 0x1",
+        "EXIT",
+    ], bank=bank)
+    assert res.unresolved == 0 and not res.unresolved_at
+    assert sim.Pk[0].all() and sim.P[0].all() and (reg(sim, 2) == 1).all()
+
+
 def test_param_layout_and_constant_bank():
     types = ["__nv_bfloat16 const*", "__nv_bfloat16*", "float const*", "long", "float",
              "linearpatch_cuda::EpilogueOperands<__nv_bfloat16>"]
