@@ -16,7 +16,8 @@ struct HadamardArgs {
   void* y;              // (rows, d) contiguous, 16-byte aligned, dtype `dtype`
   const float* h_k;     // (K, K) fp32, symmetric +-1; unused when K == 1
   // (d,) fp32 patch scales as prepared by cuda_backend.prepare_scale, 16-byte aligned, or nullptr for
-  // hadamard_transform: K = 1, s/d in row_kernel's register order (row_kernel.cuh); K > 1, s itself.
+  // hadamard_transform: K = 1, s/d in row_kernel's register order up to N = 8192, in column order from
+  // 16384 (row_kernel.cuh); K > 1, s itself.
   const float* scale;
   int64_t rows;
   int k;                // d = k * 2**log2_n

@@ -11,8 +11,8 @@
 //       normed = h * rsqrt(mean(h^2) + eps) * norm_weight     (norm_weight fp32; returns (h, normed))
 //
 // where `scale` is s as the kernels read it, prepared once per scale tensor by
-// linearpatch_kernels/backends/cuda_backend.py (prepare_scale): for K = 1, s/d permuted into
-// row_kernel's register order; for K > 1, s itself. A float32 vector of length d either way.
+// linearpatch_kernels/backends/cuda_backend.py (prepare_scale): for K = 1, s/d (permuted into
+// row_kernel's register order up to d = 8192); for K > 1, s itself. A float32 vector of length d.
 //
 // with d = x.size(-1) = K * 2**m, H_d = h_k (x) Sylvester(2**m) unnormalized, h_k the K x K
 // symmetric +-1 factor as fp32 on x's device ([[1.]] when K == 1). These are the low-level kernels

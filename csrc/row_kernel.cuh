@@ -17,15 +17,16 @@
 //   A (L0) -> transpose -> B, * s/d, B (L1) -> transpose -> A (L0) -> store
 // two transposes per patch, as for the transform (which goes back to L0 to store 16-byte vectors).
 // s/d arrives prepared (linearpatch_kernels/backends/cuda_backend.py, prepare_scale: once per scale
-// tensor, not per block or launch) in L1 register order as float4 planes: plane q of thread t at
-// float4 q * T + t, holding s/d at columns l1_thread(t) | l1_reg(4q .. 4q + 3). Up to N = 8192 a block
+// tensor, not per block or launch). Up to N = 8192 in L1 register order as float4 planes: plane q of
+// thread t at float4 q * T + t, holding s/d at columns l1_thread(t) | l1_reg(4q .. 4q + 3); a block
 // stages it in shared memory with 16-byte copies, the same planes (conflict-free); the norm weight of
 // the epilogue is gathered in L0 order. From N = 16384 s (64 KiB) and a row's buffer (72 KiB in
-// fp16/bf16) would leave one block per SM, so each thread reads its planes per row through the cache
-// instead, one float per load as before the preparation (float4 loads made the compiler hold more of
-// them at once: 16-52 bytes of spills at 3 blocks per SM). With 3 blocks' buffers in shared memory,
-// 64 KiB of s hardly stays in L1: expect it from L2, 4 bytes per element beside the 4 (bf16) of HBM
-// traffic; the SASS model does not charge it to any pipe.
+// fp16/bf16) would leave one block per SM, so s/d comes in column order and each thread reads its
+// values per row in L1 order through the cache: a load instruction reads whole 32-byte sectors in
+// fp16/bf16 (8 threads on 8 consecutive floats) and half sectors in fp32. (Reading the planes instead,
+// 16 bytes apart across the warp, took 4x the sectors per instruction and, as float4 loads, spilled.)
+// With 3 blocks' buffers in shared memory, 64 KiB of s hardly stays in L1: expect it from L2, 4 bytes
+// per element beside the 4 (bf16) of HBM traffic; the SASS model does not charge it to any pipe.
 //
 // Shared-memory word of n: word(n) = n + c1 (n >> s1) + c2 (n >> s2). It is strictly increasing (so
 // one-to-one) and additive over disjoint bit patterns, so word(thread part | register part) is a
@@ -175,7 +176,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   };
 
   const float4* const s4 = reinterpret_cast<const float4*>(s_l1) + t;
-  const float* const sg = s + 4 * t;  // N >= 16384: the thread's planes through the cache
+  const float* const s1 = kPatch ? s + L::l1_thread(t) : s;  // N >= 16384: s/d in column order through the cache
   const float4* const w4 = reinterpret_cast<const float4*>(w_l0) + t;
   const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
   const int64_t step = int64_t(gridDim.x) * rows_per_iter;
@@ -308,7 +309,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       }
     } else if constexpr (kPatch) {
 #pragma unroll
-      for (int j = 0; j < L::R; ++j) v[j] *= __ldg(sg + 4 * L::T * (j >> 2) + (j & 3));
+      for (int j = 0; j < L::R; ++j) v[j] *= __ldg(s1 + L::l1_reg(j));
     }
     if constexpr (kPatch) {
       if constexpr (L::kSplit) butterflies_across_lane_bit0(v);

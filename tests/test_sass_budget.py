@@ -235,8 +235,8 @@ def test_decode_gates():
     """One row (decode): the patch within 1.3x and the epilogue within 1.5x the transform's one-row time,
     the bf16 patch at 4096 within 6 us; where the kernels miss one, the recorded value is the gate."""
     def row(op, us, ratio):
-        return dict(gpu="H200", arch=90, op=op, dtype="bfloat16", d=4096, rows=1, decode=True, kernel="k",
-                    time_us=us, over_transform=ratio)
+        return dict(gpu="H200", arch=90, op=op, dtype="bfloat16", d=4096, rows=1, decode=True, kernel="k", grid=1,
+                    threads=64, round_trips_before_first_row=1, prologue_us=0.5, time_us=us, over_transform=ratio)
     ok = [row("hadamard_transform", 4.5, 1.0), row("hadamard_patch", 5.6, 1.24), row("patch_add_rmsnorm", 6.2, 1.38)]
     assert sb.check(ok, {}) == [] and sb.recorded_gates(ok) == {}
     slow = [row("hadamard_patch", 6.4, 1.35), row("patch_add_rmsnorm", 7.0, 1.55)]

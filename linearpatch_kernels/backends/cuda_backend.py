@@ -11,7 +11,7 @@ The compiled library registers three low-level operators for the CUDA dispatch k
 ``h_k`` is the symmetric +-1 factor ``H_K`` of ``H_d = H_K (x) H_N`` as a float32 ``(K, K)`` tensor
 on the input's device (``[[1.]]`` for powers of two), made once per size and device
 (``hadamard.kernel_h_k``). ``scale`` is the patch scale as the kernels read it (``prepare_scale``):
-for powers of two ``s / d`` in row_kernel's register order, otherwise ``s``; this module prepares it
+for powers of two ``s / d`` (in row_kernel's register order up to 8192), otherwise ``s``; this module prepares it
 once per scale tensor and keeps it until the tensor's version counter changes (``prepared_scale``).
 The public ``linearpatch::*`` ops (``ops.py``) validate, handle autograd
 and fake tensors, and call this module.
@@ -365,8 +365,8 @@ def is_available(device: torch.device) -> bool:
 # row_kernel (K = 1) multiplies the values a thread holds in layout L1 (csrc/row_kernel.cuh) by s/d:
 # float4 plane q of thread t (t < T, the threads of a row) holds s/d at the columns
 # l1_thread(t) | l1_reg(4q + c), c = 0..3, and sits at float4 q * T + t. The kernels read that array
-# as it is: a block stages it with 16-byte copies (no gather, no rescale), and from N = 16384 each
-# thread reads its planes per row as coalesced float4 loads. The permutation is made here, once per
+# as it is: a block stages it with 16-byte copies (no gather, no rescale). From N = 16384, where each
+# thread reads s/d per row through the cache in L1 order, it is s/d in column order. The permutation is made here, once per
 # scale tensor, dtype and d (the layout depends on the vector width: 4 fp32 or 8 fp16/bf16 values),
 # instead of in every block of every launch. kfast_kernel and kron_kernel (K > 1) read s in column
 # order (a plain copy) and apply 1/d at their store: they take s itself.
@@ -409,6 +409,7 @@ def _row_scale_columns(log_v: int, log_n: int, device: torch.device) -> torch.Te
 
 
 _columns_cache: dict = {}
+_ROW_STAGED_MAX_LOG2_N = 13  # row_stages_s: row_kernel stages s/d in shared memory up to N = 8192
 
 
 def prepare_scale(scale: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
@@ -417,6 +418,11 @@ def prepare_scale(scale: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tens
     f = hadamard_factors(d)
     if f.k > 1:
         return scale
+    if f.log2_n > _ROW_STAGED_MAX_LOG2_N:
+        # From N = 16384 row_kernel reads s/d per row in its L1 order through the cache (whole sectors
+        # per warp load): column order, 1/d folded in.
+        with torch.no_grad():
+            return (scale.detach().to(torch.float32) * (1.0 / d)).contiguous()
     key = (_vector_log2(dtype), f.log2_n, scale.device)
     columns = _columns_cache.get(key)
     if columns is None:
