@@ -28,7 +28,9 @@ struct HadamardArgs {
   // The fused epilogue only (launch_patch_add_rmsnorm); x is the residual there, y receives h.
   const void* update = nullptr;        // (rows, d) like x, added to x
   void* normed = nullptr;              // (rows, d) like y: h * rsqrt(mean(h^2) + eps) * norm_weight
-  const float* norm_weight = nullptr;  // (d,) fp32, 16-byte aligned
+  // (d,) fp32, 16-byte aligned, as cuda_backend.prepare_norm_weight makes it: K = 1 up to N = 4096 in
+  // row_kernel's L0 register order, otherwise in column order.
+  const float* norm_weight = nullptr;
   float eps = 0.f;
 };
 

@@ -13,6 +13,7 @@
 // where `scale` is s as the kernels read it, prepared once per scale tensor by
 // linearpatch_kernels/backends/cuda_backend.py (prepare_scale): for K = 1, s/d (permuted into
 // row_kernel's register order up to d = 8192); for K > 1, s itself. A float32 vector of length d.
+// norm_weight likewise (prepare_norm_weight): float32, in row_kernel's L0 order up to d = 4096.
 //
 // with d = x.size(-1) = K * 2**m, H_d = h_k (x) Sylvester(2**m) unnormalized, h_k the K x K
 // symmetric +-1 factor as fp32 on x's device ([[1.]] when K == 1). These are the low-level kernels

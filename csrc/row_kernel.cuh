@@ -20,7 +20,8 @@
 // tensor, not per block or launch). Up to N = 8192 in L1 register order as float4 planes: plane q of
 // thread t at float4 q * T + t, holding s/d at columns l1_thread(t) | l1_reg(4q .. 4q + 3); a block
 // stages it in shared memory with 16-byte copies, the same planes (conflict-free); the norm weight of
-// the epilogue is gathered in L0 order. From N = 16384 s (64 KiB) and a row's buffer (72 KiB in
+// the epilogue, up to N = 4096, arrives prepared in L0 register order (plane q of thread t: columns
+// l0_thread(t) | l0_reg(4q .. 4q + 3)) and is staged the same way. From N = 16384 s (64 KiB) and a row's buffer (72 KiB in
 // fp16/bf16) would leave one block per SM, so s/d comes in column order and each thread reads its
 // values per row in L1 order through the cache: a load instruction reads whole 32-byte sectors in
 // fp16/bf16 (8 threads on 8 consecutive floats) and half sectors in fp32. (Reading the planes instead,
@@ -232,15 +233,13 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     // thread at N = 4096), all in flight before any wait, and no rescale (1/d is in it). (Before, each
     // block gathered s from column order with 4-byte copies, 32 per thread at N = 4096, and rescaled
     // every word; before that, one dependent load at a time took ~16 us per block on the H200: a
-    // one-row patch took 21.1 us, the transform 4.8.) The epilogue's norm weight is still gathered
-    // into L0 order (4-byte copies, in flight beside those of s).
+    // one-row patch took 21.1 us, the transform 4.8.) The epilogue's norm weight, prepared in L0 order
+    // up to N = 4096, is copied the same way, in flight beside s.
     for (int i = threadIdx.x; i < L::N / 4; i += blockDim.x)
       __pipeline_memcpy_async(&smem4[i], reinterpret_cast<const float4*>(s) + i, 16);
-    if constexpr (kStageWeight) {
-      for (int i = threadIdx.x; i < L::N; i += blockDim.x) {
-        const int q = i >> (2 + L::kLogT), tt = (i >> 2) & (L::T - 1), j = 4 * q + (i & 3);
-        __pipeline_memcpy_async(&w_l0[i], e.weight + (L::l0_thread(tt) | L::l0_reg(j)), sizeof(float));
-      }
+    if constexpr (kStageWeight) {  // prepared in L0 order the same way (cuda_backend.prepare_norm_weight)
+      for (int i = threadIdx.x; i < L::N / 4; i += blockDim.x)
+        __pipeline_memcpy_async(reinterpret_cast<float4*>(w_l0) + i, reinterpret_cast<const float4*>(e.weight) + i, 16);
     }
     __pipeline_commit();
     __pipeline_wait_prior(0);

@@ -152,6 +152,27 @@ def test_prepared_scale_is_s_over_d_permuted(d, dtype):
         assert torch.equal(prepared, s / d)
 
 
+@pytest.mark.parametrize("d", (8, 256, 4096, 8192, 5120))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_prepared_norm_weight(d, dtype):
+    """The epilogue stages the norm weight in row_kernel's L0 register order up to d = 4096 (every
+    column once); beyond, and for K > 1, it reads float32 in column order: the weight itself when it is
+    float32 and contiguous, else one cast, kept while the weight is unchanged."""
+    w = positive_scales(d, seed=d + 1)
+    prepared = cuda_backend.prepare_norm_weight(w, dtype, d)
+    f = hadamard_factors(d)
+    if f.k == 1 and d <= 4096:
+        columns = cuda_backend._row_weight_columns(2 if dtype == torch.float32 else 3, f.log2_n, w.device)
+        assert torch.equal(torch.sort(columns).values, torch.arange(d))
+        assert torch.equal(prepared, w[columns])
+    else:
+        assert prepared is w
+    w16 = w.to(torch.bfloat16)
+    kept = cuda_backend.prepared_norm_weight(w16, dtype, d)
+    assert kept.dtype == torch.float32 and cuda_backend.prepared_norm_weight(w16, dtype, d) is kept
+    assert torch.equal(torch.sort(kept).values, torch.sort(w16.float()).values)
+
+
 def test_prepared_scale_cache_keys():
     """Cached on the tensor per (dtype, d) and its version; K > 1 takes s itself (nothing kept);
     inference tensors, which have no version counter, are prepared on every call."""

@@ -245,8 +245,11 @@ class EmulatedKernels:
         return self._run(1, x, h_k, scale=self.prepared_scale(s, x.dtype, x.shape[-1]))[0]
 
     def patch_add_rmsnorm(self, residual, update, h_k, s, weight, eps):
-        h, normed = self._run(2, residual, h_k, scale=self.prepared_scale(s, residual.dtype, residual.shape[-1]),
-                              update=update, weight=weight, eps=eps)
+        from linearpatch_kernels.backends import cuda_backend
+
+        d = residual.shape[-1]
+        h, normed = self._run(2, residual, h_k, scale=self.prepared_scale(s, residual.dtype, d), update=update,
+                              weight=cuda_backend.prepared_norm_weight(weight, residual.dtype, d), eps=eps)
         return h, normed
 
     def launches_of(self, op: str, dtype: str, d: int, rows: int, k: int) -> list[dict]:

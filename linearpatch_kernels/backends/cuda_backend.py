@@ -435,26 +435,72 @@ def prepare_scale(scale: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tens
         return (scale.detach().to(torch.float32)[columns] * (1.0 / d)).contiguous()
 
 
-def prepared_scale(scale: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
-    """``prepare_scale``, made once per scale tensor, dtype and ``d`` and reused while the tensor's
-    version counter and data pointer stay as they were (the cache goes with the tensor)."""
-    entry = _prepared.get(id(scale))
-    key = (dtype, d)
-    if entry is not None and entry[0]() is scale:
+def _row_weight_columns(log_v: int, log_n: int, device: torch.device) -> torch.Tensor:
+    """The column of the norm weight that each word of the epilogue's prepared weight holds (RowLayout:
+    word i = float4 plane q = i >> (2 + log T) of thread t = (i >> 2) mod T, value c = i mod 4, i.e.
+    register j = 4 q + c of layout L0: column t << log V | l0_reg(j))."""
+    log_r = min(7, max(log_v, (log_n + 1) // 2))
+    log_t = log_n - log_r
+    high = log_v + log_t
+    i = torch.arange(1 << log_n, device=device, dtype=torch.int64)
+    q, t, c = i >> (2 + log_t), (i >> 2) & ((1 << log_t) - 1), i & 3
+    j = 4 * q + c
+    return (t << log_v) | (j & ((1 << log_v) - 1)) | ((j >> log_v) << high)
+
+
+_ROW_STAGED_WEIGHT_MAX_LOG2_N = 12  # row_stages_weight: the epilogue stages the norm weight up to N = 4096
+
+
+def prepare_norm_weight(weight: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+    """What the fused epilogue reads as ``norm_weight`` for rows of ``d`` elements of ``dtype``: float32,
+    in row_kernel's L0 register order where it stages the weight (K = 1, up to d = 4096), otherwise in
+    column order (``weight`` itself when it is float32 and contiguous)."""
+    f = hadamard_factors(d)
+    if f.k > 1 or f.log2_n > _ROW_STAGED_WEIGHT_MAX_LOG2_N:
+        if weight.dtype == torch.float32 and weight.is_contiguous():
+            return weight
+        with torch.no_grad():
+            return weight.detach().to(torch.float32).contiguous()
+    key = ("weight", _vector_log2(dtype), f.log2_n, weight.device)
+    columns = _columns_cache.get(key)
+    if columns is None:
+        columns = _row_weight_columns(*key[1:])
+        if not (weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _columns_cache[key] = columns
+    with torch.no_grad():
+        return weight.detach().to(torch.float32)[columns].contiguous()
+
+
+def _kept(tensor: torch.Tensor, key: tuple, make) -> torch.Tensor:
+    """``make(tensor)``, made once per tensor and ``key`` and reused while the tensor's version counter
+    and data pointer stay as they were (the cache goes with the tensor)."""
+    entry = _prepared.get(id(tensor))
+    if entry is not None and entry[0]() is tensor:
         hit = entry[1].get(key)
-        if hit is not None and hit[0] == scale._version and hit[1] == scale.data_ptr():
+        if hit is not None and hit[0] == tensor._version and hit[1] == tensor.data_ptr():
             return hit[2]
-    prepared = prepare_scale(scale, dtype, d)
-    if prepared is scale or scale.is_inference():
-        return prepared  # K > 1: nothing to keep; inference tensors: no version counter to key on
-    if scale.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    prepared = make(tensor)
+    if prepared is tensor or tensor.is_inference():
+        return prepared  # taken as it is: nothing to keep; inference tensors: no version counter to key on
+    if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return prepared  # the graph's memory, filled only at replay: never reused outside it
-    if entry is None or entry[0]() is not scale:
-        ident = id(scale)
-        entry = (weakref.ref(scale, lambda _ref, ident=ident: _prepared.pop(ident, None)), {})
+    if entry is None or entry[0]() is not tensor:
+        ident = id(tensor)
+        entry = (weakref.ref(tensor, lambda _ref, ident=ident: _prepared.pop(ident, None)), {})
         _prepared[ident] = entry
-    entry[1][key] = (scale._version, scale.data_ptr(), prepared)
+    entry[1][key] = (tensor._version, tensor.data_ptr(), prepared)
     return prepared
+
+
+def prepared_scale(scale: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+    """``prepare_scale``, made once per scale tensor, dtype and ``d`` (kept while the tensor is unchanged)."""
+    return _kept(scale, (dtype, d), lambda s: prepare_scale(s, dtype, d))
+
+
+def prepared_norm_weight(weight: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+    """``prepare_norm_weight``, made once per weight tensor, dtype and ``d`` (kept while it is unchanged):
+    a weight in another dtype is no longer cast to float32 on every call."""
+    return _kept(weight, ("norm_weight", dtype, d), lambda w: prepare_norm_weight(w, dtype, d))
 
 
 def invalidate_prepared_scale(scale: torch.Tensor) -> None:
@@ -482,9 +528,9 @@ def runner(op: str, device: torch.device, d: int):
     kernel = torch.ops.linearpatch_cuda.patch_add_rmsnorm.default
 
     def epilogue(residual, update, scale, norm_weight, eps):
-        # The kernel reads the weight as fp32; a weight in another dtype costs one cast of d elements.
+        # The kernel reads the weight as fp32 (in its register order up to 4096): prepared once per weight.
         return kernel(residual, update, h_k, prepared_scale(scale, residual.dtype, d),
-                      norm_weight.to(torch.float32), float(eps))
+                      prepared_norm_weight(norm_weight, residual.dtype, d), float(eps))
     return epilogue
 
 
@@ -499,8 +545,7 @@ def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
                       norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    # The kernel reads the weight as fp32; a weight in another dtype costs one cast of d elements.
     d = int(residual.shape[-1])
     return torch.ops.linearpatch_cuda.patch_add_rmsnorm(
         residual, update, kernel_h_k(d, residual.device), prepared_scale(scale, residual.dtype, d),
-        norm_weight.to(torch.float32), float(eps))
+        prepared_norm_weight(norm_weight, residual.dtype, d), float(eps))
