@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -49,6 +50,8 @@ struct LaunchShape {
 struct KernelSetup {
   LaunchShape shape{0, 0};
   int64_t resident_blocks = 0;
+  int64_t sms = 0;  // multiprocessors of the device (row_kernel's grid for few rows)
+  bool programmatic = false;  // sm_90+: launch with programmatic stream serialization (row_kernel)
 };
 
 template <typename Kernel>
@@ -69,8 +72,18 @@ std::string setup_kernel(Kernel kernel, const LaunchShape* shapes, int count, in
   }
   e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, shape.threads, shape.smem);
   if (e != cudaSuccess) return cuda_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
+  // Programmatic dependent launch only where the kernel's code was compiled for sm_90 or later (its
+  // grid_dependency_wait is then griddepcontrol.wait): code JIT-compiled from older PTX has no wait, and
+  // launched that way it could read what the previous kernel is still writing.
+  cudaFuncAttributes attributes{};
+  e = cudaFuncGetAttributes(&attributes, kernel);
+  if (e != cudaSuccess) return cuda_error("cudaFuncGetAttributes", e);
   setup.shape = shape;
   setup.resident_blocks = int64_t(sms) * (per_sm > 0 ? per_sm : 1);
+  setup.sms = sms;
+  // LINEARPATCH_CUDA_PDL=0 launches without it (to time both on a GPU).
+  const char* pdl = std::getenv("LINEARPATCH_CUDA_PDL");
+  setup.programmatic = attributes.ptxVersion >= 90 && !(pdl != nullptr && std::string(pdl) == "0");
   return {};
 }
 
@@ -111,6 +124,27 @@ inline std::string launch_error(const char* kernel) {
   return e == cudaSuccess ? std::string() : cuda_error((std::string(kernel) + " launch").c_str(), e);
 }
 
+// A launch, with programmatic stream serialization where `programmatic` (sm_90+): the kernel may then
+// begin while the previous kernel in the stream finishes, and waits for it at its first global access
+// (grid_dependency_wait in kernel_primitives.cuh), so that its launch and setup are not on the path.
+template <typename... P, typename... A>
+std::string launch_kernel(void (*kernel)(P...), bool programmatic, unsigned blocks, int threads, size_t smem,
+                          void* stream, A... args) {
+  if (programmatic) {
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    // {gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs}, in order (the emulator's
+    // gridDim and blockDim are the kernels' built-ins, so the fields are not named here)
+    cudaLaunchConfig_t config = {dim3(blocks), dim3(unsigned(threads)), smem, static_cast<cudaStream_t>(stream), attribute, 1};
+    const cudaError_t e = cudaLaunchKernelEx(&config, kernel, args...);
+    if (e != cudaSuccess) return cuda_error("cudaLaunchKernelEx", e);
+    return {};
+  }
+  kernel<<<blocks, threads, smem, static_cast<cudaStream_t>(stream)>>>(args...);
+  return {};
+}
+
 template <typename T>
 EpilogueOperands<T> epilogue_operands(const HadamardArgs& a) {
   return EpilogueOperands<T>{static_cast<const T*>(a.update), static_cast<T*>(a.normed), a.norm_weight, a.eps};
@@ -127,15 +161,25 @@ std::string launch_rows(const HadamardArgs& a) {
                                  {kRowThreads / 2, sizeof(float) * size_t(row_shared_floats<L, kOp>(kRowThreads / 2))}};
   KernelSetup setup;
   std::string err = cached_setup(kernel, shapes, L::T <= kRowThreads / 2 ? 2 : 1, a.device, setup);
-  const size_t smem = sizeof(float) * size_t(row_shared_floats<L, kOp>(setup.shape.threads));
+  // Few rows (decode): when one row per block needs no more blocks than the device has SMs, a block is
+  // one row's T threads (a warp at least), so that no block computes empty rows beside its own and
+  // every row has an SM to itself: the time is the latency of one block, not shared issue slots.
+  // A row is not split across blocks: its transposes exchange values between all of its threads, which
+  // across blocks would be a round trip through global memory and a grid-wide wait.
+  constexpr int kOneRowThreads = row_one_row_threads<L>();
+  const int64_t few_groups = (a.rows + kOneRowThreads / L::T - 1) / (kOneRowThreads / L::T);
+  const int block_threads = err.empty() && few_groups <= setup.sms && kOneRowThreads < setup.shape.threads
+                                ? kOneRowThreads : setup.shape.threads;
+  const size_t smem = sizeof(float) * size_t(row_shared_floats<L, kOp>(block_threads));
   if (err.empty()) err = check_shared_memory(smem, setup);
   if (err.empty()) err = pending_error();
   if (!err.empty()) return err;
-  const int64_t rows_per_iter = setup.shape.threads / L::T;
+  const int64_t rows_per_iter = block_threads / L::T;
   const int64_t groups = (a.rows + rows_per_iter - 1) / rows_per_iter;
   const int64_t blocks = groups < setup.resident_blocks ? groups : setup.resident_blocks;
-  kernel<<<unsigned(blocks), setup.shape.threads, smem, static_cast<cudaStream_t>(a.stream)>>>(
-      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
+  err = launch_kernel(kernel, setup.programmatic, unsigned(blocks), block_threads, smem, a.stream, static_cast<const T*>(a.x),
+                      static_cast<T*>(a.y), a.scale, a.rows, a.out_scale, epilogue_operands<T>(a));
+  if (!err.empty()) return "hadamard row_kernel launch: " + err;
   return launch_error("hadamard row_kernel");
 }
 

@@ -15,17 +15,22 @@ struct HadamardArgs {
   const void* x;        // (rows, d) contiguous, 16-byte aligned, dtype `dtype`
   void* y;              // (rows, d) contiguous, 16-byte aligned, dtype `dtype`
   const float* h_k;     // (K, K) fp32, symmetric +-1; unused when K == 1
-  const float* scale;   // (d,) fp32 patch scales s, or nullptr for hadamard_transform
+  // (d,) fp32 patch scales as prepared by cuda_backend.prepare_scale, 16-byte aligned, or nullptr for
+  // hadamard_transform: K = 1, s/d in row_kernel's register order up to N = 8192, in column order from
+  // 16384 (row_kernel.cuh); K > 1, s itself.
+  const float* scale;
   int64_t rows;
   int k;                // d = k * 2**log2_n
   int log2_n;
-  float out_scale;      // multiplies the result: `scale` for the transform, 1/d for the patch
+  float out_scale;      // multiplies the result: `scale` for the transform, 1/d for the patch when K > 1
   int device;           // current CUDA device (set by the caller)
   void* stream;         // cudaStream_t to launch on
   // The fused epilogue only (launch_patch_add_rmsnorm); x is the residual there, y receives h.
   const void* update = nullptr;        // (rows, d) like x, added to x
   void* normed = nullptr;              // (rows, d) like y: h * rsqrt(mean(h^2) + eps) * norm_weight
-  const float* norm_weight = nullptr;  // (d,) fp32, 16-byte aligned
+  // (d,) fp32, 16-byte aligned, as cuda_backend.prepare_norm_weight makes it: K = 1 up to N = 4096 in
+  // row_kernel's L0 register order, otherwise in column order.
+  const float* norm_weight = nullptr;
   float eps = 0.f;
 };
 

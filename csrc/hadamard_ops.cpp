@@ -4,11 +4,16 @@
 //   linearpatch_cuda::hadamard_transform(Tensor x, Tensor h_k, float scale) -> Tensor
 //       y = x . H_d * scale along the last dim
 //   linearpatch_cuda::hadamard_patch(Tensor x, Tensor h_k, Tensor scale) -> Tensor
-//       y = x . H_d diag(scale) H_d / d
+//       y = x . H_d diag(s) H_d / d
 //   linearpatch_cuda::patch_add_rmsnorm(Tensor residual, Tensor update, Tensor h_k, Tensor scale,
 //                                       Tensor norm_weight, float eps) -> (Tensor, Tensor)
-//       h = (residual + update) . H_d diag(scale) H_d / d,
+//       h = (residual + update) . H_d diag(s) H_d / d,
 //       normed = h * rsqrt(mean(h^2) + eps) * norm_weight     (norm_weight fp32; returns (h, normed))
+//
+// where `scale` is s as the kernels read it, prepared once per scale tensor by
+// linearpatch_kernels/backends/cuda_backend.py (prepare_scale): for K = 1, s/d (permuted into
+// row_kernel's register order up to d = 8192); for K > 1, s itself. A float32 vector of length d.
+// norm_weight likewise (prepare_norm_weight): float32, in row_kernel's L0 order up to d = 4096.
 //
 // with d = x.size(-1) = K * 2**m, H_d = h_k (x) Sylvester(2**m) unnormalized, h_k the K x K
 // symmetric +-1 factor as fp32 on x's device ([[1.]] when K == 1). These are the low-level kernels

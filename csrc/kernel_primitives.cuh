@@ -185,6 +185,27 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
 }
 #endif
 
+// Programmatic dependent launch (sm_90+; launch_rows): a kernel launched with the programmatic stream
+// serialization attribute may start while the kernel before it in the stream is still finishing.
+// grid_dependency_wait() returns once that kernel has completed and its writes are visible, so nothing
+// it may write or still read (x, s, the norm weight, the memory of y) may be touched before it; what
+// comes before overlaps that kernel's end. grid_dependents_launch() lets the next such kernel start its
+// own setup. Both are no-ops below sm_90 and for a launch without the attribute; the CUDA emulator
+// (csrc/emulation/include/emulated_cuda.h) defines the same names (launches run one after another
+// there: it counts the waits).
+#ifndef __CUDA_EMULATION__
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+#endif
+
 // D = A B + C for the 16-bit input type T (__half or __nv_bfloat16), and T's 1.0 and -1.0 as bits.
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],

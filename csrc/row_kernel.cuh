@@ -16,14 +16,18 @@
 // commute, so the patch x H diag(s) H / d starts its second transform where the first ended:
 //   A (L0) -> transpose -> B, * s/d, B (L1) -> transpose -> A (L0) -> store
 // two transposes per patch, as for the transform (which goes back to L0 to store 16-byte vectors).
-// s/d is staged once per block in shared memory in L1 order (the norm weight of the epilogue in L0
-// order), as float4 planes: plane q of thread t at float4 q * T + t, conflict-free. From N = 16384 s
-// (64 KiB) and a row's buffer (72 KiB in fp16/bf16) would leave one block per SM, so s is read per
-// row in L1 order through the cache instead, and 1/d is applied at the store. A load instruction reads
-// whole 32-byte sectors in fp16/bf16 (8 threads on 8 consecutive floats) and half sectors in fp32 (4
-// threads; the other half comes one register later). With 3 blocks' buffers in shared memory, 64 KiB
-// of s hardly stays in L1: expect it from L2, 4 bytes per element beside the 4 (bf16) of HBM traffic;
-// the SASS model does not charge it to any pipe.
+// s/d arrives prepared (linearpatch_kernels/backends/cuda_backend.py, prepare_scale: once per scale
+// tensor, not per block or launch). Up to N = 8192 in L1 register order as float4 planes: plane q of
+// thread t at float4 q * T + t, holding s/d at columns l1_thread(t) | l1_reg(4q .. 4q + 3); a block
+// stages it in shared memory with 16-byte copies, the same planes (conflict-free); the norm weight of
+// the epilogue, up to N = 4096, arrives prepared in L0 register order (plane q of thread t: columns
+// l0_thread(t) | l0_reg(4q .. 4q + 3)) and is staged the same way. From N = 16384 s (64 KiB) and a row's buffer (72 KiB in
+// fp16/bf16) would leave one block per SM, so s/d comes in column order and each thread reads its
+// values per row in L1 order through the cache: a load instruction reads whole 32-byte sectors in
+// fp16/bf16 (8 threads on 8 consecutive floats) and half sectors in fp32. (Reading the planes instead,
+// 16 bytes apart across the warp, took 4x the sectors per instruction and, as float4 loads, spilled.)
+// With 3 blocks' buffers in shared memory, 64 KiB of s hardly stays in L1: expect it from L2, 4 bytes
+// per element beside the 4 (bf16) of HBM traffic; the SASS model does not charge it to any pipe.
 //
 // Shared-memory word of n: word(n) = n + c1 (n >> s1) + c2 (n >> s2). It is strictly increasing (so
 // one-to-one) and additive over disjoint bit patterns, so word(thread part | register part) is a
@@ -99,6 +103,9 @@ constexpr int kMaxRowLog2N = 15;  // N = 32768: 128 values per thread, 256 threa
 // Threads per block: kRowThreads, or one row's T where that is more (N = 32768).
 template <class L>
 __host__ __device__ constexpr int row_block_threads() { return cmax(kRowThreads, L::T); }
+// The block of the few-row grid (launch_rows): one row, at least a warp (rows of T < 32 threads share it).
+template <class L>
+__host__ __device__ constexpr int row_one_row_threads() { return cmax(32, L::T); }
 constexpr int kRowPartials = 8;  // the epilogue's per-warp sums: up to 8 warps per block
 
 // The epilogue keeps the norm weight in shared memory up to N = 4096; at 8192 it is read through the
@@ -106,7 +113,7 @@ constexpr int kRowPartials = 8;  // the epilogue's per-warp sums: up to 8 warps 
 template <class L, Op kOp>
 __host__ __device__ constexpr bool row_stages_weight() { return kOp == Op::kAddPatchRmsNorm && L::kLogN <= 12; }
 
-// s/d in shared memory up to N = 8192; from 16384 s is read through the L1 cache (see above).
+// s/d (prepared) in shared memory up to N = 8192; from 16384 it is read through the L1 cache (see above).
 template <class L, Op kOp>
 __host__ __device__ constexpr bool row_stages_s() { return kOp != Op::kTransform && L::kLogN <= 13; }
 
@@ -142,8 +149,9 @@ __host__ __device__ constexpr int row_min_blocks() {
   return !row_prefetches<L, kOp>() ? 1 : kOp == Op::kPatch ? 4 : 3;
 }
 
-// Persistent: the grid covers the multiprocessors once (see launch_rows); each block stages s (and
-// the norm weight) once and then loops over groups of blockDim.x / T rows.
+// Persistent: the grid covers the multiprocessors once (see launch_rows; for as many rows as there are
+// SMs or fewer, one row per block); each block stages s (and the norm weight) once and then loops over
+// groups of blockDim.x / T rows. `s` is the prepared s/d (above); `out_scale` scales the transform only.
 template <typename T, int kLogN, Op kOp>
 __global__ void __launch_bounds__(row_block_threads<RowLayout<T, kLogN>>(), row_min_blocks<RowLayout<T, kLogN>, kOp>())
 row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ s, int64_t rows,
@@ -169,15 +177,11 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   };
 
   const float4* const s4 = reinterpret_cast<const float4*>(s_l1) + t;
-  const float* const s1 = kPatch ? s + L::l1_thread(t) : s;  // N >= 16384: s in L1 order through the cache
+  const float* const s1 = kPatch ? s + L::l1_thread(t) : s;  // N >= 16384: s/d in column order through the cache
   const float4* const w4 = reinterpret_cast<const float4*>(w_l0) + t;
   const int g0 = L::l0_thread(t), w0 = L::word(g0), w1 = L::word(L::l1_thread(t));
-  // 1/d (out_scale): folded into the staged s/d (once per block), else applied at the store (the
-  // epilogue: before the sum of squares). (At the store it would cost the patch a multiply per value
-  // where the staged scale costs none: the compiler drops the multiply by 1.)
-  constexpr bool kFoldScale = kStageS;
-  const float s_scale = kPatch && !kFoldScale ? out_scale : 1.f;
   const int64_t step = int64_t(gridDim.x) * rows_per_iter;
+  const int64_t first_row = int64_t(blockIdx.x) * rows_per_iter + slot;
 
   constexpr bool kPrefetch = row_prefetches<L, kOp>();
   uint4 ahead[kPrefetch ? L::R / L::V : 1], ahead_u[kPrefetch && kEpilogue ? L::R / L::V : 1];
@@ -193,25 +197,52 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       }
     }
   };
-  // The first row's loads leave before the staging of s, so that the two round trips overlap.
-  if constexpr (kPrefetch) load_ahead(int64_t(blockIdx.x) * rows_per_iter + slot);
+  // Without the prefetch, up to N = 8192: every 16-byte load of the row leaves before any is
+  // converted, one memory round trip (converting each vector as it came, the compiler spread the
+  // loads over the first transform: 7 dependent round trips at N = 8192 by the SASS model). The empty
+  // asm with a memory clobber keeps the compiler from sinking loads below it. Not from 16384, where
+  // the raw vectors would not fit beside the row (170 registers for 3 blocks: they spill), nor at
+  // 8192 for fp32 or the epilogue (two raw rows): 255 registers and 96-664 bytes of spills there.
+  constexpr bool kLoadsFirst =
+      !kPrefetch && (L::kLogN <= 12 || (L::kLogN == 13 && sizeof(T) == 2 && !kEpilogue));
+  uint4 raw[kLoadsFirst ? L::R / L::V : 1], raw_u[kLoadsFirst && kEpilogue ? L::R / L::V : 1];
+  auto load_raw = [&](int64_t r) {
+    if constexpr (kLoadsFirst) {
+      if (r < rows) {
+#pragma unroll
+        for (int jt = 0; jt < L::R / L::V; ++jt) {
+          raw[jt] = *reinterpret_cast<const uint4*>(x + r * L::N + g0 + L::l0_reg(jt * L::V));
+          if constexpr (kEpilogue) raw_u[jt] = *reinterpret_cast<const uint4*>(e.update + r * L::N + g0 + L::l0_reg(jt * L::V));
+        }
+      }
+      asm volatile("" ::: "memory");
+    }
+  };
+  // The first row's loads leave before the staging of s (prefetch or loads-first alike), so that the
+  // two memory round trips overlap: a one-row launch waits for one, as the transform does.
+  constexpr bool kFirstRowEarly = kLoadsFirst && kStageS;
+  // Programmatic dependent launch (sm_90, kernel_primitives.cuh): everything above is indices and
+  // pointers; the first global access comes after the wait.
+  grid_dependency_wait();
+  grid_dependents_launch();
+  if constexpr (kPrefetch) load_ahead(first_row);
+  if constexpr (kFirstRowEarly) load_raw(first_row);
 
   if constexpr (kStageS) {
-    // A gather of N values into shared memory in register order, N / blockDim.x per thread (32 at
-    // N = 4096), as cp.async copies: all of a thread's copies leave before it waits for any, one
-    // memory round trip per block. (Loads into registers, stored after a batch of 16, compiled into
-    // 4-8 dependent round trips at N = 4096 and 8192 by the SASS model; one load and store at a time,
-    // 32 of them, took ~16 us per block on the H200: a one-row patch took 21.1 us, the transform 4.8.)
-    for (int i = threadIdx.x; i < L::N; i += blockDim.x) {
-      const int q = i >> (2 + L::kLogT), tt = (i >> 2) & (L::T - 1), j = 4 * q + (i & 3);
-      __pipeline_memcpy_async(&s_l1[i], s + (L::l1_thread(tt) | L::l1_reg(j)), sizeof(float));
-      if constexpr (kStageWeight) __pipeline_memcpy_async(&w_l0[i], e.weight + (L::l0_thread(tt) | L::l0_reg(j)), sizeof(float));
+    // s/d arrives prepared in this order: a plain copy, N / 4 16-byte cp.async copies per block (8 per
+    // thread at N = 4096), all in flight before any wait, and no rescale (1/d is in it). (Before, each
+    // block gathered s from column order with 4-byte copies, 32 per thread at N = 4096, and rescaled
+    // every word; before that, one dependent load at a time took ~16 us per block on the H200: a
+    // one-row patch took 21.1 us, the transform 4.8.) The epilogue's norm weight, prepared in L0 order
+    // up to N = 4096, is copied the same way, in flight beside s.
+    for (int i = threadIdx.x; i < L::N / 4; i += blockDim.x)
+      __pipeline_memcpy_async(&smem4[i], reinterpret_cast<const float4*>(s) + i, 16);
+    if constexpr (kStageWeight) {  // prepared in L0 order the same way (cuda_backend.prepare_norm_weight)
+      for (int i = threadIdx.x; i < L::N / 4; i += blockDim.x)
+        __pipeline_memcpy_async(reinterpret_cast<float4*>(w_l0) + i, reinterpret_cast<const float4*>(e.weight) + i, 16);
     }
     __pipeline_commit();
     __pipeline_wait_prior(0);
-    if constexpr (kFoldScale) {  // each thread rescales the words it copied (visible to it after its own wait)
-      for (int i = threadIdx.x; i < L::N; i += blockDim.x) s_l1[i] *= out_scale;
-    }
     __syncthreads();
   }
 
@@ -219,24 +250,8 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     const int64_t row = base + slot;
     const bool active = row < rows;  // idle rows of the last group compute on zeros, store nothing
     float v[L::R];
-    // Without the prefetch, up to N = 8192: every 16-byte load of the row leaves before any is
-    // converted, one memory round trip (converting each vector as it came, the compiler spread the
-    // loads over the first transform: 7 dependent round trips at N = 8192 by the SASS model). The empty
-    // asm with a memory clobber keeps the compiler from sinking loads below it. Not from 16384, where
-    // the raw vectors would not fit beside the row (170 registers for 3 blocks: they spill), nor at
-    // 8192 for fp32 or the epilogue (two raw rows): 255 registers and 96-664 bytes of spills there.
-    constexpr bool kLoadsFirst =
-        !kPrefetch && (L::kLogN <= 12 || (L::kLogN == 13 && sizeof(T) == 2 && !kEpilogue));
-    uint4 raw[kLoadsFirst ? L::R / L::V : 1], raw_u[kLoadsFirst && kEpilogue ? L::R / L::V : 1];
     if constexpr (kLoadsFirst) {
-      if (active) {
-#pragma unroll
-        for (int jt = 0; jt < L::R / L::V; ++jt) {
-          raw[jt] = *reinterpret_cast<const uint4*>(x + row * L::N + g0 + L::l0_reg(jt * L::V));
-          if constexpr (kEpilogue) raw_u[jt] = *reinterpret_cast<const uint4*>(e.update + row * L::N + g0 + L::l0_reg(jt * L::V));
-        }
-      }
-      asm volatile("" ::: "memory");
+      if (!kFirstRowEarly || row != first_row) load_raw(row);  // the first row's left before the staging
     }
 #pragma unroll
     for (int jt = 0; jt < L::R / L::V; ++jt) {
@@ -317,11 +332,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
 
     T* const yr = y + row * L::N + g0;
     if constexpr (kEpilogue) {
-      if constexpr (!kFoldScale) {
-#pragma unroll
-        for (int j = 0; j < L::R; ++j) v[j] *= s_scale;
-      }
-      // h = v (1/d applied); the row's sum of h^2 over its registers, its lanes, its warps.
+      // h = v (1/d is in the prepared s); the row's sum of h^2 over its registers, its lanes, its warps.
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < L::R; ++j) sum = fmaf(v[j], v[j], sum);
@@ -355,7 +366,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     } else if (active) {
 #pragma unroll
       for (int jt = 0; jt < L::R / L::V; ++jt)
-        store_vec(yr + L::l0_reg(jt * L::V), vec_at<L::V>(v, jt), kPatch ? s_scale : out_scale);
+        store_vec(yr + L::l0_reg(jt * L::V), vec_at<L::V>(v, jt), kPatch ? 1.f : out_scale);
     }
   }
 }

@@ -135,6 +135,68 @@ def test_launch_plan_rejects_unknown_ops():
         cuda_backend.launch_plan("hadamard", torch.float32, 4096, 1, 232_448)
 
 
+@pytest.mark.parametrize("d", (8, 256, 4096, 16384, 32768))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_prepared_scale_is_s_over_d_permuted(d, dtype):
+    """For K = 1 up to d = 8192 the kernels stage s/d in row_kernel's register order: every column once,
+    each value s[column] / d exactly (the order itself is proven by the emulated kernels against fp64);
+    from 16384 they read s/d in column order."""
+    s = positive_scales(d, seed=d)
+    columns = cuda_backend._row_scale_columns(2 if dtype == torch.float32 else 3, d.bit_length() - 1, s.device)
+    assert torch.equal(torch.sort(columns).values, torch.arange(d))
+    prepared = cuda_backend.prepare_scale(s, dtype, d)
+    assert prepared.dtype == torch.float32 and prepared.is_contiguous()
+    if d <= 8192:  # staged in shared memory: register order
+        assert torch.equal(prepared, s[columns] / d)
+    else:  # read per row through the cache: column order
+        assert torch.equal(prepared, s / d)
+
+
+@pytest.mark.parametrize("d", (8, 256, 4096, 8192, 5120))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_prepared_norm_weight(d, dtype):
+    """The epilogue stages the norm weight in row_kernel's L0 register order up to d = 4096 (every
+    column once); beyond, and for K > 1, it reads float32 in column order: the weight itself when it is
+    float32 and contiguous, else one cast, kept while the weight is unchanged."""
+    w = positive_scales(d, seed=d + 1)
+    prepared = cuda_backend.prepare_norm_weight(w, dtype, d)
+    f = hadamard_factors(d)
+    if f.k == 1 and d <= 4096:
+        columns = cuda_backend._row_weight_columns(2 if dtype == torch.float32 else 3, f.log2_n, w.device)
+        assert torch.equal(torch.sort(columns).values, torch.arange(d))
+        assert torch.equal(prepared, w[columns])
+    else:
+        assert prepared is w
+    w16 = w.to(torch.bfloat16)
+    kept = cuda_backend.prepared_norm_weight(w16, dtype, d)
+    assert kept.dtype == torch.float32 and cuda_backend.prepared_norm_weight(w16, dtype, d) is kept
+    assert torch.equal(torch.sort(kept).values, torch.sort(w16.float()).values)
+
+
+def test_prepared_scale_cache_keys():
+    """Cached on the tensor per (dtype, d) and its version; K > 1 takes s itself (nothing kept);
+    inference tensors, which have no version counter, are prepared on every call."""
+    s = positive_scales(4096)
+    a = cuda_backend.prepared_scale(s, torch.bfloat16, 4096)
+    assert cuda_backend.prepared_scale(s, torch.bfloat16, 4096) is a
+    assert cuda_backend.prepared_scale(s, torch.float16, 4096) is not a  # another dtype key (same layout)
+    assert not torch.equal(cuda_backend.prepared_scale(s, torch.float32, 4096), a)  # 4-value vectors: another order
+    s.add_(1.0)
+    b = cuda_backend.prepared_scale(s, torch.bfloat16, 4096)
+    assert b is not a and torch.equal(torch.sort(b).values, torch.sort(s / 4096).values)
+    s5120 = positive_scales(5120)
+    assert cuda_backend.prepared_scale(s5120, torch.bfloat16, 5120) is s5120
+    assert id(s5120) not in cuda_backend._prepared
+    ident = id(s)
+    del s, a, b
+    assert ident not in cuda_backend._prepared  # the entry goes with its tensor
+    with torch.inference_mode():
+        frozen = positive_scales(4096)
+        one = cuda_backend.prepared_scale(frozen, torch.bfloat16, 4096)
+        assert cuda_backend.prepared_scale(frozen, torch.bfloat16, 4096) is not one
+        assert torch.equal(one, cuda_backend.prepared_scale(frozen, torch.bfloat16, 4096))
+
+
 def test_cpu_tensors_are_refused_and_never_chosen():
     x = llm_like(4, 64)
     assert not cuda_backend.is_available("cpu")

@@ -233,8 +233,8 @@ def test_backend_launch_plan_is_the_launchers(fresh, arch):
         k = hadamard_factors(d).k
         for op in cuda_backend.OPS:
             for dtype in DTYPES:
-                for rows in (1, 5, 16384):
-                    kernel, threads, smem = cuda_backend.launch_plan(op, dtype, d, rows, arch["smem_optin"])
+                for rows in (1, 3, 4, 5, 16384):  # the emulated device has 4 SMs: 1-4 rows take the few-row grid
+                    kernel, threads, smem = cuda_backend.launch_plan(op, dtype, d, rows, arch["smem_optin"], sms=4)
                     where = (op, dtype, d, rows)
                     if smem > arch["smem_optin"]:
                         with pytest.raises(emulate.EmulationError, match="shared memory"):
@@ -243,6 +243,99 @@ def test_backend_launch_plan_is_the_launchers(fresh, arch):
                     (launch,) = fresh.launches_of(op, names[dtype], d, rows, k)
                     assert f"{len(kernel)}{kernel}" in launch["symbol"], (where, launch)
                     assert launch["block"] == (threads, 1, 1) and launch["smem"] == smem, (where, launch)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode: few rows. The emulated device has 4 SMs, so 1-3 rows take row_kernel's few-row grid (one row
+# per block of T threads), 64 rows the persistent one; 576 and 5120 run kfast_kernel (one tile).
+
+DECODE_ROWS = (1, 2, 3, 64)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("d", (576, 4096, 5120, 8192))
+def test_decode_rows_every_op(fresh, d, dtype):
+    check_all_ops(fresh, d, dtype, DECODE_ROWS)
+
+
+@pytest.mark.parametrize("d", (256, 4096, 8192))
+def test_few_rows_take_one_row_per_block(fresh, d):
+    """row_kernel's grid for few rows: as many blocks as rows, each one row's threads (at least a warp),
+    where that needs no more blocks than the device has SMs; the persistent grid of full blocks beyond."""
+    log_n = d.bit_length() - 1
+    for dtype, log_v in (("bfloat16", 3), ("float32", 2)):
+        row_threads = 1 << (log_n - min(7, max(log_v, (log_n + 1) // 2)))  # RowLayout::T
+        one_row = max(32, row_threads)
+        for op in ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm"):
+            for rows in (1, 2, 3, 4):
+                (launch,) = fresh.launches_of(op, dtype, d, rows, 1)
+                per_block = one_row // row_threads
+                assert launch["block"] == (one_row, 1, 1), (op, dtype, rows, launch)
+                assert launch["grid"][0] == -(-rows // per_block), (op, dtype, rows, launch)
+            (launch,) = fresh.launches_of(op, dtype, d, 64, 1)
+            assert launch["block"] == (128, 1, 1), (op, dtype, launch)
+
+
+@pytest.mark.parametrize("rows", (1, 64))
+def test_programmatic_dependent_launch_on_sm90(fresh, rows):
+    """On sm_90 row_kernel launches with programmatic stream serialization (cudaLaunchKernelEx) and every
+    thread passes the grid-dependency wait once (a no-op here, where launches run one after another:
+    counted); on sm_80 it launches plainly. The results are the same."""
+    d = 4096
+    h_k = hadamard_factors(d).h_k
+    x, u, s, w = case_inputs(rows, d, torch.bfloat16, seed=21)
+    for arch, programmatic in ((emulate.SM90, True), (emulate.SM80, False)):
+        fresh.configure(arch=arch)
+        fresh.clear_launch_records()
+        y = fresh.hadamard_patch(x, h_k, s)
+        h, n = fresh.patch_add_rmsnorm(x, u, h_k, s, w, EPS)
+        for record in fresh.launch_records():
+            assert "row_kernel" in record["symbol"] and record["programmatic"] == programmatic, record
+            assert record["dependency_waits"] == record["grid"][0] * record["block"][0], record
+        assert rel_err(y, patch_reference(x, s)) <= 1e-2
+        h_ref, n_ref = epilogue_reference(x, u, s, w, EPS)
+        assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
+
+
+def test_prepared_scale_follows_in_place_updates(fresh):
+    """The prepared s/d is cached on the scale tensor; an in-place update (version counter) is seen on
+    the next call, by the patch and by the epilogue."""
+    from linearpatch_kernels.backends import cuda_backend
+
+    d, dtype = 4096, torch.bfloat16
+    h_k = hadamard_factors(d).h_k
+    x, u, s, w = case_inputs(2, d, dtype, seed=11)
+    assert rel_err(fresh.hadamard_patch(x, h_k, s), patch_reference(x, s)) <= 1e-2
+    first = cuda_backend.prepared_scale(s, dtype, d)
+    assert cuda_backend.prepared_scale(s, dtype, d) is first  # cached: no new preparation
+    s[::3] *= 4.0  # in place: the version counter moves
+    assert cuda_backend.prepared_scale(s, dtype, d) is not first
+    assert rel_err(fresh.hadamard_patch(x, h_k, s), patch_reference(x, s)) <= 1e-2
+    with torch.no_grad():
+        s.copy_(positive_scales(d, seed=99))
+    h, n = fresh.patch_add_rmsnorm(x, u, h_k, s, w, EPS)
+    h_ref, n_ref = epilogue_reference(x, u, s, w, EPS)
+    assert rel_err(h, h_ref) <= 1e-2 and rel_err(n, n_ref) <= 1e-2
+    # A write through .data bypasses the version counter; invalidate_prepared_scale drops the copy.
+    s.data.mul_(0.5)
+    cuda_backend.invalidate_prepared_scale(s)
+    assert rel_err(fresh.hadamard_patch(x, h_k, s), patch_reference(x, s)) <= 1e-2
+
+
+def test_prepared_scale_per_dtype_and_size(fresh):
+    """One scale tensor used with fp32 rows (4 values per 16-byte vector) and bf16 rows (8): two layouts,
+    two cached copies, both right; resized in place to another d, the new size is prepared afresh."""
+    d = 4096
+    h_k = hadamard_factors(d).h_k
+    s = positive_scales(d, seed=5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        x = llm_like(3, d, dtype=dtype, seed=6)
+        assert rel_err(fresh.hadamard_patch(x, h_k, s), patch_reference(x, s)) <= TOLERANCE[dtype], dtype
+    d2 = 8192
+    s.resize_(d2)
+    s.copy_(positive_scales(d2, seed=8))
+    x = llm_like(2, d2, dtype=torch.bfloat16, seed=9)
+    assert rel_err(fresh.hadamard_patch(x, hadamard_factors(d2).h_k, s), patch_reference(x, s)) <= 1e-2
 
 
 def test_nan_and_inf_propagate(fresh):

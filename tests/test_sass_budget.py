@@ -231,6 +231,28 @@ def test_check_gates():
     assert "limit 1.5" in sb.check([{**a100, "ratio": 1.52}], {}, accepted)[0]
 
 
+def test_decode_gates():
+    """One row (decode): the patch within 1.3x and the epilogue within 1.5x the transform's one-row time,
+    the bf16 patch at 4096 within 6 us; where the kernels miss one, the recorded value is the gate."""
+    def row(op, us, ratio):
+        return dict(gpu="H200", arch=90, op=op, dtype="bfloat16", d=4096, rows=1, decode=True, kernel="k", grid=1,
+                    threads=64, round_trips_before_first_row=1, prologue_us=0.5, time_us=us, over_transform=ratio)
+    ok = [row("hadamard_transform", 4.5, 1.0), row("hadamard_patch", 5.6, 1.24), row("patch_add_rmsnorm", 6.2, 1.38)]
+    assert sb.check(ok, {}) == [] and sb.recorded_gates(ok) == {}
+    slow = [row("hadamard_patch", 6.4, 1.35), row("patch_add_rmsnorm", 7.0, 1.55)]
+    failures = sb.check(slow, {})
+    assert len(failures) == 3
+    assert "1.35 x the transform's one-row time > 1.3" in failures[0] and "6.4 us > 6.0 us" in failures[1]
+    assert "1.55 x the transform's one-row time > 1.5" in failures[2]
+    gates = sb.recorded_gates(slow)
+    assert gates == {"decode hadamard_patch bfloat16 4096": 1.36, "decode_us hadamard_patch bfloat16 4096": 6.5,
+                     "decode patch_add_rmsnorm bfloat16 4096": 1.56}
+    assert sb.check(slow, gates) == []
+    assert sb.check([row("hadamard_patch", 6.6, 1.35)], gates)  # no slower than recorded
+    # decode rows are not prefill rows: no copy ratio, no store checks, not in the prefill table
+    assert "| k |" not in sb.format_table(ok) and "5.60" in sb.format_decode_table(ok)
+
+
 def test_short_kernel_names():
     text = ("void linearpatch_cuda::row_kernel<__nv_bfloat16, 12, (linearpatch_cuda::Op)1>"
             "(__nv_bfloat16 const*, __nv_bfloat16*, float const*, long, float, linearpatch_cuda::EpilogueOperands<__nv_bfloat16>)")

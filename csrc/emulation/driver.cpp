@@ -16,7 +16,7 @@ std::string message;
 extern "C" {
 
 // op: 0 = hadamard_transform (scale == nullptr, out_scale = transform scale), 1 = hadamard_patch
-// (out_scale = 1/d), 2 = patch_add_rmsnorm. dtype: 0 fp32, 1 fp16, 2 bf16. Returns nullptr on
+// (out_scale = 1/d; `scale` prepared as cuda_backend.prepare_scale makes it), 2 = patch_add_rmsnorm. dtype: 0 fp32, 1 fp16, 2 bf16. Returns nullptr on
 // success, else what the launcher said, followed by the emulator's diagnostic when it has one.
 const char* emu_launch(int op, int dtype, const void* x, void* y, const float* h_k, const float* scale,
                        int64_t rows, int k, int log2_n, double transform_scale, const void* update, void* normed,

@@ -157,6 +157,7 @@ class EmulatedKernels:
         lib.emu_launch_record.restype = ctypes.c_char_p
         lib.emu_launch_record.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint64)]
         lib.emu_launch_args.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
+        lib.emu_launch_programmatic.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
         self.lib = lib
         self.configure()
 
@@ -232,11 +233,23 @@ class EmulatedKernels:
     def hadamard_transform(self, x, h_k, scale: float = 1.0):
         return self._run(0, x, h_k, transform_scale=scale)[0]
 
+    @staticmethod
+    def prepared_scale(s, dtype, d):
+        """``s`` as the kernels read it, from the CUDA backend's cache per tensor (as its ops call them):
+        s/d in row_kernel's register order for K = 1, s itself otherwise."""
+        from linearpatch_kernels.backends import cuda_backend
+
+        return cuda_backend.prepared_scale(s, dtype, d)
+
     def hadamard_patch(self, x, h_k, s):
-        return self._run(1, x, h_k, scale=s)[0]
+        return self._run(1, x, h_k, scale=self.prepared_scale(s, x.dtype, x.shape[-1]))[0]
 
     def patch_add_rmsnorm(self, residual, update, h_k, s, weight, eps):
-        h, normed = self._run(2, residual, h_k, scale=s, update=update, weight=weight, eps=eps)
+        from linearpatch_kernels.backends import cuda_backend
+
+        d = residual.shape[-1]
+        h, normed = self._run(2, residual, h_k, scale=self.prepared_scale(s, residual.dtype, d), update=update,
+                              weight=cuda_backend.prepared_norm_weight(weight, residual.dtype, d), eps=eps)
         return h, normed
 
     def launches_of(self, op: str, dtype: str, d: int, rows: int, k: int) -> list[dict]:
@@ -255,6 +268,15 @@ class EmulatedKernels:
             self.lib.emu_set_dry_run(0)
         if err is not None:
             raise EmulationError(err.decode())
+        return self.launch_records()
+
+    def clear_launch_records(self) -> None:
+        self.lib.emu_clear_launch_log()
+
+    def launch_records(self) -> list[dict]:
+        """The launches since the log was last cleared: as ``launches_of`` gives them, plus
+        ``programmatic`` (launched with programmatic stream serialization: sm_90's dependent launch) and
+        ``dependency_waits`` (threads that passed the kernel's grid-dependency wait; 0 in a dry run)."""
         records = []
         for i in range(self.lib.emu_launch_count()):
             dims = (ctypes.c_uint * 6)()
@@ -263,7 +285,10 @@ class EmulatedKernels:
             raw = (ctypes.c_longlong * 32)()
             count = self.lib.emu_launch_args(i, raw, 32)
             args = [None if raw[j] == -(1 << 63) else int(raw[j]) for j in range(min(count, 32))]
-            records.append(dict(symbol=symbol, grid=tuple(dims[:3]), block=tuple(dims[3:]), smem=smem.value, args=args))
+            waits = ctypes.c_uint64()
+            programmatic = bool(self.lib.emu_launch_programmatic(i, ctypes.byref(waits)))
+            records.append(dict(symbol=symbol, grid=tuple(dims[:3]), block=tuple(dims[3:]), smem=smem.value, args=args,
+                                programmatic=programmatic, dependency_waits=waits.value))
         return records
 
     # -- the emulated fp16/bf16 conversions, for their own test ------------------------------------

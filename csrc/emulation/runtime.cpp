@@ -156,8 +156,11 @@ struct LaunchRecord {
   dim3 grid, block;
   size_t smem;
   std::vector<long long> int_args;
+  bool programmatic = false;     // launched with programmatic stream serialization (cudaLaunchKernelEx)
+  uint64_t dependency_waits = 0;  // threads that passed grid_dependency_wait (a real run)
 };
 std::vector<LaunchRecord> launch_log;
+bool next_programmatic = false;
 
 uint64_t rng_state = 1;
 uint64_t next_random() {  // xorshift64*
@@ -666,6 +669,11 @@ void pipeline_wait_prior(int pending) {
 // ------------------------------------------------------------------------------------------------
 // Launch.
 
+void mark_programmatic_launch() { next_programmatic = true; }
+// Only kernels call these, after their launch was logged; the fibers of a launch run one at a time.
+void grid_dependency_wait() { ++launch_log.back().dependency_waits; }
+void grid_dependents_launch() {}
+
 void run_kernel(const void* kernel, dim3 grid, dim3 dims, size_t smem, const std::function<void()>& body,
                 std::vector<long long> int_args) {
   if (running != nullptr) {
@@ -690,6 +698,8 @@ void run_kernel(const void* kernel, dim3 grid, dim3 dims, size_t smem, const std
   Dl_info info{};
   const bool named = dladdr(kernel, &info) != 0 && info.dli_sname != nullptr;
   launch_log.push_back(LaunchRecord{named ? info.dli_sname : "?", grid, dims, smem, std::move(int_args)});
+  launch_log.back().programmatic = next_programmatic;
+  next_programmatic = false;
   if (dry_run) return;
   install_fault_report();
   rng_state = (device.seed ^ (0x9e3779b97f4a7c15ull * ++launches)) | 1;
@@ -765,6 +775,11 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
   return cudaSuccess;
 }
 
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
+  attr->ptxVersion = attr->binaryVersion = 10 * emu::device.cc_major + emu::device.cc_minor;
+  return cudaSuccess;
+}
+
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor_impl(int* blocks, const void*, int, size_t) {
   *blocks = emu::device.occupancy_blocks;
   return cudaSuccess;
@@ -820,6 +835,14 @@ int emu_launch_args(int i, long long* out, int max) {
   const auto& r = emu::launch_log.at(size_t(i));
   for (int j = 0; j < int(r.int_args.size()) && j < max; ++j) out[j] = r.int_args[size_t(j)];
   return int(r.int_args.size());
+}
+
+// Whether launch i asked for programmatic stream serialization; *waits = the threads that passed
+// grid_dependency_wait while it ran (0 for a dry run).
+int emu_launch_programmatic(int i, uint64_t* waits) {
+  const auto& r = emu::launch_log.at(size_t(i));
+  *waits = r.dependency_waits;
+  return r.programmatic ? 1 : 0;
 }
 
 const char* emu_last_diagnostic() { return emu::diagnostic.c_str(); }

@@ -10,7 +10,10 @@ The compiled library registers three low-level operators for the CUDA dispatch k
 
 ``h_k`` is the symmetric +-1 factor ``H_K`` of ``H_d = H_K (x) H_N`` as a float32 ``(K, K)`` tensor
 on the input's device (``[[1.]]`` for powers of two), made once per size and device
-(``hadamard.kernel_h_k``). The public ``linearpatch::*`` ops (``ops.py``) validate, handle autograd
+(``hadamard.kernel_h_k``). ``scale`` is the patch scale as the kernels read it (``prepare_scale``):
+for powers of two ``s / d`` (in row_kernel's register order up to 8192), otherwise ``s``; this module prepares it
+once per scale tensor and keeps it until the tensor's version counter changes (``prepared_scale``).
+The public ``linearpatch::*`` ops (``ops.py``) validate, handle autograd
 and fake tensors, and call this module.
 
 Where the library comes from, first that works:
@@ -36,6 +39,7 @@ import logging
 import os
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -152,9 +156,11 @@ def _kron_kernel_floats(op: str, d: int, rows: int) -> int:
     return per_block * d + extra
 
 
-def launch_plan(op: str, dtype: torch.dtype, d: int, rows: int, smem_limit: int) -> tuple[str, int, int]:
+def launch_plan(op: str, dtype: torch.dtype, d: int, rows: int, smem_limit: int,
+                sms: int | None = None) -> tuple[str, int, int]:
     """(kernel, threads per block, dynamic shared memory in bytes) of the launch the C++ launcher makes
-    for ``rows`` rows of ``d`` elements on a device allowing ``smem_limit`` bytes per block. Where no
+    for ``rows`` rows of ``d`` elements on a device allowing ``smem_limit`` bytes per block and having
+    ``sms`` multiprocessors (None: the many-row shape, which needs the most shared memory). Where no
     block shape fits, the last candidate (the launcher then reports the shortfall)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
@@ -168,6 +174,10 @@ def launch_plan(op: str, dtype: torch.dtype, d: int, rows: int, smem_limit: int)
             smem = 4 * _row_kernel_floats(op, log_v, f.log2_n, threads)
             if smem <= smem_limit:
                 break
+        # launch_rows' few-row grid: one row per block (at least a warp) where that needs at most `sms` blocks
+        one_row = max(32, row_threads)
+        if sms is not None and -(-rows // (one_row // row_threads)) <= sms and one_row < threads:
+            threads, smem = one_row, 4 * _row_kernel_floats(op, log_v, f.log2_n, one_row)
         return "row_kernel", threads, smem
     if (f.k, f.log2_n) in _FAST_SIZES and (op != "patch_add_rmsnorm" or f.k <= _FAST_EPILOGUE_MAX_K):
         return "kfast_kernel", _FAST_THREADS, 4 * _fast_kernel_floats(op, f.k, f.log2_n, log_v)
@@ -350,24 +360,177 @@ def is_available(device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# The prepared scale: s / d in row_kernel's register order, once per scale tensor
+#
+# row_kernel (K = 1) multiplies the values a thread holds in layout L1 (csrc/row_kernel.cuh) by s/d:
+# float4 plane q of thread t (t < T, the threads of a row) holds s/d at the columns
+# l1_thread(t) | l1_reg(4q + c), c = 0..3, and sits at float4 q * T + t. The kernels read that array
+# as it is: a block stages it with 16-byte copies (no gather, no rescale). From N = 16384, where each
+# thread reads s/d per row through the cache in L1 order, it is s/d in column order. The permutation is made here, once per
+# scale tensor, dtype and d (the layout depends on the vector width: 4 fp32 or 8 fp16/bf16 values),
+# instead of in every block of every launch. kfast_kernel and kron_kernel (K > 1) read s in column
+# order (a plain copy) and apply 1/d at their store: they take s itself.
+#
+# The cache is kept per scale tensor (a table keyed by the tensor's identity, holding a weak reference:
+# the entry goes when the tensor goes, and never into its pickles or deep copies) and holds the
+# tensor's version counter (every in-place op bumps it, as autograd needs) and its data pointer, so
+# `s.mul_(2)`, an optimizer step or `copy_` are seen on the next call. Writes through `s.data` bypass the version counter, as they bypass autograd's checks:
+# after one, call `invalidate_prepared_scale(s)` (or write through `with torch.no_grad(): s.copy_(...)`).
+# Inference tensors have no version counter: their prepared scale is made on every call. A CUDA graph
+# captured after the first eager call replays with the prepared copy of that moment (an in-place
+# update of s then needs a new capture, like any tensor the graph read through a copy); a first call
+# inside a capture prepares inside the graph and caches nothing (its memory belongs to the graph).
+
+_prepared: dict[int, tuple] = {}  # id(scale) -> (weak reference to it, {(dtype, d): (version, data_ptr, prepared)})
+
+
+def _row_scale_columns(log_v: int, log_n: int, device: torch.device) -> torch.Tensor:
+    """The column of s that each word of the prepared array holds (RowLayout of csrc/row_kernel.cuh:
+    word i = float4 plane q = i >> (2 + log T) of thread t = (i >> 2) mod T, its value c = i mod 4,
+    i.e. register j = 4 q + c of layout L1)."""
+    log_r = min(7, max(log_v, (log_n + 1) // 2))  # kLogR: at most 128 values per thread
+    log_t = log_n - log_r                          # kLogT
+    split = log_t == log_r + 1                     # kSplit (N = 32768): one bit of B stays a thread bit
+    high = log_v + log_t                           # kHigh: the lowest bit of A above B
+    log_e = 0 if split else log_r - log_t          # kLogE
+    l1b = log_r if split else log_t                # kL1B
+    vmask = (1 << log_v) - 1
+
+    def deposit_a(v, first):  # bits of v on A's bits from its `first`-lowest one up
+        shifted = v << first
+        return (shifted & vmask) | ((shifted >> log_v) << high)
+
+    i = torch.arange(1 << log_n, device=device, dtype=torch.int64)
+    q, t, c = i >> (2 + log_t), (i >> 2) & ((1 << log_t) - 1), i & 3
+    j = 4 * q + c
+    l1_reg = deposit_a(j & ((1 << log_e) - 1), 0) | (((j >> log_e) & ((1 << l1b) - 1)) << log_v)
+    l1_thread = (((t & 1) << (log_v + l1b)) | deposit_a(t >> 1, 0)) if split else deposit_a(t, log_e)
+    return l1_thread | l1_reg
+
+
+_columns_cache: dict = {}
+_ROW_STAGED_MAX_LOG2_N = 13  # row_stages_s: row_kernel stages s/d in shared memory up to N = 8192
+
+
+def prepare_scale(scale: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+    """What the CUDA kernels read as ``scale`` for rows of ``d`` elements of ``dtype``: for K = 1 a new
+    float32 tensor of s/d in row_kernel's register order (above); for K > 1, ``scale`` itself."""
+    f = hadamard_factors(d)
+    if f.k > 1:
+        return scale
+    if f.log2_n > _ROW_STAGED_MAX_LOG2_N:
+        # From N = 16384 row_kernel reads s/d per row in its L1 order through the cache (whole sectors
+        # per warp load): column order, 1/d folded in.
+        with torch.no_grad():
+            return (scale.detach().to(torch.float32) * (1.0 / d)).contiguous()
+    key = (_vector_log2(dtype), f.log2_n, scale.device)
+    columns = _columns_cache.get(key)
+    if columns is None:
+        columns = _row_scale_columns(*key)
+        capturing = scale.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # made inside a capture it would be the graph's memory, filled only at replay
+            _columns_cache[key] = columns
+    with torch.no_grad():
+        # 1/d is a power of two here: s * (1/d) is exact (the value the kernel's own fold gave).
+        return (scale.detach().to(torch.float32)[columns] * (1.0 / d)).contiguous()
+
+
+def _row_weight_columns(log_v: int, log_n: int, device: torch.device) -> torch.Tensor:
+    """The column of the norm weight that each word of the epilogue's prepared weight holds (RowLayout:
+    word i = float4 plane q = i >> (2 + log T) of thread t = (i >> 2) mod T, value c = i mod 4, i.e.
+    register j = 4 q + c of layout L0: column t << log V | l0_reg(j))."""
+    log_r = min(7, max(log_v, (log_n + 1) // 2))
+    log_t = log_n - log_r
+    high = log_v + log_t
+    i = torch.arange(1 << log_n, device=device, dtype=torch.int64)
+    q, t, c = i >> (2 + log_t), (i >> 2) & ((1 << log_t) - 1), i & 3
+    j = 4 * q + c
+    return (t << log_v) | (j & ((1 << log_v) - 1)) | ((j >> log_v) << high)
+
+
+_ROW_STAGED_WEIGHT_MAX_LOG2_N = 12  # row_stages_weight: the epilogue stages the norm weight up to N = 4096
+
+
+def prepare_norm_weight(weight: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+    """What the fused epilogue reads as ``norm_weight`` for rows of ``d`` elements of ``dtype``: float32,
+    in row_kernel's L0 register order where it stages the weight (K = 1, up to d = 4096), otherwise in
+    column order (``weight`` itself when it is float32 and contiguous)."""
+    f = hadamard_factors(d)
+    if f.k > 1 or f.log2_n > _ROW_STAGED_WEIGHT_MAX_LOG2_N:
+        if weight.dtype == torch.float32 and weight.is_contiguous():
+            return weight
+        with torch.no_grad():
+            return weight.detach().to(torch.float32).contiguous()
+    key = ("weight", _vector_log2(dtype), f.log2_n, weight.device)
+    columns = _columns_cache.get(key)
+    if columns is None:
+        columns = _row_weight_columns(*key[1:])
+        if not (weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _columns_cache[key] = columns
+    with torch.no_grad():
+        return weight.detach().to(torch.float32)[columns].contiguous()
+
+
+def _kept(tensor: torch.Tensor, key: tuple, make) -> torch.Tensor:
+    """``make(tensor)``, made once per tensor and ``key`` and reused while the tensor's version counter
+    and data pointer stay as they were (the cache goes with the tensor)."""
+    entry = _prepared.get(id(tensor))
+    if entry is not None and entry[0]() is tensor:
+        hit = entry[1].get(key)
+        if hit is not None and hit[0] == tensor._version and hit[1] == tensor.data_ptr():
+            return hit[2]
+    prepared = make(tensor)
+    if prepared is tensor or tensor.is_inference():
+        return prepared  # taken as it is: nothing to keep; inference tensors: no version counter to key on
+    if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return prepared  # the graph's memory, filled only at replay: never reused outside it
+    if entry is None or entry[0]() is not tensor:
+        ident = id(tensor)
+        entry = (weakref.ref(tensor, lambda _ref, ident=ident: _prepared.pop(ident, None)), {})
+        _prepared[ident] = entry
+    entry[1][key] = (tensor._version, tensor.data_ptr(), prepared)
+    return prepared
+
+
+def prepared_scale(scale: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+    """``prepare_scale``, made once per scale tensor, dtype and ``d`` (kept while the tensor is unchanged)."""
+    return _kept(scale, (dtype, d), lambda s: prepare_scale(s, dtype, d))
+
+
+def prepared_norm_weight(weight: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+    """``prepare_norm_weight``, made once per weight tensor, dtype and ``d`` (kept while it is unchanged):
+    a weight in another dtype is no longer cast to float32 on every call."""
+    return _kept(weight, ("norm_weight", dtype, d), lambda w: prepare_norm_weight(w, dtype, d))
+
+
+def invalidate_prepared_scale(scale: torch.Tensor) -> None:
+    """Drop what ``prepared_scale`` keeps for ``scale`` (after a write the version counter does not see)."""
+    entry = _prepared.get(id(scale))
+    if entry is not None and entry[0]() is scale:
+        del _prepared[id(scale)]
+
+
+# ------------------------------------------------------------------------------------------------
 # The ops
 
 
 def runner(op: str, device: torch.device, d: int):
     """``op``'s kernel for rows of ``d`` on ``device`` with ``H_K`` bound there: one C++ op call per
-    use (``backends.plan_for``), no per-call lookups."""
+    use (``backends.plan_for``), no per-call lookups; the patch scales go in prepared
+    (``prepared_scale``: a cache hit costs an attribute lookup and two integer compares)."""
     h_k = kernel_h_k(d, device)
     if op == "hadamard_transform":
         kernel = torch.ops.linearpatch_cuda.hadamard_transform.default
         return lambda x, scale: kernel(x, h_k, float(scale))
     if op == "hadamard_patch":
         kernel = torch.ops.linearpatch_cuda.hadamard_patch.default
-        return lambda x, scale: kernel(x, h_k, scale)
+        return lambda x, scale: kernel(x, h_k, prepared_scale(scale, x.dtype, d))
     kernel = torch.ops.linearpatch_cuda.patch_add_rmsnorm.default
 
     def epilogue(residual, update, scale, norm_weight, eps):
-        # The kernel reads the weight as fp32; a weight in another dtype costs one cast of d elements.
-        return kernel(residual, update, h_k, scale, norm_weight.to(torch.float32), float(eps))
+        # The kernel reads the weight as fp32 (in its register order up to 4096): prepared once per weight.
+        return kernel(residual, update, h_k, prepared_scale(scale, residual.dtype, d),
+                      prepared_norm_weight(norm_weight, residual.dtype, d), float(eps))
     return epilogue
 
 
@@ -376,12 +539,13 @@ def hadamard_transform(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def hadamard_patch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.ops.linearpatch_cuda.hadamard_patch(x, kernel_h_k(int(x.shape[-1]), x.device), scale)
+    d = int(x.shape[-1])
+    return torch.ops.linearpatch_cuda.hadamard_patch(x, kernel_h_k(d, x.device), prepared_scale(scale, x.dtype, d))
 
 
 def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
                       norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    # The kernel reads the weight as fp32; a weight in another dtype costs one cast of d elements.
+    d = int(residual.shape[-1])
     return torch.ops.linearpatch_cuda.patch_add_rmsnorm(
-        residual, update, kernel_h_k(int(residual.shape[-1]), residual.device), scale,
-        norm_weight.to(torch.float32), float(eps))
+        residual, update, kernel_h_k(d, residual.device), prepared_scale(scale, residual.dtype, d),
+        prepared_norm_weight(norm_weight, residual.dtype, d), float(eps))

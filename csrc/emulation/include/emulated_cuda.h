@@ -111,6 +111,17 @@ template <typename... P>
 cudaError_t cudaFuncSetAttribute(void (*func)(P...), cudaFuncAttribute attr, int value) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
 }
+// The fields the launchers read: the virtual architecture the kernel's code was compiled for and that of
+// its binary (here both the emulated device's compute capability, x 10).
+struct cudaFuncAttributes {
+  int ptxVersion;
+  int binaryVersion;
+};
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func);
+template <typename... P>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*func)(P...)) {
+  return cudaFuncGetAttributes(attr, reinterpret_cast<const void*>(func));
+}
 // Occupancy as the emulated device reports it (a fixed, documented answer: see runtime.cpp).
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor_impl(int* blocks, const void* func, int threads, size_t smem);
 template <typename... P>
@@ -255,6 +266,45 @@ constexpr int detail_width(int w) { return w; }
 constexpr size_t detail_zfill() { return 0; }
 constexpr size_t detail_zfill(size_t z) { return z; }
 }  // namespace emu
+
+// Programmatic dependent launch (sm_90): the attribute of cudaLaunchKernelEx and the kernels' portable
+// names for griddepcontrol (csrc/kernel_primitives.cuh). Launches run one after another here, so the
+// wait has nothing to wait for; the launch log notes which launches asked for the attribute and how
+// many threads passed the wait (EmulatedKernels.launch_records).
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 5 };
+union cudaLaunchAttributeValue {
+  char pad[64];
+  int programmaticStreamSerializationAllowed;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {  // CUDA's field order; gridDim and blockDim are macros here (the built-ins)
+  dim3 grid, block;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
+namespace emu {
+void mark_programmatic_launch();  // the next launch asked for programmatic stream serialization
+void grid_dependency_wait();      // counted per launch
+void grid_dependents_launch();
+}  // namespace emu
+template <typename... P, typename... A>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(P...), A&&... args) {
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization &&
+        config->attrs[i].val.programmaticStreamSerializationAllowed) {
+      ::emu::mark_programmatic_launch();
+    }
+  }
+  ::emu::launch(kernel, config->grid, config->block, config->dynamicSmemBytes, config->stream)(std::forward<A>(args)...);
+  return cudaPeekAtLastError();
+}
+inline void grid_dependency_wait() { ::emu::grid_dependency_wait(); }
+inline void grid_dependents_launch() { ::emu::grid_dependents_launch(); }
 
 // Memory ordering is sequential in the emulator: fences have nothing to do.
 inline void __threadfence() {}
