@@ -197,6 +197,24 @@ def test_prepared_scale_cache_keys():
         assert torch.equal(one, cuda_backend.prepared_scale(frozen, torch.bfloat16, 4096))
 
 
+def test_prepared_scale_is_made_inside_a_cuda_graph_capture(monkeypatch):
+    """While a CUDA graph is being captured the prepared scale is made inside the graph, never taken from
+    the cache (a replay would read a copy that an in-place update of s no longer changes) nor put in it
+    (graph memory is filled only at replay). Capture is simulated: the test machine may have no GPU."""
+    s = positive_scales(4096)
+    cached = cuda_backend.prepared_scale(s, torch.bfloat16, 4096)
+    monkeypatch.setattr(cuda_backend, "_capturing", lambda tensor: True)
+    during = cuda_backend.prepared_scale(s, torch.bfloat16, 4096)
+    assert during is not cached and torch.equal(during, cached)
+    assert cuda_backend.prepared_scale(s, torch.bfloat16, 4096) is not during  # made again at every call
+    w = torch.rand(4096) + 0.5
+    assert cuda_backend.prepared_norm_weight(w, torch.bfloat16, 4096) is not cuda_backend.prepared_norm_weight(
+        w, torch.bfloat16, 4096)
+    assert id(w) not in cuda_backend._prepared
+    monkeypatch.setattr(cuda_backend, "_capturing", lambda tensor: False)
+    assert cuda_backend.prepared_scale(s, torch.bfloat16, 4096) is cached  # the eager cache is left as it was
+
+
 def test_cpu_tensors_are_refused_and_never_chosen():
     x = llm_like(4, 64)
     assert not cuda_backend.is_available("cpu")

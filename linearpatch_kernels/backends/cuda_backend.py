@@ -376,10 +376,10 @@ def is_available(device: torch.device) -> bool:
 # tensor's version counter (every in-place op bumps it, as autograd needs) and its data pointer, so
 # `s.mul_(2)`, an optimizer step or `copy_` are seen on the next call. Writes through `s.data` bypass the version counter, as they bypass autograd's checks:
 # after one, call `invalidate_prepared_scale(s)` (or write through `with torch.no_grad(): s.copy_(...)`).
-# Inference tensors have no version counter: their prepared scale is made on every call. A CUDA graph
-# captured after the first eager call replays with the prepared copy of that moment (an in-place
-# update of s then needs a new capture, like any tensor the graph read through a copy); a first call
-# inside a capture prepares inside the graph and caches nothing (its memory belongs to the graph).
+# Inference tensors have no version counter: their prepared scale is made on every call. During CUDA
+# graph capture the preparation is always recorded into the graph (never taken from the cache, never
+# put in it: its memory belongs to the graph), so each replay prepares from s as it is at that replay
+# and an in-place update of s between replays is seen, as with the unprepared s before.
 
 _prepared: dict[int, tuple] = {}  # id(scale) -> (weak reference to it, {(dtype, d): (version, data_ptr, prepared)})
 
@@ -471,9 +471,19 @@ def prepare_norm_weight(weight: torch.Tensor, dtype: torch.dtype, d: int) -> tor
         return weight.detach().to(torch.float32)[columns].contiguous()
 
 
+def _capturing(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _kept(tensor: torch.Tensor, key: tuple, make) -> torch.Tensor:
     """``make(tensor)``, made once per tensor and ``key`` and reused while the tensor's version counter
-    and data pointer stay as they were (the cache goes with the tensor)."""
+    and data pointer stay as they were (the cache goes with the tensor).
+
+    During CUDA graph capture it is always made inside the graph and never taken from or put in the
+    cache: a replay then prepares from the tensor as it is at that replay (a few microseconds per cut
+    and step), so an in-place update of ``s`` between replays is seen, as it was before the cache."""
+    if _capturing(tensor):
+        return make(tensor)
     entry = _prepared.get(id(tensor))
     if entry is not None and entry[0]() is tensor:
         hit = entry[1].get(key)
@@ -482,8 +492,6 @@ def _kept(tensor: torch.Tensor, key: tuple, make) -> torch.Tensor:
     prepared = make(tensor)
     if prepared is tensor or tensor.is_inference():
         return prepared  # taken as it is: nothing to keep; inference tensors: no version counter to key on
-    if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return prepared  # the graph's memory, filled only at replay: never reused outside it
     if entry is None or entry[0]() is not tensor:
         ident = id(tensor)
         entry = (weakref.ref(tensor, lambda _ref, ident=ident: _prepared.pop(ident, None)), {})

@@ -227,8 +227,11 @@ class _PatchedVllmModel:
         cuts = check_record(self.config)
         check_patch_tensors(self.config, stored, cuts=cuts)
         params = dict(self.model.linearpatch.named_parameters(prefix=PATCH_PREFIX.rstrip(".")))
-        for name, param in params.items():
-            param.data.copy_(stored[name])
+        # A tracked in-place copy (not through .data): it bumps the tensor's version counter, which the CUDA
+        # backend's prepared copy of s / d is keyed on, so a reload into a model that already ran is seen.
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(stored[name])
         check_cut_patches(self.model.linearpatch, cuts, "checkpoint")
         return loaded | set(params) | set(stored)
 
