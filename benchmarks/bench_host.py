@@ -49,18 +49,37 @@ OPS = ("hadamard_transform", "hadamard_patch", "patch_add_rmsnorm")
 TARGET_US = 5.0
 
 
+def _stubbed_cuda_runner(op: str, device, d: int):
+    """cuda_backend.runner line for line, with the CPU C++ op in place of the CUDA one: the same host work
+    (H_K bound once, the prepared s / d and norm weight: a cache hit after the first call), then a
+    call of the CPU op with those arguments, standing in for the launch. Timing only: the prepared
+    scale is in the CUDA kernel's register order, so the values computed are not the patch's."""
+    h_k = kernel_h_k(d, torch.device("cpu"))
+    kernel = getattr(torch.ops.linearpatch_cpu, op).default
+    if op == "hadamard_transform":
+        return lambda x, scale: kernel(x, h_k, float(scale))
+    if op == "hadamard_patch":
+        return lambda x, scale: kernel(x, h_k, cuda_backend.prepared_scale(scale, x.dtype, d))
+
+    def epilogue(residual, update, scale, norm_weight, eps):
+        return kernel(residual, update, h_k, *cuda_backend.prepared_epilogue_operands(scale, norm_weight,
+                                                                                      residual.dtype, d), float(eps))
+    return epilogue
+
+
 @contextlib.contextmanager
 def cuda_path_with_stubbed_launch():
     """The backend choice a CUDA tensor gets on an sm_90 GPU with the extension built (the real
     coverage and launch-plan code of the cuda backend), made for CPU tensors; the kernel it then
-    calls is the bare CPU C++ op, standing in for the launch."""
+    calls is the bare CPU C++ op, standing in for the launch (after the CUDA runner's own host work:
+    ``_stubbed_cuda_runner``)."""
     saved = (backends.AUTO_ORDER.get("cpu"), cuda_backend.is_available, cuda_backend.unsupported_reason,
              cuda_backend.runner)
     backends.AUTO_ORDER["cpu"] = ("cuda", "triton", "torch")
     cuda_backend.is_available = lambda device: True
     cuda_backend.unsupported_reason = lambda x, op="hadamard_patch": cuda_backend.unsupported_reason_for(
         x.dtype, int(x.shape[-1]), (9, 0), op, rows=max(1, x.numel() // max(int(x.shape[-1]), 1)))
-    cuda_backend.runner = cpu_backend.runner
+    cuda_backend.runner = _stubbed_cuda_runner
     backends.clear_plans()
     try:
         yield

@@ -156,3 +156,28 @@ def test_multicut_benchmark_takes_the_cli_name_of_the_selection():
     assert multicut.parse_args(["--selection", "block_influence"]).method == "block_influence"
     assert multicut.parse_args(["--method", "block_influence"]).method == "block_influence"
     assert multicut.parse_args([]).method == "cosine"
+
+
+def test_bench_host_stub_keeps_the_cuda_runners_host_work(tmp_path):
+    """bench_host's "public, cuda path": the cuda backend is chosen for a CPU tensor, its runner's host work
+    runs (the prepared s / d and norm weight end up cached for the tensors of the run) and the CPU C++ op
+    stands in for the launch; every op and variant gets a time."""
+    from linearpatch_kernels.backends import cpu_backend, cuda_backend
+
+    if not cpu_backend.load_library():
+        pytest.skip(f"no C++ CPU kernels: {cpu_backend.load_error()}")
+    bench = _load("bench_host.py")
+    s, w = torch.rand(bench.D) + 0.5, torch.rand(bench.D) + 0.5
+    stub = bench._stubbed_cuda_runner("patch_add_rmsnorm", torch.device("cpu"), bench.D)
+    x = torch.randn(1, bench.D)
+    h, normed = stub(x, x, s, w, 1e-6)
+    assert h.shape == normed.shape == x.shape
+    assert id(s) in cuda_backend._prepared and id(w) in cuda_backend._prepared  # the runner's host work ran
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--rounds", "2", "--calls", "3", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark times one thread
+    rows = {(r["op"], r["variant"]): r for r in result["rows"]}
+    assert len(rows) == 15 and all(r["median_us"] > 0 for r in rows.values())
+    assert (tmp_path / "bench_host.txt").read_text().startswith("Host cost per eager call")
