@@ -27,7 +27,6 @@ counts into the prologue and its iterations; execution stops after ``iterations`
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -976,23 +975,16 @@ class BlockSim:
             return
         (a, ka), (b_, kb), (c, kc) = self._get(a_o), self._get(b_o), self._get(c_o)
         k = ka & kb & kc
-        if "HI" in mods:
-            r = _mul_hi(a, b_, not unsigned) + c
-            if "X" in mods:
-                for p in extra:
-                    pv, pk = self._pred(p)
-                    r = r + pv.astype(np.int64)
-                    k = k & pk
-            self._set(dest, r, k, m)
-            if carry_out is not None:
-                self._setp(carry_out, (r >> 32) > 0, k, m)
-            return
-        r = ((a * b_) & M32) + c
-        if "X" in mods:
-            for p in extra:
-                pv, pk = self._pred(p)
-                r = r + pv.astype(np.int64)
-                k = k & pk
+        r = _mul_hi(a, b_, not unsigned) + c if "HI" in mods else ((a * b_) & M32) + c
+        self._store_sum(dest, r, k, m, extra if "X" in mods else (), carry_out)
+
+    def _store_sum(self, dest, r, k, m, carries_in, carry_out) -> None:
+        """The tail of the integer adds (IMAD, LEA): ``r`` plus the carry-in predicates (``.X``) into
+        ``dest``, the carry out of bit 31 into ``carry_out`` (a predicate, or None)."""
+        for p in carries_in:
+            pv, pk = self._pred(p)
+            r = r + pv.astype(np.int64)
+            k = k & pk
         self._set(dest, r, k, m)
         if carry_out is not None:
             self._setp(carry_out, (r >> 32) > 0, k, m)
@@ -1026,14 +1018,7 @@ class BlockSim:
             (a, ka), (b_, kb) = self._get(vals[0]), self._get(vals[1])
             r = ((a << shift) & M32) + b_
             k = ka & kb
-        if "X" in mods:
-            for p in preds:
-                pv, pk = self._pred(p)
-                r = r + pv.astype(np.int64)
-                k = k & pk
-        self._set(dest, r, k, m)
-        if carry_out is not None:
-            self._setp(carry_out, (r >> 32) > 0, k, m)
+        self._store_sum(dest, r, k, m, preds if "X" in mods else (), carry_out)
 
     _op_ULEA = _op_LEA
 
@@ -1197,9 +1182,6 @@ class BlockSim:
         v, k = self._get(ins.ops[1])
         # uniform: every lane takes the value of the first active lane
         self._set(ins.ops[0], v, k, m)
-
-    def _op_IMNMX(self, ins, m):
-        self._minmax(ins, m)
 
 
 def _mul_hi(a, b, signed):
