@@ -1068,11 +1068,11 @@ class BlockSim:
         s = (s & 31) if wrap else np.minimum(s & M32, 32 if ("U32" in mods or "S32" in mods) else 64)
         full = lo.astype(np.uint64) | (hi.astype(np.uint64) << np.uint64(32))
         if "L" in mods:
-            sh = _shl64(full, s)
+            sh = _shift64(full, s, np.left_shift)
         elif "S32" in mods or "S64" in mods:
             sh = _sar64(full, s)
         else:
-            sh = _shr64(full, s)
+            sh = _shift64(full, s, np.right_shift)
         r = (sh >> np.uint64(32)) if "HI" in mods else (sh & np.uint64(M32))
         self._set(ops[0], r.astype(np.int64), k, m)
 
@@ -1191,20 +1191,12 @@ def _mul_hi(a, b, signed):
     return ((a.astype(np.uint64) * b.astype(np.uint64)) >> np.uint64(32)).astype(np.int64)
 
 
-def _shl64(full, s):
-    """(uint64 full) << s, 0 for s >= 64."""
+def _shift64(full, s, shift):
+    """(uint64 full) shifted by s (``np.left_shift`` or ``np.right_shift``), 0 for s >= 64."""
     out = np.zeros(len(full), dtype=np.uint64)
     ok = s < 64
     if ok.any():
-        out[ok] = np.left_shift(full[ok], s[ok].astype(np.uint64))
-    return out
-
-
-def _shr64(full, s):
-    out = np.zeros(len(full), dtype=np.uint64)
-    ok = s < 64
-    if ok.any():
-        out[ok] = np.right_shift(full[ok], s[ok].astype(np.uint64))
+        out[ok] = shift(full[ok], s[ok].astype(np.uint64))
     return out
 
 
