@@ -239,17 +239,29 @@ _patch_add_rmsnorm.register_autograd(_epilogue_backward, setup_context=_epilogue
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
+# The state that sends a call to the op, read through module-level names (each attribute lookup on
+# ``torch._C`` costs as much as the call it finds).
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._len_torch_function_stack
+_autocast = torch._C._is_any_autocast_enabled
+_grad_enabled = torch.is_grad_enabled
+
+
+def _eager() -> bool:
+    """Whether an eager call may skip the op machinery and call the cached kernel: see the module
+    docstring (each check is a C call of well under a microsecond). The arguments' own part: plain
+    tensors (not subclasses) that autograd need not see (``_direct``)."""
+    return not (_is_compiling() or _dispatch_modes() or _function_modes() or peek_interpreter_stack() is not None
+                or _autocast())
+
 
 def _direct(*tensors) -> bool:
-    """Whether an eager call may skip the op machinery and call the cached kernel: see the module
-    docstring. (Each check is a C call of well under a microsecond.)"""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._len_torch_function_stack() or peek_interpreter_stack() is not None
-            or torch._C._is_any_autocast_enabled()):
+    """``_eager()``, and every tensor plain (not a subclass) and not needing autograd."""
+    if not _eager():
         return False
-    grad = torch.is_grad_enabled()
     for t in tensors:
-        if type(t) not in _PLAIN or (grad and t.requires_grad):
+        if type(t) not in _PLAIN or (t.requires_grad and _grad_enabled()):
             return False
     return True
 
@@ -264,13 +276,20 @@ def patch_add_rmsnorm(residual: torch.Tensor, update: torch.Tensor, scale: torch
                       norm_weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """The interface epilogue in one pass: ``h = (residual + update) . H diag(scale) H^T`` and
     ``RMSNorm(h) * norm_weight``; returns ``(h, normed)`` in ``residual``'s dtype (fp32 math)."""
-    if (_direct(residual, update, scale, norm_weight) and residual.ndim and residual.numel()
-            and type(eps) is float and eps >= 0):
+    # The fast path's checks written out (this is a decode step's host cost, and each function call
+    # costs 0.1 us): the same as _direct and _vector_ok, with the device read once for all four tensors.
+    if (type(eps) is float and eps >= 0 and type(residual) in _PLAIN and type(update) in _PLAIN
+            and type(scale) in _PLAIN and type(norm_weight) in _PLAIN and _eager()
+            and not (_grad_enabled() and (residual.requires_grad or update.requires_grad or scale.requires_grad
+                                          or norm_weight.requires_grad))
+            and residual.ndim and residual.numel()):
         d = residual.shape[-1]
-        if (update.shape == residual.shape and update.dtype is residual.dtype and update.device == residual.device
-                and _vector_ok(scale, residual, d) and norm_weight.ndim == 1 and norm_weight.shape[0] == d
-                and norm_weight.dtype in _FLOAT_DTYPES and norm_weight.device == residual.device
-                and norm_weight.is_contiguous()):
+        device = residual.device
+        if (update.shape == residual.shape and update.dtype is residual.dtype
+                and scale.dtype is torch.float32 and scale.ndim == 1 and scale.shape[0] == d and scale.is_contiguous()
+                and norm_weight.dtype in _FLOAT_DTYPES and norm_weight.ndim == 1 and norm_weight.shape[0] == d
+                and norm_weight.is_contiguous()
+                and update.device == device and scale.device == device and norm_weight.device == device):
             return plan_for(residual, "patch_add_rmsnorm", _check_x_epilogue)(residual, update, scale, norm_weight, eps)
     if not torch.compiler.is_compiling():
         _check_epilogue(residual, update, scale, norm_weight, eps)

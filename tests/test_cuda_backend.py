@@ -197,6 +197,47 @@ def test_prepared_scale_cache_keys():
         assert torch.equal(one, cuda_backend.prepared_scale(frozen, torch.bfloat16, 4096))
 
 
+def test_prepared_epilogue_operands_kept_per_pair():
+    """The epilogue's two prepared operands are kept together per (scale, weight) pair: equal to the
+    per-tensor preparations, renewed when either tensor changes in place or is invalidated, made inside
+    a graph capture, and gone with either tensor (the table holds no strong reference to them, even
+    where an operand is the tensor itself)."""
+    d, dtype = 4096, torch.bfloat16
+    s, w = positive_scales(d), torch.rand(d) + 0.5
+    ps, pw = cuda_backend.prepared_epilogue_operands(s, w, dtype, d)
+    assert torch.equal(ps, cuda_backend.prepare_scale(s, dtype, d))
+    assert torch.equal(pw, cuda_backend.prepare_norm_weight(w, dtype, d))
+    again = cuda_backend.prepared_epilogue_operands(s, w, dtype, d)
+    assert again[0] is ps and again[1] is pw  # a hit: nothing made again
+    w.mul_(2.0)  # the weight changes in place: its operand is made again, the scale's is kept
+    ps2, pw2 = cuda_backend.prepared_epilogue_operands(s, w, dtype, d)
+    assert ps2 is ps and torch.equal(pw2, cuda_backend.prepare_norm_weight(w, dtype, d)) and pw2 is not pw
+    s.data.mul_(0.5)  # bypasses the version counter: invalidating the scale drops the pair too
+    cuda_backend.invalidate_prepared_scale(s)
+    ps3, _ = cuda_backend.prepared_epilogue_operands(s, w, dtype, d)
+    assert ps3 is not ps and torch.equal(ps3, cuda_backend.prepare_scale(s, dtype, d))
+    # K > 1: both operands are the tensors themselves (fp32, contiguous), kept as such without a reference.
+    s5, w5 = positive_scales(5120), torch.rand(5120) + 0.5
+    assert cuda_backend.prepared_epilogue_operands(s5, w5, dtype, 5120) == (s5, w5)
+    assert cuda_backend.prepared_epilogue_operands(s5, w5, dtype, 5120)[0] is s5
+    pairs = [(id(s), id(w)), (id(s5), id(w5))]
+    assert all(any(k[:2] == p for k in cuda_backend._prepared_pairs) for p in pairs)
+    del s5
+    assert not any(k[:2] == pairs[1] for k in cuda_backend._prepared_pairs)
+    del w, ps, pw, again, ps2, pw2, ps3
+    assert not any(k[:2] == pairs[0] for k in cuda_backend._prepared_pairs)
+
+
+def test_prepared_epilogue_operands_during_capture(monkeypatch):
+    """During a capture both operands are made inside the graph, neither taken from the pair's entry."""
+    s, w = positive_scales(4096), torch.rand(4096) + 0.5
+    cached = cuda_backend.prepared_epilogue_operands(s, w, torch.bfloat16, 4096)
+    monkeypatch.setattr(cuda_backend, "_capturing", lambda tensor: True)
+    during = cuda_backend.prepared_epilogue_operands(s, w, torch.bfloat16, 4096)
+    assert during[0] is not cached[0] and during[1] is not cached[1]
+    assert torch.equal(during[0], cached[0]) and torch.equal(during[1], cached[1])
+
+
 def test_prepared_scale_is_made_inside_a_cuda_graph_capture(monkeypatch):
     """While a CUDA graph is being captured the prepared scale is made inside the graph, never taken from
     the cache (a replay would read a copy that an in-place update of s no longer changes) nor put in it

@@ -157,8 +157,8 @@ def plan_for(x: torch.Tensor, op: str, check=None):
     """
     forced = _forced.get()
     if forced is None:
-        forced = _environment_backend()
-    key = (x.device, x.dtype, x.shape[-1], op, forced, gpu_limits.limits_version())
+        forced = _environment_backend() if _ENVIRON_DATA is None else _ENVIRON_DATA.get(_ENV_KEY)
+    key = (x.device, x.dtype, x.shape[-1], op, forced or None, _limits.version)
     run = _plans.get(key)
     if run is None:
         if check is not None:
@@ -175,6 +175,11 @@ def plan_for(x: torch.Tensor, op: str, check=None):
 # os.environ. Other Pythons: os.environ.get.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+if _ENV_KEY is None:
+    _ENVIRON_DATA = None
+
+
+_limits = gpu_limits._Limits  # its ``version``: gpu_limits.limits_version() without the call
 
 
 def _environment_backend() -> str | bytes | None:

@@ -515,18 +515,47 @@ def prepared_norm_weight(weight: torch.Tensor, dtype: torch.dtype, d: int,
     return _kept(weight, ("norm_weight", dtype, d), capturing, prepare_norm_weight, dtype, d)
 
 
+# The fused epilogue's two prepared operands, kept together per (scale, norm weight) pair: a decode step's
+# hit is one table lookup and four compares instead of two per-tensor lookups (0.3 us per call). The
+# entry is valid while both tensors are the ones it was made for, with the same version counters and
+# data pointers (as for `_kept`); either tensor going drops it.
+_prepared_pairs: dict[tuple, tuple] = {}  # (id(scale), id(weight), dtype, d) -> (refs, versions, pointers, operands)
+
+
 def prepared_epilogue_operands(scale: torch.Tensor, norm_weight: torch.Tensor, dtype: torch.dtype,
                                d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused epilogue's prepared scale and norm weight, asking once whether a graph is being captured."""
-    capturing = _capturing(scale)
-    return (prepared_scale(scale, dtype, d, capturing), prepared_norm_weight(norm_weight, dtype, d, capturing))
+    """The fused epilogue's prepared scale and norm weight (``prepared_scale``, ``prepared_norm_weight``),
+    kept per pair, asking once whether a graph is being captured (then both are made inside it)."""
+    if _capturing(scale):
+        return prepare_scale(scale, dtype, d), prepare_norm_weight(norm_weight, dtype, d)
+    key = (id(scale), id(norm_weight), dtype, d)
+    e = _prepared_pairs.get(key)
+    if (e is not None and e[0]() is scale and e[1]() is norm_weight and e[2] == scale._version
+            and e[3] == norm_weight._version and e[4] == scale.data_ptr() and e[5] == norm_weight.data_ptr()):
+        return (scale if e[6] is None else e[6]), (norm_weight if e[7] is None else e[7])
+    prepared_s = prepared_scale(scale, dtype, d, False)
+    prepared_w = prepared_norm_weight(norm_weight, dtype, d, False)
+    if not (scale.is_inference() or norm_weight.is_inference()):  # no version counter to key on
+        def drop(_ref, key=key):
+            _prepared_pairs.pop(key, None)
+        # An operand that is the tensor itself (taken as it is) is kept as None: the table holds no
+        # strong reference to either tensor, so the weak references can die.
+        _prepared_pairs[key] = (weakref.ref(scale, drop), weakref.ref(norm_weight, drop), scale._version,
+                                norm_weight._version, scale.data_ptr(), norm_weight.data_ptr(),
+                                None if prepared_s is scale else prepared_s,
+                                None if prepared_w is norm_weight else prepared_w)
+    return prepared_s, prepared_w
 
 
 def invalidate_prepared_scale(scale: torch.Tensor) -> None:
-    """Drop what ``prepared_scale`` keeps for ``scale`` (after a write the version counter does not see)."""
+    """Drop what ``prepared_scale``, ``prepared_norm_weight`` and ``prepared_epilogue_operands`` keep for
+    ``scale`` (a scale or a norm weight; after a write the version counter does not see)."""
     entry = _prepared.get(id(scale))
     if entry is not None and entry[0]() is scale:
         del _prepared[id(scale)]
+    ident = id(scale)
+    for key in [k for k in _prepared_pairs if ident in (k[0], k[1])]:
+        _prepared_pairs.pop(key, None)
 
 
 # ------------------------------------------------------------------------------------------------
