@@ -266,39 +266,23 @@ Tensor empty_rows(const Tensor& x) {
 }
 
 // An output of 32 MiB or more is a fresh mapping of its own on every call (glibc maps allocations at or
-// above its largest mmap threshold, 32 MiB on 64-bit, and unmaps them when freed), so its first write
-// faults every page in, and the kernel zeroes each page at its fault. Two things make that cheaper:
-//  - asking for 2 MiB pages before the first write: 16 faults instead of 8192 for 32 MiB, which
-//    otherwise cost more than the op itself on a virtual machine;
-//  - then populating the whole range at once (MADV_POPULATE_WRITE, Linux 5.14+; an older kernel
-//    refuses it and the pages fault in at the first write as before): one system call instead of a
-//    fault per 2 MiB page and per 4 KiB page of the ends that no 2 MiB page covers (the mapping is
-//    only 4 KiB aligned). Measured at 2048 x 4096 fp32, one thread: the patch 9.6-10.4 -> 7.9-9.2 ms,
-//    the transform 8.0-8.9 -> 6.6-7.4 ms (benchmarks/results/cpu-kernels-2026-12-08-b/README.md).
-// The zeroing is the same work either way (the op must write every byte of its new output); it is
-// done here, inside the op's time. Smaller outputs usually come from reused heap memory that is
-// faulted in already. LINEARPATCH_CPU_HUGEPAGES=0 turns both off.
+// above its largest mmap threshold, 32 MiB on 64-bit, and unmaps them when freed): asking for 2 MiB
+// pages before the first write makes the kernel fault in 16 pages instead of 8192 for 32 MiB, which
+// otherwise costs more than the op itself on a virtual machine. Smaller outputs usually come from
+// reused heap memory that is faulted in already. Only a hint (ignored where THP is off);
+// LINEARPATCH_CPU_HUGEPAGES=0 turns it off.
 const bool g_huge_pages = [] {
   const char* env = std::getenv("LINEARPATCH_CPU_HUGEPAGES");
   return env == nullptr || std::strcmp(env, "0") != 0;
 }();
 
-#if defined(__linux__) && !defined(MADV_POPULATE_WRITE)
-#define MADV_POPULATE_WRITE 23  // the uapi value; glibc < 2.35 headers lack the name
-#endif
-
-void prepare_fresh_output(void* p, size_t bytes) {
+void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20, kPage = 4096;
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   if (!g_huge_pages || bytes < (size_t(32) << 20)) return;
-  const uintptr_t first = reinterpret_cast<uintptr_t>(p), last = first + bytes;
-  const uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = last & ~(kHuge - 1);
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  // The pages that hold the output, the first and last possibly shared with other data: populating
-  // only maps a page (zeroed if new), it never changes what a page holds.
-  const uintptr_t page_begin = first & ~(kPage - 1), page_end = (last + kPage - 1) & ~(kPage - 1);
-  madvise(reinterpret_cast<void*>(page_begin), page_end - page_begin, MADV_POPULATE_WRITE);
 #else
   (void)p;
   (void)bytes;
@@ -466,7 +450,7 @@ Tensor run_one(const char* op, Op kind, const Tensor& x, const Tensor& h_k, cons
     args.scale = scale_over_d.get();
   }
   const int64_t element_bytes = int64_t(x.element_size());
-  prepare_fresh_output(y.data_ptr(), size_t(shape.rows * shape.d * element_bytes));
+  advise_huge_pages(y.data_ptr(), size_t(shape.rows * shape.d * element_bytes));
   run_rows(kernels_for(int64_t(1) << shape.log2_n, op), args, shape.rows, element_bytes);
   return y;
 }
@@ -546,8 +530,8 @@ std::tuple<Tensor, Tensor> patch_add_rmsnorm_cpu(const Tensor& residual, const T
   args.scale = vectors.get();
   args.weight = weight;
   const int64_t element_bytes = int64_t(residual.element_size());
-  prepare_fresh_output(h.data_ptr(), size_t(shape.rows * shape.d * element_bytes));
-  prepare_fresh_output(normed.data_ptr(), size_t(shape.rows * shape.d * element_bytes));
+  advise_huge_pages(h.data_ptr(), size_t(shape.rows * shape.d * element_bytes));
+  advise_huge_pages(normed.data_ptr(), size_t(shape.rows * shape.d * element_bytes));
   run_rows(kernels_for(int64_t(1) << shape.log2_n, op), args, shape.rows, element_bytes);
   return std::make_tuple(h, normed);
 }
