@@ -128,6 +128,7 @@ int main() {
           a.k = c.k;
           a.log2_n = c.log2_n;
           a.d = d;
+          a.prefetch = true;  // the path of large inputs (the op asks for it from 4 MiB of input)
           a.y = y_ref.data();
           a.normed = n_ref.data();
           scalar->rows(a, 0, rows);

@@ -139,6 +139,34 @@ def test_large_rows_and_the_parallel_chunked_path(isa):
 
 
 @needs_kernels
+def test_outputs_of_32_mib_are_written_whole():
+    # 2048 x 4096 fp32: each output is 32 MiB, a fresh mapping that the binding asks the OS to back
+    # with 2 MiB pages, and the kernels prefetch the next row of every chunk. Sampled rows (both ends,
+    # both halves) match fp64; every element equals the same op on the two halves (16 MiB outputs:
+    # heap memory, no madvise), so no part of the output was left unwritten or disturbed. The default
+    # instruction set only: the binding's part does not depend on it, and every set runs the prefetch
+    # in test_large_rows_and_the_parallel_chunked_path (4.9 MB of input) and the driver.
+    x = llm_like(2048, 4096, seed=3)
+    u = llm_like(2048, 4096, seed=4)
+    s = positive_scales(4096)
+    w = 0.5 + torch.rand(4096)
+    rows = torch.tensor([0, 1, 2, 1023, 1024, 2046, 2047, *range(5, 2048, 97)])
+    halves = (slice(0, 1024), slice(1024, 2048))
+    y = lp.hadamard_transform(x, 0.25)
+    assert rel_err(y[rows], factored_reference(x[rows], 0.25)) <= 1e-5
+    assert torch.equal(y, torch.cat([lp.hadamard_transform(x[h], 0.25) for h in halves]))
+    p = lp.hadamard_patch(x, s)
+    assert rel_err(p[rows], factored_patch_reference(x[rows], s)) <= 1e-5
+    assert torch.equal(p, torch.cat([lp.hadamard_patch(x[h], s) for h in halves]))
+    h, n = lp.patch_add_rmsnorm(x, u, s, w, eps=1e-5)
+    h_ref = factored_patch_reference(x[rows].double() + u[rows].double(), s)
+    n_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert rel_err(h[rows], h_ref) <= 1e-5 and rel_err(n[rows], n_ref) <= 1e-5
+    parts = [lp.patch_add_rmsnorm(x[i], u[i], s, w, eps=1e-5) for i in halves]
+    assert torch.equal(h, torch.cat([a for a, _ in parts])) and torch.equal(n, torch.cat([b for _, b in parts]))
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
 def test_non_contiguous_and_misaligned_inputs(isa, dtype):
     d = 576

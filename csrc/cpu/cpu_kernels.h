@@ -35,6 +35,7 @@ struct RowArgs {
   int k;
   int log2_n;
   int64_t d;
+  bool prefetch;          // prefetch each next row's input during the row (for inputs out of cache)
 };
 
 // Runs rows [begin, end) of `args` on the calling thread.
