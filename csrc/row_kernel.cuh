@@ -140,6 +140,18 @@ __host__ __device__ constexpr bool row_prefetches() {
                        (kOp != Op::kAddPatchRmsNorm && L::kLogN == 15));
 }
 
+// The first four butterfly stages of the first transform on the tensor cores (h16_on_vector in
+// kernel_primitives.cuh): fp16/bf16 (the raw vector is the mma fragment) and at least 4 threads per
+// row (n bits 3-4 on lane bits 0-1): every fp16/bf16 N >= 32, but the patch at N = 16384. There the
+// patch is latency-bound on its per-row reads of s/d through the cache, and the SASS model puts the
+// tensor-core variant at 3.44x a copy against 2.83x (38 and 41 round trips before the first row: the
+// steady rows wait longer), while the transform and the epilogue gain there. Why only these four
+// stages: csrc/README.md.
+template <class L, Op kOp>
+__host__ __device__ constexpr bool row_tensor_cores() {
+  return L::V == 8 && L::kLogT >= 2 && !(kOp == Op::kPatch && L::kLogN == 14);
+}
+
 template <class L, Op kOp>
 __host__ __device__ constexpr int row_min_blocks() {
   // N = 16384: shared memory holds 3 blocks (one row each) on sm_90; the epilogue would spill in 170
@@ -227,6 +239,8 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   grid_dependents_launch();
   if constexpr (kPrefetch) load_ahead(first_row);
   if constexpr (kFirstRowEarly) load_raw(first_row);
+  constexpr bool kTensorCores = row_tensor_cores<L, kOp>();
+  const H16Fragments h16 = kTensorCores ? h16_fragments<T>() : H16Fragments{0u, 0u};  // B of H_16 (constants)
 
   if constexpr (kStageS) {
     // s/d arrives prepared in this order: a plain copy, N / 4 16-byte cp.async copies per block (8 per
@@ -253,8 +267,45 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     if constexpr (kLoadsFirst) {
       if (!kFirstRowEarly || row != first_row) load_raw(row);  // the first row's left before the staging
     }
+    if constexpr (kTensorCores) {
+      // The raw vectors (zeros for an idle row: the whole warp runs the mma) through H_16 over n bits
+      // {0, 1, 3, 4}; the epilogue's update goes through the same products into the same sums. Loaded
+      // here (no prefetch, not loads-first: N >= 8192 for the epilogue, 16384 for the others), they
+      // leave in batches of 4 vectors, each batch before any of its products: loaded one by one
+      // beside the mma, the compiler made a memory round trip of each (69 before the first row of
+      // the 16384 patch by the SASS model, against 41 before the tensor cores); the whole row at
+      // once would not fit in 170 registers (it spills).
+      constexpr int kBatch = (kPrefetch || kLoadsFirst) ? L::R / L::V : cmin(4, L::R / L::V);
+      static_assert((L::R / L::V) % kBatch == 0, "whole batches");
 #pragma unroll
-    for (int jt = 0; jt < L::R / L::V; ++jt) {
+      for (int j0 = 0; j0 < L::R / L::V; j0 += kBatch) {
+        uint4 r[kBatch], ru[kEpilogue ? kBatch : 1];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const int jt = j0 + i;
+          r[i] = ru[kEpilogue ? i : 0] = make_uint4(0u, 0u, 0u, 0u);
+          if (active) {
+            const int64_t at = row * L::N + g0 + L::l0_reg(jt * L::V);
+            if constexpr (kPrefetch) r[i] = ahead[jt];
+            else if constexpr (kLoadsFirst) r[i] = raw[jt];
+            else r[i] = *reinterpret_cast<const uint4*>(x + at);
+            if constexpr (kEpilogue) {
+              if constexpr (kPrefetch) ru[i] = ahead_u[jt];
+              else if constexpr (kLoadsFirst) ru[i] = raw_u[jt];
+              else ru[i] = *reinterpret_cast<const uint4*>(e.update + at);
+            }
+          }
+        }
+        if constexpr (!kPrefetch && !kLoadsFirst) asm volatile("" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          h16_on_vector<T>(r[i], h16, vec_at<L::V>(v, j0 + i));
+          if constexpr (kEpilogue) h16_on_vector<T>(ru[i], h16, vec_at<L::V>(v, j0 + i), true);
+        }
+      }
+    }
+#pragma unroll
+    for (int jt = 0; jt < (kTensorCores ? 0 : L::R / L::V); ++jt) {
       float(&vj)[L::V] = vec_at<L::V>(v, jt);
       if constexpr (kPrefetch) {
         if (active) {
@@ -287,7 +338,8 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       }
     }
     if constexpr (kPrefetch) load_ahead(row + step);
-    butterflies_over<0, L::kLogR>(v);  // A, first transform
+    // A, first transform (with tensor cores, n bits 0 and 1, register bits 0 and 1, are done)
+    butterflies_over<kTensorCores ? 2 : 0, L::kLogR>(v);
 
     if constexpr (L::kLogT > 0) {
 #pragma unroll
@@ -297,7 +349,8 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       sync_row();
 #pragma unroll
       for (int j = 0; j < L::R; j += L::kL1Vec) shared_to_registers<L::kL1Vec>(buf + w1 + L::word(L::l1_reg(j)), &v[j]);
-      butterflies_over<L::kLogE, L::kLogR>(v);  // B, first transform
+      // B, first transform (with tensor cores, its lowest two bits, n bits 3 and 4, are done)
+      butterflies_over<L::kLogE + (kTensorCores ? 2 : 0), L::kLogR>(v);
       if constexpr (L::kSplit) butterflies_across_lane_bit0(v);  // B's split bit
     }
     if constexpr (kStageS) {
