@@ -277,13 +277,13 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       if (!kFirstRowEarly || row != first_row) load_raw(row);  // the first row's left before the staging
     }
     if constexpr (kTensorCores) {
-      // The raw vectors (zeros for an idle row: the whole warp runs the mma) through H_16 over n bits
+      // The raw vectors (an idle row's too: the whole warp runs the mma) through H_16 over n bits
       // {0, 2, 3, 4}; the epilogue's update goes through the same products into the same sums. Loaded
-      // here (no prefetch, not loads-first: N >= 8192 for the epilogue, 16384 for the others), they
+      // here (no prefetch, not loads-first: the epilogue from 8192, the transform at 16384), they
       // leave in batches of 4 vectors, each batch before any of its products: loaded one by one
       // beside the mma, the compiler made a memory round trip of each (69 before the first row of
-      // the 16384 patch by the SASS model, against 41 before the tensor cores); the whole row at
-      // once would not fit in 170 registers (it spills).
+      // the 16384 patch by the SASS model, 38 with batches); the whole row at once would not fit in
+      // 170 registers (216-240 bytes of spills).
       constexpr int kBatch = (kPrefetch || kLoadsFirst) ? L::R / L::V : cmin(4, L::R / L::V);
       static_assert((L::R / L::V) % kBatch == 0, "whole batches");
 #pragma unroll
