@@ -216,6 +216,58 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 template <typename T>
 __host__ __device__ constexpr uint32_t one_bits() { return std::is_same<T, __half>::value ? 0x3c00u : 0x3f80u; }
 
+// H_16 on the tensor cores over a 16-byte vector of fp16/bf16 values per lane, as loaded (row_kernel).
+// A warp whose lanes hold vectors at n = jv | lane << 3 | (other bits) (jv = 0..7 inside the vector:
+// row_kernel's L0 layout, T >= 4 threads per row) runs the four butterfly stages over the n bits
+// {0, 2, 3, 4} of its 32 x 8 values with two mma.m16n8k16, A the data and B = H_16:
+//   A[row][k]: row = lane bits 2-4 (g) and n bit 1 (a[0] vs a[1]); k = n bit 0 (the half of a 32-bit
+//     word), n bits 3-4 (lane bits 0-1, t) and n bit 2 (a[0] vs a[2]). So a = the vector's 32-bit
+//     words in order: the fragment is the raw vector as loaded (LDG.128 and HMMA both take 4
+//     consecutive registers), no data moves. (With n bits {0, 1, 3, 4} a would be words {0, 2, 1, 3}:
+//     ptxas then copied the vectors into new register quads, 60 MOV per thread and row of the 4096
+//     patch by the SASS model, about 4 % of its instructions.)
+//   D[row][kout] = sum_k A[row][k] H_16[k][kout], H_16[k][j] = (-1)^popcount(k & j) (Sylvester, the
+//     four butterflies over the bits of k); mma h computes kout = 8 h + 0..7, and lane (g, t) receives
+//     (row g, kout 2t, 2t + 1) and (row g + 8, the same): kout bits 1-2 are t again, so every output
+//     lands in the lane that held the input at the same n, in register jv = n0 | n1 << 1 | n2 << 2:
+//     mma h gives jv = 4h .. 4h + 3, in order.
+// Exact: the products are +-x (exact) and the tensor core adds them in fp32 (one rounding of a 16-term
+// sum where the four scalar stages round four times; csrc/README.md, Accuracy).
+// H_16[k][8h + j] for the k of b[r] (2t + 8r + e) and j = g: the sign is parity((2t + e) & g) xor
+// (r & h), so the four B registers are one word w (b[0][0] = b[0][1] = b[1][0]) and w with both signs
+// flipped (b[1][1]): two registers per lane, kept for the kernel's lifetime.
+struct H16Fragments {
+  uint32_t w, w_flipped;
+};
+template <typename T>
+__device__ __forceinline__ H16Fragments h16_fragments() {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  uint32_t w = 0;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const uint32_t negative = (0x6996u >> ((2 * t + e) & g)) & 1u;  // parity of a 4-bit number
+    w |= (one_bits<T>() | (negative << 15)) << (16 * e);
+  }
+  return {w, w ^ 0x80008000u};
+}
+
+// v = (the 8 values of `raw`) . H_16 over n bits {0, 2, 3, 4} across the warp (above), in fp32, plus
+// `acc` (the epilogue's second input goes through the same products into the same sums).
+template <typename T>
+__device__ __forceinline__ void h16_on_vector(const uint4 raw, const H16Fragments f, float (&v)[8],
+                                              bool accumulate = false) {
+  const uint32_t a[4] = {raw.x, raw.y, raw.z, raw.w};
+  const uint32_t b[2][2] = {{f.w, f.w}, {f.w, f.w_flipped}};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float c[4] = {accumulate ? v[4 * h] : 0.f, accumulate ? v[4 * h + 1] : 0.f,
+                        accumulate ? v[4 * h + 2] : 0.f, accumulate ? v[4 * h + 3] : 0.f};
+    float d[4];
+    mma_m16n8k16<T>(d, a, b[h], c);
+    v[4 * h] = d[0]; v[4 * h + 1] = d[1]; v[4 * h + 2] = d[2]; v[4 * h + 3] = d[3];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Butterflies and shared memory
 

@@ -140,6 +140,20 @@ __host__ __device__ constexpr bool row_prefetches() {
                        (kOp != Op::kAddPatchRmsNorm && L::kLogN == 15));
 }
 
+// The first four butterfly stages of the first transform on the tensor cores (h16_on_vector in
+// kernel_primitives.cuh): fp16/bf16 (the raw vector is the mma fragment) and at least 4 threads per
+// row (n bits 3-4 on lane bits 0-1): every fp16/bf16 N >= 32, but where the SASS model says it is
+// slower: the patch at N = 16384, latency-bound on its per-row reads of s/d through the cache (3.44x
+// a copy against 2.83x: 38 and 41 round trips before the first row, and the steady rows wait
+// longer), and the transform at N = 64-256, latency-bound with few instructions either way (1.11x
+// against 1.09x at 64 on the H200, 1.22x against 1.20x at 256), while the transform and the epilogue
+// gain at 16384 and the patch and epilogue at 64-256. Why only these four stages: csrc/README.md.
+template <class L, Op kOp>
+__host__ __device__ constexpr bool row_tensor_cores() {
+  return L::V == 8 && L::kLogT >= 2 && !(kOp == Op::kPatch && L::kLogN == 14) &&
+         !(kOp == Op::kTransform && L::kLogN >= 6 && L::kLogN <= 8);
+}
+
 template <class L, Op kOp>
 __host__ __device__ constexpr int row_min_blocks() {
   // N = 16384: shared memory holds 3 blocks (one row each) on sm_90; the epilogue would spill in 170
@@ -184,9 +198,16 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   const int64_t first_row = int64_t(blockIdx.x) * rows_per_iter + slot;
 
   constexpr bool kPrefetch = row_prefetches<L, kOp>();
+  constexpr bool kTensorCores = row_tensor_cores<L, kOp>();
+  // With tensor cores, a row past the end loads the last row instead of nothing (rows >= 1: the
+  // launchers skip empty tensors), so that the registers below are always just loaded: keeping the
+  // old ones where nothing was loaded cost register copies, and zeros a select per word (0.5-1
+  // instructions per element); the idle row computes on them and stores nothing.
+  auto clamp_row = [&](int64_t r) { return kTensorCores && r >= rows ? rows - 1 : r; };
   uint4 ahead[kPrefetch ? L::R / L::V : 1], ahead_u[kPrefetch && kEpilogue ? L::R / L::V : 1];
   auto load_ahead = [&](int64_t r) {
     if constexpr (kPrefetch) {
+      r = clamp_row(r);
       if (r < rows) {
 #pragma unroll
         for (int jt = 0; jt < L::R / L::V; ++jt) {
@@ -208,6 +229,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   uint4 raw[kLoadsFirst ? L::R / L::V : 1], raw_u[kLoadsFirst && kEpilogue ? L::R / L::V : 1];
   auto load_raw = [&](int64_t r) {
     if constexpr (kLoadsFirst) {
+      r = clamp_row(r);
       if (r < rows) {
 #pragma unroll
         for (int jt = 0; jt < L::R / L::V; ++jt) {
@@ -227,6 +249,7 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
   grid_dependents_launch();
   if constexpr (kPrefetch) load_ahead(first_row);
   if constexpr (kFirstRowEarly) load_raw(first_row);
+  const H16Fragments h16 = kTensorCores ? h16_fragments<T>() : H16Fragments{0u, 0u};  // B of H_16 (constants)
 
   if constexpr (kStageS) {
     // s/d arrives prepared in this order: a plain copy, N / 4 16-byte cp.async copies per block (8 per
@@ -253,8 +276,50 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
     if constexpr (kLoadsFirst) {
       if (!kFirstRowEarly || row != first_row) load_raw(row);  // the first row's left before the staging
     }
+    if constexpr (kTensorCores) {
+      // The raw vectors (an idle row's too: the whole warp runs the mma) through H_16 over n bits
+      // {0, 2, 3, 4}; the epilogue's update goes through the same products into the same sums. Loaded
+      // here (no prefetch, not loads-first: the epilogue from 8192, the transform at 16384), they
+      // leave in batches of 4 vectors, each batch before any of its products: loaded one by one
+      // beside the mma, the compiler made a memory round trip of each (69 before the first row of
+      // the 16384 patch by the SASS model, 38 with batches); the whole row at once would not fit in
+      // 170 registers (216-240 bytes of spills).
+      constexpr int kBatch = (kPrefetch || kLoadsFirst) ? L::R / L::V : cmin(4, L::R / L::V);
+      static_assert((L::R / L::V) % kBatch == 0, "whole batches");
 #pragma unroll
-    for (int jt = 0; jt < L::R / L::V; ++jt) {
+      for (int j0 = 0; j0 < L::R / L::V; j0 += kBatch) {
+        uint4 r[kBatch], ru[kEpilogue ? kBatch : 1];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const int jt = j0 + i;
+          // An idle row runs on the last row's vectors (clamp_row above), not on zeros: the mma keeps
+          // rows apart (row g of D is row g of A times H_16, and lanes 4g .. 4g + 3 belong to one
+          // row), so its values never reach an active row, and it stores nothing.
+          if constexpr (kPrefetch) {
+            r[i] = ahead[jt];
+            if constexpr (kEpilogue) ru[i] = ahead_u[jt];
+          } else if constexpr (kLoadsFirst) {
+            r[i] = raw[jt];
+            if constexpr (kEpilogue) ru[i] = raw_u[jt];
+          } else {
+            r[i] = ru[kEpilogue ? i : 0] = make_uint4(0u, 0u, 0u, 0u);
+            if (active) {
+              const int64_t at = row * L::N + g0 + L::l0_reg(jt * L::V);
+              r[i] = *reinterpret_cast<const uint4*>(x + at);
+              if constexpr (kEpilogue) ru[i] = *reinterpret_cast<const uint4*>(e.update + at);
+            }
+          }
+        }
+        if constexpr (!kPrefetch && !kLoadsFirst) asm volatile("" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          h16_on_vector<T>(r[i], h16, vec_at<L::V>(v, j0 + i));
+          if constexpr (kEpilogue) h16_on_vector<T>(ru[i], h16, vec_at<L::V>(v, j0 + i), true);
+        }
+      }
+    }
+#pragma unroll
+    for (int jt = 0; jt < (kTensorCores ? 0 : L::R / L::V); ++jt) {
       float(&vj)[L::V] = vec_at<L::V>(v, jt);
       if constexpr (kPrefetch) {
         if (active) {
@@ -287,7 +352,13 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       }
     }
     if constexpr (kPrefetch) load_ahead(row + step);
-    butterflies_over<0, L::kLogR>(v);  // A, first transform
+    // A, first transform (with tensor cores, n bits 0 and 2, register bits 0 and 2, are done)
+    if constexpr (kTensorCores) {
+      butterflies_over<1, 2>(v);
+      butterflies_over<3, L::kLogR>(v);
+    } else {
+      butterflies_over<0, L::kLogR>(v);
+    }
 
     if constexpr (L::kLogT > 0) {
 #pragma unroll
@@ -297,7 +368,8 @@ row_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__
       sync_row();
 #pragma unroll
       for (int j = 0; j < L::R; j += L::kL1Vec) shared_to_registers<L::kL1Vec>(buf + w1 + L::word(L::l1_reg(j)), &v[j]);
-      butterflies_over<L::kLogE, L::kLogR>(v);  // B, first transform
+      // B, first transform (with tensor cores, its lowest two bits, n bits 3 and 4, are done)
+      butterflies_over<L::kLogE + (kTensorCores ? 2 : 0), L::kLogR>(v);
       if constexpr (L::kSplit) butterflies_across_lane_bit0(v);  // B's split bit
     }
     if constexpr (kStageS) {
