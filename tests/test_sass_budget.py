@@ -196,7 +196,7 @@ def test_occupancy():
 def test_check_gates():
     base = dict(gpu="H200", arch=90, op="hadamard_patch", dtype="bfloat16", d=4096, kernel="k", spill_bytes=0,
                 smem=1000, ratio=1.05, issue_over_memory=0.8, store_widths=[16], store_check="", unresolved_branches=0,
-                per_element={"tensor_core": 0.0})
+                per_element={"tensor_core": 0.02})
     assert sb.check([base], {}) == []
     assert "modelled 1.2 x copy > 1.1" in sb.check([{**base, "ratio": 1.2}], {})[0]
     # a target the kernels miss: the gate is the value recorded for them, not looser
@@ -216,8 +216,10 @@ def test_check_gates():
     assert sb.check([{**base, "op": "patch_add_rmsnorm", "ratio": 2.21}], {})
     assert sb.check([{**base, "dtype": "float16", "ratio": 1.2}], {}) and not sb.check([{**base, "dtype": "float32", "ratio": 1.2}], {})
     # where H_K must run on the tensor cores (a silent fallback would pass every accuracy test)
-    tc = {**base, "d": 5120, "ratio": 1.2}
+    tc = {**base, "d": 5120, "ratio": 1.2, "per_element": {"tensor_core": 0.0}}
     assert "tensor-core" in sb.check([tc], {})[0]
+    assert "tensor-core" in sb.check([{**tc, "d": 4096, "ratio": 1.05}], {})[0]  # row_kernel's first four stages
+    assert sb.check([{**tc, "d": 16384, "ratio": 1.2}], {"hadamard_patch bfloat16 16384": 3.0}) == []  # scalar there
     assert sb.check([{**tc, "per_element": {"tensor_core": 0.01}}], {}) == []
     assert sb.check([{**tc, "dtype": "float32"}], {}) == []  # fp32 keeps the fp32 path
     # A100: no worse than the recorded model of the kernels before the change
@@ -275,7 +277,7 @@ def test_recorded_gates_keep_only_missed_targets_rounded_up():
     # what CI then accepts: the kernels as they are, not 0.01 worse
     base = dict(arch=90, gpu="H200", op="hadamard_patch", dtype="bfloat16", d=4096, kernel="row_kernel", spill_bytes=0,
                 smem=1000, ratio=1.621, issue_over_memory=1.347, store_widths=[16], store_check="",
-                unresolved_branches=0)
+                unresolved_branches=0, per_element={"tensor_core": 0.02})
     assert sb.check([base], gates) == []
     assert sb.check([{**base, "ratio": 1.64}], gates)
 
