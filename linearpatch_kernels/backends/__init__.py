@@ -157,7 +157,8 @@ def plan_for(x: torch.Tensor, op: str, check=None):
     """
     forced = _forced.get()
     if forced is None:
-        forced = _environment_backend() if _ENVIRON_DATA is None else _ENVIRON_DATA.get(_ENV_KEY)
+        # _environment_backend(), inline: a call costs as much as the lookup
+        forced = _ENVIRON_DATA.get(_ENV_KEY) if _ENVIRON_DATA is not None else os.environ.get(ENV_VAR)
     key = (x.device, x.dtype, x.shape[-1], op, forced or None, _limits.version)
     run = _plans.get(key)
     if run is None:
@@ -184,7 +185,7 @@ _limits = gpu_limits._Limits  # its ``version``: gpu_limits.limits_version() wit
 
 def _environment_backend() -> str | bytes | None:
     """The raw value of LINEARPATCH_BACKEND (validated by ``select_backend`` when a plan is made)."""
-    if _ENVIRON_DATA is not None and _ENV_KEY is not None:
+    if _ENVIRON_DATA is not None:  # (None where the key cannot be encoded: see above)
         return _ENVIRON_DATA.get(_ENV_KEY) or None
     return os.environ.get(ENV_VAR) or None
 
